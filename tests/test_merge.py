@@ -106,3 +106,18 @@ def test_r_zero_is_identity():
     merge, unmerge = bipartite_soft_matching(torch.randn(2, 9, 4), 0, 1)
     assert merge(x) is x and unmerge(x) is x
     assert math.isclose(regtome.capped_r(0, 9, 1), 0)
+
+
+@pytest.mark.parametrize("mode", ["mean", "amax"])
+def test_merge_modes_agree_with_the_source_matrix(mode):
+    g = torch.Generator().manual_seed(3)
+    metric, x = torch.randn(2, 15, 8, generator=g), torch.randn(2, 15, 4, generator=g)
+    merge, _ = bipartite_soft_matching(metric, 5, num_protected=1)
+    source = merge_source(merge, torch.eye(15)[None].expand(2, -1, -1))  # (2, 10, 15)
+    members = source.bool()[..., None]  # which inputs each output is made of
+    expanded = x[:, None].expand(-1, 10, -1, -1)  # (2, 10, 15, 4)
+    if mode == "mean":
+        reference = (expanded * members).sum(2) / members.sum(2)
+    else:
+        reference = expanded.masked_fill(~members, float("-inf")).amax(2)
+    torch.testing.assert_close(merge(x, mode=mode), reference)

@@ -1,0 +1,1 @@
+"""The CLI's engines: training, evaluation, benchmarks and visualisation (Hydra-free functions)."""
