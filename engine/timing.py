@@ -7,10 +7,7 @@ from typing import Callable
 
 import torch
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .runtime import synchronize
 
 
 def interleaved_seconds(

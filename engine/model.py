@@ -1,0 +1,73 @@
+"""Build a RegToMe ViT from the `model` and `tome` config groups, and the data config it expects."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import timm
+import torch.nn as nn
+from timm.data import resolve_model_data_config
+
+import regtome
+
+from .errors import UserError
+
+
+def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The tome group as regtome.patch.timm keyword arguments (a Hydra pair [r, x.y] becomes a tuple)."""
+    r = tome_cfg["r"]
+    if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
+        r = (r[0], r[1])
+    elif isinstance(r, (list, tuple)):
+        r = list(r)
+    return dict(r=r, prop_attn=bool(tome_cfg["prop_attn"]), protect=tome_cfg["protect"])
+
+
+def r_per_block(model: nn.Module) -> list[int]:
+    return regtome.parse_r(len(model.blocks), model.r)
+
+
+def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int,
+                trace_source: bool = False) -> nn.Module:
+    name = model_cfg["name"]
+    if not timm.is_model(name):
+        raise UserError(f"unknown model {name!r}; list ViTs with: python -c \"import timm; print(timm.list_models('vit_*'))\"")
+    kwargs: dict[str, Any] = dict(model_cfg.get("kwargs") or {})
+    kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
+    if model_cfg.get("registers") is not None:
+        kwargs["reg_tokens"] = int(model_cfg["registers"])
+    pretrained_file = model_cfg.get("pretrained_file")
+    if pretrained_file:
+        if not os.path.isfile(pretrained_file):
+            raise UserError(f"model.pretrained_file {pretrained_file} does not exist; give a .pth/.safetensors file")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    pretrained = bool(model_cfg.get("pretrained") or pretrained_file)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, ConnectionError) as err:
+        raise UserError(f"could not fetch pretrained weights for {name} ({str(err).splitlines()[0][:200]}); "
+                        "without network, set model.pretrained_file=PATH") from err
+    except RuntimeError as err:  # state-dict mismatch, e.g. registers the weights do not have
+        raise UserError(f"pretrained weights do not fit {name} with {kwargs.get('reg_tokens', 'its')} registers "
+                        f"({str(err).splitlines()[0][:200]}); set model.registers=null") from err
+    except TypeError as err:
+        raise UserError(f"{name} does not take these settings ({err}); check model.kwargs") from err
+    try:
+        return regtome.patch.timm(model, trace_source=trace_source, class_layer=int(model_cfg["class_layer"]),
+                                  register_layer=int(model_cfg["register_layer"]), **tome_options(tome_cfg))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"cannot apply RegToMe to {name}: {err}") from err
+
+
+def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's data config (mean/std, interpolation, crop) at model.img_size.
+
+    Pretrained models always use their own normalisation; a model trained from scratch uses the
+    data set's mean/std when the data set gives them.
+    """
+    config = resolve_model_data_config(model)
+    config["input_size"] = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
+    pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_file"))
+    if not pretrained and dataset_cfg.get("mean") is not None:
+        config["mean"], config["std"] = tuple(dataset_cfg["mean"]), tuple(dataset_cfg["std"])
+    return config

@@ -1,0 +1,56 @@
+"""results.json: what a run measured, with everything needed to compare it to another run."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import timm
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+import regtome
+
+from .model import r_per_block
+from .runtime import device_name, dtype_name
+
+
+def merge_summary(model: nn.Module, img_size: int) -> dict[str, Any]:
+    """GFLOPs per image and tokens left after each block, from one image at the model's r."""
+    gflops = regtome.vit_flops(model, (3, img_size, img_size))
+    return {"gflops": gflops, "tokens_per_block": list(model.regtome_tokens), "r_per_block": r_per_block(model)}
+
+
+def run_record(cfg: DictConfig, model: nn.Module, metrics: Mapping[str, Any], device: torch.device,
+               dtype: Optional[torch.dtype], batch_size: int, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    record = {
+        "task": cfg.task,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "registers": int(getattr(model, "num_reg_tokens", 0)),
+        "r": OmegaConf.to_container(cfg.tome, resolve=True)["r"],
+        "protect": model.protect,
+        "prop_attn": model.prop_attn,
+        "top1": metrics.get("top1", metrics.get("val_top1")),
+        "top5": metrics.get("top5", metrics.get("val_top5")),
+        "images_per_s": metrics.get("images_per_s", metrics.get("val_images_per_s")),
+        "batch_size": batch_size,
+        "dtype": dtype_name(dtype),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        **merge_summary(model, int(cfg.model.img_size)),
+        "metrics": dict(metrics),
+    }
+    return record | dict(extra or {})
+
+
+def write_results(run_dir: str | os.PathLike, record: Mapping[str, Any], name: str = "results.json") -> Path:
+    path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,82 @@
+"""Device, mixed precision, seeds and the random states a resumed run must restore."""
+from __future__ import annotations
+
+import random
+import warnings
+from contextlib import nullcontext
+from typing import Any, ContextManager
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"trainer.device must be auto, cuda or cpu, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
+    if name == "auto" and not torch.cuda.is_available():
+        warnings.warn("no CUDA GPU found: running on the CPU (slow); mixed precision is off", stacklevel=2)
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank) if name != "cpu" else torch.device("cpu")
+
+
+def amp_dtype(amp: str, device: torch.device, device_setting: str) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. CPU autocast only when trainer.device=cpu asks for it."""
+    if amp not in AMP_DTYPES:
+        raise UserError(f"trainer.amp must be bf16, fp16 or off, got {amp!r}")
+    if device.type == "cpu" and device_setting != "cpu":
+        return None
+    return AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, in types that load with torch.load(weights_only=True)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU, so wall-clock timings measure finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
