@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
@@ -72,7 +72,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
         if overrides_group(overrides, "model"):
             check_same_architecture(saved.model, effective.model, cfg.ckpt)
-        cfg = OmegaConf.merge(cfg, {k: effective[k] for k in ("model", "dataset", "tome")})
+        with open_dict(cfg):  # the saved groups replace the composed ones whole
+            cfg.model, cfg.dataset, cfg.tome = effective.model, effective.dataset, effective.tome
         weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
     elif not (cfg.model.pretrained or cfg.model.pretrained_file):
         raise UserError("task=eval needs weights: ckpt=PATH, model.pretrained=true or model.pretrained_file=PATH")

@@ -1,0 +1,124 @@
+"""The research CLI end to end: train, eval, resume, multirun + report, on synthetic data, CPU."""
+import csv
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cli_helpers import SMOKE, compose_config, results, run_main
+
+CONTRACT_KEYS = [
+    "task", "seed", "ckpt", "resume", "dataset.root", "dataset.download", "model.name", "model.registers",
+    "model.img_size", "model.pretrained", "model.pretrained_file", "model.class_layer", "model.register_layer",
+    "model.drop_path", "tome.r", "tome.prop_attn", "tome.protect", "trainer.epochs", "trainer.batch_size",
+    "trainer.lr", "trainer.device", "trainer.amp", "trainer.num_workers",
+]
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["dataset=cifar100"], ["dataset=imagenet", "dataset.root=/x"], ["dataset=imagefolder", "dataset.root=/x"],
+    ["dataset=synthetic"], ["experiment=cifar10_vits_reg4"], ["experiment=cifar_small"],
+    ["experiment=imagenet_eval", "dataset.root=/x"], ["model=vit_base_patch16_reg4_gap_256"],
+    ["model=vit_small_patch14_reg4_dinov2"], ["tome.r=[16,-1.0]"],
+])
+def test_configs_compose_with_every_contract_key(overrides):
+    cfg = compose_config(*overrides)
+    for key in CONTRACT_KEYS:
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key
+    OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def test_experiments_hold_the_documented_recipes():
+    recipe = compose_config("experiment=cifar10_vits_reg4")
+    assert (recipe.model.name, recipe.model.registers, recipe.model.img_size) == ("vit_small_patch16_224", 4, 224)
+    assert (recipe.trainer.optimizer, recipe.trainer.lr, recipe.trainer.batch_size) == ("adamw", 5e-4, 64)
+    small = compose_config("experiment=cifar_small")
+    assert (small.model.img_size, small.model.kwargs.patch_size, small.model.registers) == (32, 4, 4)
+    evaluation = compose_config("experiment=imagenet_eval", "dataset.root=/x")
+    assert evaluation.task == "eval" and evaluation.model.pretrained and evaluation.tome.r == 16
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-epoch training run through main.py; later tests evaluate, resume and sweep it."""
+    work = tmp_path_factory.mktemp("cli")
+    run_dir = work / "train"
+    run_main("task=train", *SMOKE, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=work)
+    return work, run_dir
+
+
+def test_training_learns_and_writes_everything(trained):
+    _, run_dir = trained
+    record = results(run_dir)
+    first, last = record["history"]
+    assert last["train_loss"] < first["train_loss"]
+    assert record["top1"] > 100 / 4 + 15  # 4 classes: well above chance
+    for key in ("dataset", "model", "registers", "r", "protect", "top1", "top5", "images_per_s", "batch_size",
+                "dtype", "device", "gflops", "tokens_per_block"):
+        assert key in record, key
+    assert record["registers"] == 4 and record["tokens_per_block"] == [19, 17]  # 16 patches + 4 regs + cls, r=2
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "state", "rng", "config"} <= set(checkpoint)
+    assert checkpoint["state"]["epoch"] == 2
+    assert (run_dir / "checkpoints" / "best.pt").exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / ".hydra" / "config.yaml").exists()  # the composed config is saved with the run
+
+
+def test_eval_rebuilds_the_model_from_the_checkpoint_at_any_r(trained):
+    work, run_dir = trained
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    out = work / "eval_r4"
+    # no dataset/model overrides: both come from the checkpoint's saved config
+    run_main("task=eval", f"ckpt={ckpt}", "tome.r=4", "trainer.device=cpu", "trainer.num_workers=0",
+             f"hydra.run.dir={out}", cwd=work)
+    record = results(out)
+    assert record["dataset"] == "synthetic" and record["r"] == 4 and record["tokens_per_block"] == [17, 13]
+    assert record["top1"] > 25 and record["images_per_s"] > 0
+    same_r = work / "eval_same"
+    run_main("task=eval", f"ckpt={ckpt}", "trainer.device=cpu", "trainer.num_workers=0", f"hydra.run.dir={same_r}",
+             cwd=work)
+    best_val = max(h["val_top1"] for h in results(run_dir)["history"])  # best.pt is the best epoch
+    assert results(same_r)["top1"] == pytest.approx(best_val)
+
+
+def test_resume_continues_the_run(trained, tmp_path):
+    work, run_dir = trained
+    import shutil
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(run_dir, copy)
+    run_main("task=train", "resume=true", "trainer.epochs=3", f"hydra.run.dir={copy}", cwd=work)
+    record = results(copy)
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
+    assert record["history"][:2] == results(run_dir)["history"]
+
+
+def test_multirun_sweep_and_report(trained):
+    work, run_dir = trained
+    sweep = work / "sweep"
+    run_main("-m", "task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "tome.r=0,4", "trainer.device=cpu",
+             "trainer.num_workers=0", f"hydra.sweep.dir={sweep}", cwd=work)
+    found = sorted(sweep.rglob("results.json"))
+    assert len(found) == 2
+    import subprocess
+    import sys
+
+    from cli_helpers import ROOT
+
+    report = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(sweep)],
+                            capture_output=True, text=True, check=True)
+    assert "| r |" in report.stdout or "r |" in report.stdout
+    rows = list(csv.DictReader(open(sweep / "sweep.csv")))
+    assert sorted(json.loads(row["r"]) for row in rows) == [0, 4]
+    assert (sweep / "sweep.png").stat().st_size > 1000
+    assert len((sweep / "sweep.md").read_text().strip().splitlines()) == 2 + 2
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    result = run_main("task=eval", f"ckpt={tmp_path / 'missing.pt'}", "trainer.device=cpu", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: checkpoint") and "does not exist" in lines[-1]
+    assert "Traceback" not in result.stderr
