@@ -44,19 +44,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "global" in str(err).lower():  # a pickled callable (class, function): exactly what may run code
             raise UserError(
                 f"checkpoint {path} holds Python objects that weights_only loading refuses (they could run code); "
                 "re-save it with tensors and plain types only"
             ) from err
-        raise UserError(f"checkpoint {path} is corrupt ({str(err).splitlines()[0]}); use another checkpoint") from err
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({_reason(err)}); use another checkpoint") from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({reason}); use another checkpoint") from err
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({_reason(err)}); use another checkpoint") from err
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise UserError(f"{path} is not a RegToMe checkpoint (no 'model' and 'config'); for raw timm weights "
                         "use model.pretrained_file=PATH")
     return checkpoint
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of a torch.load error (torch wraps it in paragraphs of general advice)."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(boilerplate)]
+    return (specific or lines or [type(err).__name__])[0][:200]
 
 
 def _architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -50,8 +50,9 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
     except RuntimeError as err:  # state-dict mismatch, e.g. registers the weights do not have
         raise UserError(f"pretrained weights do not fit {name} with {kwargs.get('reg_tokens', 'its')} registers "
                         f"({str(err).splitlines()[0][:200]}); set model.registers=null") from err
-    except TypeError as err:
-        raise UserError(f"{name} does not take these settings ({err}); check model.kwargs") from err
+    except TypeError as err:  # e.g. a CNN has no img_size / reg_tokens
+        raise UserError(f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
+                        "VisionTransformer, and model.kwargs must be arguments it takes") from err
     try:
         return regtome.patch.timm(model, trace_source=trace_source, class_layer=int(model_cfg["class_layer"]),
                                   register_layer=int(model_cfg["register_layer"]), **tome_options(tome_cfg))
