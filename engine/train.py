@@ -207,15 +207,19 @@ def _checkpoint(t: Trainer, state: TrainState, cfg: DictConfig) -> dict[str, Any
     }
 
 
-def _restore(t: Trainer, checkpoint: dict[str, Any], path: Path) -> TrainState:
+def _restore(t: Trainer, checkpoint: dict[str, Any], path: Path, epochs: int) -> TrainState:
     load_weights(_unwrap(t.model), checkpoint["model"], path)
     if t.ema is not None and checkpoint.get("ema") is not None:
         t.ema.module.load_state_dict(checkpoint["ema"])
     t.optimizer.load_state_dict(checkpoint["optimizer"])
-    t.scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint["config"]["trainer"]["epochs"] == epochs:
+        t.scheduler.load_state_dict(checkpoint["scheduler"])
+    # else: the run was extended (trainer.epochs changed); keep the schedule built for the new length
     t.scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
-    return TrainState(**checkpoint["state"])
+    state = TrainState(**checkpoint["state"])
+    t.scheduler.step_update(num_updates=state.num_updates)
+    return state
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[dict]]:
@@ -279,16 +283,20 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         writer=SummaryWriter(str(run_dir / "tensorboard")) if info.is_main else None, log_every=tc.log_every,
     )
     ckpt_dir = run_dir / "checkpoints"
-    state = _restore(trainer, checkpoint, ckpt_dir / "last.pt") if checkpoint else TrainState()
+    state = _restore(trainer, checkpoint, ckpt_dir / "last.pt", tc.epochs) if checkpoint else TrainState()
     val_loader = eval_loader(splits["val"], tc.eval_batch_size, tc.num_workers, info)
     metrics: dict[str, Any] = state.history[-1] if state.history else {}
 
+    epochs_this_run = 0
     with GracefulStop() as stop:
         for epoch in range(state.epoch, tc.epochs):
             sampler.set_epoch(epoch)
+            # Its own generator: a loader drawing worker seeds from the global RNG would shift the
+            # RNG stream of a run resumed mid-epoch.
             loader = DataLoader(splits["train"], batch_size=tc.batch_size, drop_last=mixup_active,
                                 sampler=ResumableSampler(sampler, skip=state.step_in_epoch * tc.batch_size),
-                                num_workers=tc.num_workers, pin_memory=device.type == "cuda")
+                                num_workers=tc.num_workers, pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch + info.rank))
             train_rate = train_one_epoch(trainer, loader, state, stop, tc.max_steps_per_epoch)
             if stop.signum is not None:
                 _save(trainer, state, cfg, ckpt_dir, best=False)
@@ -311,6 +319,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             is_best = metrics.get("val_top1", -1.0) > state.best_top1
             state.best_top1 = max(state.best_top1, metrics.get("val_top1", -1.0))
             _save(trainer, state, cfg, ckpt_dir, best=is_best)
+            epochs_this_run += 1
+            if tc.stop_after_epochs and epochs_this_run >= tc.stop_after_epochs and state.epoch < tc.epochs:
+                if info.is_main:
+                    print(f"stopping after {epochs_this_run} epochs (trainer.stop_after_epochs); continue with: "
+                          f"python main.py task=train hydra.run.dir={run_dir} resume=true")
+                break
 
     if trainer.writer is not None:
         trainer.writer.close()
