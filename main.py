@@ -10,10 +10,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from data import DatasetError
+from engine.distributed import cleanup
 from engine.errors import UserError
 from engine.run_dir import run_id
 
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+
+if {"-m", "--multirun"} & set(sys.argv):
+    # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
+    os.environ.setdefault("REGTOME_RUN_ID", run_id())
 
 if int(os.environ.get("RANK", "0")) > 0:
     # Under torchrun only rank 0 writes: the other ranks share its run directory but leave no files.
@@ -40,6 +45,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         dispatch(cfg.task)(cfg, run_dir, list(hydra_cfg.overrides.task))
+        cleanup()
     except (UserError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -59,6 +59,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -20,14 +20,19 @@ def _start_time(pid: int) -> float | None:
 
 @functools.lru_cache(maxsize=1)
 def run_id() -> str:
-    """'YYYY-mm-dd_HH-MM-SS_PID'.
+    """'YYYY-mm-dd_HH-MM-SS_PID', or the SLURM job id.
 
-    REGTOME_RUN_ID wins when set (multi-node jobs set it to the job id). Under torchrun every rank
-    is a child of the same agent, so they all name the agent's pid and start time; otherwise the
-    process's own pid keeps two runs started in the same second apart.
+    - REGTOME_RUN_ID wins when set (a multirun sets it, so the jobs it submits share its sweep dir).
+    - Under SLURM: 'slurm-JOBID', the same for every task of the job and after a requeue, so a
+      requeued job finds its own checkpoints/last.pt.
+    - Under torchrun every rank is a child of one agent: all ranks name the agent's pid and start time.
+    - Otherwise the process's own pid keeps two runs started in the same second apart.
     """
     if os.environ.get("REGTOME_RUN_ID"):
         return os.environ["REGTOME_RUN_ID"]
+    slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if slurm_job:
+        return f"slurm-{slurm_job}"
     if "LOCAL_RANK" in os.environ:
         pid = os.getppid()
         started = _start_time(pid) or time.time()

@@ -7,6 +7,7 @@ ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,7 +54,8 @@ class NonFiniteLoss(UserError):
 class GracefulStop:
     """Turn SIGTERM/SIGINT into a request that the loop honours after the current optimizer step."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # SIGUSR2: submitit's warning before a SLURM time limit (it then requeues the job)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -190,6 +192,12 @@ def _stop_requested(stop: GracefulStop, t: Trainer) -> bool:
     return bool(all_reduce_sum(flag, t.info).item() > 0)
 
 
+def _global_sums(sums: dict[str, float], t: Trainer) -> dict[str, float]:
+    """Training loss/accuracy sums over all ranks."""
+    values = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=t.device), t.info)
+    return dict(zip(sums, values.tolist()))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -223,12 +231,14 @@ def _restore(t: Trainer, checkpoint: dict[str, Any], path: Path, epochs: int) ->
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[dict]]:
-    """With resume=true, continue from run_dir's last.pt under its saved config.
+    """With resume=true (or in a SLURM job requeued after a preemption or time-out), continue from
+    run_dir's last.pt under its saved config.
 
     Only `trainer.*` settings given on this command line (epochs, device, workers) replace the saved ones.
     """
     last = run_dir / "checkpoints" / "last.pt"
-    if not cfg.resume:
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()
+    if not (cfg.resume or requeued):
         return cfg, None
     if not last.exists():
         raise UserError(f"resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue")
@@ -284,6 +294,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     )
     ckpt_dir = run_dir / "checkpoints"
     state = _restore(trainer, checkpoint, ckpt_dir / "last.pt", tc.epochs) if checkpoint else TrainState()
+    if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
+        state.epoch_sums = {key: 0.0 for key in state.epoch_sums}
     val_loader = eval_loader(splits["val"], tc.eval_batch_size, tc.num_workers, info)
     metrics: dict[str, Any] = state.history[-1] if state.history else {}
 
@@ -298,6 +310,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
                                 num_workers=tc.num_workers, pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch + info.rank))
             train_rate = train_one_epoch(trainer, loader, state, stop, tc.max_steps_per_epoch)
+            state.epoch_sums = _global_sums(state.epoch_sums, trainer)
             if stop.signum is not None:
                 _save(trainer, state, cfg, ckpt_dir, best=False)
                 name = signal.Signals(stop.signum).name
