@@ -15,7 +15,7 @@ def build_transform(data_config: dict[str, Any], native_size: int, is_training: 
     mean, std = data_config["mean"], data_config["std"]
     interpolation = T.InterpolationMode(data_config.get("interpolation", "bicubic"))
     if native_size <= SMALL_IMAGES:
-        steps: list[Callable] = [T.Resize(size, interpolation=interpolation)]
+        steps: list[Callable] = [T.Resize(size, interpolation=interpolation), T.CenterCrop(size)]
         if is_training and augment:
             steps += [T.RandomCrop(size, padding=size // 8, padding_mode="reflect"), T.RandomHorizontalFlip()]
         return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])

@@ -1,0 +1,174 @@
+"""task=benchmark: what merging buys. Images/s (inference and training step), peak memory, GFLOPs.
+
+Every case runs in this one process on random input (only the model is timed), interleaved with
+the unpatched timm model, after warm-up, under the configured AMP dtype; medians of several repeats.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import resource
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import regtome
+
+from .model import build_model, tome_options
+from .runtime import amp_dtype, autocast, device_name, dtype_name, resolve_device, synchronize
+from .timing import interleaved_seconds
+
+BASELINE = "timm"
+
+
+def schedule_label(r: Any) -> str:
+    return BASELINE if r is None else str(r).replace(" ", "")
+
+
+def peak_memory_mb(device: torch.device, fn: Callable[[], object]) -> float:
+    """Peak memory while `fn` runs: CUDA peak allocated, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        fn()
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except OSError:  # elsewhere: the process's lifetime peak, an upper bound
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _inference(model: nn.Module, images: torch.Tensor, r: Any, device: torch.device, dtype) -> Callable[[], None]:
+    def step() -> None:
+        if r is not None:
+            model.r = r
+        with torch.inference_mode(), autocast(device, dtype):
+            model(images)
+    return step
+
+
+def _train_step(model: nn.Module, images: torch.Tensor, r: Any, device: torch.device, dtype) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    targets = torch.zeros(images.shape[0], dtype=torch.long, device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step() -> None:
+        if r is not None:
+            model.r = r
+        with autocast(device, dtype):
+            loss = nn.functional.cross_entropy(model(images), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any], batch_sizes: list[int],
+                   bench: DictConfig, device: torch.device, dtype) -> list[dict[str, Any]]:
+    size = baseline.patch_embed.img_size
+    gflops = {BASELINE: regtome.vit_flops(baseline, (3, *size))}
+    for r in schedules:
+        merged.r = r
+        gflops[schedule_label(r)] = regtome.vit_flops(merged, (3, *size))
+    modes = {"inference": _inference} | ({"train": _train_step} if bench.train_step else {})
+    steps = len(batch_sizes) * len(modes) * bench.repeats * (len(schedules) + 1)
+    bar = tqdm(total=steps, desc="benchmark", dynamic_ncols=True)
+    rows = []
+    for batch in batch_sizes:
+        images = torch.randn(batch, 3, *size, device=device)
+        for mode, make in modes.items():
+            baseline.train(mode == "train")
+            merged.train(mode == "train")
+            cases = {BASELINE: make(baseline, images, None, device, dtype)}
+            cases |= {schedule_label(r): make(merged, images, r, device, dtype) for r in schedules}
+            seconds = interleaved_seconds(cases, device, warmup=bench.warmup, repeats=bench.repeats,
+                                          iters=bench.iters, progress=lambda: bar.update(1))
+            for label, fn in cases.items():
+                speedup = seconds[BASELINE] / seconds[label]
+                ideal = gflops[BASELINE] / gflops[label]
+                rows.append({
+                    "mode": mode, "r": label, "batch_size": batch, "images_per_s": batch / seconds[label],
+                    "speedup": speedup, "gflops": gflops[label], "flop_speedup": ideal,
+                    "of_ideal": speedup / ideal, "peak_memory_mb": peak_memory_mb(device, fn),
+                })
+    bar.close()
+    return rows
+
+
+def batch_one_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Merging costs fixed work per block; at batch 1 that can outweigh the savings."""
+    return [f"merging does not pay off at batch 1 for r={row['r']} ({row['mode']}: {row['speedup']:.2f}x)"
+            for row in rows if row["batch_size"] == 1 and row["r"] != BASELINE and row["flop_speedup"] > 1.0
+            and row["speedup"] < 1.0]
+
+
+def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path) -> None:
+    columns = list(rows[0]) + list(meta)
+    with open(run_dir / "benchmark.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(row | meta for row in rows)
+
+    header = ", ".join(f"{k} {v}" for k, v in meta.items())
+    lines = [f"# RegToMe benchmark\n\n{header}\n", "| mode | r | batch | images/s | speedup | GFLOPs | FLOP-ideal | "
+             "of ideal | peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['r']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['gflops']:.3g} | {r['flop_speedup']:.2f}x | {r['of_ideal']:.0%} | {r['peak_memory_mb']:.0f} |"
+              for r in rows]
+    lines += ["", *[f"- {note}" for note in notes]]
+    (run_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows}, reverse=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), dpi=100, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        labels = list(dict.fromkeys(r["r"] for r in mode_rows))
+        ideal = [next(r["flop_speedup"] for r in mode_rows if r["r"] == label) for label in labels]
+        ax.plot(labels, ideal, "k--", label="FLOP-ideal")
+        for batch in sorted({r["batch_size"] for r in mode_rows}):
+            ax.plot(labels, [next(r["speedup"] for r in mode_rows if r["r"] == label and r["batch_size"] == batch)
+                             for label in labels], "o-", label=f"batch {batch}")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set(title=f"{mode}", xlabel="r schedule", ylabel="speedup over timm")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{meta['model']} ({meta['registers']} registers) on {meta['device']}, {meta['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(run_dir / "benchmark.png")
+    plt.close(fig)
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
+    device = resolve_device(cfg.trainer.device)
+    dtype = amp_dtype(cfg.trainer.amp, device, cfg.trainer.device)
+    merged = build_model(cfg.model, cfg.tome, cfg.dataset.num_classes or 1000).to(device)
+    baseline = regtome.remove_patch(copy.deepcopy(merged))
+    bench = cfg.benchmark
+    schedules = [tome_options({"r": r, "prop_attn": True, "protect": "prefix"})["r"]
+                 for r in OmegaConf.to_container(bench.r, resolve=True)]
+    for r in schedules:
+        regtome.parse_r(len(merged.blocks), r)  # fail before timing anything
+    rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), bench, device, dtype)
+    meta = {"model": cfg.model.name, "registers": int(baseline.num_reg_tokens), "img_size": cfg.model.img_size,
+            "device": device_name(device), "dtype": dtype_name(dtype), "torch": torch.__version__,
+            "timm": timm.__version__}
+    notes = batch_one_notes(rows)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_outputs(rows, meta, notes, run_dir)
+    print((run_dir / "benchmark.md").read_text())
+    return rows

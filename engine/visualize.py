@@ -1,0 +1,234 @@
+"""task=visualize: what merging merges, and what the class token and registers attend to.
+
+Per image, one grid PNG (also sent to TensorBoard):
+- row 1: the image, then the merged-token map after each chosen block (protect=prefix): the patches
+  of each output token filled with their mean colour and outlined, as in the ToMe paper;
+- row 2 (compare_protect): the same maps with protect=class, where registers may merge;
+- then one row per prefix token (class, registers): its attention over the patches, per head, at
+  `attn_block`, computed on the unmerged model so every patch has its own cell.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import regtome
+from data import build_datasets
+from data.transforms import build_transform
+
+from .checkpoint import load_checkpoint, load_weights
+from .errors import UserError
+from .model import build_model, data_config
+from .overrides import apply_overrides
+from .runtime import resolve_device
+
+CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def patch_groups(source: torch.Tensor, num_prefix: int) -> np.ndarray:
+    """Which output token each patch went into: (T, N) source of one image -> (N - num_prefix,) labels.
+
+    Labels are renumbered 0..G-1 in order of first appearance; G is the number of output tokens
+    that hold patches.
+    """
+    patch_columns = source[:, num_prefix:]
+    owners = patch_columns.float().argmax(dim=0).cpu().numpy()  # each patch is in exactly one row
+    _, labels = np.unique(owners, return_inverse=True)
+    return labels
+
+
+def merge_map(image: np.ndarray, labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Fill each group of patches with its mean colour and outline the groups in black.
+
+    image: (H, W, 3) floats in [0, 1] with H, W multiples of the grid; labels: (gh * gw,).
+    """
+    gh, gw = grid
+    ph, pw = image.shape[0] // gh, image.shape[1] // gw
+    pixel_labels = np.kron(labels.reshape(gh, gw), np.ones((ph, pw), dtype=labels.dtype))
+    out = np.zeros_like(image)
+    for group in np.unique(labels):
+        mask = pixel_labels == group
+        out[mask] = image[mask].mean(axis=0)
+    edge = np.zeros(pixel_labels.shape, dtype=bool)
+    edge[:-1, :] |= pixel_labels[:-1, :] != pixel_labels[1:, :]
+    edge[:, :-1] |= pixel_labels[:, :-1] != pixel_labels[:, 1:]
+    out[edge] = 0.0
+    return out
+
+
+def sources_after_blocks(model: nn.Module, images: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
+    """`regtome_source` after each block in `blocks`: run with merging stopped after that block."""
+    schedule = regtome.parse_r(len(model.blocks), model.r)
+    out = {}
+    with torch.no_grad():
+        for block in blocks:
+            model.r = schedule[: block + 1]
+            model(images)
+            out[block] = model.regtome_source
+    model.r = schedule
+    return out
+
+
+@torch.no_grad()
+def prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> torch.Tensor:
+    """Softmax attention of every prefix token over the patches at `block` (B, heads, P, N) at r=0."""
+    captured = {}
+    attn = model.blocks[block].attn
+    # the attention's input is norm1's output (RegToMe calls the attention's layers, not attn itself)
+    hook = model.blocks[block].norm1.register_forward_hook(lambda m, args, out: captured.setdefault("x", out))
+    saved_r, model.r = model.r, 0
+    try:
+        model(images)
+    finally:
+        hook.remove()
+        model.r = saved_r
+    x = captured["x"]
+    B, T, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    num_prefix = T - model.patch_embed.num_patches
+    return weights[:, :, :num_prefix, num_prefix:]
+
+
+def prefix_names(model: nn.Module) -> list[str]:
+    num_reg = int(model.num_reg_tokens)
+    names = ["class"] if model.has_class_token else []
+    names += ["distill"] * (model.num_prefix_tokens - num_reg - len(names))
+    return names + [f"register {i + 1}" for i in range(num_reg)]
+
+
+def grid_shape(num_blocks: int, num_heads: int, num_prefix: int, compare: bool) -> tuple[int, int]:
+    rows = 1 + int(compare) + num_prefix
+    cols = max(1 + num_blocks, num_heads)
+    return rows, cols
+
+
+def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens: dict[str, dict[int, int]],
+              attention: np.ndarray, names: list[str], protect_note: str, attn_block: int, path: Path) -> np.ndarray:
+    """Save the grid PNG and return it as an (H, W, 3) uint8 array."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = sorted(next(iter(maps.values())))
+    num_heads = attention.shape[0]
+    rows, cols = grid_shape(len(blocks), num_heads, len(names), len(maps) > 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL_PX / 100, rows * CELL_PX / 100), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, (mode, by_block) in enumerate(maps.items()):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title(f"protect={mode}", fontsize=7)
+        for col, block in enumerate(blocks, start=1):
+            axes[row, col].imshow(by_block[block])
+            axes[row, col].set_title(f"block {block}: {tokens[mode][block]} tokens", fontsize=7)
+    side = int(round(attention.shape[-1] ** 0.5))
+    for i, name in enumerate(names):
+        row = len(maps) + i
+        for head in range(num_heads):
+            ax = axes[row, head]
+            ax.imshow(attention[head, i].reshape(side, -1), cmap="inferno")
+            ax.set_title(f"{name} h{head}" + (f" ({protect_note})" if name.startswith("reg") and head == 0 else ""),
+                         fontsize=6)
+    fig.suptitle(f"attention at block {attn_block}", fontsize=7, y=0.0, va="bottom")
+    fig.savefig(path)
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return pixels
+
+
+def _load_images(cfg: DictConfig, model: nn.Module, transform) -> list[tuple[str, torch.Tensor]]:
+    if cfg.images:
+        root = Path(str(cfg.images))
+        if not root.exists():
+            raise UserError(f"images={root} does not exist; give an image file or a folder of images")
+        files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
+        out = []
+        for file in files:
+            try:
+                out.append((file.stem, transform(Image.open(file).convert("RGB"))))
+            except OSError as err:
+                raise UserError(f"cannot read image {file} ({err})") from err
+        return out
+    dataset = build_datasets(cfg.dataset, data_config(model, cfg.model, cfg.dataset), augment=False,
+                             splits=("val",), seed=cfg.seed)["val"]
+    count = min(cfg.visualize.num_samples, len(dataset))
+    return [(f"sample_{i}", dataset[i][0]) for i in range(count)]
+
+
+def _to_display(tensor: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
+    mean, std = torch.tensor(config["mean"])[:, None, None], torch.tensor(config["std"])[:, None, None]
+    return (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    device = resolve_device(cfg.trainer.device)
+    weights = None
+    if cfg.ckpt:
+        checkpoint = load_checkpoint(cfg.ckpt)
+        effective = apply_overrides(OmegaConf.create(checkpoint["config"]), cfg, overrides, ("model", "dataset", "tome"))
+        with open_dict(cfg):
+            cfg.model, cfg.dataset, cfg.tome = effective.model, effective.dataset, effective.tome
+        weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+    model = build_model(cfg.model, cfg.tome, cfg.dataset.num_classes or 1000, trace_source=True)
+    if weights is not None:
+        load_weights(model, weights, cfg.ckpt)
+    model.to(device).eval()
+
+    config = data_config(model, cfg.model, cfg.dataset)
+    transform = build_transform(config, native_size=int(cfg.model.img_size), is_training=False, augment=False)
+    images = _load_images(cfg, model, transform)
+    depth = len(model.blocks)
+    blocks = sorted({min(max(b, 0), depth - 1) for b in cfg.visualize.blocks})
+    attn_block = cfg.visualize.attn_block % depth
+    modes = ["prefix", "class"] if cfg.visualize.compare_protect else [model.protect]
+    grid = model.patch_embed.grid_size
+    names = prefix_names(model)
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    summary: dict[str, Any] = {"blocks": blocks, "attn_block": attn_block, "r": OmegaConf.to_container(cfg.tome)["r"],
+                               "prefix_tokens": names, "images": {}}
+    for step, (name, tensor) in enumerate(tqdm(images, desc="visualize", dynamic_ncols=True)):
+        batch = tensor[None].to(device)
+        picture = _to_display(tensor, config)
+        maps: dict[str, dict[int, np.ndarray]] = {}
+        tokens: dict[str, dict[int, int]] = {}
+        groups: dict[str, dict[int, int]] = {}
+        for mode in modes:
+            model.protect = mode
+            sources = sources_after_blocks(model, batch, blocks)
+            num_protected = model.num_prefix_tokens if mode == "prefix" else 0
+            maps[mode], tokens[mode], groups[mode] = {}, {}, {}
+            for block, source in sources.items():
+                labels = patch_groups(source[0], model.num_prefix_tokens)
+                maps[mode][block] = merge_map(picture, labels, grid)
+                tokens[mode][block] = source.shape[1]
+                groups[mode][block] = int(labels.max()) + 1
+                if mode == "prefix":  # every output token but the protected prefix holds patches
+                    assert groups[mode][block] == source.shape[1] - num_protected
+        model.protect = cfg.tome.protect
+        attention = prefix_attention(model, batch, attn_block)[0].cpu().numpy()
+        note = "protected" if cfg.tome.protect == "prefix" else "mergeable"
+        pixels = draw_grid(picture, maps, tokens, attention, names, f"registers {note}", attn_block,
+                           run_dir / f"{name}.png")
+        writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
+        summary["images"][name] = {"png": f"{name}.png", "tokens": tokens, "groups": groups,
+                                   "size": list(pixels.shape[:2])}
+    writer.close()
+    (run_dir / "visualize.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {len(images)} grids to {run_dir}")
+    return summary

@@ -1,0 +1,101 @@
+"""task=benchmark and task=visualize on a tiny random model, plus the colouring function itself."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_helpers import compose_config, run_main
+from engine import visualize
+from engine.visualize import CELL_PX, grid_shape, merge_map, patch_groups
+
+
+def test_benchmark_task_writes_csv_md_png(tmp_path):
+    run_main("task=benchmark", "model=vit_tiny_test", "trainer.device=cpu", "trainer.amp=off",
+             "benchmark.r=[0,2,[2,-1.0]]", "benchmark.batch_sizes=[1,4]", "benchmark.repeats=2", "benchmark.iters=1",
+             f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
+    # (unpatched + 3 schedules) x 2 batch sizes x (inference, train)
+    assert len(rows) == 4 * 2 * 2
+    assert {(r["mode"], r["r"], r["batch_size"]) for r in rows} == {
+        (m, r, b) for m in ("inference", "train") for r in ("timm", "0", "2", "(2,-1.0)") for b in ("1", "4")}
+    for row in rows:
+        assert float(row["images_per_s"]) > 0 and float(row["peak_memory_mb"]) > 0
+        assert float(row["of_ideal"]) == pytest.approx(float(row["speedup"]) / float(row["flop_speedup"]), rel=1e-6)
+        assert row["device"].startswith("cpu") and row["dtype"] == "fp32" and row["torch"] and row["timm"]
+    gflops = {r["r"]: float(r["gflops"]) for r in rows}
+    assert gflops["timm"] == gflops["0"] > gflops["2"] > gflops["(2,-1.0)"]
+    assert Image.open(tmp_path / "benchmark.png").size == (1000, 400)  # two panels of 5 x 4 inches at 100 dpi
+    assert "FLOP-ideal" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_patch_groups_and_merge_map_on_a_hand_made_source():
+    # 1 prefix token + a 2x2 grid of patches; output tokens: prefix, {p0, p1}, {p2}, {p3}
+    source = torch.tensor([
+        [1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 1],
+    ])
+    labels = patch_groups(source, num_prefix=1)
+    assert labels.tolist() == [0, 0, 1, 2]
+    image = np.zeros((4, 4, 3))
+    image[:2, :2] = [1, 0, 0]  # p0 red
+    image[:2, 2:] = [0, 0, 1]  # p1 blue
+    image[2:, :2] = [0, 1, 0]  # p2 green
+    image[2:, 2:] = [1, 1, 1]  # p3 white
+    out = merge_map(image, labels, (2, 2))
+    np.testing.assert_allclose(out[0, 0], [0.5, 0, 0.5])  # p0 and p1 share their mean colour
+    np.testing.assert_allclose(out[0, 2], [0.5, 0, 0.5])
+    assert (out[1, :] == 0).all()  # the boundary under the top group is outlined
+    np.testing.assert_allclose(out[2, 1], [0, 0, 0])  # outline between p2 and p3
+    np.testing.assert_allclose(out[3, 0], [0, 1, 0])  # p2 keeps its own colour
+    np.testing.assert_allclose(out[3, 3], [1, 1, 1])
+    assert not (out[0, :] == 0).all(axis=-1).any()  # no outline inside the merged top group
+
+
+def _visualize(tmp_path, *overrides):
+    cfg = compose_config("task=visualize", "model=vit_tiny_test", "trainer.device=cpu", "dataset=synthetic",
+                         "tome.r=3", "visualize.blocks=[0,1]", "visualize.num_samples=2", *overrides)
+    return visualize.run(cfg, tmp_path, overrides=list(overrides))
+
+
+def test_visualize_dataset_samples(tmp_path):
+    summary = _visualize(tmp_path)
+    assert sorted(summary["images"]) == ["sample_0", "sample_1"]
+    rows, cols = grid_shape(num_blocks=2, num_heads=2, num_prefix=5, compare=True)
+    for name, info in summary["images"].items():
+        png = Image.open(tmp_path / info["png"])
+        assert png.size == (cols * CELL_PX, rows * CELL_PX)
+        for block in (0, 1):
+            # the map has one group per output token that is not a protected prefix token
+            assert info["groups"]["prefix"][block] == info["tokens"]["prefix"][block] - 5
+        assert info["tokens"]["prefix"][0] == 21 - 3 and info["tokens"]["prefix"][1] == 21 - 6
+    assert summary["prefix_tokens"] == ["class", "register 1", "register 2", "register 3", "register 4"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "visualize.json").read_text())["attn_block"] == 1
+
+
+def test_visualize_image_folder_and_protect_ablation(tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(folder / f"{name}.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    summary = _visualize(out, f"images={folder}", "tome.r=8")
+    assert sorted(summary["images"]) == ["a", "b", "c"]
+    info = summary["images"]["a"]
+    # with protect=class registers merge too, so the class map has as many groups as non-class tokens
+    assert info["groups"]["class"][1] == info["tokens"]["class"][1] - 1
+    assert info["groups"]["prefix"][1] == info["tokens"]["prefix"][1] - 5
+
+
+def test_visualize_missing_images(tmp_path):
+    from engine.errors import UserError
+
+    with pytest.raises(UserError, match="does not exist"):
+        _visualize(tmp_path, f"images={tmp_path / 'nope'}")
