@@ -22,8 +22,11 @@ def attention_with_keys(
     attn: Attention,
     x: torch.Tensor,
     size: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_keys: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run `attn` on `x`; return its output and the keys averaged over heads (B, T, head_dim).
+
+    With `return_keys=False` (a block that merges nothing) the keys are not averaged: None.
 
     With `size` given, apply proportional attention; without it, the call is exactly timm's
     (fused `F.scaled_dot_product_attention` when timm uses it).
@@ -50,4 +53,4 @@ def attention_with_keys(
     if gate is not None:
         x = x * gate
     x = attn.proj_drop(attn.proj(x))
-    return x, k.mean(dim=1)
+    return x, k.mean(dim=1) if return_keys else None

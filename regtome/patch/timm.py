@@ -67,7 +67,7 @@ def merge_block_forward(
     `prop_attn` applies the log(size) bias; the caller turns it off while all sizes are 1 so that
     attention then runs through timm's exact (fused) path.
     """
-    attn_out, keys = attention_with_keys(block.attn, block.norm1(x), size if prop_attn else None)
+    attn_out, keys = attention_with_keys(block.attn, block.norm1(x), size if prop_attn else None, return_keys=r > 0)
     x = x + block.drop_path1(block.ls1(attn_out))
     if r > 0:
         merge, _ = bipartite_soft_matching(keys, r, num_protected)
