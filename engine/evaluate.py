@@ -8,17 +8,16 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data import build_datasets
 
-from .checkpoint import check_same_architecture, load_checkpoint, load_weights
+from .checkpoint import load_weights
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .errors import UserError
-from .model import build_model, data_config
-from .overrides import apply_overrides, overrides_group
+from .model import build_model, config_from_checkpoint, data_config
 from .results import run_record, write_results
 from .runtime import amp_dtype, autocast, resolve_device, synchronize
 
@@ -65,17 +64,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     info = init_distributed(use_cuda=cfg.trainer.device != "cpu" and torch.cuda.is_available())
     device = resolve_device(cfg.trainer.device, info.local_rank)
     dtype = amp_dtype(cfg.trainer.amp, device, cfg.trainer.device)
-    weights = None
-    if cfg.ckpt:
-        checkpoint = load_checkpoint(cfg.ckpt)
-        saved = OmegaConf.create(checkpoint["config"])
-        effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
-        if overrides_group(overrides, "model"):
-            check_same_architecture(saved.model, effective.model, cfg.ckpt)
-        with open_dict(cfg):  # the saved groups replace the composed ones whole
-            cfg.model, cfg.dataset, cfg.tome = effective.model, effective.dataset, effective.tome
-        weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
-    elif not (cfg.model.pretrained or cfg.model.pretrained_file):
+    cfg, weights = config_from_checkpoint(cfg, overrides)
+    if weights is None and not (cfg.model.pretrained or cfg.model.pretrained_file):
         raise UserError("task=eval needs weights: ckpt=PATH, model.pretrained=true or model.pretrained_file=PATH")
 
     model = build_model(cfg.model, cfg.tome, cfg.dataset.num_classes or 1000)

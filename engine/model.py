@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import timm
+import torch
 import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf, open_dict
 from timm.data import resolve_model_data_config
 
 import regtome
 
+from .checkpoint import check_same_architecture, load_checkpoint
 from .errors import UserError
+from .overrides import apply_overrides, overrides_group
 
 
 def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,3 +76,18 @@ def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Map
     if not pretrained and dataset_cfg.get("mean") is not None:
         config["mean"], config["std"] = tuple(dataset_cfg["mean"]), tuple(dataset_cfg["std"])
     return config
+
+
+def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Optional[dict[str, torch.Tensor]]]:
+    """With ckpt=PATH: take model, dataset and tome from the checkpoint's saved config (keys set on
+    this command line win) and return its weights (the EMA weights when it has them)."""
+    if not cfg.ckpt:
+        return cfg, None
+    checkpoint = load_checkpoint(cfg.ckpt)
+    saved = OmegaConf.create(checkpoint["config"])
+    effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
+    if overrides_group(overrides, "model"):
+        check_same_architecture(saved.model, effective.model, cfg.ckpt)
+    with open_dict(cfg):  # the saved groups replace the composed ones whole
+        cfg.model, cfg.dataset, cfg.tome = effective.model, effective.dataset, effective.tome
+    return cfg, checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -25,10 +25,9 @@ import regtome
 from data import build_datasets
 from data.transforms import build_transform
 
-from .checkpoint import load_checkpoint, load_weights
+from .checkpoint import load_weights
 from .errors import UserError
-from .model import build_model, data_config
-from .overrides import apply_overrides
+from .model import build_model, config_from_checkpoint, data_config
 from .runtime import resolve_device
 
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
@@ -178,13 +177,7 @@ def _to_display(tensor: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     device = resolve_device(cfg.trainer.device)
-    weights = None
-    if cfg.ckpt:
-        checkpoint = load_checkpoint(cfg.ckpt)
-        effective = apply_overrides(OmegaConf.create(checkpoint["config"]), cfg, overrides, ("model", "dataset", "tome"))
-        with open_dict(cfg):
-            cfg.model, cfg.dataset, cfg.tome = effective.model, effective.dataset, effective.tome
-        weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+    cfg, weights = config_from_checkpoint(cfg, overrides)
     model = build_model(cfg.model, cfg.tome, cfg.dataset.num_classes or 1000, trace_source=True)
     if weights is not None:
         load_weights(model, weights, cfg.ckpt)
@@ -211,15 +204,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         for mode in modes:
             model.protect = mode
             sources = sources_after_blocks(model, batch, blocks)
-            num_protected = model.num_prefix_tokens if mode == "prefix" else 0
             maps[mode], tokens[mode], groups[mode] = {}, {}, {}
             for block, source in sources.items():
                 labels = patch_groups(source[0], model.num_prefix_tokens)
                 maps[mode][block] = merge_map(picture, labels, grid)
                 tokens[mode][block] = source.shape[1]
                 groups[mode][block] = int(labels.max()) + 1
-                if mode == "prefix":  # every output token but the protected prefix holds patches
-                    assert groups[mode][block] == source.shape[1] - num_protected
         model.protect = cfg.tome.protect
         attention = prefix_attention(model, batch, attn_block)[0].cpu().numpy()
         note = "protected" if cfg.tome.protect == "prefix" else "mergeable"

@@ -281,3 +281,25 @@ def test_patching_twice_updates_options():
     assert (model.r, model.protect) == (8, "class")
     regtome.remove_patch(model)
     assert type(model) is VisionTransformer and not hasattr(model, "r")
+
+
+# the timm models the CLI names (random weights: no download) -----------------------------------------
+@pytest.mark.parametrize("name,num_prefix", [
+    ("vit_small_patch16_224", 1), ("vit_base_patch16_reg4_gap_256", 4), ("vit_small_patch14_reg4_dinov2", 5),
+])
+def test_named_timm_models(name, num_prefix):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    images = torch.randn(1, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        reference = model(images)
+        regtome.patch.timm(model, r=0, trace_source=True)
+        torch.testing.assert_close(model(images), reference, atol=1e-4, rtol=1e-4)
+        model.r = 16
+        merged = model(images)
+    assert model.num_prefix_tokens == num_prefix and torch.isfinite(merged).all()
+    expected = expected_token_counts(num_prefix + model.patch_embed.num_patches, num_prefix, [16] * len(model.blocks))
+    assert model.regtome_tokens == expected
+    assert torch.equal(model.regtome_size[:, :num_prefix], torch.ones(1, num_prefix, 1))
