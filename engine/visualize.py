@@ -141,7 +141,8 @@ def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens:
             ax.imshow(attention[head, i].reshape(side, -1), cmap="inferno")
             ax.set_title(f"{name} h{head}" + (f" ({protect_note})" if name.startswith("reg") and head == 0 else ""),
                          fontsize=6)
-    fig.suptitle(f"attention at block {attn_block}", fontsize=7, y=0.0, va="bottom")
+    fig.suptitle(f"rows 1-{len(maps)}: merged tokens; below: attention over patches at block {attn_block}", fontsize=7)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.35 / rows, bottom=0.02, hspace=0.35, wspace=0.1)
     fig.savefig(path)
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

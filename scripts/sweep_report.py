@@ -14,16 +14,21 @@ COLUMNS = ["run", "task", "dataset", "model", "registers", "r", "protect", "top1
            "gflops", "batch_size", "dtype", "device"]
 
 
+def _natural(path: Path) -> list:
+    """Job folders 0, 1, ..., 10 in numeric order."""
+    return [int(part) if part.isdigit() else part for part in path.parts]
+
+
 def collect(sweep_dir: Path) -> list[dict]:
     rows = []
-    for path in sorted(sweep_dir.rglob("results.json")):
+    for path in sorted(sweep_dir.rglob("results.json"), key=_natural):
         record = json.loads(path.read_text())
         rows.append({"run": str(path.parent.relative_to(sweep_dir))} | {k: record.get(k) for k in COLUMNS[1:]})
     return rows
 
 
 def _fmt(value: object) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def write_report(rows: list[dict], out_dir: Path) -> dict[str, Path]:
