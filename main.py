@@ -15,6 +15,27 @@ from engine.errors import UserError
 from engine.run_dir import run_id
 
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+CONFIGS = Path(__file__).resolve().parent / "configs"
+HINTS = {"dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
+         "model": "; or keep a preset and set model.name=<any timm ViT>"}
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """A one-line error for `dataset=mnist`-style typos (sweeps too), before Hydra's multi-line one."""
+    for arg in argv:
+        group, _, value = arg.partition("=")
+        folder = CONFIGS / group
+        if not value or group.startswith(("+", "~", "hydra")) or not folder.is_dir():
+            continue
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice != "null" and choice not in options:
+                print(f"error: unknown {group} {choice!r}; choose one of {', '.join(options)}{HINTS.get(group, '')}",
+                      file=sys.stderr)
+                sys.exit(2)
+
+
+check_group_choices(sys.argv[1:])
 
 if {"-m", "--multirun"} & set(sys.argv):
     # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.

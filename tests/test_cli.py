@@ -122,3 +122,15 @@ def test_bad_input_is_one_clear_line(tmp_path):
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert lines[-1].startswith("error: checkpoint") and "does not exist" in lines[-1]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["task=train", "dataset=mnist"], "error: unknown dataset 'mnist'; choose one of cifar10, cifar100, imagefolder"),
+    (["model=vit_huge"], "error: unknown model 'vit_huge'; choose one of"),
+    (["-m", "dataset=synthetic,cifar11"], "error: unknown dataset 'cifar11'"),
+])
+def test_unknown_config_choice_is_one_line(tmp_path, args, message):
+    result = run_main(*args, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
