@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import regtome
 
-from .model import build_model, tome_options
+from .model import build_model, schedule_from_config
 from .runtime import amp_dtype, autocast, device_name, dtype_name, resolve_device, synchronize
 from .timing import interleaved_seconds
 
@@ -159,8 +159,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     merged = build_model(cfg.model, cfg.tome, cfg.dataset.num_classes or 1000).to(device)
     baseline = regtome.remove_patch(copy.deepcopy(merged))
     bench = cfg.benchmark
-    schedules = [tome_options({"r": r, "prop_attn": True, "protect": "prefix"})["r"]
-                 for r in OmegaConf.to_container(bench.r, resolve=True)]
+    schedules = [schedule_from_config(r) for r in OmegaConf.to_container(bench.r, resolve=True)]
     for r in schedules:
         regtome.parse_r(len(merged.blocks), r)  # fail before timing anything
     rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), bench, device, dtype)

@@ -17,14 +17,17 @@ from .errors import UserError
 from .overrides import apply_overrides, overrides_group
 
 
-def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The tome group as regtome.patch.timm keyword arguments (a Hydra pair [r, x.y] becomes a tuple)."""
-    r = tome_cfg["r"]
+def schedule_from_config(r: Any) -> Any:
+    """An r from a config as regtome takes it: Hydra has no tuples, so a pair [r, x.y] becomes (r, x.y)."""
     if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
-        r = (r[0], r[1])
-    elif isinstance(r, (list, tuple)):
-        r = list(r)
-    return dict(r=r, prop_attn=bool(tome_cfg["prop_attn"]), protect=tome_cfg["protect"])
+        return (r[0], r[1])
+    return list(r) if isinstance(r, (list, tuple)) else r
+
+
+def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The tome group as regtome.patch.timm keyword arguments."""
+    return dict(r=schedule_from_config(tome_cfg["r"]), prop_attn=bool(tome_cfg["prop_attn"]),
+                protect=tome_cfg["protect"])
 
 
 def r_per_block(model: nn.Module) -> list[int]:

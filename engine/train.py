@@ -80,6 +80,11 @@ class GracefulStop:
             previous(self.signum, None)
 
 
+def empty_sums() -> dict[str, float]:
+    """Running training loss/accuracy sums of the current epoch."""
+    return {"loss": 0.0, "correct": 0.0, "samples": 0.0}
+
+
 @dataclass
 class TrainState:
     """Where training stands; saved in every checkpoint as plain types."""
@@ -88,7 +93,7 @@ class TrainState:
     step_in_epoch: int = 0  # batches of the current epoch already trained
     num_updates: int = 0  # optimizer steps taken
     best_top1: float = -1.0
-    epoch_sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "samples": 0.0})
+    epoch_sums: dict[str, float] = field(default_factory=empty_sums)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -295,7 +300,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     state = _restore(trainer, checkpoint, ckpt_dir / "last.pt", tc.epochs) if checkpoint else TrainState()
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
-        state.epoch_sums = {key: 0.0 for key in state.epoch_sums}
+        state.epoch_sums = empty_sums()
     val_loader = eval_loader(splits["val"], tc.eval_batch_size, tc.num_workers, info)
     metrics: dict[str, Any] = state.history[-1] if state.history else {}
 
@@ -322,7 +327,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             metrics = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["samples"], 1),
                        "train_acc": 100 * sums["correct"] / max(sums["samples"], 1), "train_images_per_s": train_rate}
             state.epoch, state.step_in_epoch = epoch + 1, 0
-            state.epoch_sums = {"loss": 0.0, "correct": 0.0, "samples": 0.0}
+            state.epoch_sums = empty_sums()
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
                 eval_model = trainer.ema.module if trainer.ema is not None else _unwrap(trainer.model)
                 val = evaluate(eval_model, val_loader, device, dtype, info, desc="val")

@@ -4,8 +4,8 @@
     python scripts/benchmark_patch.py --device cuda --batch 64 --amp fp16
 
 Each r schedule shares the unpatched model's weights; all cases are interleaved in one process
-after warm-up. 'ideal' is the FLOP ratio (unpatched GFLOPs / merged GFLOPs); 'of ideal' is the
-measured speedup divided by it.
+after warm-up (the same measurement as `task=benchmark`, inference only). 'ideal' is the FLOP
+ratio (unpatched GFLOPs / merged GFLOPs); 'of ideal' is the measured speedup divided by it.
 """
 from __future__ import annotations
 
@@ -14,16 +14,15 @@ import ast
 import copy
 import pathlib
 import sys
-from contextlib import nullcontext
 
 import timm
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import regtome  # noqa: E402
-from engine.timing import interleaved_seconds  # noqa: E402
-
-AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from engine.benchmark import benchmark_rows  # noqa: E402
+from engine.runtime import AMP_DTYPES  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
     parser.add_argument("--registers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", choices=list(AMP), default="off")
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off")
     parser.add_argument("--r", default="[8, 13, 16, (16, -1.0)]", help="python list of schedules")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2)
@@ -41,33 +40,16 @@ def main() -> None:
     device = torch.device(args.device)
     baseline = timm.create_model(args.model, reg_tokens=args.registers).to(device).eval()
     merged = regtome.patch.timm(copy.deepcopy(baseline))
-    size = baseline.patch_embed.img_size
-    images = torch.randn(args.batch, 3, *size, device=device)
     schedules = ast.literal_eval(args.r)
-    autocast = torch.autocast(device.type, dtype=AMP[args.amp]) if AMP[args.amp] else nullcontext()
-
-    def run(model, r=None):
-        def call():
-            if r is not None:
-                model.r = r
-            with torch.inference_mode(), autocast:
-                model(images)
-        return call
-
-    cases = {"timm": run(baseline)} | {str(r): run(merged, r) for r in schedules}
-    seconds = interleaved_seconds(cases, device, repeats=args.repeats, iters=args.iters)
-    gflops = {"timm": regtome.vit_flops(baseline, (3, *size))}
-    for r in schedules:
-        merged.r = r
-        gflops[str(r)] = regtome.vit_flops(merged, (3, *size))
+    timing = OmegaConf.create({"warmup": 2, "repeats": args.repeats, "iters": args.iters, "train_step": False})
+    rows = benchmark_rows(baseline, merged, schedules, [args.batch], timing, device, AMP_DTYPES[args.amp])
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.model} reg={args.registers} | device {name} | batch {args.batch} | amp {args.amp} | torch {torch.__version__}")
     print(f"{'r':>12} {'img/s':>9} {'GFLOPs':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8}")
-    for key, sec in seconds.items():
-        speedup = seconds["timm"] / sec
-        ideal = gflops["timm"] / gflops[key]
-        print(f"{key:>12} {args.batch / sec:9.1f} {gflops[key]:7.2f} {speedup:7.2f}x {ideal:5.2f}x {speedup / ideal:7.0%}")
+    for row in rows:
+        print(f"{row['r']:>12} {row['images_per_s']:9.1f} {row['gflops']:7.2f} {row['speedup']:7.2f}x "
+              f"{row['flop_speedup']:5.2f}x {row['of_ideal']:7.0%}")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,9 @@ def compose_config(*overrides: str) -> DictConfig:
     OmegaConf.register_new_resolver("run_id", run_id, replace=True)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)

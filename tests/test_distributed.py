@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from cli_helpers import ROOT, SMOKE, compose_config, results, run_main
+from cli_helpers import ROOT, SMOKE, compose_config, max_weight_difference, results, run_main
 from engine.checkpoint import load_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -35,8 +35,7 @@ def test_two_processes_match_one_with_the_same_global_batch(ddp_run):
     (ddp_dir,) = list((ddp_run / "outputs").glob("train/*/*"))  # one shared run directory
     ddp = load_checkpoint(ddp_dir / "checkpoints" / "last.pt")
     single = load_checkpoint(ddp_run / "single" / "checkpoints" / "last.pt")
-    difference = max((ddp["model"][k] - single["model"][k]).abs().max().item() for k in single["model"])
-    assert difference <= 1e-5
+    assert max_weight_difference(ddp["model"], single["model"]) <= 1e-5
     # metrics count both ranks: the same training loss as one process
     a, b = results(ddp_dir)["history"], results(ddp_run / "single")["history"]
     assert [h["train_loss"] for h in a] == pytest.approx([h["train_loss"] for h in b], rel=1e-4)

@@ -10,18 +10,13 @@ import time
 import pytest
 import torch
 
-from cli_helpers import ROOT, SMOKE, compose_config, results, run_main
+from cli_helpers import ROOT, SMOKE, compose_config, max_weight_difference, results, run_main
 from engine import train
 from engine.checkpoint import atomic_save, load_checkpoint
 from engine.errors import UserError
 
 # Long enough to be interrupted mid-epoch: 256 steps per epoch.
 LONG = [*SMOKE, "dataset.train_size=2048", "trainer.batch_size=8", "trainer.epochs=2", "model.drop_path=0.1"]
-
-
-def max_weight_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted(tmp_path):

@@ -92,17 +92,17 @@ class RegToMeVisionTransformer:
     ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
-        _check_options(self)
+        r_per_block = _check_options(self)
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        x, size, source, tokens = self._merge_blocks(x)
+        x, size, source, tokens = self._merge_blocks(x, r_per_block)
         self.regtome_size, self.regtome_source, self.regtome_tokens = size, source, tokens
         return self.norm(x)
 
     def _merge_blocks(
-        self, x: torch.Tensor
+        self, x: torch.Tensor, r_per_block: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], list[int]]:
         """Run every block with merging; prefix groups join at `class_layer` / `register_layer`."""
         layout = prefix_layout(self)
@@ -119,7 +119,6 @@ class RegToMeVisionTransformer:
             eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)[None].expand(batch, -1, -1)
         source = eye[:, p:] if eye is not None else None
         size = x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
-        r_per_block = parse_r(len(self.blocks), self.r)
         merged_any, tokens = False, []
 
         for i, block in enumerate(self.blocks):
@@ -192,8 +191,9 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-def _check_options(model: nn.Module) -> None:
-    parse_r(len(model.blocks), model.r)
+def _check_options(model: nn.Module) -> list[int]:
+    """Validate the patch options (they may change between calls); return the per-block r."""
+    r_per_block = parse_r(len(model.blocks), model.r)
     if model.protect not in PROTECT_MODES:
         raise ValueError(f"protect must be one of {PROTECT_MODES}, got {model.protect!r}")
     layout, depth = prefix_layout(model), len(model.blocks)
@@ -206,6 +206,7 @@ def _check_options(model: nn.Module) -> None:
             raise ValueError(f"{name} must be an int in [0, {depth - 1}], got {layer!r}")
         if layer > 0 and count == 0:
             raise ValueError(f"{name}={layer} but the model has no {what}; set {name}=0")
+    return r_per_block
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
