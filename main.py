@@ -4,49 +4,22 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from data import DatasetError
+from engine.cli import check_command_line, discard_empty_run_dir, register_resolvers, report_error
 from engine.distributed import cleanup
-from engine.errors import UserError
-from engine.run_dir import run_id
+from engine.errors import TrainingInterrupted, UserError
 
-OmegaConf.register_new_resolver("run_id", run_id, replace=True)
-CONFIGS = Path(__file__).resolve().parent / "configs"
-HINTS = {"dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
-         "model": "; or keep a preset and set model.name=<any timm ViT>"}
+TASKS = ("train", "eval", "benchmark", "visualize")
 
 
-def check_group_choices(argv: list[str]) -> None:
-    """A one-line error for `dataset=mnist`-style typos (sweeps too), before Hydra's multi-line one."""
-    for arg in argv:
-        group, _, value = arg.partition("=")
-        folder = CONFIGS / group
-        if not value or group.startswith(("+", "~", "hydra")) or not folder.is_dir():
-            continue
-        options = sorted(p.stem for p in folder.glob("*.yaml"))
-        for choice in value.split(","):
-            if choice != "null" and choice not in options:
-                print(f"error: unknown {group} {choice!r}; choose one of {', '.join(options)}{HINTS.get(group, '')}",
-                      file=sys.stderr)
-                sys.exit(2)
-
-
-check_group_choices(sys.argv[1:])
-
-if {"-m", "--multirun"} & set(sys.argv):
-    # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
-    os.environ.setdefault("REGTOME_RUN_ID", run_id())
-
-if int(os.environ.get("RANK", "0")) > 0:
-    # Under torchrun only rank 0 writes: the other ranks share its run directory but leave no files.
-    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-
-
-def dispatch(task: str):
+def task_runner(task: str) -> Callable:
     if task == "train":
         from engine.train import run
     elif task == "eval":
@@ -56,28 +29,43 @@ def dispatch(task: str):
     elif task == "visualize":
         from engine.visualize import run
     else:
-        raise UserError(f"unknown task {task!r}; use task=train, eval, benchmark or visualize")
+        raise UserError(f"unknown task {task!r}; use task={', '.join(TASKS)}")
     return run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        dispatch(cfg.task)(cfg, run_dir, list(hydra_cfg.overrides.task))
-        cleanup()
-    except (UserError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        task_runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))
+    except (UserError, DatasetError, MissingMandatoryValue) as err:
+        report_error(err)
+        discard_empty_run_dir(run_dir)
         sys.exit(2)
-    except Exception as err:
-        from engine.train import TrainingInterrupted
+    except TrainingInterrupted as err:
+        print(err, file=sys.stderr)
+        sys.exit(err.exit_code)
+    finally:
+        cleanup()
 
-        if isinstance(err, TrainingInterrupted):
-            print(err, file=sys.stderr)
-            sys.exit(err.exit_code)
-        raise
+
+def cli(argv: list[str]) -> None:
+    """Check the command line, prepare what Hydra's config needs, then hand over to Hydra."""
+    problem = check_command_line(argv, Path(__file__).resolve().parent / "configs", TASKS)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    register_resolvers()
+    if {"-m", "--multirun"} & set(argv):
+        from engine.run_dir import run_id
+
+        # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
+        os.environ.setdefault("REGTOME_RUN_ID", run_id())
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Under torchrun only rank 0 writes: the other ranks share its run directory but leave no files.
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli(sys.argv[1:])

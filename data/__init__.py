@@ -1,4 +1,5 @@
 """Datasets and transforms for the CLI: CIFAR-10/100, ImageNet, any ImageFolder, synthetic."""
-from .datasets import DatasetError, build_datasets
+from .datasets import DatasetError, build_datasets, count_classes, input_transform
+from .seeded import EpochSeeded
 
-__all__ = ["DatasetError", "build_datasets"]
+__all__ = ["DatasetError", "build_datasets", "count_classes", "input_transform", "EpochSeeded"]

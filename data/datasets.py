@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
+from torchvision.datasets.folder import find_classes
 
 from .synthetic import SyntheticPatterns
-from .transforms import build_transform
+from .transforms import ResizeNormalize, build_transform, device_transform
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")
 
@@ -44,10 +45,24 @@ def _cifar(cfg: Mapping[str, Any], train: bool, transform: Callable) -> Dataset:
         ) from err
 
 
-def _image_folder(cfg: Mapping[str, Any], split: str, transform: Callable) -> Dataset:
-    root = cfg["root"]
-    if root in (None, "", "???"):
+def _root(cfg: Mapping[str, Any]) -> str:
+    root = cfg.get("root") if not _missing(cfg, "root") else None
+    if root in (None, ""):
         raise DatasetError(f"dataset={cfg['name']} needs a folder: add dataset.root=DIR (with train/ and val/)")
+    return str(root)
+
+
+def _missing(cfg: Mapping[str, Any], key: str) -> bool:
+    """True for a mandatory config value ('???') that was not given."""
+    is_missing = getattr(cfg, "_get_node", None)
+    if is_missing is not None:
+        node = cfg._get_node(key)
+        return node is not None and node._is_missing()
+    return cfg.get(key) == "???"
+
+
+def _image_folder(cfg: Mapping[str, Any], split: str, transform: Callable) -> Dataset:
+    root = _root(cfg)
     candidates = ["train"] if split == "train" else ["val", "test"]
     for name in candidates:
         folder = os.path.join(str(root), name)
@@ -63,8 +78,12 @@ def _image_folder(cfg: Mapping[str, Any], split: str, transform: Callable) -> Da
 
 
 def build_datasets(cfg: Mapping[str, Any], data_config: dict[str, Any], augment: bool = True,
-                   splits: tuple[str, ...] = ("train", "val"), seed: int = 0) -> dict[str, Dataset]:
-    """Return {split: dataset} for the requested splits ('train', 'val')."""
+                   splits: tuple[str, ...] = ("train", "val"), seed: int = 0, on_device: bool = True) -> dict[str, Dataset]:
+    """Return {split: dataset} for the requested splits ('train', 'val').
+
+    With `on_device`, small images shown larger come out as native-size uint8: pass each batch
+    through `input_transform(cfg, data_config)` on the device.
+    """
     name = cfg["name"]
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -76,13 +95,28 @@ def build_datasets(cfg: Mapping[str, Any], data_config: dict[str, Any], augment:
             out[split] = SyntheticPatterns(size, cfg["num_classes"], data_config["input_size"][-1],
                                            cfg["noise"], seed=seed * 2 + (0 if train else 1))
             continue
-        transform = build_transform(data_config, cfg["img_size"], is_training=train, augment=augment)
+        transform = build_transform(data_config, cfg["native_size"], is_training=train, augment=augment,
+                                    on_device=on_device)
         out[split] = _cifar(cfg, train, transform) if name.startswith("cifar") else _image_folder(cfg, split, transform)
     return out
 
 
-def num_classes_of(dataset: Dataset) -> int:
-    classes = getattr(dataset, "classes", None)
-    if classes is None:
-        raise DatasetError(f"cannot tell the number of classes of {type(dataset).__name__}; set dataset.num_classes")
+def input_transform(cfg: Mapping[str, Any], data_config: dict[str, Any]) -> Optional[ResizeNormalize]:
+    """What the device does to a batch of `build_datasets(..., on_device=True)` before the model, or None."""
+    if cfg["name"] == "synthetic":  # generated at the input size already
+        return None
+    return device_transform(data_config, int(cfg["native_size"]))
+
+
+def count_classes(cfg: Mapping[str, Any]) -> int:
+    """dataset.num_classes, or for an image folder the number of class folders in its train/ split."""
+    if cfg.get("num_classes"):
+        return int(cfg["num_classes"])
+    root = _root(cfg)
+    folder = os.path.join(str(root), "train")
+    try:
+        classes, _ = find_classes(folder)
+    except (FileNotFoundError, OSError) as err:
+        raise DatasetError(f"cannot count the classes in {folder} ({err}); set dataset.root to a folder with "
+                           "train/<class>/ folders, or set dataset.num_classes") from err
     return len(classes)

@@ -1,23 +1,46 @@
-"""Image transforms: timm's for ImageNet-sized inputs, a pad-and-crop recipe for 32x32 sets."""
+"""Image transforms: timm's for ImageNet-sized inputs, a pad-and-crop recipe for small (<= 64 px) images.
+
+Small images that the model sees larger (CIFAR at 224) are augmented at their native size in the
+loader and shipped as uint8; `ResizeNormalize` upsamples and normalises them on the training
+device. That is the same augmentation scaled down (padding size/8, crop, flip), at a small
+fraction of the loader's CPU time and shared memory per sample.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import create_transform
 from torchvision import transforms as T
 
 SMALL_IMAGES = 64  # at or below this native size, random-resized crops destroy the image
 
 
-def build_transform(data_config: dict[str, Any], native_size: int, is_training: bool, augment: bool) -> Callable:
-    """`data_config` is timm's (input_size, mean, std, interpolation, crop_pct), possibly overridden."""
+def resized_on_device(native_size: int, input_size: int) -> bool:
+    """Whether the loader ships native-size uint8 images and the device does the upsampling."""
+    return native_size <= SMALL_IMAGES and native_size < input_size
+
+
+def build_transform(data_config: dict[str, Any], native_size: int, is_training: bool, augment: bool,
+                    on_device: bool = True) -> Callable:
+    """`data_config` is timm's (input_size, mean, std, interpolation, crop_pct), possibly overridden.
+
+    With `on_device` and a small image shown larger, the transform returns a uint8 (3, native,
+    native) tensor and `ResizeNormalize` finishes the job on the device.
+    """
     size = data_config["input_size"][-1]
     mean, std = data_config["mean"], data_config["std"]
     interpolation = T.InterpolationMode(data_config.get("interpolation", "bicubic"))
     if native_size <= SMALL_IMAGES:
-        steps: list[Callable] = [T.Resize(size, interpolation=interpolation), T.CenterCrop(size)]
+        ship_native = on_device and resized_on_device(native_size, size)
+        target = native_size if ship_native else size
+        steps: list[Callable] = [T.Resize(target, interpolation=interpolation), T.CenterCrop(target)]
         if is_training and augment:
-            steps += [T.RandomCrop(size, padding=size // 8, padding_mode="reflect"), T.RandomHorizontalFlip()]
+            steps += [T.RandomCrop(target, padding=target // 8, padding_mode="reflect"), T.RandomHorizontalFlip()]
+        if ship_native:
+            return T.Compose(steps + [T.PILToTensor()])
         return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
     return create_transform(
         input_size=data_config["input_size"],
@@ -28,3 +51,30 @@ def build_transform(data_config: dict[str, Any], native_size: int, is_training: 
         crop_pct=data_config.get("crop_pct"),
         auto_augment="rand-m9-mstd0.5-inc1" if is_training and augment else None,
     )
+
+
+class ResizeNormalize(nn.Module):
+    """uint8 (B, 3, h, w) images -> normalised float (B, 3, size, size), on whatever device they are."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bicubic"):
+        super().__init__()
+        self.size, self.mode = size, interpolation
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        align = False if self.mode in ("bilinear", "bicubic") else None
+        x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=align)
+        if self.mode == "bicubic":
+            x = x.clamp(0.0, 1.0)  # bicubic overshoots; PIL clamps to the uint8 range
+        return (x - self.mean) / self.std
+
+
+def device_transform(data_config: dict[str, Any], native_size: int) -> Optional[ResizeNormalize]:
+    """The device half of the small-image pipeline, or None when the loader already ships model inputs."""
+    size = data_config["input_size"][-1]
+    if not resized_on_device(native_size, size):
+        return None
+    return ResizeNormalize(size, tuple(data_config["mean"]), tuple(data_config["std"]),
+                           data_config.get("interpolation", "bicubic"))

@@ -8,8 +8,10 @@ from __future__ import annotations
 import copy
 import csv
 import resource
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import timm
 import torch
@@ -19,7 +21,10 @@ from tqdm import tqdm
 
 import regtome
 
-from .model import build_model, schedule_from_config
+from data import count_classes
+
+from .errors import UserError
+from .model import build_model, model_label, r_option
 from .runtime import amp_dtype, autocast, device_name, dtype_name, resolve_device, synchronize
 from .timing import interleaved_seconds
 
@@ -48,11 +53,14 @@ def peak_memory_mb(device: torch.device, fn: Callable[[], object]) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _schedule(model: nn.Module, r: Any) -> ContextManager:
+    """The model at schedule r (None: the unpatched baseline, as it is)."""
+    return nullcontext() if r is None else regtome.options(model, r=r)
+
+
 def _inference(model: nn.Module, images: torch.Tensor, r: Any, device: torch.device, dtype) -> Callable[[], None]:
     def step() -> None:
-        if r is not None:
-            model.r = r
-        with torch.inference_mode(), autocast(device, dtype):
+        with torch.inference_mode(), autocast(device, dtype), _schedule(model, r):
             model(images)
     return step
 
@@ -63,9 +71,7 @@ def _train_step(model: nn.Module, images: torch.Tensor, r: Any, device: torch.de
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step() -> None:
-        if r is not None:
-            model.r = r
-        with autocast(device, dtype):
+        with autocast(device, dtype), _schedule(model, r):
             loss = nn.functional.cross_entropy(model(images), targets)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -74,13 +80,24 @@ def _train_step(model: nn.Module, images: torch.Tensor, r: Any, device: torch.de
     return step
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How each case is timed: median of `repeats`, each `iters` calls, after `warmup` calls."""
+
+    warmup: int = 2
+    repeats: int = 5
+    iters: int = 3
+    train_step: bool = True  # also time forward + backward + optimizer step
+
+
 def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any], batch_sizes: list[int],
-                   bench: DictConfig, device: torch.device, dtype) -> list[dict[str, Any]]:
+                   bench: Timing, device: torch.device, dtype) -> list[dict[str, Any]]:
+    """Inference (and training step) images/s of `merged` at each schedule against `baseline`."""
     size = baseline.patch_embed.img_size
     gflops = {BASELINE: regtome.vit_flops(baseline, (3, *size))}
     for r in schedules:
-        merged.r = r
-        gflops[schedule_label(r)] = regtome.vit_flops(merged, (3, *size))
+        with regtome.options(merged, r=r):
+            gflops[schedule_label(r)] = regtome.vit_flops(merged, (3, *size))
     modes = {"inference": _inference} | ({"train": _train_step} if bench.train_step else {})
     steps = len(batch_sizes) * len(modes) * bench.repeats * (len(schedules) + 1)
     bar = tqdm(total=steps, desc="benchmark", dynamic_ncols=True)
@@ -155,15 +172,22 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
     device = resolve_device(cfg.trainer.device)
-    dtype = amp_dtype(cfg.trainer.amp, device, cfg.trainer.device)
-    merged = build_model(cfg.model, cfg.tome, cfg.dataset.num_classes or 1000).to(device)
-    baseline = regtome.remove_patch(copy.deepcopy(merged))
+    dtype = amp_dtype(cfg.trainer.amp, device)
     bench = cfg.benchmark
-    schedules = [schedule_from_config(r) for r in OmegaConf.to_container(bench.r, resolve=True)]
+    schedules = [r_option(r, "benchmark.r entry") for r in OmegaConf.to_container(bench.r, resolve=True)]
+    batch_sizes = list(bench.batch_sizes)
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise UserError(f"benchmark.batch_sizes must be a list of ints >= 1, got {batch_sizes}")
+    merged = build_model(cfg.model, cfg.tome, count_classes(cfg.dataset)).to(device)
     for r in schedules:
-        regtome.parse_r(len(merged.blocks), r)  # fail before timing anything
-    rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), bench, device, dtype)
-    meta = {"model": cfg.model.name, "registers": int(baseline.num_reg_tokens), "img_size": cfg.model.img_size,
+        try:
+            regtome.parse_r(len(merged.blocks), r)  # fail before timing anything
+        except ValueError as err:
+            raise UserError(f"benchmark.r entry {r}: {err}") from err
+    baseline = regtome.remove_patch(copy.deepcopy(merged))
+    timing = Timing(warmup=bench.warmup, repeats=bench.repeats, iters=bench.iters, train_step=bench.train_step)
+    rows = benchmark_rows(baseline, merged, schedules, batch_sizes, timing, device, dtype)
+    meta = {"model": model_label(cfg.model), "registers": int(baseline.num_reg_tokens), "img_size": cfg.model.img_size,
             "device": device_name(device), "dtype": dtype_name(dtype), "torch": torch.__version__,
             "timm": timm.__version__}
     notes = batch_one_notes(rows)

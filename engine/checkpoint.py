@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from .errors import UserError
+from .errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
 
 
 def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -43,19 +41,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} does not exist; pass ckpt=PATH to a checkpoints/last.pt or best.pt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" in str(err).lower():  # a pickled callable (class, function): exactly what may run code
-            raise UserError(
+    except Exception as err:  # torch.load raises many types for a damaged file
+        if _unsafe_globals(path):  # pickled callables (classes, functions): exactly what may run code
+            raise CheckpointHoldsCode(
                 f"checkpoint {path} holds Python objects that weights_only loading refuses (they could run code); "
                 "re-save it with tensors and plain types only"
             ) from err
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({_reason(err)}); use another checkpoint") from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({_reason(err)}); use another checkpoint") from err
+        raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt ({_reason(err)}); "
+                                "use another checkpoint") from err
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise UserError(f"{path} is not a RegToMe checkpoint (no 'model' and 'config'); for raw timm weights "
                         "use model.pretrained_file=PATH")
     return checkpoint
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The callables a torch checkpoint pickles that weights_only loading does not allow ([] if unreadable)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch zip file at all: corrupt, not code
+        return []
 
 
 def _reason(err: Exception) -> str:

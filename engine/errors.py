@@ -1,5 +1,43 @@
-"""Errors the CLI reports as one line (the message says how to fix the input) instead of a traceback."""
+"""Exceptions the CLI catches, and how it prints them: one line, no traceback."""
+from __future__ import annotations
 
 
 class UserError(RuntimeError):
     """Bad input: a path, a name, a value or a file that cannot be used as given."""
+
+
+class CheckpointHoldsCode(UserError):
+    """A checkpoint pickles Python objects (classes, functions) that weights_only loading refuses."""
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that is truncated, not a torch file, or damaged."""
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or inf; nothing was saved from that step."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; last.pt holds the state to resume from. Exit code 128 + signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line.
+
+    An error raised inside a DataLoader worker reaches the main process as the worker's whole
+    traceback in the message; its last line is the original message (after 'module.Class: ').
+    """
+    full_key = getattr(err, "full_key", None)
+    if type(err).__name__ == "MissingMandatoryValue" and full_key:  # a '???' in the config
+        return f"{full_key} is required: add {full_key}=VALUE to the command line"
+    message = str(err).strip()
+    if "Original Traceback" in message:
+        last = message.splitlines()[-1]
+        prefix = f"{type(err).__name__}: "
+        message = last.split(prefix, 1)[1] if prefix in last else last
+    return " ".join(message.split())

@@ -1,6 +1,7 @@
 """Build a RegToMe ViT from the `model` and `tome` config groups, and the data config it expects."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -16,29 +17,56 @@ from .checkpoint import check_same_architecture, load_checkpoint
 from .errors import UserError
 from .overrides import apply_overrides, overrides_group
 
+log = logging.getLogger(__name__)
 
-def schedule_from_config(r: Any) -> Any:
-    """An r from a config as regtome takes it: Hydra has no tuples, so a pair [r, x.y] becomes (r, x.y)."""
-    if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
-        return (r[0], r[1])
-    return list(r) if isinstance(r, (list, tuple)) else r
+
+def r_option(value: Any, key: str = "tome.r") -> Any:
+    """An r from the config as regtome takes it (`regtome.r_from_config` holds the one rule)."""
+    try:
+        return regtome.r_from_config(value)
+    except ValueError as err:
+        raise UserError(f"{key}={_compact(value)}: {err}") from err
+
+
+def _compact(value: Any) -> str:
+    return str(value).replace(" ", "")
 
 
 def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The tome group as regtome.patch.timm keyword arguments."""
-    return dict(r=schedule_from_config(tome_cfg["r"]), prop_attn=bool(tome_cfg["prop_attn"]),
-                protect=tome_cfg["protect"])
+    r = OmegaConf.to_container(tome_cfg, resolve=True)["r"] if isinstance(tome_cfg, DictConfig) else tome_cfg["r"]
+    return dict(r=r_option(r), prop_attn=bool(tome_cfg["prop_attn"]), protect=tome_cfg["protect"])
 
 
-def r_per_block(model: nn.Module) -> list[int]:
-    return regtome.parse_r(len(model.blocks), model.r)
+def model_label(model_cfg: Mapping[str, Any]) -> str:
+    """A name for what is built: timm's name, plus the architecture settings the config changes.
+
+    'vit_small_patch16_224' with patch 4, depth 9, width 192, 4 registers at 32 px ->
+    'vit_small_patch16_224-patch4-depth9-dim192-heads3-reg4-32px'.
+    """
+    name = str(model_cfg["name"])
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    short = {"patch_size": "patch", "embed_dim": "dim", "num_heads": "heads"}
+    parts = [name] + [f"{short.get(k, k)}{v}" for k, v in kwargs.items()]
+    if model_cfg.get("registers") is not None:
+        parts.append(f"reg{model_cfg['registers']}")
+    default_size = timm.get_pretrained_cfg_value(name, "input_size") if timm.is_model(name) else None
+    if not default_size or int(model_cfg["img_size"]) != default_size[-1]:
+        parts.append(f"{model_cfg['img_size']}px")
+    return "-".join(parts)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int,
                 trace_source: bool = False) -> nn.Module:
+    """timm.create_model from the model group, patched with the tome group's options."""
     name = model_cfg["name"]
     if not timm.is_model(name):
         raise UserError(f"unknown model {name!r}; list ViTs with: python -c \"import timm; print(timm.list_models('vit_*'))\"")
+    options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
     kwargs: dict[str, Any] = dict(model_cfg.get("kwargs") or {})
     kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
     if model_cfg.get("registers") is not None:
@@ -52,23 +80,28 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, ConnectionError) as err:
-        raise UserError(f"could not fetch pretrained weights for {name} ({str(err).splitlines()[0][:200]}); "
+        if not pretrained:
+            raise
+        raise UserError(f"could not fetch pretrained weights for {name} ({_first_line(err)}); "
                         "without network, set model.pretrained_file=PATH") from err
-    except RuntimeError as err:  # state-dict mismatch, e.g. registers the weights do not have
+    except RuntimeError as err:
+        if not pretrained:  # not a weights problem: report what timm said
+            raise UserError(f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({_first_line(err)}); "
+                            "check model.kwargs") from err
         raise UserError(f"pretrained weights do not fit {name} with {kwargs.get('reg_tokens', 'its')} registers "
-                        f"({str(err).splitlines()[0][:200]}); set model.registers=null") from err
+                        f"({_first_line(err)}); set model.registers=null") from err
     except TypeError as err:  # e.g. a CNN has no img_size / reg_tokens
         raise UserError(f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
                         "VisionTransformer, and model.kwargs must be arguments it takes") from err
     try:
         return regtome.patch.timm(model, trace_source=trace_source, class_layer=int(model_cfg["class_layer"]),
-                                  register_layer=int(model_cfg["register_layer"]), **tome_options(tome_cfg))
+                                  register_layer=int(model_cfg["register_layer"]), **options)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot apply RegToMe to {name}: {err}") from err
 
 
 def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's data config (mean/std, interpolation, crop) at model.img_size.
+    """timm's data config (mean/std, interpolation, crop) at the model's input size (model.img_size).
 
     Pretrained models always use their own normalisation; a model trained from scratch uses the
     data set's mean/std when the data set gives them.
@@ -87,10 +120,37 @@ def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictC
     if not cfg.ckpt:
         return cfg, None
     checkpoint = load_checkpoint(cfg.ckpt)
-    saved = OmegaConf.create(checkpoint["config"])
+    saved = OmegaConf.create(upgrade_config(checkpoint["config"]))
     effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
     if overrides_group(overrides, "model"):
         check_same_architecture(saved.model, effective.model, cfg.ckpt)
-    with open_dict(cfg):  # the saved groups replace the composed ones whole
-        cfg.model, cfg.dataset, cfg.tome = effective.model, effective.dataset, effective.tome
-    return cfg, checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+    rebuilt = cfg.copy()
+    with open_dict(rebuilt):  # the saved groups replace the composed ones whole
+        rebuilt.model, rebuilt.dataset, rebuilt.tome = effective.model, effective.dataset, effective.tome
+    return rebuilt, checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier release, in today's key names (dataset.img_size -> native_size)."""
+    dataset = dict(config.get("dataset") or {})
+    if "img_size" in dataset and "native_size" not in dataset:
+        dataset["native_size"] = dataset.pop("img_size")
+    return {**config, "dataset": dataset}
+
+
+def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
+    """Say once when the cap (half the mergeable tokens per block) lowers the requested r."""
+    size = int(cfg.model.img_size)
+    requested = regtome.parse_r(len(model.blocks), model.r)
+    param = next(model.parameters())
+    with torch.no_grad(), regtome.options(model, trace_source=False):
+        was_training = model.training
+        model.eval()
+        model(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
+        model.train(was_training)
+    applied = list(regtome.last_forward(model).r)
+    if applied != requested:
+        capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
+        log.warning("tome.r=%s is beyond the cap (half the mergeable tokens) in %d of %d blocks (first: block %d); "
+                    "applied r per block: %s", _compact(OmegaConf.to_container(cfg.tome, resolve=True)["r"]),
+                    len(capped), len(applied), capped[0], applied)

@@ -13,22 +13,29 @@ from omegaconf import DictConfig, OmegaConf
 
 import regtome
 
-from .model import r_per_block
+from .model import model_label
 from .runtime import device_name, dtype_name
 
 
 def merge_summary(model: nn.Module, img_size: int) -> dict[str, Any]:
-    """GFLOPs per image and tokens left after each block, from one image at the model's r."""
+    """GFLOPs per image, tokens left and r applied in each block, from one image at the model's r."""
     gflops = regtome.vit_flops(model, (3, img_size, img_size))
-    return {"gflops": gflops, "tokens_per_block": list(model.regtome_tokens), "r_per_block": r_per_block(model)}
+    record = regtome.last_forward(model)
+    return {"gflops": gflops, "tokens_per_block": list(record.tokens), "r_per_block": list(record.r),
+            "r_requested_per_block": regtome.parse_r(len(model.blocks), model.r)}
 
 
 def run_record(cfg: DictConfig, model: nn.Module, metrics: Mapping[str, Any], device: torch.device,
                dtype: Optional[torch.dtype], batch_size: int, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     record = {
         "task": cfg.task,
         "dataset": cfg.dataset.name,
-        "model": cfg.model.name,
+        "data_root": OmegaConf.select(cfg, "dataset.root", default=None, throw_on_missing=False),
+        "model": model_label(model_cfg),
+        "model_name": model_cfg["name"],
+        "model_kwargs": model_cfg.get("kwargs") or {},
+        "img_size": model_cfg["img_size"],
         "registers": int(getattr(model, "num_reg_tokens", 0)),
         "r": OmegaConf.to_container(cfg.tome, resolve=True)["r"],
         "protect": model.protect,

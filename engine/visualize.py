@@ -10,6 +10,7 @@ Per image, one grid PNG (also sent to TensorBoard):
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import regtome
-from data import build_datasets
+from data import build_datasets, count_classes
 from data.transforms import build_transform
 
 from .checkpoint import load_weights
 from .errors import UserError
-from .model import build_model, config_from_checkpoint, data_config
+from .model import build_model, config_from_checkpoint, data_config, model_label
 from .runtime import resolve_device
 
+log = logging.getLogger(__name__)
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -66,45 +68,15 @@ def merge_map(image: np.ndarray, labels: np.ndarray, grid: tuple[int, int]) -> n
 
 
 def sources_after_blocks(model: nn.Module, images: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
-    """`regtome_source` after each block in `blocks`: run with merging stopped after that block."""
+    """The token sources after each block in `blocks`: run with merging stopped after that block."""
     schedule = regtome.parse_r(len(model.blocks), model.r)
     out = {}
     with torch.no_grad():
         for block in blocks:
-            model.r = schedule[: block + 1]
-            model(images)
-            out[block] = model.regtome_source
-    model.r = schedule
+            with regtome.options(model, r=schedule[: block + 1], trace_source=True):
+                model(images)
+            out[block] = regtome.last_forward(model).source
     return out
-
-
-@torch.no_grad()
-def prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> torch.Tensor:
-    """Softmax attention of every prefix token over the patches at `block` (B, heads, P, N) at r=0."""
-    captured = {}
-    attn = model.blocks[block].attn
-    # the attention's input is norm1's output (RegToMe calls the attention's layers, not attn itself)
-    hook = model.blocks[block].norm1.register_forward_hook(lambda m, args, out: captured.setdefault("x", out))
-    saved_r, model.r = model.r, 0
-    try:
-        model(images)
-    finally:
-        hook.remove()
-        model.r = saved_r
-    x = captured["x"]
-    B, T, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    num_prefix = T - model.patch_embed.num_patches
-    return weights[:, :, :num_prefix, num_prefix:]
-
-
-def prefix_names(model: nn.Module) -> list[str]:
-    num_reg = int(model.num_reg_tokens)
-    names = ["class"] if model.has_class_token else []
-    names += ["distill"] * (model.num_prefix_tokens - num_reg - len(names))
-    return names + [f"register {i + 1}" for i in range(num_reg)]
 
 
 def grid_shape(num_blocks: int, num_heads: int, num_prefix: int, compare: bool) -> tuple[int, int]:
@@ -114,7 +86,8 @@ def grid_shape(num_blocks: int, num_heads: int, num_prefix: int, compare: bool) 
 
 
 def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens: dict[str, dict[int, int]],
-              attention: np.ndarray, names: list[str], protect_note: str, attn_block: int, path: Path) -> np.ndarray:
+              attention: np.ndarray, names: list[str], protect_note: str, attn_block: int, path: Path,
+              title: str = "") -> np.ndarray:
     """Save the grid PNG and return it as an (H, W, 3) uint8 array."""
     import matplotlib
 
@@ -141,7 +114,8 @@ def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens:
             ax.imshow(attention[head, i].reshape(side, -1), cmap="inferno")
             ax.set_title(f"{name} h{head}" + (f" ({protect_note})" if name.startswith("reg") and head == 0 else ""),
                          fontsize=6)
-    fig.suptitle(f"rows 1-{len(maps)}: merged tokens; below: attention over patches at block {attn_block}", fontsize=7)
+    fig.suptitle(f"{title}\nrows 1-{len(maps)}: merged tokens; below: attention over patches at block {attn_block}",
+                 fontsize=7)
     fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.35 / rows, bottom=0.02, hspace=0.35, wspace=0.1)
     fig.savefig(path)
     fig.canvas.draw()
@@ -166,7 +140,7 @@ def _load_images(cfg: DictConfig, model: nn.Module, transform) -> list[tuple[str
                 raise UserError(f"cannot read image {file} ({err})") from err
         return out
     dataset = build_datasets(cfg.dataset, data_config(model, cfg.model, cfg.dataset), augment=False,
-                             splits=("val",), seed=cfg.seed)["val"]
+                             splits=("val",), seed=cfg.seed, on_device=False)["val"]
     count = min(cfg.visualize.num_samples, len(dataset))
     return [(f"sample_{i}", dataset[i][0]) for i in range(count)]
 
@@ -179,23 +153,27 @@ def _to_display(tensor: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     device = resolve_device(cfg.trainer.device)
     cfg, weights = config_from_checkpoint(cfg, overrides)
-    model = build_model(cfg.model, cfg.tome, cfg.dataset.num_classes or 1000, trace_source=True)
+    model = build_model(cfg.model, cfg.tome, count_classes(cfg.dataset), trace_source=True)
     if weights is not None:
         load_weights(model, weights, cfg.ckpt)
+    elif not (cfg.model.pretrained or cfg.model.pretrained_file):
+        log.warning("showing a model with random weights (no ckpt=PATH, model.pretrained or model.pretrained_file): "
+                    "the merges and attention maps say nothing about a trained model")
     model.to(device).eval()
 
     config = data_config(model, cfg.model, cfg.dataset)
-    transform = build_transform(config, native_size=int(cfg.model.img_size), is_training=False, augment=False)
+    transform = build_transform(config, native_size=int(cfg.dataset.native_size), is_training=False, augment=False,
+                                on_device=False)
     images = _load_images(cfg, model, transform)
     depth = len(model.blocks)
     blocks = sorted({min(max(b, 0), depth - 1) for b in cfg.visualize.blocks})
     attn_block = cfg.visualize.attn_block % depth
-    modes = ["prefix", "class"] if cfg.visualize.compare_protect else [model.protect]
+    modes = list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect]
     grid = model.patch_embed.grid_size
-    names = prefix_names(model)
     writer = SummaryWriter(str(run_dir / "tensorboard"))
-    summary: dict[str, Any] = {"blocks": blocks, "attn_block": attn_block, "r": OmegaConf.to_container(cfg.tome)["r"],
-                               "prefix_tokens": names, "images": {}}
+    summary: dict[str, Any] = {"model": model_label(cfg.model), "blocks": blocks, "attn_block": attn_block,
+                               "r": OmegaConf.to_container(cfg.tome)["r"], "random_weights": weights is None and not
+                               (cfg.model.pretrained or cfg.model.pretrained_file), "images": {}}
     for step, (name, tensor) in enumerate(tqdm(images, desc="visualize", dynamic_ncols=True)):
         batch = tensor[None].to(device)
         picture = _to_display(tensor, config)
@@ -203,23 +181,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         tokens: dict[str, dict[int, int]] = {}
         groups: dict[str, dict[int, int]] = {}
         for mode in modes:
-            model.protect = mode
-            sources = sources_after_blocks(model, batch, blocks)
+            with regtome.options(model, protect=mode):
+                sources = sources_after_blocks(model, batch, blocks)
             maps[mode], tokens[mode], groups[mode] = {}, {}, {}
             for block, source in sources.items():
                 labels = patch_groups(source[0], model.num_prefix_tokens)
                 maps[mode][block] = merge_map(picture, labels, grid)
                 tokens[mode][block] = source.shape[1]
                 groups[mode][block] = int(labels.max()) + 1
-        model.protect = cfg.tome.protect
-        attention = prefix_attention(model, batch, attn_block)[0].cpu().numpy()
+        attention, names = regtome.prefix_attention(model, batch, attn_block)
+        attention = attention[0].cpu().numpy()
         note = "protected" if cfg.tome.protect == "prefix" else "mergeable"
+        summary.setdefault("prefix_tokens", names)
         pixels = draw_grid(picture, maps, tokens, attention, names, f"registers {note}", attn_block,
-                           run_dir / f"{name}.png")
+                           run_dir / f"{name}.png", title=f"{model_label(cfg.model)}, r={summary['r']}"
+                           + (" (random weights)" if summary["random_weights"] else ""))
         writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
         summary["images"][name] = {"png": f"{name}.png", "tokens": tokens, "groups": groups,
                                    "size": list(pixels.shape[:2])}
     writer.close()
     (run_dir / "visualize.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {len(images)} grids to {run_dir}")
+    log.info("wrote %d grids to %s", len(images), run_dir)
     return summary

@@ -5,19 +5,28 @@
     regtome.patch.timm(model, r=16)
 """
 from . import patch
+from .attention import prefix_attention
 from .flops import vit_flops
 from .merge import bipartite_soft_matching, merge_source, merge_wavg
-from .patch.timm import remove_patch
-from .schedule import capped_r, parse_r
+from .patch.timm import PROTECT_MODES, ForwardRecord, PrefixLayout, last_forward, options, prefix_layout, remove_patch
+from .schedule import capped_r, parse_r, r_from_config
 
 __all__ = [
     "patch",
     "remove_patch",
+    "options",
+    "last_forward",
+    "ForwardRecord",
+    "PrefixLayout",
+    "prefix_layout",
+    "PROTECT_MODES",
+    "prefix_attention",
     "parse_r",
+    "r_from_config",
     "capped_r",
     "bipartite_soft_matching",
     "merge_wavg",
     "merge_source",
     "vit_flops",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 
@@ -16,6 +17,14 @@ from timm.layers import Attention
 def size_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias (B, 1, 1, T) from token sizes (B, T, 1): log(size) on every key."""
     return size.log().transpose(1, 2)[:, None].to(dtype)
+
+
+def project_qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm's q, k (normed) and v, each (B, heads, T, head_dim)."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
 
 
 def attention_with_keys(
@@ -33,9 +42,7 @@ def attention_with_keys(
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = project_qkv(attn, x)
     bias = None if size is None else size_bias(size, q.dtype)
 
     if attn.fused_attn:
@@ -54,3 +61,32 @@ def attention_with_keys(
         x = x * gate
     x = attn.proj_drop(attn.proj(x))
     return x, k.mean(dim=1) if return_keys else None
+
+
+@torch.no_grad()
+def prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> tuple[torch.Tensor, list[str]]:
+    """What each prefix token (class, distillation, registers) attends to among the patches.
+
+    Runs the patched `model` without merging (r=0), so every patch keeps its own key, and returns
+    the softmax attention of the prefix tokens present at `block` over the patch tokens,
+    (B, heads, P, N), and their names (``"class"``, ``"distill"``, ``"register 1"``, ...).
+    """
+    from .patch.timm import options, prefix_names
+
+    depth = len(model.blocks)
+    if not -depth <= block < depth:
+        raise ValueError(f"block must be in [{-depth}, {depth - 1}], got {block}")
+    block = block % depth
+    captured: dict[str, torch.Tensor] = {}
+    # The attention's input is norm1's output (RegToMe calls the attention's layers, not attn itself).
+    hook = model.blocks[block].norm1.register_forward_hook(lambda m, args, out: captured.setdefault("x", out))
+    try:
+        with options(model, r=0):
+            model(images)
+    finally:
+        hook.remove()
+    names = prefix_names(model, block)
+    q, k, _ = project_qkv(model.blocks[block].attn, captured["x"])
+    weights = ((q * model.blocks[block].attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+    num_prefix = len(names)
+    return weights[:, :, :num_prefix, num_prefix:], names

@@ -12,17 +12,13 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import pathlib
-import sys
 
 import timm
 import torch
-from omegaconf import OmegaConf
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import regtome  # noqa: E402
-from engine.benchmark import benchmark_rows  # noqa: E402
-from engine.runtime import AMP_DTYPES  # noqa: E402
+import regtome
+from engine.benchmark import Timing, benchmark_rows
+from engine.runtime import AMP_DTYPES, device_name
 
 
 def main() -> None:
@@ -41,10 +37,10 @@ def main() -> None:
     baseline = timm.create_model(args.model, reg_tokens=args.registers).to(device).eval()
     merged = regtome.patch.timm(copy.deepcopy(baseline))
     schedules = ast.literal_eval(args.r)
-    timing = OmegaConf.create({"warmup": 2, "repeats": args.repeats, "iters": args.iters, "train_step": False})
+    timing = Timing(warmup=2, repeats=args.repeats, iters=args.iters, train_step=False)
     rows = benchmark_rows(baseline, merged, schedules, [args.batch], timing, device, AMP_DTYPES[args.amp])
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = device_name(device)
     print(f"{args.model} reg={args.registers} | device {name} | batch {args.batch} | amp {args.amp} | torch {torch.__version__}")
     print(f"{'r':>12} {'img/s':>9} {'GFLOPs':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8}")
     for row in rows:

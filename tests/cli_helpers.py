@@ -48,3 +48,22 @@ def max_weight_difference(a: dict, b: dict) -> float:
     """Largest absolute difference between two state dicts with the same keys."""
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 4, size: int = 32,
+                       seed: int = 0) -> Path:
+    """An ImageFolder tree root/<split>/<class>/<i>.png of noisy images with a class colour (learnable)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (num_classes, 3))
+    for split, per_class in splits.items():
+        for c in range(num_classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                noise = rng.normal(0, 40, (size, size, 3))
+                pixels = np.clip(colours[c] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

@@ -16,7 +16,7 @@ from cli_helpers import SMOKE, compose_config
 from data import DatasetError, build_datasets
 from engine import evaluate, train
 from engine.checkpoint import load_checkpoint
-from engine.errors import UserError
+from engine.errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
 from engine.model import build_model
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
@@ -194,10 +194,11 @@ def test_truncated_and_corrupt_checkpoints(checkpoint, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
     garbage = tmp_path / "garbage.pt"
-    # seeded: unseeded random bytes starting with b"c" (pickle's GLOBAL opcode) read as a pickled global
     garbage.write_bytes(random.Random(0).randbytes(2048))
-    for path in (truncated, garbage):
-        with pytest.raises(UserError, match="truncated or corrupt"):
+    global_opcode = tmp_path / "starts_like_a_global.pt"  # b"c" is pickle's GLOBAL opcode: still just corrupt
+    global_opcode.write_bytes(b"c" + random.Random(1).randbytes(2047))
+    for path in (truncated, garbage, global_opcode):
+        with pytest.raises(CorruptCheckpoint, match="truncated or corrupt"):
             load_checkpoint(path)
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -228,7 +229,7 @@ class Payload:
 def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "payload": Payload()}, path)
-    with pytest.raises(UserError, match="weights_only loading refuses"):
+    with pytest.raises(CheckpointHoldsCode, match="weights_only loading refuses"):
         load_checkpoint(path)
     assert not os.path.exists("/tmp/regtome_pwned")
 

@@ -88,8 +88,9 @@ def test_slurm_dry_run_renders_the_job():
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
                  "#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --signal=USR2@120"):
         assert line in script, line
-    assert "multirun/train/cifar10_vit_small_patch16_224/dry-run/.submitit" in script
-    assert not (ROOT / "multirun" / "train" / "cifar10_vit_small_patch16_224" / "dry-run").exists()
+    assert "multirun/train/cifar10_vit_small_patch16_224-reg4/dry-run/.submitit" in script
+    assert "#SBATCH --job-name=main" in script
+    assert not (ROOT / "multirun" / "train" / "cifar10_vit_small_patch16_224-reg4" / "dry-run").exists()
 
 
 def test_slurm_job_ids_name_the_run_dir():

@@ -24,11 +24,27 @@ def test_parse_r_pair_follows_tome_schedule(inflection):
     assert abs(sum(schedule) - 16 * 12) <= 12  # same total as a flat schedule, up to truncation
 
 
-def test_parse_r_decreasing_schedule_from_list_pair():
-    # Hydra has no tuples: a two-item list with a float second item is the pair.
-    assert regtome.parse_r(12, [16, -1.0]) == regtome.parse_r(12, (16, -1.0))
+def test_parse_r_pairs_are_tuples_and_lists_are_per_block():
     assert regtome.parse_r(12, (16, -1.0))[0] == 32 and regtome.parse_r(12, (16, -1.0))[-1] == 0
-    assert regtome.parse_r(12, [16, 0]) == [16, 0] + [0] * 10  # ints: a per-block list
+    assert regtome.parse_r(12, [16, 0]) == [16, 0] + [0] * 10  # a list in Python: one int per block
+    with pytest.raises(ValueError, match=r"pass a tuple: \(16, -1.0\)"):
+        regtome.parse_r(12, [16, -1.0])
+
+
+def test_r_from_config_has_one_rule_and_refuses_ambiguity():
+    # Config files have no tuples: a two-item list with a float second item is the pair.
+    assert regtome.r_from_config([16, -1.0]) == (16, -1.0)
+    assert regtome.r_from_config([16, 0.5]) == (16, 0.5)
+    assert regtome.r_from_config(8) == 8
+    assert regtome.r_from_config([8, 4, 2]) == [8, 4, 2]
+    assert regtome.r_from_config([8, 4]) == [8, 4]  # 4 cannot be an inflection: per block
+    for ambiguous, pair in (([16, -1], r"\[16,-1.0\]"), ([16, 0], r"\[16,0.0\]"), ([16, 1], r"\[16,1.0\]")):
+        with pytest.raises(ValueError, match=f"ambiguous: write {pair} for ToMe's"):
+            regtome.r_from_config(ambiguous)
+    for bad, message in ((-1, "r must be >= 0"), ([4, -2, 8], "ints >= 0"), ([16, -2.0], "inflection"),
+                         ("16", "must be an int"), ([16.0, 1.0], "ints >= 0")):
+        with pytest.raises(ValueError, match=message):
+            regtome.r_from_config(bad)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "16", None, True, [1, -2], [1, 2.5], (16, 2.0), (16, -1.0, 3), [1] * 13, {"r": 1}])

@@ -10,8 +10,9 @@ the whole prefix is protected; with ``protect="class"`` only the class tokens ar
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -24,8 +25,7 @@ from ..merge import bipartite_soft_matching, merge_source, merge_wavg
 from ..schedule import RSchedule, parse_r
 
 PROTECT_MODES = ("prefix", "class")
-_OPTIONS = ("r", "prop_attn", "trace_source", "protect", "class_layer", "register_layer")
-_OUTPUTS = ("regtome_size", "regtome_source", "regtome_tokens")
+OPTIONS = ("r", "prop_attn", "trace_source", "protect", "class_layer", "register_layer")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,16 @@ class PrefixLayout:
 def prefix_layout(model: VisionTransformer) -> PrefixLayout:
     num_register = int(getattr(model, "num_reg_tokens", 0) or 0)
     return PrefixLayout(num_class=model.num_prefix_tokens - num_register, num_register=num_register)
+
+
+def prefix_names(model: VisionTransformer, block: int = 0) -> list[str]:
+    """Names of the prefix tokens in the sequence at `block`, in order (class_layer/register_layer aware)."""
+    layout = prefix_layout(model)
+    class_names = (["class"] if model.has_class_token else []) + ["distill"] * (layout.num_class - int(model.has_class_token))
+    names = class_names if getattr(model, "class_layer", 0) <= block else []
+    if getattr(model, "register_layer", 0) <= block:
+        names += [f"register {i + 1}" for i in range(layout.num_register)]
+    return names
 
 
 def num_protected_tokens(layout: PrefixLayout, protect: str, class_present: bool, registers_present: bool) -> int:
@@ -77,8 +87,33 @@ def merge_block_forward(
     return x, size, source
 
 
+@dataclass(frozen=True)
+class ForwardRecord:
+    """What the last forward pass of a patched model did (read it with `regtome.last_forward`).
+
+    size: (B, T, 1) fp32, how many patches each output token stands for (prefix tokens 1).
+    source: (B, T, N) 0/1 with ``trace_source=True``: which of the N tokens of timm's full
+        sequence each output token is made of; else None.
+    tokens: tokens left after each block.
+    r: tokens actually merged in each block (the requested r, capped).
+    layout: the prefix (class/distillation and register tokens) of the model.
+    num_protected: protected tokens at the front of the output (what average pooling leaves out).
+    """
+
+    size: torch.Tensor
+    source: Optional[torch.Tensor]
+    tokens: tuple[int, ...]
+    r: tuple[int, ...]
+    layout: PrefixLayout
+    num_protected: int
+
+
 class RegToMeVisionTransformer:
-    """Mixin placed in front of a timm VisionTransformer class by `regtome.patch.timm`."""
+    """Mixin placed in front of a timm VisionTransformer class by `regtome.patch.timm`.
+
+    `forward` hands the token sizes of its own pass to the pooling; `forward_head` and `pool`
+    called on their own use the record of the last `forward_features`, checked against the input.
+    """
 
     r: RSchedule
     prop_attn: bool
@@ -86,10 +121,28 @@ class RegToMeVisionTransformer:
     protect: str
     class_layer: int
     register_layer: int
+    _regtome_record: Optional[ForwardRecord]
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x, record = self._features(x, attn_mask, is_causal)
+        return self._head(x, record, pre_logits=False)
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
     ) -> torch.Tensor:
+        return self._features(x, attn_mask, is_causal)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self._head(x, self._record_for(x), pre_logits)
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        return self._pool(x, self._record_for(x), pool_type)
+
+    def _features(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> tuple[torch.Tensor, ForwardRecord]:
         if attn_mask is not None or is_causal:
             raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
         r_per_block = _check_options(self)
@@ -97,13 +150,11 @@ class RegToMeVisionTransformer:
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        x, size, source, tokens = self._merge_blocks(x, r_per_block)
-        self.regtome_size, self.regtome_source, self.regtome_tokens = size, source, tokens
-        return self.norm(x)
+        x, record = self._merge_blocks(x, r_per_block)
+        self._regtome_record = record
+        return self.norm(x), record
 
-    def _merge_blocks(
-        self, x: torch.Tensor, r_per_block: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], list[int]]:
+    def _merge_blocks(self, x: torch.Tensor, r_per_block: list[int]) -> tuple[torch.Tensor, ForwardRecord]:
         """Run every block with merging; prefix groups join at `class_layer` / `register_layer`."""
         layout = prefix_layout(self)
         nc, p = layout.num_class, layout.num_prefix
@@ -119,7 +170,7 @@ class RegToMeVisionTransformer:
             eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)[None].expand(batch, -1, -1)
         source = eye[:, p:] if eye is not None else None
         size = x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
-        merged_any, tokens = False, []
+        merged_any, tokens, applied, num_protected = False, [], [], 0
 
         for i, block in enumerate(self.blocks):
             if i == class_entry:
@@ -138,19 +189,54 @@ class RegToMeVisionTransformer:
                 x, size, source = merge_block_forward(*args)
             merged_any = merged_any or x.shape[1] < tokens_before
             tokens.append(x.shape[1])
-        return x, size, source, tokens
+            applied.append(tokens_before - x.shape[1])
+        record = ForwardRecord(size=size, source=source, tokens=tuple(tokens), r=tuple(applied), layout=layout,
+                               num_protected=num_protected)
+        return x, record
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+    def _record_for(self, x: torch.Tensor) -> ForwardRecord:
+        """The last forward's record, if it describes `x` (same batch and token count)."""
+        record = self._regtome_record
+        if record is None or tuple(record.size.shape[:2]) != tuple(x.shape[:2]):
+            raise RuntimeError(
+                "forward_head/pool need the token sizes of the forward_features call that produced x; "
+                "call forward_features on the same input first (or call the model itself)"
+            )
+        return record
+
+    def _head(self, x: torch.Tensor, record: ForwardRecord, pre_logits: bool) -> torch.Tensor:
+        """timm's `forward_head`, pooling with the sizes of `record`."""
+        base_head = self._regtome_base.forward_head
+        if base_head is not VisionTransformer.forward_head:  # a subclass's own head (DeiT's two heads)
+            return base_head(self, x, pre_logits)
+        x = self._pool(x, record)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def _pool(self, x: torch.Tensor, record: ForwardRecord, pool_type: Optional[str] = None) -> torch.Tensor:
         """timm's pooling, with averages weighted by token size (a merged token counts as its patches)."""
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type not in ("avg", "avgmax"):
-            return super().pool(x, pool_type)  # 'token', 'max', '' do not depend on sizes
-        size = self.regtome_size.to(x.dtype)
+            return self._regtome_base.pool(self, x, pool_type)  # 'token', 'max', '' do not depend on sizes
+        size = record.size.to(x.dtype)
         if not self.pool_include_prefix:
-            skip = num_protected_tokens(prefix_layout(self), self.protect, True, True)
-            x, size = x[:, skip:], size[:, skip:]
+            x, size = x[:, record.num_protected:], size[:, record.num_protected:]
         mean = (x * size).sum(dim=1) / size.sum(dim=1)
         return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
+
+    # Read-only views of the last record, kept for code written against the first release.
+    @property
+    def regtome_size(self) -> Optional[torch.Tensor]:
+        return None if self._regtome_record is None else self._regtome_record.size
+
+    @property
+    def regtome_source(self) -> Optional[torch.Tensor]:
+        return None if self._regtome_record is None else self._regtome_record.source
+
+    @property
+    def regtome_tokens(self) -> list[int]:
+        return [] if self._regtome_record is None else list(self._regtome_record.tokens)
 
 
 def _insert(
@@ -252,7 +338,7 @@ def timm(
     except ValueError:
         remove_patch(model)
         raise
-    model.regtome_size, model.regtome_source, model.regtome_tokens = None, None, []
+    model._regtome_record = None
     return model
 
 
@@ -262,6 +348,53 @@ def remove_patch(model: nn.Module) -> nn.Module:
     if base is None:
         return model
     model.__class__ = base
-    for name in _OPTIONS + _OUTPUTS:
+    for name in OPTIONS + ("_regtome_record",):
         model.__dict__.pop(name, None)
     return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(type(model), "_regtome_base", None) is not None
+
+
+def _require_patched(model: nn.Module, what: str) -> None:
+    if not is_patched(model):
+        raise TypeError(f"{what} needs a model patched with regtome.patch.timm, got {type(model).__name__}")
+
+
+@contextmanager
+def options(model: nn.Module, **changes: Any) -> Iterator[nn.Module]:
+    """Apply patch options for a block of code; the previous ones come back on exit, also on error.
+
+        with regtome.options(model, r=16, protect="class"):
+            logits = model(images)
+
+    Any of r, prop_attn, trace_source, protect, class_layer, register_layer. The new values are
+    checked before the block runs (ValueError, and nothing changed, when one is invalid).
+    """
+    _require_patched(model, "regtome.options")
+    unknown = sorted(set(changes) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown RegToMe option(s) {', '.join(unknown)}; options are {', '.join(OPTIONS)}")
+    previous = {name: getattr(model, name) for name in changes}
+    try:
+        for name, value in changes.items():
+            setattr(model, name, value)
+        _check_options(model)
+    except ValueError:
+        for name, value in previous.items():
+            setattr(model, name, value)
+        raise
+    try:
+        yield model
+    finally:
+        for name, value in previous.items():
+            setattr(model, name, value)
+
+
+def last_forward(model: nn.Module) -> ForwardRecord:
+    """The record of the patched model's last forward pass (sizes, sources, tokens and r per block)."""
+    _require_patched(model, "regtome.last_forward")
+    if model._regtome_record is None:
+        raise RuntimeError("the model has not run since it was patched; call it on an input first")
+    return model._regtome_record

@@ -1,0 +1,141 @@
+"""Everyday mistakes (issue #10): nothing lost, nothing mislabelled, every bad input one line."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from cli_helpers import ROOT, SMOKE, results, run_main, write_image_folder
+
+CPU = ["trainer.device=cpu", "trainer.num_workers=0"]
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("mistakes")
+    run_dir = work / "run"
+    result = run_main("task=train", *SMOKE, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=work)
+    return work, run_dir, result
+
+
+def test_training_into_a_used_folder_is_refused_and_best_is_never_replaced_by_worse(trained):
+    work, run_dir, _ = trained
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    results_before = (run_dir / "results.json").read_text()
+    result = run_main("task=train", *SMOKE, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=work, check=False)
+    line = one_line_error(result)
+    assert "already holds a run's checkpoints" in line and "resume=true" in line and "another folder" in line
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+    assert (run_dir / "results.json").read_text() == results_before
+
+    # overwrite=true trains there, but a worse model never replaces best.pt
+    best_top1 = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["state"]["best_top1"]
+    assert best_top1 > 40
+    copy = work / "overwritten"
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    run_main("task=train", *SMOKE, "trainer.epochs=1", "trainer.lr=1e-9", "trainer.max_steps_per_epoch=1",
+             "overwrite=true", f"hydra.run.dir={copy}", cwd=work)
+    assert (copy / "checkpoints" / "best.pt").read_bytes() == before["best.pt"]
+    assert (copy / "checkpoints" / "last.pt").read_bytes() != before["last.pt"]
+    assert results(copy)["best_top1"] == pytest.approx(best_top1)
+
+
+def test_training_reports_each_epoch_on_stdout_and_in_main_log(trained):
+    _, run_dir, result = trained
+    epochs = [line for line in result.stdout.splitlines() if "epoch " in line and "train loss" in line]
+    assert len(epochs) == 2 and "epoch 2/2" in epochs[1]
+    for field in ("train loss", "val top-1", "img/s", " s"):
+        assert field in epochs[1]
+    assert any("best val top-1" in line and str(run_dir) in line for line in result.stdout.splitlines())
+    log = (run_dir / "main.log").read_text()
+    assert "epoch 1/2" in log and "best val top-1" in log
+
+
+def test_cpu_trains_in_fp32_unless_asked(trained):
+    _, run_dir, _ = trained
+    assert results(run_dir)["dtype"] == "fp32"  # SMOKE says amp=off; the default (auto) is fp32 on the CPU too
+
+
+def test_labels_say_what_ran(trained):
+    work, run_dir, _ = trained
+    record = results(run_dir)
+    assert record["model"] == "vit_small_patch16_224-patch8-dim32-depth2-heads2-reg4-32px"
+    assert record["model_name"] == "vit_small_patch16_224" and record["model_kwargs"]["depth"] == 2
+    assert record["data_root"] is None and record["img_size"] == 32
+    # eval of a checkpoint is filed under the checkpoint's data set and model, not the composed defaults
+    run_main("task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", *CPU, cwd=work)
+    (folder,) = (work / "outputs" / "eval").iterdir()
+    assert folder.name == "synthetic_vit_small_patch16_224-patch8-dim32-depth2-heads2-reg4-32px"
+    (run,) = folder.iterdir()
+    assert results(run)["model"] == record["model"]
+    rows = list(csv.DictReader(open(run / "predictions.csv")))
+    assert [int(r["index"]) for r in rows] == list(range(64)) and set(rows[0]) >= {"target", "pred", "correct"}
+
+
+def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path):
+    work, run_dir, _ = trained
+    result = run_main("task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "tome.r=40", *CPU,
+                      f"hydra.run.dir={tmp_path / 'capped'}", cwd=work)
+    warnings = [line for line in result.stdout.splitlines() if "beyond the cap" in line]
+    assert len(warnings) == 1 and "tome.r=40" in warnings[0]
+    record = results(tmp_path / "capped")
+    # 16 patches + 5 prefix tokens: at most half of the mergeable tokens merge per block
+    assert record["r_per_block"] == [8, 4] and record["r_requested_per_block"] == [40, 40]
+    assert record["tokens_per_block"] == [21 - 8, 21 - 8 - 4]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["task=train", "dataset=imagefolder"], "dataset=imagefolder needs a folder: add dataset.root=DIR"),
+    (["task=train", "trainer.batch_size=0"], "trainer.batch_size must be an int >= 1, got 0"),
+    (["task=train", "trainer.lr=-1"], "trainer.lr must be > 0, got -1"),
+    (["task=train", "trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
+    (["task=benchmark", "benchmark.r=[-1]"], "benchmark.r entry -1: r must be >= 0"),
+    (["task=train", "tome.r=[16,-1]"], "tome.r=[16,-1]: [16,-1] is ambiguous: write [16,-1.0]"),
+    (["task=foo"], "unknown task 'foo'; use task=train, eval, benchmark, visualize"),
+    (["-m", "task=eval", "tome.r=4,-1,8"], "tome.r=-1: r must be >= 0"),
+])
+def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, args, message):
+    keys = {a.split("=", 1)[0] for a in args}
+    base = [o for o in SMOKE if o.split("=", 1)[0] not in keys]
+    line = one_line_error(run_main(*base, *args, cwd=tmp_path, check=False))
+    assert line.startswith(f"error: {message}"), line
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
+    folder = write_image_folder(tmp_path / "images", {"train": 4, "val": 2})
+    bad = folder / "train" / "class_1" / "2.png"
+    bad.write_bytes(b"not a png")
+    line = one_line_error(run_main("task=train", *[o for o in SMOKE[1:] if "num_workers" not in o],
+                                   "trainer.num_workers=2", "dataset=imagefolder",
+                                   f"dataset.root={folder}", "dataset.native_size=32", "trainer.batch_size=4",
+                                   cwd=tmp_path, check=False))
+    assert line.startswith(f"error: cannot read image {bad}") and "delete or replace the file" in line
+
+
+def test_visualize_without_weights_says_it_shows_random_weights(tmp_path):
+    image = write_image_folder(tmp_path / "images", {"val": 1}, num_classes=1) / "val" / "class_0" / "0.png"
+    result = run_main("task=visualize", *SMOKE, f"images={image}", "visualize.blocks=[0,1]",
+                      f"hydra.run.dir={tmp_path / 'vis'}", cwd=tmp_path)
+    assert "random weights" in result.stdout
+    assert json.loads((tmp_path / "vis" / "visualize.json").read_text())["random_weights"] is True
+
+
+def test_fp16_on_the_cpu_warns_that_it_is_slow():
+    from engine.runtime import amp_dtype
+
+    with pytest.warns(UserWarning, match="much slower than fp32"):
+        assert amp_dtype("fp16", torch.device("cpu")) == torch.float16
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    assert amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16

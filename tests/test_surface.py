@@ -1,0 +1,86 @@
+"""The library's explicit surface: options(), last_forward(), pooling within one call, prefix_attention."""
+import pytest
+import torch
+
+import regtome
+from conftest import NUM_PATCHES, make_vit
+
+
+def test_options_apply_for_a_block_and_restore_on_exit_and_error(images):
+    model = regtome.patch.timm(make_vit("class_reg4"), r=2)
+    with regtome.options(model, r=8, protect="class", prop_attn=False) as same:
+        assert same is model and (model.r, model.protect, model.prop_attn) == (8, "class", False)
+        model(images)
+        assert regtome.last_forward(model).r == (8, 8, 8, 8)
+    assert (model.r, model.protect, model.prop_attn) == (2, "prefix", True)
+    with pytest.raises(ZeroDivisionError):
+        with regtome.options(model, r=4):
+            1 / 0
+    assert model.r == 2
+    with pytest.raises(ValueError, match="protect must be one of"):
+        with regtome.options(model, r=4, protect="registers"):
+            pass
+    assert (model.r, model.protect) == (2, "prefix")  # an invalid change leaves everything as it was
+    with pytest.raises(TypeError, match="unknown RegToMe option"):
+        with regtome.options(model, ratio=0.5):
+            pass
+    with pytest.raises(TypeError, match="patched with regtome.patch.timm"):
+        with regtome.options(make_vit(), r=1):
+            pass
+
+
+def test_last_forward_records_the_applied_r_after_the_cap(images):
+    model = regtome.patch.timm(make_vit("class_reg4"), r=40)
+    model(images)
+    record = regtome.last_forward(model)
+    tokens, applied = 5 + NUM_PATCHES, []
+    for _ in range(4):  # the cap: half of the mergeable (non-prefix) tokens
+        applied.append(min(40, (tokens - 5) // 2))
+        tokens -= applied[-1]
+    assert record.r == tuple(applied) and record.tokens[-1] == tokens
+    assert record.layout == regtome.PrefixLayout(num_class=1, num_register=4) and record.num_protected == 5
+    assert record.size.shape == (3, tokens, 1) and record.source is None
+    with pytest.raises(RuntimeError, match="has not run"):
+        regtome.last_forward(regtome.patch.timm(make_vit("class_reg4")))
+
+
+def test_pooling_uses_the_sizes_of_its_own_call(images):
+    """A gap model pools by size: forward() hands its own sizes to the pool, whatever ran before."""
+    model = regtome.patch.timm(make_vit("gap_reg4"), r=8)
+    expected = model(images)
+    with regtome.options(model, r=2):
+        model(images[:1])  # another batch and token count in between
+    features = model.forward_features(images)
+    torch.testing.assert_close(model.forward_head(features), expected)
+    model(images[:1])
+    with pytest.raises(RuntimeError, match="call forward_features on the same input first"):
+        model.forward_head(features)  # sizes of another call: refused, never silently wrong
+    torch.testing.assert_close(model(images), expected)
+
+
+def brute_force_prefix_attention(model, images, block):
+    """Unpatched timm model: run blocks one by one, then softmax(q k^T * scale) of the prefix rows."""
+    with torch.no_grad():
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for blk in model.blocks[:block]:
+            x = blk(x)
+        attn = model.blocks[block].attn
+        y = model.blocks[block].norm1(x)
+        B, T, C = y.shape
+        qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+    p = model.num_prefix_tokens
+    return weights[:, :, :p, p:]
+
+
+@pytest.mark.parametrize("variant", ["class_reg4", "qk_norm", "distilled"])
+def test_prefix_attention_matches_a_brute_force_reference(variant, images):
+    reference_model = make_vit(variant)
+    expected = brute_force_prefix_attention(reference_model, images, 2)
+    model = regtome.patch.timm(make_vit(variant), r=8)
+    weights, names = regtome.prefix_attention(model, images, 2)
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-4)
+    assert len(names) == model.num_prefix_tokens and model.r == 8  # r restored
+    assert names[0] in ("class",) and (variant != "distilled" or names[1] == "distill")
+    assert all(n.startswith("register") for n in names[len(names) - int(model.num_reg_tokens):])
