@@ -1,0 +1,118 @@
+"""Sweep reports: paired deltas, bootstrap intervals and McNemar p-values against brute-force references."""
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cli_helpers import ROOT
+from engine.report import ReportError, add_paired, collect, swept_keys, write_report
+from engine.stats import bootstrap_interval, mcnemar_exact, paired_delta
+
+
+def brute_force_mcnemar(b: int, c: int) -> float:
+    """Sum of the Binomial(b + c, 1/2) probabilities of outcomes no more likely than the observed one."""
+    n = b + c
+    probs = [math.comb(n, k) / 2**n for k in range(n + 1)]
+    return min(1.0, sum(p for p in probs if p <= probs[b] * (1 + 1e-12)))
+
+
+@pytest.mark.parametrize("b,c", [(0, 0), (3, 3), (10, 2), (1, 9), (25, 40), (0, 7)])
+def test_mcnemar_exact_matches_brute_force(b, c):
+    assert mcnemar_exact(b, c) == pytest.approx(brute_force_mcnemar(b, c), rel=1e-9)
+
+
+def test_bootstrap_interval_is_seeded_and_close_to_the_normal_interval():
+    rng = np.random.default_rng(3)
+    differences = rng.choice([-1.0, 0.0, 1.0], size=4000, p=[0.1, 0.75, 0.15])
+    low, high = bootstrap_interval(differences)
+    assert (low, high) == bootstrap_interval(differences)  # fixed seed: the same interval every time
+    half = 1.96 * differences.std() / math.sqrt(len(differences))
+    assert low == pytest.approx(differences.mean() - half, abs=0.2 * half)
+    assert high == pytest.approx(differences.mean() + half, abs=0.2 * half)
+    assert bootstrap_interval(np.zeros(100)) == (0.0, 0.0)
+
+
+def test_paired_delta_counts_discordant_pairs():
+    base = np.array([1, 1, 1, 0, 0, 1, 0, 1])
+    run = np.array([1, 0, 1, 1, 1, 1, 0, 0])
+    result = paired_delta(base, run)
+    assert result.delta_top1 == pytest.approx(100 * (run.mean() - base.mean()))
+    assert (result.only_baseline, result.only_run, result.samples) == (2, 2, 8)
+    assert result.p_value == 1.0 and result.ci_low <= result.delta_top1 <= result.ci_high
+
+
+def write_run(folder, r, protect, checkpoint, correct, gflops):
+    folder.mkdir(parents=True)
+    record = {"task": "eval", "dataset": "cifar10", "model": "vit", "checkpoint": checkpoint, "registers": 4,
+              "r": r, "protect": protect, "prop_attn": True, "top1": 100 * float(np.mean(correct)), "top5": 99.0,
+              "images_per_s": 100.0 + 10 * gflops, "gflops": gflops, "batch_size": 8, "dtype": "fp32",
+              "device": "cpu", "predictions": "predictions.csv"}
+    (folder / "results.json").write_text(json.dumps(record))
+    with open(folder / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "target", "pred", "correct", "prob"])
+        for i in reversed(range(len(correct))):  # any row order: rows are matched by index
+            writer.writerow([i, 0, 0 if correct[i] else 1, int(correct[i]), 0.5])
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = {}
+    job = 0
+    for seed in (0, 1):
+        ckpt = f"/runs/seed{seed}/checkpoints/best.pt"
+        for r, gflops in ((0, 2.0), (4, 1.5), ([4, -1.0], 1.2)):
+            base = rng.random(300) < 0.7
+            other = np.where(rng.random(300) < 0.1, ~base, base)
+            for protect, correct in (("prefix", base), ("class", other)):
+                write_run(tmp_path / str(job), r, protect, ckpt, correct, gflops)
+                truth[(seed, json.dumps(r).replace(" ", ""), protect)] = correct
+                job += 1
+    return tmp_path, truth
+
+
+def test_paired_report_against_hand_computation(sweep):
+    folder, truth = sweep
+    rows = collect(folder)
+    assert swept_keys(rows) == ["protect", "checkpoint"]
+    pooled = add_paired(rows, "protect", baseline="prefix")
+    for row in rows:
+        seed = int(row["checkpoint"].split("seed")[1][0])
+        if row["protect"] == "prefix":
+            assert row.get("delta_top1") is None
+            continue
+        base, run = truth[(seed, row["r"], "prefix")], truth[(seed, row["r"], "class")]
+        assert row["delta_top1"] == pytest.approx(100 * (run.mean() - base.mean()))
+        b, c = int((base & ~run).sum()), int((~base & run).sum())
+        assert row["p_value"] == pytest.approx(brute_force_mcnemar(b, c))
+        assert row["ci_low"] <= row["delta_top1"] <= row["ci_high"]
+    assert len(pooled) == 3  # one per r, over both checkpoints
+    for row in pooled:
+        base = np.concatenate([truth[(s, row["r"], "prefix")] for s in (0, 1)])
+        run = np.concatenate([truth[(s, row["r"], "class")] for s in (0, 1)])
+        assert row["delta_top1"] == pytest.approx(100 * (run.mean() - base.mean()))
+
+
+def test_sweep_report_script_writes_paired_columns_and_plots(sweep):
+    folder, _ = sweep
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(folder), "--paired",
+                          "protect", "--baseline", "prefix"], capture_output=True, text=True, check=True)
+    assert "2000 resamples" in out.stdout and "McNemar" in out.stdout
+    rows = list(csv.DictReader(open(folder / "sweep.csv")))
+    assert {"delta_top1", "ci_low", "ci_high", "p_value"} <= set(rows[0])
+    assert sum(1 for r in rows if r["delta_top1"]) == 6 + 3  # 6 paired runs + 3 pooled rows
+    assert (folder / "paired.png").stat().st_size > 5000 and (folder / "sweep.png").stat().st_size > 5000
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(folder), "--paired",
+                          "protect", "--baseline", "none"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --baseline none: protect takes the values")
+
+
+def test_paired_key_that_was_not_swept_is_refused(sweep):
+    folder, _ = sweep
+    with pytest.raises(ReportError, match="the sweep has only prop_attn=True"):
+        write_report(collect(folder), folder, paired="prop_attn")
