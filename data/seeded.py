@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -25,18 +25,23 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 @contextmanager
-def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed torch, random and numpy (what torchvision's and timm's transforms draw from); restore after."""
-    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
+def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+    """Seed torch's CPU generator, random and numpy (what torchvision's and timm's transforms draw from).
+
+    With `restore`, their previous states come back afterwards (needed in the training process
+    itself; a loader worker's own RNG state matters to nobody, and restoring costs ~60 us a sample).
+    """
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if restore else None
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also touch CUDA (slow)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
         yield
     finally:
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
+        if states is not None:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
 
 
 class EpochSeeded(Dataset):
@@ -55,7 +60,8 @@ class EpochSeeded(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+        in_worker = get_worker_info() is not None
+        with seeded_rngs(sample_seed(self.seed, self.epoch, index), restore=not in_worker):
             return self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:  # classes, targets, ... of the wrapped data set

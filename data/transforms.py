@@ -34,13 +34,14 @@ def build_transform(data_config: dict[str, Any], native_size: int, is_training: 
     mean, std = data_config["mean"], data_config["std"]
     interpolation = T.InterpolationMode(data_config.get("interpolation", "bicubic"))
     if native_size <= SMALL_IMAGES:
-        ship_native = on_device and resized_on_device(native_size, size)
-        target = native_size if ship_native else size
-        steps: list[Callable] = [T.Resize(target, interpolation=interpolation), T.CenterCrop(target)]
+        if on_device and resized_on_device(native_size, size):
+            steps: list[Callable] = [ResizeIfNeeded(native_size, interpolation), T.PILToTensor()]
+            if is_training and augment:
+                steps.append(PadCropFlip(native_size, padding=native_size // 8))
+            return T.Compose(steps)
+        steps = [T.Resize(size, interpolation=interpolation), T.CenterCrop(size)]
         if is_training and augment:
-            steps += [T.RandomCrop(target, padding=target // 8, padding_mode="reflect"), T.RandomHorizontalFlip()]
-        if ship_native:
-            return T.Compose(steps + [T.PILToTensor()])
+            steps += [T.RandomCrop(size, padding=size // 8, padding_mode="reflect"), T.RandomHorizontalFlip()]
         return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
     return create_transform(
         input_size=data_config["input_size"],
@@ -51,6 +52,45 @@ def build_transform(data_config: dict[str, Any], native_size: int, is_training: 
         crop_pct=data_config.get("crop_pct"),
         auto_augment="rand-m9-mstd0.5-inc1" if is_training and augment else None,
     )
+
+
+class ResizeIfNeeded:
+    """Resize (shorter side) and centre-crop a PIL image to `size`, skipping images already that size."""
+
+    def __init__(self, size: int, interpolation: T.InterpolationMode) -> None:
+        self.resize, self.crop, self.size = T.Resize(size, interpolation=interpolation), T.CenterCrop(size), size
+
+    def __call__(self, image: Any) -> Any:
+        if image.size == (self.size, self.size):
+            return image
+        return self.crop(self.resize(image))
+
+
+def reflect_index(start: int, length: int, size: int) -> torch.Tensor:
+    """Indices start..start+length-1 into a dimension of `size`, reflected at the borders (as reflect padding)."""
+    index = torch.arange(start, start + length).abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+class PadCropFlip:
+    """torchvision's RandomCrop(size, padding, reflect) + RandomHorizontalFlip on a (C, H, W) tensor.
+
+    The same random draws in the same order (crop top, crop left, flip) from torch's RNG, but one
+    gather of the kept pixels instead of padding the whole image.
+    """
+
+    def __init__(self, size: int, padding: int) -> None:
+        self.size, self.padding = size, padding
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        top = int(torch.randint(0, height + 2 * self.padding - self.size + 1, size=(1,)).item())
+        left = int(torch.randint(0, width + 2 * self.padding - self.size + 1, size=(1,)).item())
+        rows = reflect_index(top - self.padding, self.size, height)
+        cols = reflect_index(left - self.padding, self.size, width)
+        if torch.rand(1) < 0.5:
+            cols = cols.flip(0)
+        return image[:, rows][:, :, cols]
 
 
 class ResizeNormalize(nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import resource
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,10 +25,13 @@ import regtome
 from data import count_classes
 
 from .errors import UserError
+from .loader_timing import data_bound_notes, time_train_loader
 from .model import build_model, model_label, r_option
+from .results import write_results
 from .runtime import amp_dtype, autocast, device_name, dtype_name, resolve_device, synchronize
 from .timing import interleaved_seconds
 
+log = logging.getLogger(__name__)
 BASELINE = "timm"
 
 
@@ -131,7 +135,7 @@ def batch_one_notes(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path) -> None:
-    columns = list(rows[0]) + list(meta)
+    columns = list(dict.fromkeys(k for row in rows for k in row)) + list(meta)
     with open(run_dir / "benchmark.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -139,10 +143,11 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[
 
     header = ", ".join(f"{k} {v}" for k, v in meta.items())
     lines = [f"# RegToMe benchmark\n\n{header}\n", "| mode | r | batch | images/s | speedup | GFLOPs | FLOP-ideal | "
-             "of ideal | peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "of ideal | peak MB | data-bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    bound = {True: "yes", False: "no", None: ""}
     lines += [f"| {r['mode']} | {r['r']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['gflops']:.3g} | {r['flop_speedup']:.2f}x | {r['of_ideal']:.0%} | {r['peak_memory_mb']:.0f} |"
-              for r in rows]
+              f"{r['gflops']:.3g} | {r['flop_speedup']:.2f}x | {r['of_ideal']:.0%} | {r['peak_memory_mb']:.0f} | "
+              f"{bound[r.get('data_bound')]} |" for r in rows]
     lines += ["", *[f"- {note}" for note in notes]]
     (run_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
 
@@ -190,8 +195,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     meta = {"model": model_label(cfg.model), "registers": int(baseline.num_reg_tokens), "img_size": cfg.model.img_size,
             "device": device_name(device), "dtype": dtype_name(dtype), "torch": torch.__version__,
             "timm": timm.__version__}
-    notes = batch_one_notes(rows)
+    loader = time_train_loader(cfg, merged, device) if bench.loader else {"error": "benchmark.loader=false"}
+    notes = batch_one_notes(rows) + data_bound_notes(loader, rows)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_outputs(rows, meta, notes, run_dir)
-    print((run_dir / "benchmark.md").read_text())
+    write_results(run_dir, {"task": "benchmark", **meta, "batch_sizes": batch_sizes, "rows": rows,
+                            "loader": loader, "notes": notes})
+    log.info("\n%s", (run_dir / "benchmark.md").read_text())
     return rows

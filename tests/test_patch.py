@@ -150,6 +150,7 @@ def test_autocast_bf16_keeps_sizes_fp32_and_stays_close(images):
     assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_autocast_fp16_on_cuda(images):
     model = regtome.patch.timm(make_vit("gap_reg4"), r=8).cuda()
@@ -303,3 +304,12 @@ def test_named_timm_models(name, num_prefix):
     expected = expected_token_counts(num_prefix + model.patch_embed.num_patches, num_prefix, [16] * len(model.blocks))
     assert model.regtome_tokens == expected
     assert torch.equal(model.regtome_size[:, :num_prefix], torch.ones(1, num_prefix, 1))
+
+
+@pytest.mark.parametrize("options", [dict(r=4), dict(r=(4, -1.0), protect="class"), dict(r=[4, 2], prop_attn=False)])
+def test_torch_compile_traces_the_patched_forward_without_graph_breaks(options, images):
+    """One graph: no .item()/.cpu() or value-dependent Python branches in the merge (what CUDA graphs need)."""
+    model = regtome.patch.timm(make_vit("class_reg4"), **options)
+    explanation = torch._dynamo.explain(model)(images)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
