@@ -36,7 +36,7 @@ from .checkpoint import atomic_save, check_same_architecture, load_checkpoint, l
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .errors import NonFiniteLoss, TrainingInterrupted, UserError
 from .evaluate import eval_loader, evaluate
-from .model import build_model, data_config, report_capped_r
+from .model import build_model, data_config, model_label, report_capped_r
 from .overrides import apply_overrides
 from .results import run_record, write_results
 from .runtime import amp_dtype, autocast, resolve_device, rng_state, seed_everything, set_rng_state
@@ -379,7 +379,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     metrics: dict[str, Any] = state.history[-1] if state.history else {}
     if info.is_main:
         log.info("training %s on %s (%d train / %d val images) on %s, %s, %d epochs; run folder %s",
-                 cfg.model.name, cfg.dataset.name, len(train_set), len(splits["val"]), device,
+                 model_label(cfg.model), cfg.dataset.name, len(train_set), len(splits["val"]), device,
                  str(dtype or "fp32").replace("torch.", ""), tc.epochs, run_dir)
 
     epochs_this_run = 0

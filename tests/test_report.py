@@ -116,3 +116,32 @@ def test_paired_key_that_was_not_swept_is_refused(sweep):
     folder, _ = sweep
     with pytest.raises(ReportError, match="the sweep has only prop_attn=True"):
         write_report(collect(folder), folder, paired="prop_attn")
+
+
+def test_register_fates_against_a_hand_traced_case():
+    """Brute force: follow every register through the source matrices of a tiny model, block by block."""
+    import regtome
+    from conftest import make_vit
+    from engine.register_fate import register_fates
+
+    torch = pytest.importorskip("torch")
+    model = regtome.patch.timm(make_vit("class_reg4"), r=24, protect="class", trace_source=True)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    loader = [(images[:3], None), (images[3:], None)]
+    summary = register_fates(model, loader, torch.device("cpu"))
+    counts = torch.tensor(summary["counts"])
+    assert counts.sum(dim=2).eq(6).all()  # every register of every image has exactly one fate per block
+    expected = torch.zeros_like(counts)
+    schedule = regtome.parse_r(4, 24)
+    for block in range(4):
+        with regtome.options(model, r=schedule[: block + 1]):
+            model(images)
+        source = regtome.last_forward(model).source
+        for b in range(6):
+            for j in range(4):
+                (row,) = [t for t in range(source.shape[1]) if source[b, t, 1 + j] == 1]
+                members = source[b, row].nonzero().flatten().tolist()
+                fate = 2 if any(m >= 5 for m in members) else (1 if len(members) > 1 else 0)
+                expected[block, j, fate] += 1
+    assert torch.equal(counts, expected)
+    assert counts[:, :, 1:].sum() > 0  # r=24 of 68 tokens: some registers do merge

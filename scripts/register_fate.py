@@ -1,0 +1,62 @@
+"""Where do registers go under protect=class? Per block: alone, merged with registers, merged into patches.
+
+    python scripts/register_fate.py CKPT --root DATA_DIR --r "[8,-1.0]" --samples 1000 --out DIR
+
+Writes register_fate.json and register_fate.png into --out (default: the checkpoint's run folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Subset
+
+from data import build_datasets, input_transform
+from engine.checkpoint import load_checkpoint, load_weights
+from engine.errors import UserError
+from engine.model import build_model, data_config, model_label, upgrade_config
+from engine.register_fate import plot_fates, register_fates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", type=Path)
+    parser.add_argument("--root", default=None, help="dataset.root (default: the checkpoint's)")
+    parser.add_argument("--r", default="8", help="the schedule, as tome.r is written (e.g. 8 or [8,-1.0])")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    try:
+        checkpoint = load_checkpoint(args.ckpt)
+        cfg = OmegaConf.create(upgrade_config(checkpoint["config"]))
+        if args.root:
+            cfg.dataset.root = args.root
+        cfg.tome.r = yaml.safe_load(args.r)
+        model = build_model(cfg.model, cfg.tome, int(cfg.dataset.num_classes), trace_source=True)
+        load_weights(model, checkpoint["ema"] or checkpoint["model"], args.ckpt)
+        inputs = data_config(model, cfg.model, cfg.dataset)
+        dataset = build_datasets(cfg.dataset, inputs, augment=False, splits=("val",), seed=0)["val"]
+    except (UserError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    subset = Subset(dataset, range(min(args.samples, len(dataset))))
+    prepare = input_transform(cfg.dataset, inputs) or torch.nn.Identity()
+    summary = register_fates(model, DataLoader(subset, batch_size=100), torch.device("cpu"), prepare)
+    summary |= {"checkpoint": str(args.ckpt), "model": model_label(cfg.model), "r": cfg.tome.r}
+    out = args.out or args.ckpt.parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "register_fate.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_fates(summary, str(out / "register_fate.png"),
+               f"registers under protect=class, r={args.r}, {summary['images']} held-out images")
+    for fate, values in summary["fractions_per_block"].items():
+        print(f"{fate:>15}: " + " ".join(f"{100 * v:5.1f}%" for v in values))
+    print(f"wrote {out / 'register_fate.json'} and register_fate.png")
+
+
+if __name__ == "__main__":
+    main()
