@@ -33,6 +33,9 @@ def check_command_line(argv: list[str], configs: Path, tasks: tuple[str, ...]) -
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException as err:
         return f"cannot read the command line ({one_line(err)})"
+    given = {o.key_or_group: o for o in overrides if not o.is_delete()}
+    if "tome.r" in given and "tome.flops" in given and str(given["tome.flops"].value()) != "None":
+        return "tome.r and tome.flops both given: tome.flops chooses r from a FLOP budget; drop one of them"
     for override in overrides:
         key = override.key_or_group
         if override.is_delete() or key.startswith("hydra"):
@@ -60,6 +63,8 @@ def _check_values(key: str, values: list[Any], configs: Path, tasks: tuple[str, 
                 regtome.r_from_config(value)
             except ValueError as err:
                 return f"{key}={str(value).replace(' ', '')}: {err}"
+        if key == "tome.flops" and value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
+            return f"tome.flops={value}: a fraction of the unmerged model's GFLOPs in (0, 1], e.g. tome.flops=0.5"
         if key == "benchmark.r":
             for r in value if isinstance(value, list) else [value]:
                 try:

@@ -140,6 +140,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         write_results(run_dir, record)
         write_predictions(run_dir / "predictions.csv", predictions)
         log.info("top-1 %.2f  top-5 %.2f  %.1f img/s  %.2f GFLOPs  r=%s -> %s", metrics["top1"], metrics["top5"],
-                 metrics["images_per_s"], record["gflops"], OmegaConf.to_container(cfg.tome)["r"],
+                 metrics["images_per_s"], record["gflops"], record["r"],
                  run_dir / "results.json")
     return record

@@ -35,6 +35,8 @@ def _compact(value: Any) -> str:
 def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The tome group as regtome.patch.timm keyword arguments."""
     r = OmegaConf.to_container(tome_cfg, resolve=True)["r"] if isinstance(tome_cfg, DictConfig) else tome_cfg["r"]
+    if tome_cfg.get("flops") is not None:
+        r = 0  # chosen from the budget once the model is built
     return dict(r=r_option(r), prop_attn=bool(tome_cfg["prop_attn"]), protect=tome_cfg["protect"])
 
 
@@ -94,10 +96,23 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
         raise UserError(f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
                         "VisionTransformer, and model.kwargs must be arguments it takes") from err
     try:
-        return regtome.patch.timm(model, trace_source=trace_source, class_layer=int(model_cfg["class_layer"]),
-                                  register_layer=int(model_cfg["register_layer"]), **options)
+        regtome.patch.timm(model, trace_source=trace_source, class_layer=int(model_cfg["class_layer"]),
+                           register_layer=int(model_cfg["register_layer"]), **options)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot apply RegToMe to {name}: {err}") from err
+    fraction = tome_cfg.get("flops")
+    if fraction is not None:  # r from a FLOP budget (tome.flops), instead of tome.r
+        size = int(model_cfg["img_size"])
+        try:
+            r = regtome.r_for_flops(model, float(fraction), (3, size, size))
+        except ValueError as err:
+            raise UserError(f"tome.flops={fraction}: {err}") from err
+        regtome.patch.timm(model, r=r, trace_source=trace_source, class_layer=int(model_cfg["class_layer"]),
+                           register_layer=int(model_cfg["register_layer"]), prop_attn=options["prop_attn"],
+                           protect=options["protect"])
+        reached = regtome.schedule_gflops(model, r, (3, size, size)) / regtome.schedule_gflops(model, 0, (3, size, size))
+        log.info("tome.flops=%s: r=%s (%.3f of the unmerged model's GFLOPs)", fraction, _compact(r), reached)
+    return model
 
 
 def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,5 +167,5 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     if applied != requested:
         capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
         log.warning("tome.r=%s is beyond the cap (half the mergeable tokens) in %d of %d blocks (first: block %d); "
-                    "applied r per block: %s", _compact(OmegaConf.to_container(cfg.tome, resolve=True)["r"]),
+                    "applied r per block: %s", _compact(model.r),
                     len(capped), len(applied), capped[0], applied)

@@ -37,7 +37,8 @@ def run_record(cfg: DictConfig, model: nn.Module, metrics: Mapping[str, Any], de
         "model_kwargs": model_cfg.get("kwargs") or {},
         "img_size": model_cfg["img_size"],
         "registers": int(getattr(model, "num_reg_tokens", 0)),
-        "r": OmegaConf.to_container(cfg.tome, resolve=True)["r"],
+        "r": list(model.r) if isinstance(model.r, tuple) else model.r,  # what ran (tome.flops chooses it)
+        "flops_fraction": OmegaConf.select(cfg, "tome.flops", default=None),
         "protect": model.protect,
         "prop_attn": model.prop_attn,
         "top1": metrics.get("top1", metrics.get("val_top1")),

@@ -6,6 +6,7 @@
 """
 from . import patch
 from .attention import prefix_attention
+from .budget import r_for_flops, schedule_gflops
 from .flops import vit_flops
 from .merge import bipartite_soft_matching, merge_source, merge_wavg
 from .patch.timm import PROTECT_MODES, ForwardRecord, PrefixLayout, last_forward, options, prefix_layout, remove_patch
@@ -28,5 +29,7 @@ __all__ = [
     "merge_wavg",
     "merge_source",
     "vit_flops",
+    "r_for_flops",
+    "schedule_gflops",
 ]
 __version__ = "0.2.0"

@@ -33,7 +33,12 @@ def block_token_counts(model: nn.Module, input_size: tuple[int, int, int]) -> tu
 
 def vit_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
     """GFLOPs (multiply-accumulates) per image of `model` at its current r."""
-    attn_tokens, mlp_tokens = block_token_counts(model, input_size)
+    return token_flops(model, *block_token_counts(model, input_size), input_size)
+
+
+def token_flops(model: nn.Module, attn_tokens: list[int], mlp_tokens: list[int],
+                input_size: tuple[int, int, int]) -> float:
+    """GFLOPs per image when block i attends over attn_tokens[i] tokens and its MLP sees mlp_tokens[i]."""
     dim = model.embed_dim
     patch = model.patch_embed.proj
     num_patches = (input_size[1] // patch.stride[0]) * (input_size[2] // patch.stride[1])

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import Attention
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
@@ -150,12 +151,18 @@ class RegToMeVisionTransformer:
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        x, record = self._merge_blocks(x, r_per_block)
+        x, record, _ = self._merge_blocks(x, r_per_block, self.trace_source)
         self._regtome_record = record
         return self.norm(x), record
 
-    def _merge_blocks(self, x: torch.Tensor, r_per_block: list[int]) -> tuple[torch.Tensor, ForwardRecord]:
-        """Run every block with merging; prefix groups join at `class_layer` / `register_layer`."""
+    def _merge_blocks(
+        self, x: torch.Tensor, r_per_block: list[int], trace_source: bool, keep: frozenset = frozenset(),
+        num_blocks: Optional[int] = None,
+    ) -> tuple[torch.Tensor, ForwardRecord, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Run the blocks with merging; prefix groups join at `class_layer` / `register_layer`.
+
+        Returns the tokens, the record, and (tokens, source) after each block in `keep`.
+        """
         layout = prefix_layout(self)
         nc, p = layout.num_class, layout.num_prefix
         batch, num_tokens = x.shape[:2]
@@ -166,13 +173,13 @@ class RegToMeVisionTransformer:
         # Sources index the full timm sequence, so prefix rows are one-hot on their own slot
         # even when the prefix enters late. Sizes stay fp32 under autocast.
         eye = None
-        if self.trace_source:
+        if trace_source:
             eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)[None].expand(batch, -1, -1)
         source = eye[:, p:] if eye is not None else None
         size = x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
-        merged_any, tokens, applied, num_protected = False, [], [], 0
+        merged_any, tokens, applied, num_protected, kept = False, [], [], 0, {}
 
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[:num_blocks]):
             if i == class_entry:
                 x, size, source = _insert(x, size, source, class_tokens, eye, 0, nc, at=0)
             if i == register_entry:
@@ -190,9 +197,67 @@ class RegToMeVisionTransformer:
             merged_any = merged_any or x.shape[1] < tokens_before
             tokens.append(x.shape[1])
             applied.append(tokens_before - x.shape[1])
+            if i in keep:
+                kept[i] = (x, source)
         record = ForwardRecord(size=size, source=source, tokens=tuple(tokens), r=tuple(applied), layout=layout,
                                num_protected=num_protected)
-        return x, record
+        return x, record, kept
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]], dict[str, Any]]:
+        """timm's `forward_intermediates` (same arguments, same output shapes) on the merged model.
+
+        Features are computed with merging, then put back on timm's full sequence: every patch (and
+        prefix token) takes the features of the token it was merged into, found through the tracked
+        source (ToMe's unmerge). So a dense head sees timm's (B, C, H, W) grid. With r=0 in every
+        block this is timm's own method.
+        """
+        r_per_block = _check_options(self)
+        if not any(r_per_block) and self.class_layer == 0 and self.register_layer == 0:
+            return self._regtome_base.forward_intermediates(
+                self, x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
+                output_dict, attn_mask, is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        x, record, kept = self._merge_blocks(x, r_per_block, trace_source=True, keep=frozenset(take_indices),
+                                             num_blocks=max_index + 1 if stop_early else None)
+        self._regtome_record = record
+        intermediates = [unmerge_tokens(self.norm(y) if norm else y, source) for y, source in
+                         (kept[i] for i in take_indices)]
+        p = self.num_prefix_tokens
+        prefix_tokens = [y[:, :p] for y in intermediates] if p else None
+        intermediates = [y[:, p:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        final = None if intermediates_only else unmerge_tokens(self.norm(x), record.source)
+        if output_dict:
+            out: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix_tokens
+            if final is not None:
+                out["image_features"] = final
+            return out
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (final, intermediates)
 
     def _record_for(self, x: torch.Tensor) -> ForwardRecord:
         """The last forward's record, if it describes `x` (same batch and token count)."""
@@ -237,6 +302,13 @@ class RegToMeVisionTransformer:
     @property
     def regtome_tokens(self) -> list[int]:
         return [] if self._regtome_record is None else list(self._regtome_record.tokens)
+
+
+def unmerge_tokens(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) merged tokens -> (B, N, C) on timm's full sequence: token n takes the features of the
+    output token whose source row holds n (rows are disjoint 0/1, so a matrix product picks it).
+    Prefix slots whose tokens have not entered the network yet (class_layer/register_layer) are zero."""
+    return torch.bmm(source.transpose(1, 2).to(x.dtype), x)
 
 
 def _insert(
