@@ -69,6 +69,14 @@ def _inference(model: nn.Module, images: torch.Tensor, r: Any, device: torch.dev
     return step
 
 
+def _dense(model: nn.Module, images: torch.Tensor, r: Any, device: torch.device, dtype) -> Callable[[], None]:
+    """Patch features of the last block on the full grid (timm's forward_intermediates)."""
+    def step() -> None:
+        with torch.inference_mode(), autocast(device, dtype), _schedule(model, r):
+            model.forward_intermediates(images, indices=1, intermediates_only=True)
+    return step
+
+
 def _train_step(model: nn.Module, images: torch.Tensor, r: Any, device: torch.device, dtype) -> Callable[[], None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     targets = torch.zeros(images.shape[0], dtype=torch.long, device=device)
@@ -92,6 +100,7 @@ class Timing:
     repeats: int = 5
     iters: int = 3
     train_step: bool = True  # also time forward + backward + optimizer step
+    dense: bool = False  # also time dense features on the full grid (forward_intermediates)
 
 
 def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any], batch_sizes: list[int],
@@ -102,14 +111,15 @@ def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any],
     for r in schedules:
         with regtome.options(merged, r=r):
             gflops[schedule_label(r)] = regtome.vit_flops(merged, (3, *size))
-    modes = {"inference": _inference} | ({"train": _train_step} if bench.train_step else {})
+    modes = {"inference": _inference} | ({"train": _train_step} if bench.train_step else {}) | \
+        ({"dense": _dense} if bench.dense else {})
     steps = len(batch_sizes) * len(modes) * bench.repeats * (len(schedules) + 1)
     bar = tqdm(total=steps, desc="benchmark", dynamic_ncols=True)
     rows = []
     for batch in batch_sizes:
         images = torch.randn(batch, 3, *size, device=device)
         for mode, make in modes.items():
-            baseline.train(mode == "train")
+            baseline.train(mode == "train")  # dense and inference: eval mode
             merged.train(mode == "train")
             cases = {BASELINE: make(baseline, images, None, device, dtype)}
             cases |= {schedule_label(r): make(merged, images, r, device, dtype) for r in schedules}
@@ -125,6 +135,36 @@ def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any],
                 })
     bar.close()
     return rows
+
+
+def schedule_for_speedup(baseline: nn.Module, merged: nn.Module, target: float, batch: int, bench: Timing,
+                         device: torch.device, dtype, tries: int = 6) -> dict[str, Any]:
+    """The least merging whose measured inference speedup reaches `target` on this device.
+
+    Starts at the FLOP budget 1/target (`regtome.r_for_flops`; no schedule reaches a speedup with
+    fewer FLOPs saved, short of overheads vanishing) and lowers the budget by 0.05 until it is reached.
+    """
+    size = (3, *baseline.patch_embed.img_size)
+    images = torch.randn(batch, *size, device=device)
+    baseline.eval()
+    merged.eval()
+    tried: list[dict[str, Any]] = []
+    fraction = min(1.0, 1.0 / target)
+    for _ in range(tries):
+        try:
+            r = regtome.r_for_flops(merged, fraction, size)
+        except ValueError:
+            break
+        cases = {BASELINE: _inference(baseline, images, None, device, dtype),
+                 "merged": _inference(merged, images, r, device, dtype)}
+        seconds = interleaved_seconds(cases, device, warmup=bench.warmup, repeats=bench.repeats, iters=bench.iters)
+        speedup = seconds[BASELINE] / seconds["merged"]
+        tried.append({"r": schedule_label(r), "flop_fraction": fraction, "speedup": speedup})
+        if speedup >= target:
+            return {"target_speedup": target, "batch_size": batch, "r": schedule_label(r), "speedup": speedup,
+                    "tried": tried}
+        fraction -= 0.05
+    return {"target_speedup": target, "batch_size": batch, "r": None, "tried": tried}
 
 
 def batch_one_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -190,16 +230,28 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
         except ValueError as err:
             raise UserError(f"benchmark.r entry {r}: {err}") from err
     baseline = regtome.remove_patch(copy.deepcopy(merged))
-    timing = Timing(warmup=bench.warmup, repeats=bench.repeats, iters=bench.iters, train_step=bench.train_step)
+    timing = Timing(warmup=bench.warmup, repeats=bench.repeats, iters=bench.iters, train_step=bench.train_step,
+                    dense=bench.dense)
     rows = benchmark_rows(baseline, merged, schedules, batch_sizes, timing, device, dtype)
+    target = None
+    if bench.target_speedup is not None:
+        if not bench.target_speedup > 1:
+            raise UserError(f"benchmark.target_speedup must be > 1, got {bench.target_speedup}")
+        target = schedule_for_speedup(baseline, merged, float(bench.target_speedup), max(batch_sizes), timing,
+                                      device, dtype)
     meta = {"model": model_label(cfg.model), "registers": int(baseline.num_reg_tokens), "img_size": cfg.model.img_size,
             "device": device_name(device), "dtype": dtype_name(dtype), "torch": torch.__version__,
             "timm": timm.__version__}
     loader = time_train_loader(cfg, merged, device) if bench.loader else {"error": "benchmark.loader=false"}
     notes = batch_one_notes(rows) + data_bound_notes(loader, rows)
+    if target is not None:
+        tried = ", ".join(f"r={t['r']} {t['speedup']:.2f}x" for t in target["tried"])
+        notes.append(f"target speedup {target['target_speedup']}x at batch {target['batch_size']}: "
+                     + (f"reached by r={target['r']} ({target['speedup']:.2f}x)" if target["r"] else "not reached")
+                     + f" (tried {tried})")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_outputs(rows, meta, notes, run_dir)
     write_results(run_dir, {"task": "benchmark", **meta, "batch_sizes": batch_sizes, "rows": rows,
-                            "loader": loader, "notes": notes})
+                            "loader": loader, "target_speedup": target, "notes": notes})
     log.info("\n%s", (run_dir / "benchmark.md").read_text())
     return rows

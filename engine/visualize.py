@@ -124,6 +124,50 @@ def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens:
     return pixels
 
 
+def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[np.ndarray]:
+    """(C, H, W) feature maps -> (H, W, 3) images: the 3 principal components of `reference`,
+    the same basis and colour scale for every map, so colours can be compared."""
+    channels = reference.shape[0]
+    flat = reference.reshape(channels, -1).T.float()
+    mean = flat.mean(dim=0)
+    _, _, basis = torch.linalg.svd(flat - mean, full_matrices=False)
+    basis = basis[:3].T  # (C, 3)
+    projected = (flat - mean) @ basis
+    low, high = projected.min(dim=0).values, projected.max(dim=0).values
+    out = []
+    for features in (reference, *others):
+        values = (features.reshape(channels, -1).T.float() - mean) @ basis
+        rgb = ((values - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
+        out.append(rgb.reshape(*features.shape[1:], 3).cpu().numpy())
+    return out
+
+
+@torch.no_grad()
+def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarray, path: Path, title: str) -> None:
+    """Image | last block's patch features at r=0 | merged and put back on the grid (PCA to RGB)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = len(model.blocks) - 1
+    with regtome.options(model, r=0):
+        (dense,) = model.forward_intermediates(batch, indices=[last], intermediates_only=True)
+    (merged,) = model.forward_intermediates(batch, indices=[last], intermediates_only=True)
+    tokens = regtome.last_forward(model).tokens[-1]
+    images = pca_rgb(dense[0], merged[0])
+    fig, axes = plt.subplots(1, 3, figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.3), dpi=100)
+    panels = [(picture, "image"), (images[0], "features, r=0"), (images[1], f"merged ({tokens} tokens), unmerged")]
+    for ax, (image, label) in zip(axes, panels):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(label, fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=7)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.78, bottom=0.02, wspace=0.05)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _load_images(cfg: DictConfig, model: nn.Module, transform) -> list[tuple[str, torch.Tensor]]:
     if cfg.images:
         root = Path(str(cfg.images))
@@ -197,6 +241,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
                            run_dir / f"{name}.png", title=f"{model_label(cfg.model)}, r={summary['r']}"
                            + (" (random weights)" if summary["random_weights"] else ""))
         writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
+        if cfg.visualize.dense_features:
+            draw_dense_features(model, batch, picture, run_dir / f"{name}_features.png",
+                                f"last block's patch features (PCA to RGB), {model_label(cfg.model)}, r={summary['r']}")
         summary["images"][name] = {"png": f"{name}.png", "tokens": tokens, "groups": groups,
                                    "size": list(pixels.shape[:2])}
     writer.close()

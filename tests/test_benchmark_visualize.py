@@ -13,21 +13,29 @@ from engine.visualize import CELL_PX, grid_shape, merge_map, patch_groups
 
 
 def test_benchmark_task_writes_csv_md_png(tmp_path):
-    run_main("task=benchmark", "model=vit_tiny_test", "trainer.device=cpu", "trainer.amp=off",
+    run_main("task=benchmark", "model=vit_tiny_test", "dataset=synthetic", "trainer.device=cpu", "trainer.amp=off",
              "benchmark.r=[0,2,[2,-1.0]]", "benchmark.batch_sizes=[1,4]", "benchmark.repeats=2", "benchmark.iters=1",
-             f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+             "benchmark.target_speedup=1.01", "trainer.num_workers=2", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
-    # (unpatched + 3 schedules) x 2 batch sizes x (inference, train)
-    assert len(rows) == 4 * 2 * 2
+    # (unpatched + 3 schedules) x 2 batch sizes x (inference, train, dense features)
+    assert len(rows) == 4 * 2 * 3
     assert {(r["mode"], r["r"], r["batch_size"]) for r in rows} == {
-        (m, r, b) for m in ("inference", "train") for r in ("timm", "0", "2", "(2,-1.0)") for b in ("1", "4")}
+        (m, r, b) for m in ("inference", "train", "dense") for r in ("timm", "0", "2", "(2,-1.0)") for b in ("1", "4")}
+    record = json.loads((tmp_path / "results.json").read_text())
+    loader = record["loader"]
+    assert loader["images_per_s_per_worker"] > 0 and loader["num_workers"] == 2 and not loader["resized_on_device"]
+    assert {r["data_bound"] for r in record["rows"] if r["mode"] == "train"} <= {True, False}
+    target = record["target_speedup"]
+    assert target["target_speedup"] == 1.01 and target["tried"] and (target["r"] is None or target["speedup"] >= 1.01)
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert "| data-bound |" in markdown and "images/s per worker" in markdown and "target speedup 1.01x" in markdown
     for row in rows:
         assert float(row["images_per_s"]) > 0 and float(row["peak_memory_mb"]) > 0
         assert float(row["of_ideal"]) == pytest.approx(float(row["speedup"]) / float(row["flop_speedup"]), rel=1e-6)
         assert row["device"].startswith("cpu") and row["dtype"] == "fp32" and row["torch"] and row["timm"]
     gflops = {r["r"]: float(r["gflops"]) for r in rows}
     assert gflops["timm"] == gflops["0"] > gflops["2"] > gflops["(2,-1.0)"]
-    assert Image.open(tmp_path / "benchmark.png").size == (1000, 400)  # two panels of 5 x 4 inches at 100 dpi
+    assert Image.open(tmp_path / "benchmark.png").size == (1500, 400)  # three panels of 5 x 4 inches at 100 dpi
     assert "FLOP-ideal" in (tmp_path / "benchmark.md").read_text()
 
 
