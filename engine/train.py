@@ -424,7 +424,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
                                "checkpoint": str(ckpt_dir / "best.pt")})
     if info.is_main:
         write_results(run_dir, record)
-        log.info("done: best val top-1 %.2f; run folder %s", state.best_top1, run_dir)
+        best = f"best val top-1 {state.best_top1:.2f}" if state.best_top1 >= 0 else "no validation yet"
+        log.info("done: %s; run folder %s", best, run_dir)
     return record
 
 

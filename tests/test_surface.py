@@ -84,3 +84,60 @@ def test_prefix_attention_matches_a_brute_force_reference(variant, images):
     assert len(names) == model.num_prefix_tokens and model.r == 8  # r restored
     assert names[0] in ("class",) and (variant != "distilled" or names[1] == "distill")
     assert all(n.startswith("register") for n in names[len(names) - int(model.num_reg_tokens):])
+
+
+def test_the_engine_uses_only_the_librarys_surface():
+    """No engine/ or scripts/ file assigns a patched model's options or reaches into timm's attention."""
+    import ast
+    from pathlib import Path
+
+    from regtome.patch.timm import OPTIONS
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("engine/*.py"), *root.glob("scripts/*.py"), root / "main.py"]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for target in targets:
+                is_config = isinstance(target, ast.Attribute) and "cfg" in ast.unparse(target.value)
+                assert is_config or not (isinstance(target, ast.Attribute) and target.attr in OPTIONS), \
+                    f"{path.name}:{node.lineno} assigns .{target.attr}; use regtome.options"
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ("qkv", "q_norm", "k_norm", "fused_attn"), \
+                    f"{path.name}:{node.lineno} touches timm attention internals (.{node.attr})"
+
+
+def test_importing_main_has_no_side_effects():
+    import subprocess
+    import sys
+
+    from cli_helpers import ROOT
+
+    code = ("import sys; argv = list(sys.argv); import main; from omegaconf import OmegaConf; "
+            "assert sys.argv == argv; assert not OmegaConf.has_resolver('run_id'); "
+            "import os; assert 'REGTOME_RUN_ID' not in os.environ; print('clean')")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "REGTOME_RUN_ID"}
+    out = subprocess.run([sys.executable, "-c", code, "-m", "task=bogus"], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-2000:]
+
+
+def test_model_build_errors_blame_weights_only_when_weights_were_loaded(monkeypatch):
+    import timm
+
+    from cli_helpers import SMOKE, compose_config
+    from engine.errors import UserError
+    from engine.model import build_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("size mismatch for blocks.0.attn.qkv.weight")
+
+    monkeypatch.setattr(timm, "create_model", broken)
+    cfg = compose_config(*SMOKE)
+    with pytest.raises(UserError, match="cannot build .* check model.kwargs") as err:
+        build_model(cfg.model, cfg.tome, 4)
+    assert "pretrained" not in str(err.value)
+    cfg = compose_config(*SMOKE, "model.pretrained=true")
+    with pytest.raises(UserError, match="pretrained weights do not fit"):
+        build_model(cfg.model, cfg.tome, 4)
