@@ -116,7 +116,7 @@ def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens:
                          fontsize=6)
     fig.suptitle(f"{title}\nrows 1-{len(maps)}: merged tokens; below: attention over patches at block {attn_block}",
                  fontsize=7)
-    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.35 / rows, bottom=0.02, hspace=0.35, wspace=0.1)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.6 / rows, bottom=0.02, hspace=0.35, wspace=0.1)
     fig.savefig(path)
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -156,14 +156,14 @@ def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarr
     (merged,) = model.forward_intermediates(batch, indices=[last], intermediates_only=True)
     tokens = regtome.last_forward(model).tokens[-1]
     images = pca_rgb(dense[0], merged[0])
-    fig, axes = plt.subplots(1, 3, figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.3), dpi=100)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.45), dpi=100)
     panels = [(picture, "image"), (images[0], "features, r=0"), (images[1], f"merged ({tokens} tokens), unmerged")]
     for ax, (image, label) in zip(axes, panels):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(label, fontsize=7)
         ax.axis("off")
     fig.suptitle(title, fontsize=7)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.78, bottom=0.02, wspace=0.05)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.7, bottom=0.02, wspace=0.05)
     fig.savefig(path)
     plt.close(fig)
 
@@ -243,7 +243,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
         if cfg.visualize.dense_features:
             draw_dense_features(model, batch, picture, run_dir / f"{name}_features.png",
-                                f"last block's patch features (PCA to RGB), {model_label(cfg.model)}, r={summary['r']}")
+                                f"last block's patch features (PCA to RGB), r={summary['r']}\n{model_label(cfg.model)}")
         summary["images"][name] = {"png": f"{name}.png", "tokens": tokens, "groups": groups,
                                    "size": list(pixels.shape[:2])}
     writer.close()
