@@ -29,10 +29,15 @@ def register_fates(model: nn.Module, loader: DataLoader, device: torch.device,
     depth = len(model.blocks)
     schedule = regtome.parse_r(depth, model.r)
     counts = torch.zeros(depth, layout.num_register, len(FATES), dtype=torch.long)
-    images_seen = 0
+    images_seen, cosine_sum = 0, 0.0
     model.eval()
     for images, _ in loader:
         images = prepare(images.to(device))
+        with regtome.options(model, r=0):  # how alike the registers' output features are, unmerged
+            registers = torch.nn.functional.normalize(model.forward_features(images)[:, nc:p].float(), dim=-1)
+        cosine = registers @ registers.transpose(1, 2)
+        off_diagonal = layout.num_register * (layout.num_register - 1)
+        cosine_sum += float((cosine.sum(dim=(1, 2)) - layout.num_register).sum()) / max(off_diagonal, 1)
         for block in range(depth):
             with regtome.options(model, r=schedule[: block + 1], protect=protect, trace_source=True):
                 model(images)
@@ -47,6 +52,7 @@ def register_fates(model: nn.Module, loader: DataLoader, device: torch.device,
                 counts[block, j] += torch.bincount(fate.cpu(), minlength=len(FATES))
         images_seen += len(images)
     return {"r_per_block": schedule, "protect": protect, "images": images_seen, "fates": list(FATES),
+            "register_cosine_unmerged": cosine_sum / max(images_seen, 1),
             "counts": counts.tolist(),
             "fractions_per_block": {fate: (counts[:, :, i].sum(dim=1).float() / counts[0].sum().clamp(min=1)).tolist()
                                     for i, fate in enumerate(FATES)}}

@@ -47,7 +47,7 @@ def main() -> None:
     subset = Subset(dataset, range(min(args.samples, len(dataset))))
     prepare = input_transform(cfg.dataset, inputs) or torch.nn.Identity()
     summary = register_fates(model, DataLoader(subset, batch_size=100), torch.device("cpu"), prepare)
-    summary |= {"checkpoint": str(args.ckpt), "model": model_label(cfg.model), "r": cfg.tome.r}
+    summary |= {"checkpoint": str(args.ckpt), "model": model_label(cfg.model), "r": yaml.safe_load(args.r)}
     out = args.out or args.ckpt.parent.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "register_fate.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -55,6 +55,7 @@ def main() -> None:
                f"registers under protect=class, r={args.r}, {summary['images']} held-out images")
     for fate, values in summary["fractions_per_block"].items():
         print(f"{fate:>15}: " + " ".join(f"{100 * v:5.1f}%" for v in values))
+    print(f"mean cosine similarity between registers (last block, unmerged): {summary['register_cosine_unmerged']:.3f}")
     print(f"wrote {out / 'register_fate.json'} and register_fate.png")
 
 
