@@ -39,12 +39,17 @@ evaluate() {  # evaluate NAME GROUP: 6 schedules x 2 protection modes on the hel
         trainer.num_workers=1 hydra.sweep.dir="$dir"
 }
 
+report() {  # paired deltas of protect=class against protect=prefix, per checkpoint and pooled
+    "$PY" scripts/sweep_report.py "$OUT/eval/$1" --paired protect --baseline prefix > /dev/null
+    echo "report: $OUT/eval/$1/sweep.md"
+}
+
+# 1. three seeds trained without merging, each evaluated both ways
 for seed in 0 1 2; do train "seed$seed" seed=$seed; done
+for seed in 0 1 2; do evaluate "seed$seed" trained_without_merging; done
+report trained_without_merging
+# 2. one seed trained with merging (r=4) under each protection mode, each evaluated both ways
 train r4_prefix seed=0 tome.r=4 tome.protect=prefix
 train r4_class seed=0 tome.r=4 tome.protect=class
-for seed in 0 1 2; do evaluate "seed$seed" trained_without_merging; done
 for name in r4_prefix r4_class; do evaluate "$name" trained_with_merging; done
-for group in trained_without_merging trained_with_merging; do
-    "$PY" scripts/sweep_report.py "$OUT/eval/$group" --paired protect --baseline prefix > /dev/null
-    echo "report: $OUT/eval/$group/sweep.md"
-done
+report trained_with_merging
