@@ -134,3 +134,20 @@ def test_unknown_config_choice_is_one_line(tmp_path, args, message):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_original_table_script_composes_and_runs_end_to_end(tmp_path):
+    """On the CPU it runs with a tiny model on synthetic data; on a GPU, as is, the real recipe."""
+    import subprocess
+    import sys
+
+    from cli_helpers import ROOT
+
+    smoke = [o for o in SMOKE if not o.startswith("tome.r")] + ["trainer.epochs=1"]
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "original_table.sh"), str(tmp_path / "table"), *smoke],
+                            capture_output=True, text=True, env={**__import__("os").environ, "PYTHON": sys.executable},
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + 3 and "| 16 | 74.23 | 1.75x |" in result.stdout
+    assert "-" not in lines[-1].split("|")[4]  # our top-1 at (16,-1) with protect=prefix is filled in
