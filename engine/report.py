@@ -205,8 +205,10 @@ def _plot_paired(rows: list[dict[str, Any]], key: str, path: Path) -> None:
         pooled = "pooled" in label
         ax.errorbar(x, y, yerr=err, fmt="o-" if pooled else "o:", capsize=3, lw=2 if pooled else 1,
                     ms=5 if pooled else 3, label=label)
-        for m, xi in zip(members, x):
-            ax.annotate(f"r={m['r']}", (xi, m["delta_top1"]), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        if pooled or not any("pooled" in other for other in series):  # label one series, not every copy
+            for m, xi in zip(members, x):
+                ax.annotate(f"r={m['r']}", (xi, m["delta_top1"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=6)
     ax.axhline(0, color="grey", lw=0.8)
     ax.invert_xaxis()  # more merging to the right
     ax.set_xlabel("GFLOPs per image (more merging to the right)")
