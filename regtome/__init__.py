@@ -5,7 +5,7 @@
     regtome.patch.timm(model, r=16)
 """
 from . import patch
-from .attention import prefix_attention
+from .prefix import prefix_attention
 from .budget import r_for_flops, schedule_gflops
 from .flops import vit_flops
 from .merge import bipartite_soft_matching, merge_source, merge_wavg

@@ -1,17 +1,25 @@
 """timm's self-attention, also returning the keys that token matching compares.
 
-This mirrors `timm.layers.Attention.forward` step by step (QK-norm, scale-norm, gating, fused or
-explicit attention) and adds one thing: proportional attention, a log(size) bias on the logits so
-that a token standing for s patches counts s times as a key.
+Two mirrors of timm's attention, step by step, each adding one thing: proportional attention, a
+log(size) bias on the logits so that a token standing for s patches counts s times as a key.
+
+- `attention_with_keys`: `timm.layers.Attention` (QK-norm, scale-norm, gating, fused or explicit).
+- `rope_attention_with_keys`: the rotary attention of timm's Eva models (`EvaAttention`,
+  `AttentionRope`: separate or fused q/k/v, grouped-query heads), with one rotary embedding per
+  token (see `regtome.rope`) instead of timm's fixed count of leading tokens without one.
+
+Other attention modules (timm's DiffAttention, the parallel blocks) are run as timm wrote them,
+with the bias passed as their `attn_mask`; `call_observing_keys` reads their keys on the way.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
 
 def size_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -27,6 +35,50 @@ def project_qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+def project_rope_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (normed, not yet rotated) and v of timm's `EvaAttention` / `AttentionRope`, (B, heads, T, head_dim).
+
+    k and v have `num_kv_heads` heads under grouped-query attention."""
+    B, N, _ = x.shape
+    if attn.qkv is not None:
+        q_bias = getattr(attn, "q_bias", None)  # EvaAttention keeps q/v biases apart (k has none)
+        if q_bias is None:
+            qkv = attn.qkv(x)
+        elif attn.qkv_bias_separate:
+            qkv = attn.qkv(x) + torch.cat((q_bias, attn.k_bias, attn.v_bias))
+        else:
+            qkv = F.linear(x, weight=attn.qkv.weight, bias=torch.cat((q_bias, attn.k_bias, attn.v_bias)))
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+        q = attn.q_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+        v = attn.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v, through SDPA when timm uses it (the same call timm makes)."""
+    if attn.fused_attn:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return attn.attn_drop(logits.softmax(dim=-1)) @ v
+
+
+def _output(attn: nn.Module, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, heads, T, head_dim) -> timm's output projection (scale-norm, gate, proj, dropout)."""
+    B, _, N, _ = x.shape
+    x = attn.norm(x.transpose(1, 2).reshape(B, N, -1))
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x))
+
+
 def attention_with_keys(
     attn: Attention,
     x: torch.Tensor,
@@ -40,53 +92,52 @@ def attention_with_keys(
     With `size` given, apply proportional attention; without it, the call is exactly timm's
     (fused `F.scaled_dot_product_attention` when timm uses it).
     """
-    B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = project_qkv(attn, x)
     bias = None if size is None else size_bias(size, q.dtype)
-
-    if attn.fused_attn:
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
-    else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        x = attn.attn_drop(logits.softmax(dim=-1)) @ v
-
-    x = x.transpose(1, 2).reshape(B, N, attn.attn_dim)
-    x = attn.norm(x)
-    if gate is not None:
-        x = x * gate
-    x = attn.proj_drop(attn.proj(x))
-    return x, k.mean(dim=1) if return_keys else None
+    out = _output(attn, _attend(attn, q, k, v, bias), gate)
+    return out, k.mean(dim=1) if return_keys else None
 
 
-@torch.no_grad()
-def prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> tuple[torch.Tensor, list[str]]:
-    """What each prefix token (class, distillation, registers) attends to among the patches.
+def rope_attention_with_keys(
+    attn: nn.Module,
+    x: torch.Tensor,
+    rope: Optional[torch.Tensor],
+    size: Optional[torch.Tensor] = None,
+    return_keys: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """timm's Eva attention with one rotary embedding per token; returns the output and the keys.
 
-    Runs the patched `model` without merging (r=0), so every patch keeps its own key, and returns
-    the softmax attention of the prefix tokens present at `block` over the patch tokens,
-    (B, heads, P, N), and their names (``"class"``, ``"distill"``, ``"register 1"``, ...).
+    `rope`: (B, 1 or heads, T, D) sin/cos rows from `regtome.rope.rope_for_tokens`, the identity
+    rotation for tokens without a position (class, registers), so the result equals timm's, which
+    leaves its first `num_prefix_tokens` tokens unrotated. The keys for matching are taken before
+    the rotation: they compare content, not position.
     """
-    from .patch.timm import options, prefix_names
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = project_rope_qkv(attn, x)
+    keys = k.mean(dim=1) if return_keys else None
+    if rope is not None:
+        half = getattr(attn, "rotate_half", False)
+        q = apply_rot_embed_cat(q, rope, half=half).type_as(v)
+        k = apply_rot_embed_cat(k, rope, half=half).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    bias = None if size is None else size_bias(size, q.dtype)
+    return _output(attn, _attend(attn, q, k, v, bias), gate), keys
 
-    depth = len(model.blocks)
-    if not -depth <= block < depth:
-        raise ValueError(f"block must be in [{-depth}, {depth - 1}], got {block}")
-    block = block % depth
-    captured: dict[str, torch.Tensor] = {}
-    # The attention's input is norm1's output (RegToMe calls the attention's layers, not attn itself).
-    hook = model.blocks[block].norm1.register_forward_hook(lambda m, args, out: captured.setdefault("x", out))
+
+def call_observing_keys(module: nn.Module, k_norm: nn.Module, head_dim: int, *args: Any,
+                        **kwargs: Any) -> tuple[Any, torch.Tensor]:
+    """Call a timm module unchanged and return its output and the keys it computed, averaged over heads.
+
+    The keys are read at the output of its `k_norm` (an `nn.Identity` when QK-norm is off), the last
+    step before attention in every timm attention; `head_dim` is the axis of the heads there.
+    """
+    seen: list[torch.Tensor] = []
+    handle = k_norm.register_forward_hook(lambda _module, _args, out: seen.append(out))
     try:
-        with options(model, r=0):
-            model(images)
+        out = module(*args, **kwargs)
     finally:
-        hook.remove()
-    names = prefix_names(model, block)
-    q, k, _ = project_qkv(model.blocks[block].attn, captured["x"])
-    weights = ((q * model.blocks[block].attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
-    num_prefix = len(names)
-    return weights[:, :, :num_prefix, num_prefix:], names
+        handle.remove()
+    return out, seen[0].mean(dim=head_dim)

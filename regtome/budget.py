@@ -5,40 +5,13 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .flops import token_flops
-from .patch.timm import num_protected_tokens, prefix_layout
-from .schedule import RSchedule, capped_r, parse_r
+from .flops import grid_tokens, simulate_tokens, token_flops
+from .schedule import RSchedule
 
 # The schedules searched: ToMe's (r, inflection) family. Inflection 0 is a constant r in every block,
 # the simplest schedule and the default; -0.5 and -1 merge more in early blocks, which reaches low
 # budgets that a constant r cannot (the cap stops a constant r once few tokens are left).
 INFLECTIONS = (0.0, -0.5, -1.0)
-
-
-def _grid(model: nn.Module, input_size: tuple[int, int, int]) -> int:
-    proj = model.patch_embed.proj
-    return (input_size[1] // proj.stride[0]) * (input_size[2] // proj.stride[1])
-
-
-def simulate_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, int]) -> tuple[list[int], list[int]]:
-    """Tokens entering attention and the MLP of each block at schedule r, without running the model.
-
-    Follows the patched forward: prefix groups join at class_layer / register_layer, the protected
-    tokens never merge, and each block merges at most half of the mergeable tokens.
-    """
-    layout = prefix_layout(model)
-    class_entry = getattr(model, "class_layer", 0) if layout.num_class else -1
-    register_entry = getattr(model, "register_layer", 0) if layout.num_register else -1
-    protect = getattr(model, "protect", "prefix")
-    tokens = _grid(model, input_size)
-    attn_tokens, mlp_tokens = [], []
-    for i, r_i in enumerate(parse_r(len(model.blocks), r)):
-        tokens += layout.num_class * (i == class_entry) + layout.num_register * (i == register_entry)
-        protected = num_protected_tokens(layout, protect, 0 <= class_entry <= i, 0 <= register_entry <= i)
-        attn_tokens.append(tokens)
-        tokens -= capped_r(r_i, tokens, protected)
-        mlp_tokens.append(tokens)
-    return attn_tokens, mlp_tokens
 
 
 def schedule_gflops(model: nn.Module, r: RSchedule, input_size: tuple[int, int, int]) -> float:
@@ -59,7 +32,7 @@ def r_for_flops(model: nn.Module, fraction: float, input_size: Optional[tuple[in
     if input_size is None:
         input_size = (3, *model.patch_embed.img_size)
     budget = fraction * schedule_gflops(model, 0, input_size)
-    largest = _grid(model, input_size)  # no block can merge more tokens than there are patches
+    largest = grid_tokens(model, input_size)  # no block can merge more tokens than there are patches
     best: Optional[tuple[float, RSchedule]] = None
     for inflection in INFLECTIONS:
         def schedule(r: int) -> RSchedule:

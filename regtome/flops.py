@@ -1,55 +1,96 @@
-"""Analytic FLOPs of a timm ViT, merged or not, counted from the tokens each block really sees.
+"""Analytic FLOPs of a timm ViT, merged or not, counted from the tokens each block sees.
 
 Counted as multiply-accumulates (the convention of fvcore and the ToMe paper): patch embedding,
-QKV, attention logits and values, output projection, MLP and head. LayerNorms, softmax and the
-matching itself are left out (under 1% for ViT-S).
+every linear layer of every block (QKV, output projection, MLP, gates) times the tokens it sees,
+the attention logits and values, attention pooling, and the head. LayerNorms, softmax, rotary
+embeddings and the matching itself are left out (under 1% for ViT-S).
+
+Token counts come from `simulate_tokens`, which follows the patched forward (tested against the
+model's own record): in sequential blocks the MLP sees the merged tokens; in parallel blocks
+(`regtome.blocks.MERGES_AFTER_BLOCK`) the whole block sees the tokens it received.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
+from timm.layers.diff_attention import DiffAttention
+from timm.models.vision_transformer import DiffParallelScalingBlock
+
+from .blocks import MERGES_AFTER_BLOCK
+from .patch.timm import num_protected_tokens, prefix_layout
+from .schedule import RSchedule, capped_r, parse_r
 
 
-@torch.no_grad()
-def block_token_counts(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[list[int], list[int]]:
-    """Run one image; return tokens entering attention and entering the MLP of every block."""
-    attn_tokens: list[int] = []
-    mlp_tokens: list[int] = []
-    hooks = []
-    for block in model.blocks:
-        hooks.append(block.norm1.register_forward_hook(lambda m, i, o: attn_tokens.append(o.shape[1])))
-        hooks.append(block.norm2.register_forward_hook(lambda m, i, o: mlp_tokens.append(o.shape[1])))
-    param = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+def grid_tokens(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Patch tokens of an input of `input_size` (C, H, W)."""
+    proj = model.patch_embed.proj
+    return (input_size[1] // proj.stride[0]) * (input_size[2] // proj.stride[1])
+
+
+def simulate_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+    """Tokens entering attention and the MLP of each block at schedule r, without running the model.
+
+    Follows the patched forward: prefix groups join at class_layer / register_layer, the protected
+    tokens never merge, each block merges at most half of the mergeable tokens, and parallel blocks
+    merge after the block.
+    """
+    layout = prefix_layout(model)
+    class_entry = getattr(model, "class_layer", 0) if layout.num_class else -1
+    register_entry = getattr(model, "register_layer", 0) if layout.num_register else -1
+    protect = getattr(model, "protect", "prefix")
+    tokens = grid_tokens(model, input_size)
+    attn_tokens, mlp_tokens = [], []
+    for i, (block, r_i) in enumerate(zip(model.blocks, parse_r(len(model.blocks), r))):
+        tokens += layout.num_class * (i == class_entry) + layout.num_register * (i == register_entry)
+        protected = num_protected_tokens(layout, protect, 0 <= class_entry <= i, 0 <= register_entry <= i)
+        attn_tokens.append(tokens)
+        merged = tokens - capped_r(r_i, tokens, protected)
+        mlp_tokens.append(tokens if isinstance(block, MERGES_AFTER_BLOCK) else merged)
+        tokens = merged
     return attn_tokens, mlp_tokens
 
 
-def vit_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
-    """GFLOPs (multiply-accumulates) per image of `model` at its current r."""
-    return token_flops(model, *block_token_counts(model, input_size), input_size)
+def _linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates per token of all linear layers in `module`."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _attention_matmul_macs(block: nn.Module, tokens: int) -> int:
+    """q @ k^T and attn @ v over `tokens` tokens (differential attention: two softmaxes over half-width keys)."""
+    attentions = [branch.attn for branch in block.attns] if hasattr(block, "attns") else [getattr(block, "attn", block)]
+    macs = 0
+    for attn in attentions:
+        diff = isinstance(attn, (DiffAttention, DiffParallelScalingBlock))
+        width = attn.num_heads * attn.head_dim * (2 if diff else 1)  # query channels
+        macs += (3 if diff else 2) * tokens * tokens * width
+    return macs
+
+
+def block_macs(block: nn.Module, attn_tokens: int, mlp_tokens: int) -> int:
+    """Multiply-accumulates of one block whose attention sees `attn_tokens` and MLP `mlp_tokens` tokens."""
+    mlps = list(block.ffns) if hasattr(block, "ffns") else [getattr(block, "mlp", None)]
+    mlp = sum(_linear_macs(m) for m in mlps if m is not None)
+    return ((_linear_macs(block) - mlp) * attn_tokens + mlp * mlp_tokens
+            + _attention_matmul_macs(block, attn_tokens))
 
 
 def token_flops(model: nn.Module, attn_tokens: list[int], mlp_tokens: list[int],
                 input_size: tuple[int, int, int]) -> float:
     """GFLOPs per image when block i attends over attn_tokens[i] tokens and its MLP sees mlp_tokens[i]."""
-    dim = model.embed_dim
     patch = model.patch_embed.proj
-    num_patches = (input_size[1] // patch.stride[0]) * (input_size[2] // patch.stride[1])
-    flops = num_patches * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * dim
+    flops = grid_tokens(model, input_size) * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * model.embed_dim
     for block, t_attn, t_mlp in zip(model.blocks, attn_tokens, mlp_tokens):
-        attn_dim = block.attn.attn_dim
-        flops += t_attn * dim * 3 * attn_dim  # qkv
-        flops += 2 * t_attn * t_attn * attn_dim  # q @ k and attn @ v
-        flops += t_attn * attn_dim * dim  # proj
-        flops += t_mlp * sum(m.in_features * m.out_features for m in block.mlp.modules() if isinstance(m, nn.Linear))
+        flops += block_macs(block, t_attn, t_mlp)
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:  # latent queries over the final tokens: keys/values of every token, the rest per query
+        final, queries = mlp_tokens[-1], pool.latent_len
+        flops += _linear_macs(pool.kv) * final + (_linear_macs(pool) - _linear_macs(pool.kv)) * queries
+        flops += 2 * queries * final * pool.num_heads * pool.head_dim
     head = getattr(model, "head", None)
     if isinstance(head, nn.Linear):
         flops += head.in_features * head.out_features
     return flops / 1e9
+
+
+def vit_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
+    """GFLOPs (multiply-accumulates) per image of `model` at its current r (0 for an unpatched model)."""
+    return token_flops(model, *simulate_tokens(model, getattr(model, "r", 0), input_size), input_size)

@@ -63,10 +63,13 @@ def bipartite_soft_matching(
         dst_rows = (num_protected + num_a - r + dst_idx + out_offset).flatten()
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        """(B, T, C) -> (B, T - r, C); mode is how a B token combines with its A tokens: sum, mean, amax."""
+        """(B, T, C) -> (B, T - r, C); mode is how a B token combines with its A tokens: sum, mean, amax,
+        or keep (the B token's own value, e.g. its position)."""
         channels = x.shape[-1]
         flat = x.reshape(-1, channels)
         out = flat.index_select(0, keep_rows)
+        if mode == "keep":
+            return out.view(batch, out_tokens, channels)
         src = flat.index_select(0, src_rows)
         if mode == "sum":
             out.index_add_(0, dst_rows, src)

@@ -250,10 +250,13 @@ def test_compile_matches_eager(images):
 def test_unsupported_models_are_refused_clearly():
     with pytest.raises(TypeError, match="VisionTransformer"):
         regtome.patch.timm(torch.nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="ResPostBlock"):
-        regtome.patch.timm(make_vit(block_fn=ResPostBlock))
-    with pytest.raises(ValueError, match="map"):
-        regtome.patch.timm(make_vit(global_pool="map"))
+    class CustomBlock(ResPostBlock):  # a subclass may change forward: refused, not guessed
+        pass
+
+    with pytest.raises(TypeError, match="CustomBlock"):
+        regtome.patch.timm(make_vit(block_fn=CustomBlock))
+    with pytest.raises(TypeError, match="AttentionPoolPrr"):
+        regtome.patch.timm(make_vit(global_pool="prr"))
 
 
 @pytest.mark.parametrize("options,match", [

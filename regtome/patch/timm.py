@@ -1,12 +1,13 @@
-"""Patch a timm `VisionTransformer` in place so that every block merges tokens (RegToMe).
+"""Patch a timm `VisionTransformer` or `Eva` in place so that every block merges tokens (RegToMe).
 
-Only the model's class is swapped (for a subclass that overrides `forward_features` and `pool`);
-the blocks keep timm's classes and `forward`, so `forward_intermediates` and friends still run the
-unmerged model. Per-forward state (sizes, sources) travels through arguments, not shared lists.
+Only the model's class is swapped (for a subclass that overrides `forward_features`, `pool` and
+`forward_intermediates`); the blocks keep timm's classes, and `regtome.blocks` runs each family with
+a merge inside. Per-forward state (sizes, sources, positions) travels through arguments, not shared lists.
 
-Token layout timm builds: ``[class, (distillation), registers..., patches...]``. The first group
-(class + distillation, "class tokens") and the registers are the prefix. With ``protect="prefix"``
-the whole prefix is protected; with ``protect="class"`` only the class tokens are, as in ToMe.
+Token layout timm builds: ``[class, (distillation), registers..., patches...]`` (Eva: DINOv3's
+storage tokens are its registers). The first group (class + distillation, "class tokens") and the
+registers are the prefix. With ``protect="prefix"`` the whole prefix is protected; with
+``protect="class"`` only the class tokens are, as in ToMe.
 """
 from __future__ import annotations
 
@@ -16,14 +17,20 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention
+from timm.layers import Attention, AttentionPoolLatent, AttentionRope
+from timm.layers.diff_attention import DiffAttention
 from timm.models._features import feature_take_indices
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.eva import Eva, EvaAttention
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import attention_with_keys
-from ..merge import bipartite_soft_matching, merge_source, merge_wavg
+from ..attention import size_bias
+from ..blocks import BLOCK_FORWARDS, Tokens, merging_block_forward
+from ..rope import NO_POSITION, initial_positions, rope_table
 from ..schedule import RSchedule, parse_r
+
+SUPPORTED_MODELS = (VisionTransformer, Eva)
+SELF_ATTENTIONS = (Attention, DiffAttention, EvaAttention, AttentionRope)
 
 PROTECT_MODES = ("prefix", "class")
 OPTIONS = ("r", "prop_attn", "trace_source", "protect", "class_layer", "register_layer")
@@ -41,15 +48,17 @@ class PrefixLayout:
         return self.num_class + self.num_register
 
 
-def prefix_layout(model: VisionTransformer) -> PrefixLayout:
-    num_register = int(getattr(model, "num_reg_tokens", 0) or 0)
+def prefix_layout(model: nn.Module) -> PrefixLayout:
+    reg_token = getattr(model, "reg_token", None)  # VisionTransformer and Eva (DINOv3's storage tokens)
+    num_register = 0 if reg_token is None else int(reg_token.shape[1])
     return PrefixLayout(num_class=model.num_prefix_tokens - num_register, num_register=num_register)
 
 
-def prefix_names(model: VisionTransformer, block: int = 0) -> list[str]:
+def prefix_names(model: nn.Module, block: int = 0) -> list[str]:
     """Names of the prefix tokens in the sequence at `block`, in order (class_layer/register_layer aware)."""
     layout = prefix_layout(model)
-    class_names = (["class"] if model.has_class_token else []) + ["distill"] * (layout.num_class - int(model.has_class_token))
+    has_class = getattr(model, "cls_token", None) is not None
+    class_names = (["class"] if has_class else []) + ["distill"] * (layout.num_class - int(has_class))
     names = class_names if getattr(model, "class_layer", 0) <= block else []
     if getattr(model, "register_layer", 0) <= block:
         names += [f"register {i + 1}" for i in range(layout.num_register)]
@@ -62,30 +71,6 @@ def num_protected_tokens(layout: PrefixLayout, protect: str, class_present: bool
     if protect == "prefix" and registers_present:
         protected += layout.num_register
     return protected
-
-
-def merge_block_forward(
-    block: Block,
-    x: torch.Tensor,
-    size: torch.Tensor,
-    source: Optional[torch.Tensor],
-    r: int,
-    num_protected: int,
-    prop_attn: bool,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """timm's `Block.forward` with a merge between attention and MLP.
-
-    `prop_attn` applies the log(size) bias; the caller turns it off while all sizes are 1 so that
-    attention then runs through timm's exact (fused) path.
-    """
-    attn_out, keys = attention_with_keys(block.attn, block.norm1(x), size if prop_attn else None, return_keys=r > 0)
-    x = x + block.drop_path1(block.ls1(attn_out))
-    if r > 0:
-        merge, _ = bipartite_soft_matching(keys, r, num_protected)
-        x, size = merge_wavg(merge, x, size)
-        source = merge_source(merge, source)
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, size, source
 
 
 @dataclass(frozen=True)
@@ -110,7 +95,7 @@ class ForwardRecord:
 
 
 class RegToMeVisionTransformer:
-    """Mixin placed in front of a timm VisionTransformer class by `regtome.patch.timm`.
+    """Mixin placed in front of a timm VisionTransformer (or Eva) class by `regtome.patch.timm`.
 
     `forward` hands the token sizes of its own pass to the pooling; `forward_head` and `pool`
     called on their own use the record of the last `forward_features`, checked against the input.
@@ -147,17 +132,22 @@ class RegToMeVisionTransformer:
         if attn_mask is not None or is_causal:
             raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
         r_per_block = _check_options(self)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        x, record, _ = self._merge_blocks(x, r_per_block, self.trace_source)
+        x, rope = self._embed(x)
+        x, record, _ = self._merge_blocks(x, rope, r_per_block, self.trace_source)
         self._regtome_record = record
         return self.norm(x), record
 
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """timm's steps before the blocks: the tokens, and for RoPE models the rotary table
+        (`regtome.rope.rope_table`; one per block for 'mixed' RoPE)."""
+        if not isinstance(self, Eva):
+            return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x)))), None
+        x, rope = self._pos_embed(self.patch_embed(x))
+        return self.norm_pre(x), None if rope is None else rope_table(rope)
+
     def _merge_blocks(
-        self, x: torch.Tensor, r_per_block: list[int], trace_source: bool, keep: frozenset = frozenset(),
-        num_blocks: Optional[int] = None,
+        self, x: torch.Tensor, rope: Optional[torch.Tensor], r_per_block: list[int], trace_source: bool,
+        keep: frozenset = frozenset(), num_blocks: Optional[int] = None,
     ) -> tuple[torch.Tensor, ForwardRecord, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Run the blocks with merging; prefix groups join at `class_layer` / `register_layer`.
 
@@ -169,39 +159,44 @@ class RegToMeVisionTransformer:
         class_tokens, register_tokens, x = x[:, :nc], x[:, nc:p], x[:, p:]
         class_entry = self.class_layer if nc else -1
         register_entry = self.register_layer if layout.num_register else -1
+        rope_per_block = getattr(self, "rope_mixed", False) and rope is not None
 
         # Sources index the full timm sequence, so prefix rows are one-hot on their own slot
         # even when the prefix enters late. Sizes stay fp32 under autocast.
         eye = None
         if trace_source:
             eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)[None].expand(batch, -1, -1)
-        source = eye[:, p:] if eye is not None else None
-        size = x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
+        state = Tokens(
+            x=x,
+            size=x.new_ones(batch, x.shape[1], 1, dtype=torch.float32),
+            source=eye[:, p:] if eye is not None else None,
+            position=None if rope is None else initial_positions(batch, 0, num_tokens - p, x.device),
+        )
         merged_any, tokens, applied, num_protected, kept = False, [], [], 0, {}
 
         for i, block in enumerate(self.blocks[:num_blocks]):
             if i == class_entry:
-                x, size, source = _insert(x, size, source, class_tokens, eye, 0, nc, at=0)
+                state = _insert(state, class_tokens, eye, 0, nc, at=0)
             if i == register_entry:
-                at = nc if 0 <= class_entry <= i else 0
-                x, size, source = _insert(x, size, source, register_tokens, eye, nc, p, at=at)
+                state = _insert(state, register_tokens, eye, nc, p, at=nc if 0 <= class_entry <= i else 0)
             num_protected = num_protected_tokens(
                 layout, self.protect, 0 <= class_entry <= i, 0 <= register_entry <= i
             )
-            tokens_before = x.shape[1]
-            args = (block, x, size, source, r_per_block[i], num_protected, self.prop_attn and merged_any)
+            tokens_before = state.x.shape[1]
+            args = (block, state, r_per_block[i], num_protected, self.prop_attn and merged_any,
+                    rope[i] if rope_per_block else rope)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x, size, source = checkpoint(merge_block_forward, *args, use_reentrant=False)
+                state = checkpoint(merging_block_forward, *args, use_reentrant=False)
             else:
-                x, size, source = merge_block_forward(*args)
-            merged_any = merged_any or x.shape[1] < tokens_before
-            tokens.append(x.shape[1])
-            applied.append(tokens_before - x.shape[1])
+                state = merging_block_forward(*args)
+            merged_any = merged_any or state.x.shape[1] < tokens_before
+            tokens.append(state.x.shape[1])
+            applied.append(tokens_before - state.x.shape[1])
             if i in keep:
-                kept[i] = (x, source)
-        record = ForwardRecord(size=size, source=source, tokens=tuple(tokens), r=tuple(applied), layout=layout,
-                               num_protected=num_protected)
-        return x, record, kept
+                kept[i] = (state.x, state.source)
+        record = ForwardRecord(size=state.size, source=state.source, tokens=tuple(tokens), r=tuple(applied),
+                               layout=layout, num_protected=num_protected)
+        return state.x, record, kept
 
     def forward_intermediates(
         self,
@@ -225,17 +220,20 @@ class RegToMeVisionTransformer:
         """
         r_per_block = _check_options(self)
         if not any(r_per_block) and self.class_layer == 0 and self.register_layer == 0:
+            extra = {"output_dict": True} if output_dict else {}  # Eva's method has no output_dict
+            if attn_mask is not None or is_causal:
+                extra.update(attn_mask=attn_mask, is_causal=is_causal)
             return self._regtome_base.forward_intermediates(
-                self, x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
-                output_dict, attn_mask, is_causal)
+                self, x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                stop_early=stop_early, output_fmt=output_fmt, intermediates_only=intermediates_only, **extra)
         if attn_mask is not None or is_causal:
             raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        x, record, kept = self._merge_blocks(x, r_per_block, trace_source=True, keep=frozenset(take_indices),
+        x, rope = self._embed(x)
+        x, record, kept = self._merge_blocks(x, rope, r_per_block, trace_source=True, keep=frozenset(take_indices),
                                              num_blocks=max_index + 1 if stop_early else None)
         self._regtome_record = record
         intermediates = [unmerge_tokens(self.norm(y) if norm else y, source) for y, source in
@@ -272,7 +270,7 @@ class RegToMeVisionTransformer:
     def _head(self, x: torch.Tensor, record: ForwardRecord, pre_logits: bool) -> torch.Tensor:
         """timm's `forward_head`, pooling with the sizes of `record`."""
         base_head = self._regtome_base.forward_head
-        if base_head is not VisionTransformer.forward_head:  # a subclass's own head (DeiT's two heads)
+        if base_head not in (VisionTransformer.forward_head, Eva.forward_head):  # DeiT's two heads
             return base_head(self, x, pre_logits)
         x = self._pool(x, record)
         x = self.fc_norm(x)
@@ -280,12 +278,20 @@ class RegToMeVisionTransformer:
         return x if pre_logits else self.head(x)
 
     def _pool(self, x: torch.Tensor, record: ForwardRecord, pool_type: Optional[str] = None) -> torch.Tensor:
-        """timm's pooling, with averages weighted by token size (a merged token counts as its patches)."""
+        """timm's pooling, with averages weighted by token size (a merged token counts as its patches).
+
+        Attention pooling ('map') gets proportional attention: its latent query weighs each token by
+        its size (log(size) on the logits), as the blocks do."""
+        size = record.size
+        if self.attn_pool is not None:
+            if isinstance(self, VisionTransformer) and not self.pool_include_prefix:  # Eva's pool sees all
+                x, size = x[:, record.num_protected:], size[:, record.num_protected:]
+            return self.attn_pool(x, attn_mask=size_bias(size, x.dtype) if any(record.r) else None)
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type not in ("avg", "avgmax"):
             return self._regtome_base.pool(self, x, pool_type)  # 'token', 'max', '' do not depend on sizes
-        size = record.size.to(x.dtype)
-        if not self.pool_include_prefix:
+        size = size.to(x.dtype)
+        if not getattr(self, "pool_include_prefix", False):  # Eva always leaves the prefix out
             x, size = x[:, record.num_protected:], size[:, record.num_protected:]
         mean = (x * size).sum(dim=1) / size.sum(dim=1)
         return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
@@ -311,42 +317,45 @@ def unmerge_tokens(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return torch.bmm(source.transpose(1, 2).to(x.dtype), x)
 
 
-def _insert(
-    x: torch.Tensor,
-    size: torch.Tensor,
-    source: Optional[torch.Tensor],
-    new_tokens: torch.Tensor,
-    eye: Optional[torch.Tensor],
-    first: int,
-    stop: int,
-    at: int,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Insert prefix tokens (size 1) at position `at`; their sources are rows first:stop of `eye`."""
-    new_size = size.new_ones(size.shape[0], new_tokens.shape[1], 1)
-    x = torch.cat([x[:, :at], new_tokens, x[:, at:]], dim=1)
-    size = torch.cat([size[:, :at], new_size, size[:, at:]], dim=1)
-    if source is not None:
-        source = torch.cat([source[:, :at], eye[:, first:stop], source[:, at:]], dim=1)
-    return x, size, source
+def _insert(tokens: Tokens, new_tokens: torch.Tensor, eye: Optional[torch.Tensor], first: int, stop: int,
+            at: int) -> Tokens:
+    """Insert prefix tokens (size 1, no position) at `at`; their sources are rows first:stop of `eye`."""
+    def spliced(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return torch.cat([old[:, :at], new, old[:, at:]], dim=1)
+
+    batch, count = new_tokens.shape[:2]
+    return Tokens(
+        x=spliced(tokens.x, new_tokens),
+        size=spliced(tokens.size, tokens.size.new_ones(batch, count, 1)),
+        source=None if tokens.source is None else spliced(tokens.source, eye[:, first:stop]),
+        position=None if tokens.position is None else spliced(
+            tokens.position, tokens.position.new_full((batch, count), NO_POSITION)),
+    )
 
 
 def _check_model(model: nn.Module) -> None:
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"regtome.patch.timm needs a timm VisionTransformer (or subclass), got {type(model).__name__}")
+    """Refuse, naming why, every model whose forward RegToMe could not reproduce exactly at r=0."""
+    if not isinstance(model, SUPPORTED_MODELS):
+        reason = {"VisionTransformerRelPos": ": its relative-position bias table is indexed by grid position, "
+                  "which merged tokens no longer have"}.get(type(model).__name__, "")
+        raise TypeError(f"regtome.patch.timm needs a timm VisionTransformer or Eva (or subclass), "
+                        f"got {type(model).__name__}{reason}")
     for i, block in enumerate(model.blocks):
-        if not isinstance(block, Block):
-            raise TypeError(
-                f"block {i} is a {type(block).__name__}; RegToMe supports timm's vision_transformer.Block only"
-            )
-        if not isinstance(block.attn, Attention):
-            raise TypeError(
-                f"block {i} uses {type(block.attn).__name__}; RegToMe supports timm.layers.Attention only"
-            )
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(
-            f"global_pool={model.global_pool!r} (attention pooling) cannot weigh merged tokens; "
-            "use a model with 'token' or 'avg' pooling"
-        )
+        if type(block) not in BLOCK_FORWARDS:
+            raise TypeError(f"block {i} is a {type(block).__name__}; RegToMe supports "
+                            f"{', '.join(sorted(c.__name__ for c in BLOCK_FORWARDS))}")
+        attentions = [branch.attn for branch in block.attns] if hasattr(block, "attns") else [getattr(block, "attn", None)]
+        for attn in attentions:
+            if attn is not None and type(attn) not in SELF_ATTENTIONS:
+                raise TypeError(f"block {i} uses {type(attn).__name__}; RegToMe supports "
+                                f"{', '.join(c.__name__ for c in SELF_ATTENTIONS)}")
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None and type(attn_pool) is not AttentionPoolLatent:
+        raise TypeError(f"global_pool={model.global_pool!r} uses {type(attn_pool).__name__}, which cannot weigh "
+                        "merged tokens; RegToMe supports AttentionPoolLatent ('map'), 'token', 'avg', 'avgmax', 'max'")
+    if isinstance(model, Eva) and model.patch_drop is not None:
+        raise TypeError("patch dropout (patch_drop_rate > 0) on an Eva model gives each image its own rotary "
+                        "table, which RegToMe does not follow; build the model with patch_drop_rate=0")
 
 
 def _check_options(model: nn.Module) -> list[int]:
@@ -388,7 +397,8 @@ def timm(
     """Patch `model` in place for register-aware token merging and return it.
 
     Args:
-        model: a timm `VisionTransformer` (or subclass such as DeiT's distilled model).
+        model: a timm `VisionTransformer` (or subclass such as DeiT's distilled model) or `Eva`
+            (DINOv3, EVA-02, the RoPE ViTs); blocks of the families in `regtome.blocks`.
         r: tokens merged per block: an int, a pair ``(r, inflection)`` or a list per block.
             Change it any time through ``model.r``.
         prop_attn: proportional attention (log(size) added to the attention logits).

@@ -1,0 +1,149 @@
+"""One timm block with a merge inside it, for each block family RegToMe supports.
+
+Where the merge happens:
+- Sequential blocks (attention, then MLP: timm's `Block`, `ResPostBlock`, `ParallelThingsBlock`,
+  Eva's `EvaBlock`, `EvaBlockPostNorm`): between the attention and the MLP, as in ToMe, with the
+  attention's keys as the metric. The MLP already sees the merged tokens.
+- Parallel blocks (`ParallelScalingBlock`, `DiffParallelScalingBlock`: attention and MLP read the same
+  input and are added together): after the block, with the block's keys as the metric; there is
+  no point in between. The merge saves nothing in the block that decides it, all of it later.
+
+Proportional attention is a log(size) bias on the logits: through RegToMe's mirrors of timm's
+attention (`regtome.attention`) for `Attention` and Eva's rotary attention, and through timm's own
+`attn_mask` argument for the others.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention
+from timm.models.eva import EvaBlock, EvaBlockPostNorm
+from timm.models.vision_transformer import (
+    Block,
+    DiffParallelScalingBlock,
+    ParallelScalingBlock,
+    ParallelThingsBlock,
+    ResPostBlock,
+)
+
+from .attention import attention_with_keys, call_observing_keys, rope_attention_with_keys, size_bias
+from .merge import bipartite_soft_matching, merge_source, merge_wavg
+from .rope import rope_for_tokens
+
+
+class Tokens(NamedTuple):
+    """The sequence between blocks and what travels with it.
+
+    x: (B, T, C) tokens. size: (B, T, 1) fp32, patches per token. source: (B, T, N) 0/1, which of
+    timm's N tokens each token is made of (only when traced). position: (B, T) rotary table rows
+    (only for RoPE models; see `regtome.rope`).
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    source: Optional[torch.Tensor] = None
+    position: Optional[torch.Tensor] = None
+
+
+def merge_tokens(tokens: Tokens, keys: Optional[torch.Tensor], r: int, num_protected: int) -> Tokens:
+    """Merge the r most similar mergeable tokens (by `keys`); sizes, sources and positions follow."""
+    if r <= 0 or keys is None:
+        return tokens
+    merge, _ = bipartite_soft_matching(keys, r, num_protected)
+    x, size = merge_wavg(merge, tokens.x, tokens.size)
+    position = None if tokens.position is None else merge(tokens.position[..., None], mode="keep")[..., 0]
+    return Tokens(x, size, merge_source(merge, tokens.source), position)
+
+
+def _bias(tokens: Tokens, prop_attn: bool) -> Optional[torch.Tensor]:
+    return size_bias(tokens.size, tokens.x.dtype) if prop_attn else None
+
+
+def _attention(attn: nn.Module, x: torch.Tensor, tokens: Tokens, prop_attn: bool,
+               want_keys: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Any timm self-attention module of a sequential block: output and keys (B, T, head_dim)."""
+    size = tokens.size if prop_attn else None
+    if type(attn) is Attention:
+        return attention_with_keys(attn, x, size, return_keys=want_keys)
+    # e.g. DiffAttention: timm's own forward, keys read at its k_norm ((B, heads, T, head_dim))
+    return call_observing_keys(attn, attn.k_norm, 1, x, attn_mask=_bias(tokens, prop_attn))
+
+
+def block_forward(block: Block, tokens: Tokens, r: int, num_protected: int, prop_attn: bool) -> Tokens:
+    attn_out, keys = _attention(block.attn, block.norm1(tokens.x), tokens, prop_attn, r > 0)
+    tokens = tokens._replace(x=tokens.x + block.drop_path1(block.ls1(attn_out)))
+    tokens = merge_tokens(tokens, keys, r, num_protected)
+    return tokens._replace(x=tokens.x + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens.x)))))
+
+
+def res_post_block_forward(block: ResPostBlock, tokens: Tokens, r: int, num_protected: int,
+                           prop_attn: bool) -> Tokens:
+    attn_out, keys = _attention(block.attn, tokens.x, tokens, prop_attn, r > 0)
+    tokens = tokens._replace(x=tokens.x + block.drop_path1(block.norm1(attn_out)))
+    tokens = merge_tokens(tokens, keys, r, num_protected)
+    return tokens._replace(x=tokens.x + block.drop_path2(block.norm2(block.mlp(tokens.x))))
+
+
+def parallel_things_block_forward(block: ParallelThingsBlock, tokens: Tokens, r: int, num_protected: int,
+                                  prop_attn: bool) -> Tokens:
+    """Parallel attentions, then parallel MLPs; the metric is the keys averaged over the attentions."""
+    outputs = [_attention(branch.attn, branch.norm(tokens.x), tokens, prop_attn, r > 0) for branch in block.attns]
+    update = torch.stack([branch.drop_path(branch.ls(out)) for branch, (out, _) in zip(block.attns, outputs)])
+    tokens = tokens._replace(x=tokens.x + update.sum(dim=0))
+    keys = torch.stack([k for _, k in outputs]).mean(dim=0) if r > 0 else None
+    tokens = merge_tokens(tokens, keys, r, num_protected)
+    return tokens._replace(x=tokens.x + torch.stack([ffn(tokens.x) for ffn in block.ffns]).sum(dim=0))
+
+
+def parallel_scaling_block_forward(block: nn.Module, tokens: Tokens, r: int, num_protected: int,
+                                   prop_attn: bool) -> Tokens:
+    """timm's fused parallel block as it is, then the merge (keys read inside it)."""
+    # ParallelScalingBlock applies k_norm to (B, T, heads, head_dim), the differential one to (B, heads, T, d).
+    head_dim = 2 if isinstance(block, ParallelScalingBlock) else 1
+    x, keys = call_observing_keys(block, block.k_norm, head_dim, tokens.x, attn_mask=_bias(tokens, prop_attn))
+    return merge_tokens(tokens._replace(x=x), keys, r, num_protected)
+
+
+def eva_block_forward(block: EvaBlock, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
+                      rope: Optional[torch.Tensor]) -> Tokens:
+    post_norm = isinstance(block, EvaBlockPostNorm)
+    rope_rows = None if rope is None else rope_for_tokens(rope, tokens.position)
+    attn_in = tokens.x if post_norm else block.norm1(tokens.x)
+    attn_out, keys = rope_attention_with_keys(block.attn, attn_in, rope_rows, tokens.size if prop_attn else None,
+                                              return_keys=r > 0)
+    if post_norm:
+        attn_out = block.norm1(attn_out)
+    elif block.gamma_1 is not None:
+        attn_out = block.gamma_1 * attn_out
+    tokens = tokens._replace(x=tokens.x + block.drop_path1(attn_out))
+    tokens = merge_tokens(tokens, keys, r, num_protected)
+    if post_norm:
+        return tokens._replace(x=tokens.x + block.drop_path2(block.norm2(block.mlp(tokens.x))))
+    mlp_out = block.mlp(block.norm2(tokens.x))
+    if block.gamma_2 is not None:
+        mlp_out = block.gamma_2 * mlp_out
+    return tokens._replace(x=tokens.x + block.drop_path2(mlp_out))
+
+
+BlockForward = Callable[..., Tokens]
+BLOCK_FORWARDS: dict[type, BlockForward] = {
+    Block: block_forward,
+    ResPostBlock: res_post_block_forward,
+    ParallelThingsBlock: parallel_things_block_forward,
+    ParallelScalingBlock: parallel_scaling_block_forward,
+    DiffParallelScalingBlock: parallel_scaling_block_forward,
+    EvaBlock: eva_block_forward,
+    EvaBlockPostNorm: eva_block_forward,
+}
+MERGES_AFTER_BLOCK = (ParallelScalingBlock, DiffParallelScalingBlock)
+
+
+def merging_block_forward(block: nn.Module, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
+                          rope: Optional[torch.Tensor] = None) -> Tokens:
+    """Run `block` on `tokens` with up to r merges (the blocks of Eva models also take their rope table)."""
+    forward = BLOCK_FORWARDS[type(block)]
+    if forward is eva_block_forward:
+        return forward(block, tokens, r, num_protected, prop_attn, rope)
+    return forward(block, tokens, r, num_protected, prop_attn)

@@ -1,0 +1,218 @@
+"""Every model family regtome.patch.timm accepts, on shrunk timm configs: the contract rules of
+tests/test_patch.py again (r=0 is timm, merging happens, prefix kept, counts follow parse_r and the
+cap, protect=class available, FLOPs by hand), plus the rotary position rule against brute force."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import regtome
+from regtome.blocks import MERGES_AFTER_BLOCK
+from regtome.merge import bipartite_soft_matching, merge_source
+from regtome.rope import initial_positions, rope_for_tokens, rope_table
+
+# family -> (timm config, shrinking overrides). Each is a kind of model timm ships.
+FAMILIES = {
+    "dinov3": ("vit_small_patch16_dinov3", dict(embed_dim=64, num_heads=4)),        # Eva, RoPE, 4 storage tokens
+    "eva02_swiglu": ("eva02_tiny_patch14_224", dict(img_size=56)),                   # Eva, 'cat' RoPE, SwiGLU
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(embed_dim=64, num_heads=4)),  # a table per block
+    "rope_reg_gap": ("vit_betwixt_patch16_rope_reg4_gap_256", dict(embed_dim=64, num_heads=4)),
+    "eva_post_norm": ("eva02_enormous_patch14_clip_224", dict(img_size=56, embed_dim=64, num_heads=4)),
+    "pe_gqa_map": ("vit_pe_core_tiny_patch16_384", dict(img_size=64)),               # AttentionRope + map pool
+    "siglip_map": ("vit_base_patch16_siglip_224", dict(embed_dim=64, num_heads=4)),  # attention pooling
+    "reg4_map": ("vit_so150m_patch16_reg4_map_256", dict(embed_dim=64, num_heads=4)),
+    "parallel_scaling": ("vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=4)),
+    "parallel_things": ("vit_small_patch16_18x2_224", dict(embed_dim=64, num_heads=4)),
+    "res_post": ("vit_base_patch16_rpn_224", dict(embed_dim=64, num_heads=4)),
+    "diff_attention": ("vit_dwee_patch16_reg1_gap_256", dict(embed_dim=64, num_heads=4)),
+    "diff_parallel": ("vit_dpwee_patch16_reg1_gap_256", dict(embed_dim=64, num_heads=4)),
+}
+
+
+def build(family: str, depth: int = 3) -> nn.Module:
+    name, overrides = FAMILIES[family]
+    torch.manual_seed(0)
+    kwargs = {**dict(depth=depth, img_size=64, num_classes=10), **overrides}
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def images_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+
+
+def expected_counts(num_tokens: int, num_protected: int, r_per_block: list[int]) -> list[int]:
+    counts = []
+    for r in r_per_block:
+        num_tokens -= min(r, (num_tokens - num_protected) // 2)
+        counts.append(num_tokens)
+    return counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_r0_is_timm_and_merging_keeps_the_contract(family):
+    model = build(family)
+    images = images_for(model)
+    with torch.no_grad():
+        reference = model(images)
+        regtome.patch.timm(model, r=0, trace_source=True)
+        torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
+        if model.global_pool == "token" or not regtome.prefix_layout(model).num_register:
+            # (average and attention pooling under protect="class" pool the registers too, by design)
+            with regtome.options(model, protect="class"):
+                torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
+        r = (6, -0.5)
+        model.r = r
+        merged = model(images)
+    record = regtome.last_forward(model)
+    layout, grid = record.layout, record.source.shape[-1] - record.layout.num_prefix
+    assert layout.num_prefix == model.num_prefix_tokens
+    assert torch.isfinite(merged).all() and merged.shape == reference.shape
+    assert list(record.tokens) == expected_counts(layout.num_prefix + grid, layout.num_prefix,
+                                                  regtome.parse_r(len(model.blocks), r))
+    assert record.tokens[-1] < layout.num_prefix + grid  # it merged
+    # the prefix keeps its slots, size 1, made of itself only
+    eye = torch.eye(record.source.shape[-1])[: layout.num_prefix]
+    assert torch.equal(record.source[:, : layout.num_prefix], eye.expand(2, -1, -1))
+    assert (record.size[:, : layout.num_prefix] == 1).all()
+    torch.testing.assert_close(record.size.sum(dim=1).squeeze(-1), torch.full((2,), float(record.source.shape[-1])))
+
+
+@pytest.mark.parametrize("family", ["dinov3", "reg4_map", "diff_attention"])
+def test_family_protect_class_lets_registers_merge(family):
+    model = regtome.patch.timm(build(family), r=12, protect="class", trace_source=True)
+    with torch.no_grad():
+        model(images_for(model))
+    record = regtome.last_forward(model)
+    assert record.num_protected == record.layout.num_class
+    register_slots = list(range(record.layout.num_class, record.layout.num_prefix))
+    # with 16 patches and r=12, half the mergeable tokens go in block 0: some registers are merged
+    alone = record.source[:, :, register_slots].sum(dim=-1)
+    assert record.tokens[0] < model.num_prefix_tokens + 16 and torch.isfinite(record.size).all()
+    assert record.source[:, :, register_slots].sum() == 2 * len(register_slots)  # none lost
+    assert alone.numel() > 0
+
+
+@pytest.mark.parametrize("family", ["dinov3", "siglip_map", "parallel_scaling", "diff_parallel", "parallel_things"])
+def test_family_gradients_and_training_mode(family):
+    model = regtome.patch.timm(build(family), r=4)
+    model.train()
+    model(images_for(model)).sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+
+
+def test_attention_pooling_weighs_merged_tokens_by_size():
+    """'map' pooling: the latent query's logits get log(size), against a softmax written out here."""
+    model = regtome.patch.timm(build("siglip_map"), r=6)
+    images = images_for(model)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        pooled = model.forward_head(features, pre_logits=True)
+        record = regtome.last_forward(model)
+        pool = model.attn_pool
+        B, T, C = features.shape
+        q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, 1, pool.num_heads, -1).transpose(1, 2)
+        k, v = pool.kv(features).reshape(B, T, 2, pool.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        weights = ((q * pool.scale) @ k.transpose(-2, -1) + record.size.log().transpose(1, 2)[:, None]).softmax(-1)
+        x = pool.proj((weights @ v).transpose(1, 2).reshape(B, 1, C))
+        x = (x + pool.mlp(pool.norm(x)))[:, 0]
+        expected = model.fc_norm(x)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-4)
+
+
+def _hand_block_macs(block: nn.Module, family: str, t_in: int, t_out: int, dim: int) -> int:
+    """One block's multiply-accumulates, written from timm's layer sizes for each family."""
+    if family == "parallel_scaling":  # merge after the block: everything sees t_in tokens
+        hidden = block.mlp_out_proj.in_features
+        return t_in * (dim * (hidden + 3 * dim) + dim * dim + hidden * dim) + 2 * t_in * t_in * dim
+    if family == "eva02_swiglu":  # fused qkv + proj on t_in; SwiGLU (fc1_g, fc1_x, fc2) on t_out
+        hidden = block.mlp.fc2.in_features
+        return t_in * (3 * dim * dim + dim * dim) + 2 * t_in * t_in * dim + t_out * (2 * dim * hidden + hidden * dim)
+    raise ValueError(family)
+
+
+@pytest.mark.parametrize("family", ["parallel_scaling", "eva02_swiglu", "siglip_map"])
+def test_family_flops_match_a_hand_count(family):
+    model = regtome.patch.timm(build(family), r=5)
+    size = (3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        model(images_for(model, 1))
+    record = regtome.last_forward(model)
+    dim, grid = model.embed_dim, record.source.shape[-1] if record.source is not None else None
+    patch = model.patch_embed.proj
+    num_patches = (size[1] // patch.stride[0]) * (size[2] // patch.stride[1])
+    expected = num_patches * 3 * patch.kernel_size[0] * patch.kernel_size[1] * dim + dim * 10  # embed + head
+    tokens = [model.num_prefix_tokens + num_patches, *record.tokens]
+    if family == "siglip_map":  # timm Blocks (merge between attention and MLP) + latent attention pooling
+        for block, t_in, t_out in zip(model.blocks, tokens, tokens[1:]):
+            hidden = block.mlp.fc1.out_features
+            expected += t_in * 4 * dim * dim + 2 * t_in * t_in * dim + t_out * 2 * dim * hidden
+        pool, final = model.attn_pool, tokens[-1]
+        hidden = pool.mlp.fc1.out_features
+        expected += final * 2 * dim * dim + dim * dim + dim * dim + 2 * dim * hidden + 2 * final * dim
+    else:
+        for block, t_in, t_out in zip(model.blocks, tokens, tokens[1:]):
+            expected += _hand_block_macs(block, family, t_in, t_out, dim)
+    assert regtome.vit_flops(model, size) == pytest.approx(expected / 1e9, rel=1e-9)
+    assert isinstance(model.blocks[0], MERGES_AFTER_BLOCK) == (family == "parallel_scaling")
+    del grid
+
+
+def test_merged_token_keeps_its_destinations_rotary_position():
+    """Brute force: the merged A tokens are the r best-matched by cosine similarity (a loop here); every
+    output token's position must be that of its one source that was not merged away (its destination)."""
+    torch.manual_seed(0)
+    batch, protected, patches, r = 2, 1, 16, 5
+    metric = torch.randn(batch, protected + patches, 8)
+    positions = initial_positions(batch, protected, patches, metric.device)
+    merge, _ = bipartite_soft_matching(metric, r, protected)
+    merged_positions = merge(positions[..., None], mode="keep")[..., 0]
+    eye = torch.eye(protected + patches)[None].expand(batch, -1, -1)
+    source = merge_source(merge, eye)
+    for b in range(batch):
+        a_slots = list(range(protected, protected + patches, 2))
+        b_slots = list(range(protected + 1, protected + patches, 2))
+        scores = []
+        for a in a_slots:
+            sims = [torch.cosine_similarity(metric[b, a], metric[b, s], dim=0).item() for s in b_slots]
+            scores.append((max(sims), a))
+        merged_away = {a for _, a in sorted(scores, reverse=True)[:r]}
+        for token in range(source.shape[1]):
+            members = torch.nonzero(source[b, token]).flatten().tolist()
+            kept = [m for m in members if m not in merged_away]
+            assert len(kept) == 1
+            assert merged_positions[b, token].item() == positions[b, kept[0]].item()
+
+
+def test_rope_rows_per_token_and_identity_for_the_prefix():
+    torch.manual_seed(0)
+    model = build("dinov3")
+    _, table = regtome.patch.timm(model)._embed(images_for(model))
+    positions = torch.tensor([[0, 3, 1, 0], [2, 0, 5, 4]])
+    rows = rope_for_tokens(table, positions)
+    assert rows.shape == (2, 1, 4, table.shape[-1])
+    for b in range(2):
+        for t in range(4):
+            torch.testing.assert_close(rows[b, 0, t], table[positions[b, t]])
+    sin, cos = table[0].chunk(2)
+    assert (sin == 0).all() and (cos == 1).all()
+    assert table.shape[0] == 1 + 16 and torch.equal(rope_table(table[1:]), table)
+
+
+def test_dinov3_storage_tokens_get_prefix_attention_maps():
+    model = regtome.patch.timm(build("dinov3"), r=4)
+    weights, names = regtome.prefix_attention(model, images_for(model), -1)
+    assert names == ["class", "register 1", "register 2", "register 3", "register 4"]
+    assert weights.shape == (2, 4, 5, 16) and torch.isfinite(weights).all()
+    assert model.r == 4
+
+
+def test_what_stays_refused_says_why():
+    relpos = timm.create_model("vit_relpos_small_patch16_224", depth=1, img_size=64, num_classes=10)
+    with pytest.raises(TypeError, match="relative-position"):
+        regtome.patch.timm(relpos)
+    eva_patch_drop = timm.create_model("vit_small_patch16_dinov3", depth=1, img_size=64, patch_drop_rate=0.5)
+    with pytest.raises(TypeError, match="patch_drop_rate"):
+        regtome.patch.timm(eva_patch_drop)
