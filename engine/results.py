@@ -36,7 +36,7 @@ def run_record(cfg: DictConfig, model: nn.Module, metrics: Mapping[str, Any], de
         "model_name": model_cfg["name"],
         "model_kwargs": model_cfg.get("kwargs") or {},
         "img_size": model_cfg["img_size"],
-        "registers": int(getattr(model, "num_reg_tokens", 0)),
+        "registers": regtome.prefix_layout(model).num_register,
         "r": list(model.r) if isinstance(model.r, tuple) else model.r,  # what ran (tome.flops chooses it)
         "flops_fraction": OmegaConf.select(cfg, "tome.flops", default=None),
         "protect": model.protect,

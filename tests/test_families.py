@@ -216,3 +216,37 @@ def test_what_stays_refused_says_why():
     eva_patch_drop = timm.create_model("vit_small_patch16_dinov3", depth=1, img_size=64, patch_drop_rate=0.5)
     with pytest.raises(TypeError, match="patch_drop_rate"):
         regtome.patch.timm(eva_patch_drop)
+
+
+@pytest.mark.parametrize("preset,num_prefix", [("vit_small_patch16_dinov3", 5), ("vit_base_patch16_siglip_224", 0)])
+def test_model_presets_build_patched_from_local_weights(tmp_path, preset, num_prefix):
+    """configs/model presets for DINOv3 and SigLIP: built by the CLI's builder, weights from a local file."""
+    from cli_helpers import compose_config
+    from engine.model import build_model, model_label
+
+    cfg = compose_config(f"model={preset}", "model.img_size=64", "+model.kwargs.depth=2",
+                         "+model.kwargs.embed_dim=64", "+model.kwargs.num_heads=4", "tome.r=4")
+    torch.manual_seed(0)
+    reference = timm.create_model(cfg.model.name, img_size=64, depth=2, embed_dim=64, num_heads=4).eval()
+    path = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), path)
+    cfg.model.pretrained_file = str(path)
+    model = build_model(cfg.model, cfg.tome, 1000).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), regtome.options(model, r=0):  # the hub configs have no head: compare pre-logits
+        pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+        torch.testing.assert_close(pooled, reference.forward_head(reference.forward_features(images), pre_logits=True),
+                                   atol=1e-5, rtol=0)
+    assert model.num_prefix_tokens == num_prefix and model.r == 4
+    assert model_label(cfg.model).startswith(preset)
+
+
+def test_registers_setting_reaches_eva_models():
+    """model.registers maps to Eva's own argument (num_reg_tokens), not the ViT one."""
+    from cli_helpers import compose_config
+    from engine.model import build_model
+
+    cfg = compose_config("model=vit_small_patch16_dinov3", "model.registers=2", "model.img_size=64",
+                         "+model.kwargs.depth=1")
+    model = build_model(cfg.model, cfg.tome, 10)
+    assert regtome.prefix_layout(model).num_register == 2
