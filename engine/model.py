@@ -62,7 +62,7 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def _register_argument(name: str) -> str:
+def register_argument(name: str) -> str:
     """The create_model argument for the register count: timm's Eva models (DINOv3, EVA-02) call it num_reg_tokens."""
     return "num_reg_tokens" if timm.models.model_entrypoint(name).__module__.endswith(".eva") else "reg_tokens"
 
@@ -77,7 +77,7 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
     kwargs: dict[str, Any] = dict(model_cfg.get("kwargs") or {})
     kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
     if model_cfg.get("registers") is not None:
-        kwargs[_register_argument(name)] = int(model_cfg["registers"])
+        kwargs[register_argument(name)] = int(model_cfg["registers"])
     pretrained_file = model_cfg.get("pretrained_file")
     if pretrained_file:
         if not os.path.isfile(pretrained_file):
@@ -95,7 +95,7 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
         if not pretrained:  # not a weights problem: report what timm said
             raise UserError(f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({_first_line(err)}); "
                             "check model.kwargs") from err
-        registers = kwargs.get(_register_argument(name), "its")
+        registers = kwargs.get(register_argument(name), "its")
         raise UserError(f"pretrained weights do not fit {name} with {registers} registers "
                         f"({_first_line(err)}); set model.registers=null") from err
     except TypeError as err:  # e.g. a CNN has no img_size / reg_tokens

@@ -1,7 +1,8 @@
 """Throughput of RegToMe against the unpatched timm model, side by side from one run.
 
-    python scripts/benchmark_patch.py                      # ViT-S/16, 224, 4 registers, batch 8
-    python scripts/benchmark_patch.py --device cuda --batch 64 --amp fp16
+    python scripts/benchmark_patch.py --registers 4        # ViT-S/16, 224, 4 registers, batch 8
+    python scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16
+    python scripts/benchmark_patch.py --model vit_small_patch16_dinov3   # its own 4 storage tokens
 
 Each r schedule shares the unpatched model's weights; all cases are interleaved in one process
 after warm-up (the same measurement as `task=benchmark`, inference only). 'ideal' is the FLOP
@@ -18,13 +19,14 @@ import torch
 
 import regtome
 from engine.benchmark import Timing, benchmark_rows
+from engine.model import register_argument
 from engine.runtime import AMP_DTYPES, device_name
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--registers", type=int, default=4)
+    parser.add_argument("--registers", type=int, default=None, help="register tokens (default: the model's own)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off")
@@ -34,14 +36,16 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    baseline = timm.create_model(args.model, reg_tokens=args.registers).to(device).eval()
+    kwargs = {} if args.registers is None else {register_argument(args.model): args.registers}
+    baseline = timm.create_model(args.model, **kwargs).to(device).eval()
     merged = regtome.patch.timm(copy.deepcopy(baseline))
     schedules = ast.literal_eval(args.r)
     timing = Timing(warmup=2, repeats=args.repeats, iters=args.iters, train_step=False)
     rows = benchmark_rows(baseline, merged, schedules, [args.batch], timing, device, AMP_DTYPES[args.amp])
 
     name = device_name(device)
-    print(f"{args.model} reg={args.registers} | device {name} | batch {args.batch} | amp {args.amp} | torch {torch.__version__}")
+    registers = regtome.prefix_layout(baseline).num_register
+    print(f"{args.model} reg={registers} | device {name} | batch {args.batch} | amp {args.amp} | torch {torch.__version__}")
     print(f"{'r':>12} {'img/s':>9} {'GFLOPs':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8}")
     for row in rows:
         print(f"{row['r']:>12} {row['images_per_s']:9.1f} {row['gflops']:7.2f} {row['speedup']:7.2f}x "

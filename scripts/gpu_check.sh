@@ -3,7 +3,7 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]        (default: gpu_check/<date>_<time>)
 # 1. the CUDA tests (python -m pytest -m cuda)
 # 2. task=benchmark at fp16, batch 1/64/256, r = 0, 8, 13, 16, (16,-1), with the training step and the loader
-# 3. scripts/benchmark_patch.py --device cuda --batch 64 --amp fp16 (the library alone)
+# 3. scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16 (the library alone)
 # 4. a short training throughput run of the original recipe (ViT-S/16 at 224, 4 registers, r=16, fp16)
 #    on generated 32 px images through the real loader path (workers, augmentation, resize on the GPU)
 # Everything lands in OUT_DIR, with report.md naming device, torch/timm versions, batch and dtype.
@@ -35,7 +35,7 @@ step "task=benchmark (fp16, batch 1/64/256)"
     > "$OUT/benchmark.log" 2>&1 || status=1
 
 step "library benchmark (benchmark_patch.py)"
-"$PY" scripts/benchmark_patch.py --device cuda --batch 64 --amp fp16 > "$OUT/benchmark_patch.txt" 2>&1 || status=1
+"$PY" scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16 > "$OUT/benchmark_patch.txt" 2>&1 || status=1
 
 step "training throughput: ViT-S/16 224, 4 registers, r=16, fp16, real loader path"
 "$PY" main.py task=train experiment=cifar10_vits_reg4 trainer.device=cuda trainer.amp=fp16 dataset=imagefolder \

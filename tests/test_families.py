@@ -250,3 +250,12 @@ def test_registers_setting_reaches_eva_models():
                          "+model.kwargs.depth=1")
     model = build_model(cfg.model, cfg.tome, 10)
     assert regtome.prefix_layout(model).num_register == 2
+
+
+@pytest.mark.parametrize("family", ["dinov3", "siglip_map"])
+def test_family_compiles_to_one_graph(family):
+    """Eva's rotary blocks and attention pooling trace like timm's Block: one graph, no breaks."""
+    model = regtome.patch.timm(build(family, depth=2), r=(4, -1.0))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(images_for(model))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
