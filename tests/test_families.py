@@ -253,3 +253,25 @@ def test_family_compiles_to_one_graph(family):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(images_for(model))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_dinov3_other_image_sizes_and_dense_features():
+    """dynamic_img_size (DINOv3's default): another grid at r=0 is timm's; forward_intermediates keeps timm's shapes."""
+    model = build("dinov3")
+    images = torch.randn(2, 3, 80, 48, generator=torch.Generator().manual_seed(2))  # a 5x3 grid, not 4x4
+    with torch.no_grad():
+        reference = model(images)
+        timm_final, timm_maps = model.forward_intermediates(images, indices=[0, 2], return_prefix_tokens=True)
+        regtome.patch.timm(model, r=0)
+        torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=0)
+        with regtome.options(model, r=3):
+            final, maps = model.forward_intermediates(images, indices=[0, 2], return_prefix_tokens=True)
+            assert regtome.last_forward(model).tokens[-1] < 5 + 15
+    assert final.shape == timm_final.shape
+    for (spatial, prefix), (timm_spatial, timm_prefix) in zip(maps, timm_maps):
+        assert spatial.shape == timm_spatial.shape == (2, 64, 5, 3) and prefix.shape == timm_prefix.shape
+    with torch.no_grad():
+        _, maps_r0 = model.forward_intermediates(images, indices=[0, 2], return_prefix_tokens=True)
+    for (spatial, prefix), (timm_spatial, timm_prefix) in zip(maps_r0, timm_maps):
+        torch.testing.assert_close(spatial, timm_spatial, atol=1e-5, rtol=0)
+        torch.testing.assert_close(prefix, timm_prefix, atol=1e-5, rtol=0)
