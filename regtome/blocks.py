@@ -71,7 +71,8 @@ def _attention(attn: nn.Module, x: torch.Tensor, tokens: Tokens, prop_attn: bool
     return call_observing_keys(attn, attn.k_norm, 1, x, attn_mask=_bias(tokens, prop_attn))
 
 
-def block_forward(block: Block, tokens: Tokens, r: int, num_protected: int, prop_attn: bool) -> Tokens:
+def block_forward(block: Block, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
+                  rope: Optional[torch.Tensor] = None) -> Tokens:
     attn_out, keys = _attention(block.attn, block.norm1(tokens.x), tokens, prop_attn, r > 0)
     tokens = tokens._replace(x=tokens.x + block.drop_path1(block.ls1(attn_out)))
     tokens = merge_tokens(tokens, keys, r, num_protected)
@@ -79,7 +80,7 @@ def block_forward(block: Block, tokens: Tokens, r: int, num_protected: int, prop
 
 
 def res_post_block_forward(block: ResPostBlock, tokens: Tokens, r: int, num_protected: int,
-                           prop_attn: bool) -> Tokens:
+                           prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
     attn_out, keys = _attention(block.attn, tokens.x, tokens, prop_attn, r > 0)
     tokens = tokens._replace(x=tokens.x + block.drop_path1(block.norm1(attn_out)))
     tokens = merge_tokens(tokens, keys, r, num_protected)
@@ -87,7 +88,7 @@ def res_post_block_forward(block: ResPostBlock, tokens: Tokens, r: int, num_prot
 
 
 def parallel_things_block_forward(block: ParallelThingsBlock, tokens: Tokens, r: int, num_protected: int,
-                                  prop_attn: bool) -> Tokens:
+                                  prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
     """Parallel attentions, then parallel MLPs; the metric is the keys averaged over the attentions."""
     outputs = [_attention(branch.attn, branch.norm(tokens.x), tokens, prop_attn, r > 0) for branch in block.attns]
     update = torch.stack([branch.drop_path(branch.ls(out)) for branch, (out, _) in zip(block.attns, outputs)])
@@ -98,7 +99,7 @@ def parallel_things_block_forward(block: ParallelThingsBlock, tokens: Tokens, r:
 
 
 def parallel_scaling_block_forward(block: nn.Module, tokens: Tokens, r: int, num_protected: int,
-                                   prop_attn: bool) -> Tokens:
+                                   prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
     """timm's fused parallel block as it is, then the merge (keys read inside it)."""
     # ParallelScalingBlock applies k_norm to (B, T, heads, head_dim), the differential one to (B, heads, T, d).
     head_dim = 2 if isinstance(block, ParallelScalingBlock) else 1
@@ -107,7 +108,8 @@ def parallel_scaling_block_forward(block: nn.Module, tokens: Tokens, r: int, num
 
 
 def eva_block_forward(block: EvaBlock, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
-                      rope: Optional[torch.Tensor]) -> Tokens:
+                      rope: Optional[torch.Tensor] = None) -> Tokens:
+    """`rope`: the block's rotary table (`regtome.rope.rope_table`), None for Eva models without RoPE."""
     post_norm = isinstance(block, EvaBlockPostNorm)
     rope_rows = None if rope is None else rope_for_tokens(rope, tokens.position)
     attn_in = tokens.x if post_norm else block.norm1(tokens.x)
@@ -127,6 +129,7 @@ def eva_block_forward(block: EvaBlock, tokens: Tokens, r: int, num_protected: in
     return tokens._replace(x=tokens.x + block.drop_path2(mlp_out))
 
 
+# Every forward: (block, tokens, r, num_protected, prop_attn, rope) -> tokens; rope is used by Eva blocks only.
 BlockForward = Callable[..., Tokens]
 BLOCK_FORWARDS: dict[type, BlockForward] = {
     Block: block_forward,
@@ -142,8 +145,5 @@ MERGES_AFTER_BLOCK = (ParallelScalingBlock, DiffParallelScalingBlock)
 
 def merging_block_forward(block: nn.Module, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
                           rope: Optional[torch.Tensor] = None) -> Tokens:
-    """Run `block` on `tokens` with up to r merges (the blocks of Eva models also take their rope table)."""
-    forward = BLOCK_FORWARDS[type(block)]
-    if forward is eva_block_forward:
-        return forward(block, tokens, r, num_protected, prop_attn, rope)
-    return forward(block, tokens, r, num_protected, prop_attn)
+    """Run `block` on `tokens` with up to r merges (`rope`: the rotary table of Eva models, else None)."""
+    return BLOCK_FORWARDS[type(block)](block, tokens, r, num_protected, prop_attn, rope)
