@@ -3,7 +3,8 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]        (default: gpu_check/<date>_<time>)
 # 1. the CUDA tests (python -m pytest -m cuda)
 # 2. task=benchmark at fp16, batch 1/64/256, r = 0, 8, 13, 16, (16,-1), with the training step and the loader
-# 3. scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16 (the library alone)
+# 3. scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16 (the library alone),
+#    also on DINOv3 ViT-S/16 (RoPE, 4 storage tokens) and the SigLIP ViT-B/16 tower (attention pooling)
 # 4. a short training throughput run of the original recipe (ViT-S/16 at 224, 4 registers, r=16, fp16)
 #    on generated 32 px images through the real loader path (workers, augmentation, resize on the GPU)
 # Everything lands in OUT_DIR, with report.md naming device, torch/timm versions, batch and dtype.
@@ -36,6 +37,10 @@ step "task=benchmark (fp16, batch 1/64/256)"
 
 step "library benchmark (benchmark_patch.py)"
 "$PY" scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16 > "$OUT/benchmark_patch.txt" 2>&1 || status=1
+for model in vit_small_patch16_dinov3 vit_base_patch16_siglip_224; do
+    "$PY" scripts/benchmark_patch.py --model "$model" --device cuda --batch 64 --amp fp16 \
+        > "$OUT/benchmark_patch_$model.txt" 2>&1 || status=1
+done
 
 step "training throughput: ViT-S/16 224, 4 registers, r=16, fp16, real loader path"
 "$PY" main.py task=train experiment=cifar10_vits_reg4 trainer.device=cuda trainer.amp=fp16 dataset=imagefolder \
@@ -60,6 +65,8 @@ lines = [f"# RegToMe GPU check\n", f"- device: {torch.cuda.get_device_name(0)}",
 lines += ["## CUDA tests", "```", read("cuda_tests.txt").splitlines()[-1] if (out / "cuda_tests.txt").exists() else "missing", "```", ""]
 lines += ["## task=benchmark (ViT-S/16 at 224, 4 registers; loader: generated 32 px PNGs)", read("benchmark/benchmark.md"), ""]
 lines += ["## The library alone (batch 64)", "```", read("benchmark_patch.txt"), "```", ""]
+for model in ("vit_small_patch16_dinov3", "vit_base_patch16_siglip_224"):
+    lines += [f"## {model} (batch 64)", "```", read(f"benchmark_patch_{model}.txt"), "```", ""]
 train = out / "train" / "results.json"
 if train.exists():
     record = json.loads(train.read_text())

@@ -1,12 +1,15 @@
 """The research CLI end to end: train, eval, resume, multirun + report, on synthetic data, CPU."""
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cli_helpers import SMOKE, compose_config, results, run_main
+from cli_helpers import ROOT, SMOKE, compose_config, results, run_main
 
 CONTRACT_KEYS = [
     "task", "seed", "ckpt", "resume", "dataset.root", "dataset.download", "model.name", "model.registers",
@@ -151,3 +154,13 @@ def test_original_table_script_composes_and_runs_end_to_end(tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + 3 and "| 16 | 74.23 | 1.75x |" in result.stdout
     assert "-" not in lines[-1].split("|")[4]  # our top-1 at (16,-1) with protect=prefix is filled in
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_gpu_check_without_cuda_is_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "gpu_check"
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: no CUDA GPU") and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
