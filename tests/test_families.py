@@ -275,3 +275,16 @@ def test_dinov3_other_image_sizes_and_dense_features():
     for (spatial, prefix), (timm_spatial, timm_prefix) in zip(maps_r0, timm_maps):
         torch.testing.assert_close(spatial, timm_spatial, atol=1e-5, rtol=0)
         torch.testing.assert_close(prefix, timm_prefix, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["dinov3", "siglip_map"])
+def test_family_under_bf16_autocast_keeps_sizes_fp32(family):
+    model = regtome.patch.timm(build(family), r=4)
+    images = images_for(model)
+    with torch.no_grad():
+        full = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(images)
+    assert regtome.last_forward(model).size.dtype == torch.float32
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.1)
