@@ -145,5 +145,8 @@ MERGES_AFTER_BLOCK = (ParallelScalingBlock, DiffParallelScalingBlock)
 
 def merging_block_forward(block: nn.Module, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
                           rope: Optional[torch.Tensor] = None) -> Tokens:
-    """Run `block` on `tokens` with up to r merges (`rope`: the rotary table of Eva models, else None)."""
+    """Run `block` on `tokens` with up to r merges (`rope`: the rotary table of Eva models, else None).
+
+    The caller passes prop_attn=False while every size is still 1, so that attention then runs
+    through timm's exact (fused) call."""
     return BLOCK_FORWARDS[type(block)](block, tokens, r, num_protected, prop_attn, rope)
