@@ -288,3 +288,17 @@ def test_family_under_bf16_autocast_keeps_sizes_fp32(family):
     assert regtome.last_forward(model).size.dtype == torch.float32
     assert torch.isfinite(half).all()
     torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("family", ["dinov3", "parallel_scaling"])
+def test_family_gradient_checkpointing_gives_the_same_gradients(family):
+    grads = []
+    for checkpointing in (False, True):
+        model = regtome.patch.timm(build(family), r=4)
+        model.set_grad_checkpointing(checkpointing)
+        model.train()
+        model(images_for(model)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
