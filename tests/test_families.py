@@ -302,3 +302,29 @@ def test_family_gradient_checkpointing_gives_the_same_gradients(family):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_dinov3_prefix_attention_matches_timms_own_attention():
+    """Brute force: capture the input and rope timm's own forward hands to the attention, rotate the
+    patch tokens as timm does (prefix unrotated), softmax; RegToMe's maps must be the same."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    reference = build("dinov3")
+    images = images_for(reference)
+    block = 1
+    captured = {}
+    attn = reference.blocks[block].attn
+    handle = attn.register_forward_pre_hook(
+        lambda m, args, kwargs: captured.update(x=args[0], rope=kwargs["rope"]), with_kwargs=True)
+    with torch.no_grad():
+        reference(images)
+        handle.remove()
+        B, T, _ = captured["x"].shape
+        q, k, _ = attn.qkv(captured["x"]).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        n = reference.num_prefix_tokens
+        q = torch.cat([q[:, :, :n], apply_rot_embed_cat(q[:, :, n:], captured["rope"], half=True)], dim=2)
+        k = torch.cat([k[:, :, :n], apply_rot_embed_cat(k[:, :, n:], captured["rope"], half=True)], dim=2)
+        expected = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, :n, n:]
+        model = regtome.patch.timm(reference, r=4)
+        weights, _ = regtome.prefix_attention(model, images, block)
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-4)
