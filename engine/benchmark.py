@@ -239,9 +239,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
             raise UserError(f"benchmark.target_speedup must be > 1, got {bench.target_speedup}")
         target = schedule_for_speedup(baseline, merged, float(bench.target_speedup), max(batch_sizes), timing,
                                       device, dtype)
-    meta = {"model": model_label(cfg.model), "registers": regtome.prefix_layout(baseline).num_register, "img_size": cfg.model.img_size,
-            "device": device_name(device), "dtype": dtype_name(dtype), "torch": torch.__version__,
-            "timm": timm.__version__}
+    meta = {"model": model_label(cfg.model), "registers": regtome.prefix_layout(baseline).num_register,
+            "img_size": cfg.model.img_size, "device": device_name(device), "dtype": dtype_name(dtype),
+            "torch": torch.__version__, "timm": timm.__version__}
     loader = time_train_loader(cfg, merged, device) if bench.loader else {"error": "benchmark.loader=false"}
     notes = batch_one_notes(rows) + data_bound_notes(loader, rows)
     if target is not None:

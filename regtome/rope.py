@@ -8,8 +8,9 @@ tokens merge, each output token needs one position. Two rules were weighed:
   (set B of the bipartite matching). Every timm RoPE flavour ('cat', 'dinov3', 'mixed' with its
   per-block tables; 'mrope' too, though no timm config uses it) hands over a table of sin/cos rows,
   one per grid position, so the rule is a row lookup: exact for unmerged tokens, the same for every
-  flavour, no frequency code repeated here, and every angle is one the model was trained with. ToMe merges tokens that are alike, and
-  those are mostly neighbours, so the position it keeps is near the others it stands for.
+  flavour, no frequency code repeated here, and every angle is one the model was trained with. ToMe
+  merges tokens that are alike, and those are mostly neighbours, so the position it keeps is near the
+  others it stands for.
 - **size-weighted centroid**: rotate at the mean grid coordinate of a token's patches. It needs each
   flavour's frequencies and coordinate scaling re-implemented to evaluate fractional positions, and
   for merges of distant look-alikes (sky on both sides of an object) it invents a position between

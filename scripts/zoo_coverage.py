@@ -21,6 +21,7 @@ from typing import Optional
 import timm
 import torch
 from timm.models.eva import Eva
+from tqdm import tqdm
 from timm.models.vision_transformer import VisionTransformer
 
 import regtome
@@ -80,14 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     names = sorted({n for pattern in args.names for n in timm.list_models(pattern)})
-    rows = []
-    try:
-        from tqdm import tqdm
-        names_iter = tqdm(names, desc="configs")
-    except ImportError:
-        names_iter = names
-    for name in names_iter:
-        rows.append(check(name))
+    rows = [check(name) for name in tqdm(names, desc="configs")]
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
