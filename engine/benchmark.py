@@ -226,7 +226,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     merged = build_model(cfg.model, cfg.tome, count_classes(cfg.dataset)).to(device)
     for r in schedules:
         try:
-            regtome.parse_r(len(merged.blocks), r)  # fail before timing anything
+            with regtome.options(merged, r=r):  # checks r against the model: fail before timing anything
+                pass
         except ValueError as err:
             raise UserError(f"benchmark.r entry {r}: {err}") from err
     baseline = regtome.remove_patch(copy.deepcopy(merged))

@@ -162,13 +162,13 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
 def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     """Say once when the cap (half the mergeable tokens per block) lowers the requested r."""
     size = int(cfg.model.img_size)
-    requested = regtome.parse_r(len(model.blocks), model.r)
     param = next(model.parameters())
     with torch.no_grad(), regtome.options(model, trace_source=False):
         was_training = model.training
         model.eval()
         model(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
         model.train(was_training)
+    requested = list(regtome.last_forward(model).r_requested)
     applied = list(regtome.last_forward(model).r)
     if applied != requested:
         capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]

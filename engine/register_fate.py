@@ -1,4 +1,4 @@
-"""Where the registers go when they are not protected (protect="class", ToMe's rule).
+"""Where the registers go when they are not protected (protect="class", ToMe's rule, or "apart").
 
 After each block, every register token sits in one output token. That token is the register
 alone, the register merged with other registers only, or a token that also holds patches.
@@ -27,9 +27,8 @@ def register_fates(model: nn.Module, loader: DataLoader, device: torch.device,
         raise ValueError("the model has no register tokens")
     nc, p = layout.num_class, layout.num_prefix
     depth = len(model.blocks)
-    schedule = regtome.parse_r(depth, model.r)
     counts = torch.zeros(depth, layout.num_register, len(FATES), dtype=torch.long)
-    images_seen, cosine_sum = 0, 0.0
+    images_seen, cosine_sum, schedule = 0, 0.0, None
     model.eval()
     for images, _ in loader:
         images = prepare(images.to(device))
@@ -38,10 +37,11 @@ def register_fates(model: nn.Module, loader: DataLoader, device: torch.device,
         cosine = registers @ registers.transpose(1, 2)
         off_diagonal = layout.num_register * (layout.num_register - 1)
         cosine_sum += float((cosine.sum(dim=(1, 2)) - layout.num_register).sum()) / max(off_diagonal, 1)
+        with regtome.options(model, protect=protect):
+            record = regtome.trace(model, images)  # one pass, every block
+        schedule = list(record.r_requested)
         for block in range(depth):
-            with regtome.options(model, r=schedule[: block + 1], protect=protect, trace_source=True):
-                model(images)
-                source = regtome.last_forward(model).source  # (B, T, N)
+            source = record.blocks[block].source  # (B, T, N)
             for j in range(layout.num_register):
                 column = source[:, :, nc + j]  # (B, T): which output token holds register j
                 row = column.argmax(dim=1)

@@ -22,7 +22,7 @@ def merge_summary(model: nn.Module, img_size: int) -> dict[str, Any]:
     gflops = regtome.vit_flops(model, (3, img_size, img_size))
     record = regtome.last_forward(model)
     return {"gflops": gflops, "tokens_per_block": list(record.tokens), "r_per_block": list(record.r),
-            "r_requested_per_block": regtome.parse_r(len(model.blocks), model.r)}
+            "r_requested_per_block": list(record.r_requested)}
 
 
 def run_record(cfg: DictConfig, model: nn.Module, metrics: Mapping[str, Any], device: torch.device,

@@ -68,19 +68,14 @@ def merge_map(image: np.ndarray, labels: np.ndarray, grid: tuple[int, int]) -> n
 
 
 def sources_after_blocks(model: nn.Module, images: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
-    """The token sources after each block in `blocks`: run with merging stopped after that block."""
-    schedule = regtome.parse_r(len(model.blocks), model.r)
-    out = {}
+    """The token sources after each block in `blocks`, from one traced forward pass."""
     with torch.no_grad():
-        for block in blocks:
-            with regtome.options(model, r=schedule[: block + 1], trace_source=True):
-                model(images)
-            out[block] = regtome.last_forward(model).source
-    return out
+        record = regtome.trace(model, images, blocks)
+    return {block: record.blocks[block].source for block in blocks}
 
 
-def grid_shape(num_blocks: int, num_heads: int, num_prefix: int, compare: bool) -> tuple[int, int]:
-    rows = 1 + int(compare) + num_prefix
+def grid_shape(num_blocks: int, num_heads: int, num_prefix: int, num_modes: int) -> tuple[int, int]:
+    rows = num_modes + num_prefix
     cols = max(1 + num_blocks, num_heads)
     return rows, cols
 
@@ -96,7 +91,7 @@ def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens:
 
     blocks = sorted(next(iter(maps.values())))
     num_heads = attention.shape[0]
-    rows, cols = grid_shape(len(blocks), num_heads, len(names), len(maps) > 1)
+    rows, cols = grid_shape(len(blocks), num_heads, len(names), len(maps))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL_PX / 100, rows * CELL_PX / 100), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")

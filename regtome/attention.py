@@ -99,6 +99,26 @@ def attention_with_keys(
     return out, k.mean(dim=1) if return_keys else None
 
 
+def rotary_qkv(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k rotated, k and v repeated to every query head (grouped-query attention), and the keys
+    before the rotation averaged over heads (B, T, head_dim), of timm's `EvaAttention` / `AttentionRope`.
+
+    `rope`: (B, 1 or heads, T, D) sin/cos rows from `regtome.rope.rope_for_tokens`, the identity
+    rotation for tokens without a position (class, registers); None for Eva models without RoPE.
+    """
+    q, k, v = project_rope_qkv(attn, x)
+    keys = k.mean(dim=1)
+    if rope is not None:
+        half = getattr(attn, "rotate_half", False)
+        q = apply_rot_embed_cat(q, rope, half=half).type_as(v)
+        k = apply_rot_embed_cat(k, rope, half=half).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return q, k, v, keys
+
+
 def rope_attention_with_keys(
     attn: nn.Module,
     x: torch.Tensor,
@@ -108,23 +128,14 @@ def rope_attention_with_keys(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm's Eva attention with one rotary embedding per token; returns the output and the keys.
 
-    `rope`: (B, 1 or heads, T, D) sin/cos rows from `regtome.rope.rope_for_tokens`, the identity
-    rotation for tokens without a position (class, registers), so the result equals timm's, which
-    leaves its first `num_prefix_tokens` tokens unrotated. The keys for matching are taken before
-    the rotation: they compare content, not position.
+    The result equals timm's, which leaves its first `num_prefix_tokens` tokens unrotated (they get
+    the identity rotation here). The keys for matching are taken before the rotation: they compare
+    content, not position.
     """
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = project_rope_qkv(attn, x)
-    keys = k.mean(dim=1) if return_keys else None
-    if rope is not None:
-        half = getattr(attn, "rotate_half", False)
-        q = apply_rot_embed_cat(q, rope, half=half).type_as(v)
-        k = apply_rot_embed_cat(k, rope, half=half).type_as(v)
-    groups = getattr(attn, "num_kv_groups", 1)
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    q, k, v, keys = rotary_qkv(attn, x, rope)
     bias = None if size is None else size_bias(size, q.dtype)
-    return _output(attn, _attend(attn, q, k, v, bias), gate), keys
+    return _output(attn, _attend(attn, q, k, v, bias), gate), keys if return_keys else None
 
 
 def call_observing_keys(module: nn.Module, k_norm: nn.Module, head_dim: int, *args: Any,

@@ -14,7 +14,7 @@ attention (`regtome.attention`) for `Attention` and Eva's rotary attention, and 
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,32 +29,10 @@ from timm.models.vision_transformer import (
 )
 
 from .attention import attention_with_keys, call_observing_keys, rope_attention_with_keys, size_bias
-from .merge import bipartite_soft_matching, merge_source, merge_wavg
+from .forward import BlockForward
+from .layout import BlockPrefix
 from .rope import rope_for_tokens
-
-
-class Tokens(NamedTuple):
-    """The sequence between blocks and what travels with it.
-
-    x: (B, T, C) tokens. size: (B, T, 1) fp32, patches per token. source: (B, T, N) 0/1, which of
-    timm's N tokens each token is made of (only when traced). position: (B, T) rotary table rows
-    (only for RoPE models; see `regtome.rope`).
-    """
-
-    x: torch.Tensor
-    size: torch.Tensor
-    source: Optional[torch.Tensor] = None
-    position: Optional[torch.Tensor] = None
-
-
-def merge_tokens(tokens: Tokens, keys: Optional[torch.Tensor], r: int, num_protected: int) -> Tokens:
-    """Merge the r most similar mergeable tokens (by `keys`); sizes, sources and positions follow."""
-    if r <= 0 or keys is None:
-        return tokens
-    merge, _ = bipartite_soft_matching(keys, r, num_protected)
-    x, size = merge_wavg(merge, tokens.x, tokens.size)
-    position = None if tokens.position is None else merge(tokens.position[..., None], mode="keep")[..., 0]
-    return Tokens(x, size, merge_source(merge, tokens.source), position)
+from .tokens import Tokens, merge_tokens
 
 
 def _bias(tokens: Tokens, prop_attn: bool) -> Optional[torch.Tensor]:
@@ -71,43 +49,43 @@ def _attention(attn: nn.Module, x: torch.Tensor, tokens: Tokens, prop_attn: bool
     return call_observing_keys(attn, attn.k_norm, 1, x, attn_mask=_bias(tokens, prop_attn))
 
 
-def block_forward(block: Block, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
+def block_forward(block: Block, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool,
                   rope: Optional[torch.Tensor] = None) -> Tokens:
     attn_out, keys = _attention(block.attn, block.norm1(tokens.x), tokens, prop_attn, r > 0)
     tokens = tokens._replace(x=tokens.x + block.drop_path1(block.ls1(attn_out)))
-    tokens = merge_tokens(tokens, keys, r, num_protected)
+    tokens = merge_tokens(tokens, keys, r, prefix)
     return tokens._replace(x=tokens.x + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens.x)))))
 
 
-def res_post_block_forward(block: ResPostBlock, tokens: Tokens, r: int, num_protected: int,
+def res_post_block_forward(block: ResPostBlock, tokens: Tokens, r: int, prefix: BlockPrefix,
                            prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
     attn_out, keys = _attention(block.attn, tokens.x, tokens, prop_attn, r > 0)
     tokens = tokens._replace(x=tokens.x + block.drop_path1(block.norm1(attn_out)))
-    tokens = merge_tokens(tokens, keys, r, num_protected)
+    tokens = merge_tokens(tokens, keys, r, prefix)
     return tokens._replace(x=tokens.x + block.drop_path2(block.norm2(block.mlp(tokens.x))))
 
 
-def parallel_things_block_forward(block: ParallelThingsBlock, tokens: Tokens, r: int, num_protected: int,
+def parallel_things_block_forward(block: ParallelThingsBlock, tokens: Tokens, r: int, prefix: BlockPrefix,
                                   prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
     """Parallel attentions, then parallel MLPs; the metric is the keys averaged over the attentions."""
     outputs = [_attention(branch.attn, branch.norm(tokens.x), tokens, prop_attn, r > 0) for branch in block.attns]
     update = torch.stack([branch.drop_path(branch.ls(out)) for branch, (out, _) in zip(block.attns, outputs)])
     tokens = tokens._replace(x=tokens.x + update.sum(dim=0))
     keys = torch.stack([k for _, k in outputs]).mean(dim=0) if r > 0 else None
-    tokens = merge_tokens(tokens, keys, r, num_protected)
+    tokens = merge_tokens(tokens, keys, r, prefix)
     return tokens._replace(x=tokens.x + torch.stack([ffn(tokens.x) for ffn in block.ffns]).sum(dim=0))
 
 
-def parallel_scaling_block_forward(block: nn.Module, tokens: Tokens, r: int, num_protected: int,
+def parallel_scaling_block_forward(block: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix,
                                    prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
     """timm's fused parallel block as it is, then the merge (keys read inside it)."""
     # ParallelScalingBlock applies k_norm to (B, T, heads, head_dim), the differential one to (B, heads, T, d).
     head_dim = 2 if isinstance(block, ParallelScalingBlock) else 1
     x, keys = call_observing_keys(block, block.k_norm, head_dim, tokens.x, attn_mask=_bias(tokens, prop_attn))
-    return merge_tokens(tokens._replace(x=x), keys, r, num_protected)
+    return merge_tokens(tokens._replace(x=x), keys, r, prefix)
 
 
-def eva_block_forward(block: EvaBlock, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
+def eva_block_forward(block: EvaBlock, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool,
                       rope: Optional[torch.Tensor] = None) -> Tokens:
     """`rope`: the block's rotary table (`regtome.rope.rope_table`), None for Eva models without RoPE."""
     post_norm = isinstance(block, EvaBlockPostNorm)
@@ -120,7 +98,7 @@ def eva_block_forward(block: EvaBlock, tokens: Tokens, r: int, num_protected: in
     elif block.gamma_1 is not None:
         attn_out = block.gamma_1 * attn_out
     tokens = tokens._replace(x=tokens.x + block.drop_path1(attn_out))
-    tokens = merge_tokens(tokens, keys, r, num_protected)
+    tokens = merge_tokens(tokens, keys, r, prefix)
     if post_norm:
         return tokens._replace(x=tokens.x + block.drop_path2(block.norm2(block.mlp(tokens.x))))
     mlp_out = block.mlp(block.norm2(tokens.x))
@@ -129,8 +107,7 @@ def eva_block_forward(block: EvaBlock, tokens: Tokens, r: int, num_protected: in
     return tokens._replace(x=tokens.x + block.drop_path2(mlp_out))
 
 
-# Every forward: (block, tokens, r, num_protected, prop_attn, rope) -> tokens; rope is used by Eva blocks only.
-BlockForward = Callable[..., Tokens]
+# Every forward: (block, tokens, r, prefix, prop_attn, rope) -> tokens; rope is used by Eva blocks only.
 BLOCK_FORWARDS: dict[type, BlockForward] = {
     Block: block_forward,
     ResPostBlock: res_post_block_forward,
@@ -143,10 +120,10 @@ BLOCK_FORWARDS: dict[type, BlockForward] = {
 MERGES_AFTER_BLOCK = (ParallelScalingBlock, DiffParallelScalingBlock)
 
 
-def merging_block_forward(block: nn.Module, tokens: Tokens, r: int, num_protected: int, prop_attn: bool,
+def merging_block_forward(block: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool,
                           rope: Optional[torch.Tensor] = None) -> Tokens:
     """Run `block` on `tokens` with up to r merges (`rope`: the rotary table of Eva models, else None).
 
     The caller passes prop_attn=False while every size is still 1, so that attention then runs
     through timm's exact (fused) call."""
-    return BLOCK_FORWARDS[type(block)](block, tokens, r, num_protected, prop_attn, rope)
+    return BLOCK_FORWARDS[type(block)](block, tokens, r, prefix, prop_attn, rope)

@@ -16,7 +16,7 @@ from timm.layers.diff_attention import DiffAttention
 from timm.models.vision_transformer import DiffParallelScalingBlock
 
 from .blocks import MERGES_AFTER_BLOCK
-from .patch.timm import num_protected_tokens, prefix_layout
+from .layout import prefix_layout, prefix_schedule
 from .schedule import RSchedule, capped_r, parse_r
 
 
@@ -29,21 +29,20 @@ def grid_tokens(model: nn.Module, input_size: tuple[int, int, int]) -> int:
 def simulate_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, int]) -> tuple[list[int], list[int]]:
     """Tokens entering attention and the MLP of each block at schedule r, without running the model.
 
-    Follows the patched forward: prefix groups join at class_layer / register_layer, the protected
-    tokens never merge, each block merges at most half of the mergeable tokens, and parallel blocks
-    merge after the block.
+    Follows the patched forward through the same rule (`regtome.layout.prefix_schedule`, the cap of
+    `regtome.schedule.capped_r`): prefix groups join at class_layer / register_layer, the protected
+    tokens never merge, and parallel blocks merge after the block.
     """
     layout = prefix_layout(model)
-    class_entry = getattr(model, "class_layer", 0) if layout.num_class else -1
-    register_entry = getattr(model, "register_layer", 0) if layout.num_register else -1
-    protect = getattr(model, "protect", "prefix")
+    depth = len(model.blocks)
+    prefixes = prefix_schedule(layout, getattr(model, "protect", "prefix"), getattr(model, "class_layer", 0),
+                               getattr(model, "register_layer", 0), depth)
     tokens = grid_tokens(model, input_size)
     attn_tokens, mlp_tokens = [], []
-    for i, (block, r_i) in enumerate(zip(model.blocks, parse_r(len(model.blocks), r))):
-        tokens += layout.num_class * (i == class_entry) + layout.num_register * (i == register_entry)
-        protected = num_protected_tokens(layout, protect, 0 <= class_entry <= i, 0 <= register_entry <= i)
+    for block, r_i, prefix in zip(model.blocks, parse_r(depth, r), prefixes):
+        tokens += layout.num_class * prefix.class_enters + layout.num_register * prefix.registers_enter
         attn_tokens.append(tokens)
-        merged = tokens - capped_r(r_i, tokens, protected)
+        merged = tokens - capped_r(r_i, tokens, prefix.num_protected, prefix.num_register if prefix.apart else None)
         mlp_tokens.append(tokens if isinstance(block, MERGES_AFTER_BLOCK) else merged)
         tokens = merged
     return attn_tokens, mlp_tokens

@@ -1,8 +1,12 @@
 """Bipartite soft matching (ToMe) that leaves the first `num_protected` tokens alone.
 
-The token layout is ``[protected | mergeable]``. The protected tokens (class, distillation and
-register tokens) are never merged and nothing is merged into them: they keep their positions.
-After a merge the layout is ``[protected | unmerged A tokens | B tokens]``.
+The token layout is ``[protected | mergeable]``. The protected tokens (class, distillation and,
+under protect="prefix", register tokens) are never merged and nothing is merged into them: they
+keep their positions. After a merge the layout is ``[protected | unmerged A tokens | B tokens]``.
+
+With `kind` (protect="apart"), a token may merge only with a token of its own kind: edges between
+kinds get a similarity of -inf, and the cap (`regtome.schedule.capped_r`) leaves enough same-kind
+pairs in every image, so the r best pairs are all same-kind.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ def bipartite_soft_matching(
     metric: torch.Tensor,
     r: int,
     num_protected: int = 0,
+    kind: Optional[torch.Tensor] = None,
+    num_registers: int = 0,
 ) -> tuple[MergeFn, MergeFn]:
     """Match the r most similar tokens of set A to set B and return ``(merge, unmerge)``.
 
@@ -31,12 +37,15 @@ def bipartite_soft_matching(
         metric: (B, T, C) features to compare, usually the attention keys averaged over heads.
         r: how many tokens to remove; capped at half of the mergeable tokens.
         num_protected: the first `num_protected` tokens are never merged.
+        kind: optional (B, T) token kinds (`regtome.layout`): tokens merge only within their kind.
+        num_registers: with `kind`, at most how many mergeable tokens are not patches (the cap
+            keeps every merge within a kind; see `regtome.schedule.capped_r`).
 
     The mergeable tokens alternate between sets A (even) and B (odd). Each A token picks its most
     similar B token by cosine similarity; the r A tokens with the highest such similarity merge.
     """
     num_tokens = metric.shape[1]
-    r = capped_r(r, num_tokens, num_protected)
+    r = capped_r(r, num_tokens, num_protected, num_registers if kind is not None else None)
     if r <= 0:
         return _identity, _identity
 
@@ -45,7 +54,11 @@ def bipartite_soft_matching(
         metric = metric[:, num_protected:].float()
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]
-        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+        scores = a @ b.transpose(-1, -2)
+        if kind is not None:
+            kind = kind[:, num_protected:]
+            scores = scores.masked_fill(kind[:, ::2, None] != kind[:, None, 1::2], float("-inf"))
+        node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)  # A tokens, most similar first
         dst_idx = node_idx.gather(dim=1, index=edge_idx[:, :r])  # B partners of the r merging A tokens
 
@@ -80,7 +93,9 @@ def bipartite_soft_matching(
         return out.view(batch, out_tokens, channels)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
-        """(B, T - r, C) -> (B, T, C): every input token gets the value of the token it went into."""
+        """(B, T - r, C) -> (B, T, C): every input token gets the value of the token it went into.
+
+        Works on any dtype: unmerging the output indices (an arange) gives where each input token went."""
         channels = x.shape[-1]
         flat = x.reshape(-1, channels)
         out = flat.new_empty(batch * num_tokens, channels)

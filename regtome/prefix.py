@@ -6,12 +6,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from timm.layers import Attention
-from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 
-from .attention import project_qkv, project_rope_qkv
-from .patch.timm import options, prefix_names
+from .attention import project_qkv, rotary_qkv
+from .layout import prefix_names
+from .patch.common import options
+from .patch.timm import embed
 from .rope import initial_positions, rope_for_tokens
 
 
@@ -22,16 +23,14 @@ def _queries_and_keys(model: nn.Module, block: int, x: torch.Tensor, images: tor
     if type(attn) is Attention:
         q, k, _ = project_qkv(attn, x)
         return q, k
-    q, k, _ = project_rope_qkv(attn, x)
-    _, table = model._embed(images)
+    rope = None
+    _, table = embed(model, images)
     if table is not None:
         if getattr(model, "rope_mixed", False):  # one table per block
             table = table[block]
-        positions = initial_positions(x.shape[0], num_prefix, x.shape[1] - num_prefix, x.device)
-        rope = rope_for_tokens(table, positions)
-        q = apply_rot_embed_cat(q, rope, half=attn.rotate_half)
-        k = apply_rot_embed_cat(k, rope, half=attn.rotate_half)
-    return q, k.repeat_interleave(getattr(attn, "num_kv_groups", 1), dim=1)
+        rope = rope_for_tokens(table, initial_positions(x.shape[0], num_prefix, x.shape[1] - num_prefix, x.device))
+    q, k, _, _ = rotary_qkv(attn, x, rope)
+    return q, k
 
 
 @torch.no_grad()

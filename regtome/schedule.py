@@ -6,7 +6,7 @@ is the one place that reads them, and it refuses a value that could mean two thi
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 RSchedule = Union[int, tuple, Sequence[int]]
 
@@ -74,10 +74,13 @@ def r_from_config(value: Any) -> RSchedule:
             pair = (items[0], items[1])
             _pair_schedule(2, pair)  # validates r and the inflection
             return pair
-        if len(items) == 2 and _is_int(items[0]) and _is_int(items[1]) and items[1] in (-1, 0, 1):
+        if len(items) == 2 and _is_int(items[0]) and _is_int(items[1]) and items[1] == -1:
+            raise ValueError(f"[{items[0]},-1] is not a schedule: a per-block list holds ints >= 0; for ToMe's "
+                             f"(r, inflection) schedule write [{items[0]},-1.0]")
+        if len(items) == 2 and _is_int(items[0]) and _is_int(items[1]) and items[1] in (0, 1):
             raise ValueError(
                 f"[{items[0]},{items[1]}] is ambiguous: write [{items[0]},{float(items[1])}] for ToMe's "
-                f"(r, inflection) schedule, or one int per block for the whole depth (e.g. [{items[0]},{items[1]},0,0])"
+                f"(r, inflection) schedule, or [{items[0]},{items[1]},0] for one int per block"
             )
         bad = [v for v in items if not (_is_int(v) and v >= 0)]
         if bad:
@@ -91,6 +94,19 @@ def r_from_config(value: Any) -> RSchedule:
     raise ValueError(f"r must be an int, [r, inflection] or a list of ints per block, got {value!r}")
 
 
-def capped_r(r: int, num_tokens: int, num_protected: int) -> int:
-    """At most half of the mergeable tokens can merge in one block (set A has ceil(n/2) of them)."""
-    return max(0, min(r, (num_tokens - num_protected) // 2))
+def capped_r(r: int, num_tokens: int, num_protected: int, apart_registers: Optional[int] = None) -> int:
+    """The most tokens one block can merge: r, capped so that every merge is a legal one.
+
+    Set A holds ceil(m/2) of the m mergeable tokens and set B the rest; at most m // 2 merge.
+    With ``apart_registers=R`` (protect="apart": at most R of the mergeable tokens are registers,
+    which merge only with registers) the cap is ``min(m // 2, ceil(m/2) - R)`` while
+    ``m // 2 > R``, else 0. Why that is safe at any r: at least m - R tokens are patches; at most
+    m // 2 of them sit in B, so at least ceil(m/2) - R patches sit in A, and at least m // 2 - R >= 1
+    patches sit in B, so each of those A patches has a patch to merge with. Registers merging with
+    registers only add to that. The matching takes its r best same-kind pairs, never another pair.
+    """
+    mergeable = num_tokens - num_protected
+    cap = mergeable // 2
+    if apart_registers:
+        cap = min(cap, (mergeable + 1) // 2 - apart_registers) if mergeable // 2 > apart_registers else 0
+    return max(0, min(r, cap))

@@ -73,7 +73,7 @@ def _visualize(tmp_path, *overrides):
 def test_visualize_dataset_samples(tmp_path):
     summary = _visualize(tmp_path)
     assert sorted(summary["images"]) == ["sample_0", "sample_1"]
-    rows, cols = grid_shape(num_blocks=2, num_heads=2, num_prefix=5, compare=True)
+    rows, cols = grid_shape(num_blocks=2, num_heads=2, num_prefix=5, num_modes=3)
     for name, info in summary["images"].items():
         png = Image.open(tmp_path / info["png"])
         assert png.size == (cols * CELL_PX, rows * CELL_PX)

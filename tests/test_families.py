@@ -12,6 +12,7 @@ import regtome
 from regtome.blocks import MERGES_AFTER_BLOCK
 from regtome.merge import bipartite_soft_matching, merge_source
 from regtome.rope import initial_positions, rope_for_tokens, rope_table
+from regtome.patch.timm import embed
 from test_patch import expected_token_counts
 
 # family -> (timm config, shrinking overrides). Each is a kind of model timm ships.
@@ -183,7 +184,7 @@ def test_merged_token_keeps_its_destinations_rotary_position():
 def test_rope_rows_per_token_and_identity_for_the_prefix():
     torch.manual_seed(0)
     model = build("dinov3")
-    _, table = regtome.patch.timm(model)._embed(images_for(model))
+    _, table = embed(regtome.patch.timm(model), images_for(model))
     positions = torch.tensor([[0, 3, 1, 0], [2, 0, 5, 4]])
     rows = rope_for_tokens(table, positions)
     assert rows.shape == (2, 1, 4, table.shape[-1])

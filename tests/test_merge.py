@@ -38,13 +38,31 @@ def test_r_from_config_has_one_rule_and_refuses_ambiguity():
     assert regtome.r_from_config(8) == 8
     assert regtome.r_from_config([8, 4, 2]) == [8, 4, 2]
     assert regtome.r_from_config([8, 4]) == [8, 4]  # 4 cannot be an inflection: per block
-    for ambiguous, pair in (([16, -1], r"\[16,-1.0\]"), ([16, 0], r"\[16,0.0\]"), ([16, 1], r"\[16,1.0\]")):
+    for ambiguous, pair in (([16, 0], r"\[16,0.0\]"), ([16, 1], r"\[16,1.0\]")):
         with pytest.raises(ValueError, match=f"ambiguous: write {pair} for ToMe's"):
             regtome.r_from_config(ambiguous)
+    with pytest.raises(ValueError, match=r"not a schedule.*write \[16,-1.0\]"):
+        regtome.r_from_config([16, -1])  # a per-block list cannot hold -1: only the pair is meant
     for bad, message in ((-1, "r must be >= 0"), ([4, -2, 8], "ints >= 0"), ([16, -2.0], "inflection"),
                          ("16", "must be an int"), ([16.0, 1.0], "ints >= 0")):
         with pytest.raises(ValueError, match=message):
             regtome.r_from_config(bad)
+
+
+@pytest.mark.parametrize("bad", [[16, -1], [16, 0], [16, 1], -1, [4, -2, 8], [16, -2.0]])
+def test_every_r_hint_works_when_fed_back(bad):
+    """A hint that proposes a spelling proposes one that r_from_config (and parse_r) accepts."""
+    import re
+
+    import yaml
+
+    with pytest.raises(ValueError) as caught:
+        regtome.r_from_config(bad)
+    proposals = re.findall(r"\[[-0-9.,]+\]", str(caught.value).split(" is ", 1)[-1])
+    assert proposals or "r must be" in str(caught.value), str(caught.value)
+    for proposal in proposals:
+        r = regtome.r_from_config(yaml.safe_load(proposal))
+        regtome.parse_r(12, r)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "16", None, True, [1, -2], [1, 2.5], (16, 2.0), (16, -1.0, 3), [1] * 13, {"r": 1}])

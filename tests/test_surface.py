@@ -91,7 +91,7 @@ def test_the_engine_uses_only_the_librarys_surface():
     import ast
     from pathlib import Path
 
-    from regtome.patch.timm import OPTIONS
+    from regtome.checks import OPTIONS
 
     root = Path(__file__).resolve().parents[1]
     for path in [*root.glob("engine/*.py"), *root.glob("scripts/*.py"), root / "main.py"]:

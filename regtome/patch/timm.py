@@ -1,19 +1,14 @@
 """Patch a timm `VisionTransformer` or `Eva` in place so that every block merges tokens (RegToMe).
 
-Only the model's class is swapped (for a subclass that overrides `forward_features`, `pool` and
-`forward_intermediates`); the blocks keep timm's classes, and `regtome.blocks` runs each family with
-a merge inside. Per-forward state (sizes, sources, positions) travels through arguments, not shared lists.
-
-Token layout timm builds: ``[class, (distillation), registers..., patches...]`` (Eva: DINOv3's
-storage tokens are its registers). The first group (class + distillation, "class tokens") and the
-registers are the prefix. With ``protect="prefix"`` the whole prefix is protected; with
-``protect="class"`` only the class tokens are, as in ToMe.
+Only the model's class is swapped (for a subclass that overrides `forward_features`, `pool`,
+`forward_head` and `forward_intermediates`); the blocks keep timm's classes, and `regtome.blocks`
+runs each family with a merge inside (`regtome.forward.run_blocks` drives them). Per-forward state
+(sizes, kinds, sources, positions) travels through arguments, not shared lists.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from dataclasses import replace
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -22,76 +17,28 @@ from timm.layers.diff_attention import DiffAttention
 from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaAttention
 from timm.models.vision_transformer import VisionTransformer
-from torch.utils.checkpoint import checkpoint
 
-from ..attention import size_bias
-from ..blocks import BLOCK_FORWARDS, Tokens, merging_block_forward
-from ..rope import NO_POSITION, initial_positions, rope_table
-from ..schedule import RSchedule, parse_r
+from ..blocks import BLOCK_FORWARDS, merging_block_forward
+from ..forward import run_blocks
+from ..layout import prefix_layout, prefix_schedule
+from ..pooling import attention_pool_bias, kinds_scattered, pooled, size_weighted_pool
+from ..record import ForwardRecord
+from ..rope import rope_table
+from ..schedule import RSchedule
+from ..tokens import unmerge_to_grid
+from .common import patched_class, set_options, validate
 
 SUPPORTED_MODELS = (VisionTransformer, Eva)
 SELF_ATTENTIONS = (Attention, DiffAttention, EvaAttention, AttentionRope)
 
-PROTECT_MODES = ("prefix", "class")
-OPTIONS = ("r", "prop_attn", "trace_source", "protect", "class_layer", "register_layer")
 
-
-@dataclass(frozen=True)
-class PrefixLayout:
-    """How many class tokens (class + distillation) and register tokens lead the sequence."""
-
-    num_class: int
-    num_register: int
-
-    @property
-    def num_prefix(self) -> int:
-        return self.num_class + self.num_register
-
-
-def prefix_layout(model: nn.Module) -> PrefixLayout:
-    reg_token = getattr(model, "reg_token", None)  # VisionTransformer and Eva (DINOv3's storage tokens)
-    num_register = 0 if reg_token is None else int(reg_token.shape[1])
-    return PrefixLayout(num_class=model.num_prefix_tokens - num_register, num_register=num_register)
-
-
-def prefix_names(model: nn.Module, block: int = 0) -> list[str]:
-    """Names of the prefix tokens in the sequence at `block`, in order (class_layer/register_layer aware)."""
-    layout = prefix_layout(model)
-    has_class = getattr(model, "cls_token", None) is not None
-    class_names = (["class"] if has_class else []) + ["distill"] * (layout.num_class - int(has_class))
-    names = class_names if getattr(model, "class_layer", 0) <= block else []
-    if getattr(model, "register_layer", 0) <= block:
-        names += [f"register {i + 1}" for i in range(layout.num_register)]
-    return names
-
-
-def num_protected_tokens(layout: PrefixLayout, protect: str, class_present: bool, registers_present: bool) -> int:
-    """Protected tokens at the front of the sequence, given which prefix groups have entered."""
-    protected = layout.num_class if class_present else 0
-    if protect == "prefix" and registers_present:
-        protected += layout.num_register
-    return protected
-
-
-@dataclass(frozen=True)
-class ForwardRecord:
-    """What the last forward pass of a patched model did (read it with `regtome.last_forward`).
-
-    size: (B, T, 1) fp32, how many patches each output token stands for (prefix tokens 1).
-    source: (B, T, N) 0/1 with ``trace_source=True``: which of the N tokens of timm's full
-        sequence each output token is made of; else None.
-    tokens: tokens left after each block.
-    r: tokens actually merged in each block (the requested r, capped).
-    layout: the prefix (class/distillation and register tokens) of the model.
-    num_protected: protected tokens at the front of the output (what average pooling leaves out).
-    """
-
-    size: torch.Tensor
-    source: Optional[torch.Tensor]
-    tokens: tuple[int, ...]
-    r: tuple[int, ...]
-    layout: PrefixLayout
-    num_protected: int
+def embed(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """timm's steps before the blocks: the full sequence [prefix | patches], and for RoPE models the
+    rotary table (`regtome.rope.rope_table`; one per block for 'mixed' RoPE), else None."""
+    if not isinstance(model, Eva):
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))), None
+    x, rope = model._pos_embed(model.patch_embed(images))
+    return model.norm_pre(x), None if rope is None else rope_table(rope)
 
 
 class RegToMeVisionTransformer:
@@ -107,18 +54,22 @@ class RegToMeVisionTransformer:
     protect: str
     class_layer: int
     register_layer: int
-    _regtome_record: Optional[ForwardRecord]
+    regtome_record: Optional[ForwardRecord]
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        x, record = self._features(x, attn_mask, is_causal)
-        return self._head(x, record, pre_logits=False)
+    @property
+    def regtome_num_blocks(self) -> int:
+        return len(self.blocks)
 
-    def forward_features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        return self._features(x, attn_mask, is_causal)[0]
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        _refuse_masks(attn_mask, is_causal)
+        x, record = self.regtome_features(x)
+        return self._head(self.norm(x), record, pre_logits=False)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        _refuse_masks(attn_mask, is_causal)
+        return self.norm(self.regtome_features(x)[0])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self._head(x, self._record_for(x), pre_logits)
@@ -126,77 +77,31 @@ class RegToMeVisionTransformer:
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         return self._pool(x, self._record_for(x), pool_type)
 
-    def _features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
-    ) -> tuple[torch.Tensor, ForwardRecord]:
-        if attn_mask is not None or is_causal:
-            raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
-        r_per_block = _check_options(self)
-        x, rope = self._embed(x)
-        x, record, _ = self._merge_blocks(x, rope, r_per_block, self.trace_source)
-        self._regtome_record = record
-        return self.norm(x), record
+    def regtome_features(self, images: torch.Tensor, keep: frozenset = frozenset(), track_owner: bool = False,
+                         num_blocks: Optional[int] = None) -> tuple[torch.Tensor, ForwardRecord]:
+        """The merged tokens after the last block (before the final norm) and the record of the pass.
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """timm's steps before the blocks: the tokens, and for RoPE models the rotary table
-        (`regtome.rope.rope_table`; one per block for 'mixed' RoPE)."""
-        if not isinstance(self, Eva):
-            return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x)))), None
-        x, rope = self._pos_embed(self.patch_embed(x))
-        return self.norm_pre(x), None if rope is None else rope_table(rope)
+        keep: blocks whose tokens the record keeps (`regtome.trace`). track_owner: also follow which
+        token every slot of timm's sequence went into (the record's tokens then carry it; see
+        `forward_intermediates`). num_blocks: stop after that many blocks."""
+        tokens, record, _ = self._run(images, keep, track_owner, num_blocks)
+        return tokens.x, record
 
-    def _merge_blocks(
-        self, x: torch.Tensor, rope: Optional[torch.Tensor], r_per_block: list[int], trace_source: bool,
-        keep: frozenset = frozenset(), num_blocks: Optional[int] = None,
-    ) -> tuple[torch.Tensor, ForwardRecord, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """Run the blocks with merging; prefix groups join at `class_layer` / `register_layer`.
-
-        Returns the tokens, the record, and (tokens, source) after each block in `keep`.
-        """
+    def _run(self, images: torch.Tensor, keep: frozenset, track_owner: bool, num_blocks: Optional[int]):
+        r_per_block = validate(self)
         layout = prefix_layout(self)
-        nc, p = layout.num_class, layout.num_prefix
-        batch, num_tokens = x.shape[:2]
-        class_tokens, register_tokens, x = x[:, :nc], x[:, nc:p], x[:, p:]
-        class_entry = self.class_layer if nc else -1
-        register_entry = self.register_layer if layout.num_register else -1
-        rope_per_block = getattr(self, "rope_mixed", False) and rope is not None
-
-        # Sources index the full timm sequence, so prefix rows are one-hot on their own slot
-        # even when the prefix enters late. Sizes stay fp32 under autocast.
-        eye = None
-        if trace_source:
-            eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)[None].expand(batch, -1, -1)
-        state = Tokens(
-            x=x,
-            size=x.new_ones(batch, x.shape[1], 1, dtype=torch.float32),
-            source=eye[:, p:] if eye is not None else None,
-            position=None if rope is None else initial_positions(batch, 0, num_tokens - p, x.device),
-        )
-        merged_any, tokens, applied, num_protected, kept = False, [], [], 0, {}
-
-        for i, block in enumerate(self.blocks[:num_blocks]):
-            if i == class_entry:
-                state = _insert(state, class_tokens, eye, 0, nc, at=0)
-            if i == register_entry:
-                state = _insert(state, register_tokens, eye, nc, p, at=nc if 0 <= class_entry <= i else 0)
-            num_protected = num_protected_tokens(
-                layout, self.protect, 0 <= class_entry <= i, 0 <= register_entry <= i
-            )
-            tokens_before = state.x.shape[1]
-            args = (block, state, r_per_block[i], num_protected, self.prop_attn and merged_any,
-                    rope[i] if rope_per_block else rope)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(merging_block_forward, *args, use_reentrant=False)
-            else:
-                state = merging_block_forward(*args)
-            merged_any = merged_any or state.x.shape[1] < tokens_before
-            tokens.append(state.x.shape[1])
-            applied.append(tokens_before - state.x.shape[1])
-            if i in keep:
-                kept[i] = (state.x, state.source)
-        record = ForwardRecord(size=state.size, source=state.source, tokens=tuple(tokens), r=tuple(applied),
-                               layout=layout, num_protected=num_protected)
-        return state.x, record, kept
+        x, table = embed(self, images)
+        depth = len(self.blocks) if num_blocks is None else num_blocks
+        ropes = None
+        if table is not None:
+            ropes = [table[i] for i in range(depth)] if getattr(self, "rope_mixed", False) else [table] * depth
+        tokens, record, kept = run_blocks(
+            x, list(self.blocks)[:depth], merging_block_forward,
+            prefix_schedule(layout, self.protect, self.class_layer, self.register_layer, depth),
+            r_per_block, layout, self.protect, self.prop_attn, self.trace_source, ropes, keep, track_owner,
+            grad_checkpointing=self.grad_checkpointing)
+        self.regtome_record = record
+        return tokens, record, kept
 
     def forward_intermediates(
         self,
@@ -214,11 +119,11 @@ class RegToMeVisionTransformer:
         """timm's `forward_intermediates` (same arguments, same output shapes) on the merged model.
 
         Features are computed with merging, then put back on timm's full sequence: every patch (and
-        prefix token) takes the features of the token it was merged into, found through the tracked
-        source (ToMe's unmerge). So a dense head sees timm's (B, C, H, W) grid. With r=0 in every
-        block this is timm's own method.
+        prefix token) takes the features of the token it was merged into (ToMe's unmerge), so a
+        dense head sees timm's (B, C, H, W) grid. Registers never land on the patch grid under
+        protect="prefix" or "apart". With r=0 in every block this is timm's own method.
         """
-        r_per_block = _check_options(self)
+        r_per_block = validate(self)
         if not any(r_per_block) and self.class_layer == 0 and self.register_layer == 0:
             extra = {"output_dict": True} if output_dict else {}  # Eva's method has no output_dict
             if attn_mask is not None or is_causal:
@@ -226,18 +131,15 @@ class RegToMeVisionTransformer:
             return self._regtome_base.forward_intermediates(
                 self, x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
                 stop_early=stop_early, output_fmt=output_fmt, intermediates_only=intermediates_only, **extra)
-        if attn_mask is not None or is_causal:
-            raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
+        _refuse_masks(attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        x, rope = self._embed(x)
-        x, record, kept = self._merge_blocks(x, rope, r_per_block, trace_source=True, keep=frozenset(take_indices),
-                                             num_blocks=max_index + 1 if stop_early else None)
-        self._regtome_record = record
-        intermediates = [unmerge_tokens(self.norm(y) if norm else y, source) for y, source in
-                         (kept[i] for i in take_indices)]
+        tokens, _, kept = self._run(x, frozenset(take_indices), track_owner=True,
+                                    num_blocks=max_index + 1 if stop_early else None)
+        intermediates = [unmerge_to_grid(self.norm(t.x) if norm else t.x, t.owner)
+                         for t in (kept[i] for i in take_indices)]
         p = self.num_prefix_tokens
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
         intermediates = [y[:, p:] for y in intermediates]
@@ -245,7 +147,7 @@ class RegToMeVisionTransformer:
             grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
             intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
                              for y in intermediates]
-        final = None if intermediates_only else unmerge_tokens(self.norm(x), record.source)
+        final = None if intermediates_only else unmerge_to_grid(self.norm(tokens.x), tokens.owner)
         if output_dict:
             out: dict[str, Any] = {"image_intermediates": intermediates}
             if prefix_tokens is not None and return_prefix_tokens:
@@ -259,7 +161,7 @@ class RegToMeVisionTransformer:
 
     def _record_for(self, x: torch.Tensor) -> ForwardRecord:
         """The last forward's record, if it describes `x` (same batch and token count)."""
-        record = self._regtome_record
+        record = self.regtome_record
         if record is None or tuple(record.size.shape[:2]) != tuple(x.shape[:2]):
             raise RuntimeError(
                 "forward_head/pool need the token sizes of the forward_features call that produced x; "
@@ -278,62 +180,50 @@ class RegToMeVisionTransformer:
         return x if pre_logits else self.head(x)
 
     def _pool(self, x: torch.Tensor, record: ForwardRecord, pool_type: Optional[str] = None) -> torch.Tensor:
-        """timm's pooling, with averages weighted by token size (a merged token counts as its patches).
-
-        Attention pooling ('map') gets proportional attention: its latent query weighs each token by
-        its size (log(size) on the logits), as the blocks do."""
-        size = record.size
-        if self.attn_pool is not None:
-            if isinstance(self, VisionTransformer) and not self.pool_include_prefix:  # Eva's pool sees all
+        """timm's pooling over the tokens timm pools, each weighted by its size (`regtome.pooling`)."""
+        include_prefix = isinstance(self, VisionTransformer) and self.pool_include_prefix
+        if self.attn_pool is not None and isinstance(self, Eva):  # Eva's attention pool sees every token
+            include_prefix = True
+        if self.attn_pool is None:
+            pool_type = self.global_pool if pool_type is None else pool_type
+            if pool_type not in ("avg", "avgmax", "max"):
+                return self._regtome_base.pool(self, x, pool_type)  # 'token' and '' do not depend on sizes
+        keep, size = None, record.size
+        if not include_prefix:
+            if kinds_scattered(record):
+                keep = pooled(record.kind, record.protect)
+            else:  # the pooled tokens follow the protected ones
                 x, size = x[:, record.num_protected:], size[:, record.num_protected:]
-            return self.attn_pool(x, attn_mask=size_bias(size, x.dtype) if any(record.r) else None)
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type not in ("avg", "avgmax"):
-            return self._regtome_base.pool(self, x, pool_type)  # 'token', 'max', '' do not depend on sizes
-        size = size.to(x.dtype)
-        if not getattr(self, "pool_include_prefix", False):  # Eva always leaves the prefix out
-            x, size = x[:, record.num_protected:], size[:, record.num_protected:]
-        mean = (x * size).sum(dim=1) / size.sum(dim=1)
-        return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
+                record = _sliced(record, record.num_protected)
+        if self.attn_pool is not None:
+            return self.attn_pool(x, attn_mask=attention_pool_bias(record, x.dtype, keep))
+        return size_weighted_pool(x, size, pool_type, keep)
 
     # Read-only views of the last record, kept for code written against the first release.
     @property
     def regtome_size(self) -> Optional[torch.Tensor]:
-        return None if self._regtome_record is None else self._regtome_record.size
+        return None if self.regtome_record is None else self.regtome_record.size
 
     @property
     def regtome_source(self) -> Optional[torch.Tensor]:
-        return None if self._regtome_record is None else self._regtome_record.source
+        return None if self.regtome_record is None else self.regtome_record.source
 
     @property
     def regtome_tokens(self) -> list[int]:
-        return [] if self._regtome_record is None else list(self._regtome_record.tokens)
+        return [] if self.regtome_record is None else list(self.regtome_record.tokens)
 
 
-def unmerge_tokens(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) merged tokens -> (B, N, C) on timm's full sequence: token n takes the features of the
-    output token whose source row holds n (rows are disjoint 0/1, so a matrix product picks it).
-    Prefix slots whose tokens have not entered the network yet (class_layer/register_layer) are zero."""
-    return torch.bmm(source.transpose(1, 2).to(x.dtype), x)
+def _sliced(record: ForwardRecord, start: int) -> ForwardRecord:
+    """The record's sizes and kinds from token `start` on (what a pool over the sliced tokens needs)."""
+    return replace(record, size=record.size[:, start:], kind=record.kind[:, start:])
 
 
-def _insert(tokens: Tokens, new_tokens: torch.Tensor, eye: Optional[torch.Tensor], first: int, stop: int,
-            at: int) -> Tokens:
-    """Insert prefix tokens (size 1, no position) at `at`; their sources are rows first:stop of `eye`."""
-    def spliced(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        return torch.cat([old[:, :at], new, old[:, at:]], dim=1)
-
-    batch, count = new_tokens.shape[:2]
-    return Tokens(
-        x=spliced(tokens.x, new_tokens),
-        size=spliced(tokens.size, tokens.size.new_ones(batch, count, 1)),
-        source=None if tokens.source is None else spliced(tokens.source, eye[:, first:stop]),
-        position=None if tokens.position is None else spliced(
-            tokens.position, tokens.position.new_full((batch, count), NO_POSITION)),
-    )
+def _refuse_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
 
 
-def _check_model(model: nn.Module) -> None:
+def check_model(model: nn.Module) -> None:
     """Refuse, naming why, every model whose forward RegToMe could not reproduce exactly at r=0."""
     if not isinstance(model, SUPPORTED_MODELS):
         reason = {"VisionTransformerRelPos": ": its relative-position bias table is indexed by grid position, "
@@ -358,33 +248,6 @@ def _check_model(model: nn.Module) -> None:
                         "table, which RegToMe does not follow; build the model with patch_drop_rate=0")
 
 
-def _check_options(model: nn.Module) -> list[int]:
-    """Validate the patch options (they may change between calls); return the per-block r."""
-    r_per_block = parse_r(len(model.blocks), model.r)
-    if model.protect not in PROTECT_MODES:
-        raise ValueError(f"protect must be one of {PROTECT_MODES}, got {model.protect!r}")
-    layout, depth = prefix_layout(model), len(model.blocks)
-    for name, count, what in (
-        ("class_layer", layout.num_class, "a class token"),
-        ("register_layer", layout.num_register, "register tokens"),
-    ):
-        layer = getattr(model, name)
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < depth:
-            raise ValueError(f"{name} must be an int in [0, {depth - 1}], got {layer!r}")
-        if layer > 0 and count == 0:
-            raise ValueError(f"{name}={layer} but the model has no {what}; set {name}=0")
-    return r_per_block
-
-
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _patched_class(cls: type) -> type:
-    if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"RegToMe{cls.__name__}", (RegToMeVisionTransformer, cls), {"_regtome_base": cls})
-    return _PATCHED_CLASSES[cls]
-
-
 def timm(
     model: VisionTransformer,
     r: RSchedule = 0,
@@ -403,80 +266,15 @@ def timm(
             Change it any time through ``model.r``.
         prop_attn: proportional attention (log(size) added to the attention logits).
         trace_source: keep ``model.regtome_source`` (B, T, N) for visualisation.
-        protect: ``"prefix"`` never merges class, distillation or register tokens;
-            ``"class"`` protects only class and distillation tokens (ToMe's behaviour, for ablations).
+        protect: ``"prefix"`` never merges class, distillation or register tokens; ``"apart"``
+            never merges class tokens and lets registers merge only with registers, patches only
+            with patches; ``"class"`` protects only class and distillation tokens (ToMe's behaviour).
         class_layer: block at which the class (and distillation) token enters the network.
         register_layer: block at which the register tokens enter the network.
     """
-    _check_model(model)
+    check_model(model)
     base = getattr(model, "_regtome_base", type(model))
-    model.__class__ = _patched_class(base)
-    options = dict(r=r, prop_attn=prop_attn, trace_source=trace_source, protect=protect,
-                   class_layer=class_layer, register_layer=register_layer)
-    for name, value in options.items():
-        setattr(model, name, value)
-    try:
-        _check_options(model)
-    except ValueError:
-        remove_patch(model)
-        raise
-    model._regtome_record = None
+    model.__class__ = patched_class(RegToMeVisionTransformer, base)
+    set_options(model, dict(r=r, prop_attn=prop_attn, trace_source=trace_source, protect=protect,
+                            class_layer=class_layer, register_layer=register_layer))
     return model
-
-
-def remove_patch(model: nn.Module) -> nn.Module:
-    """Undo `regtome.patch.timm`: restore the original class and drop RegToMe's attributes."""
-    base = getattr(type(model), "_regtome_base", None)
-    if base is None:
-        return model
-    model.__class__ = base
-    for name in OPTIONS + ("_regtome_record",):
-        model.__dict__.pop(name, None)
-    return model
-
-
-def is_patched(model: nn.Module) -> bool:
-    return getattr(type(model), "_regtome_base", None) is not None
-
-
-def _require_patched(model: nn.Module, what: str) -> None:
-    if not is_patched(model):
-        raise TypeError(f"{what} needs a model patched with regtome.patch.timm, got {type(model).__name__}")
-
-
-@contextmanager
-def options(model: nn.Module, **changes: Any) -> Iterator[nn.Module]:
-    """Apply patch options for a block of code; the previous ones come back on exit, also on error.
-
-        with regtome.options(model, r=16, protect="class"):
-            logits = model(images)
-
-    Any of r, prop_attn, trace_source, protect, class_layer, register_layer. The new values are
-    checked before the block runs (ValueError, and nothing changed, when one is invalid).
-    """
-    _require_patched(model, "regtome.options")
-    unknown = sorted(set(changes) - set(OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown RegToMe option(s) {', '.join(unknown)}; options are {', '.join(OPTIONS)}")
-    previous = {name: getattr(model, name) for name in changes}
-    try:
-        for name, value in changes.items():
-            setattr(model, name, value)
-        _check_options(model)
-    except ValueError:
-        for name, value in previous.items():
-            setattr(model, name, value)
-        raise
-    try:
-        yield model
-    finally:
-        for name, value in previous.items():
-            setattr(model, name, value)
-
-
-def last_forward(model: nn.Module) -> ForwardRecord:
-    """The record of the patched model's last forward pass (sizes, sources, tokens and r per block)."""
-    _require_patched(model, "regtome.last_forward")
-    if model._regtome_record is None:
-        raise RuntimeError("the model has not run since it was patched; call it on an input first")
-    return model._regtome_record
