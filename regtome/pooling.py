@@ -22,6 +22,13 @@ def kinds_scattered(record: ForwardRecord) -> bool:
     return record.protect == "apart" and record.layout.num_register > 0 and any(record.r)
 
 
+def leading_unpooled(record: ForwardRecord) -> int:
+    """While kinds are not scattered, the tokens a pool leaves out are the leading ones: how many."""
+    if record.protect == "class":
+        return record.layout.num_class
+    return record.layout.num_prefix
+
+
 def pooled(kind: torch.Tensor, protect: str) -> torch.Tensor:
     """(B, T) bool: the tokens a pool over 'the patches' takes under `protect`."""
     return kind != CLASS if protect == "class" else kind == PATCH

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..blocks import BLOCK_FORWARDS, merging_block_forward
 from ..forward import run_blocks
 from ..layout import prefix_layout, prefix_schedule
-from ..pooling import attention_pool_bias, kinds_scattered, pooled, size_weighted_pool
+from ..pooling import attention_pool_bias, kinds_scattered, leading_unpooled, pooled, size_weighted_pool
 from ..record import ForwardRecord
 from ..rope import rope_table
 from ..schedule import RSchedule
@@ -192,9 +192,9 @@ class RegToMeVisionTransformer:
         if not include_prefix:
             if kinds_scattered(record):
                 keep = pooled(record.kind, record.protect)
-            else:  # the pooled tokens follow the protected ones
-                x, size = x[:, record.num_protected:], size[:, record.num_protected:]
-                record = _sliced(record, record.num_protected)
+            else:  # the pooled tokens follow the prefix
+                start = leading_unpooled(record)
+                x, size, record = x[:, start:], size[:, start:], _sliced(record, start)
         if self.attn_pool is not None:
             return self.attn_pool(x, attn_mask=attention_pool_bias(record, x.dtype, keep))
         return size_weighted_pool(x, size, pool_type, keep)
