@@ -1,7 +1,6 @@
-"""RegToMe research CLI: python main.py task=train|eval|benchmark|visualize [overrides]. See README.md."""
+"""RegToMe research CLI: python main.py task=train|eval|benchmark|visualize|export [overrides]. See README.md."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -12,11 +11,12 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from data import DatasetError
-from engine.cli import check_command_line, discard_empty_run_dir, register_resolvers, report_error
+from engine import cli
 from engine.distributed import cleanup
 from engine.errors import TrainingInterrupted, UserError
+from engine.run_folder import discard_new_folder
 
-TASKS = ("train", "eval", "benchmark", "visualize")
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def task_runner(task: str) -> Callable:
@@ -28,44 +28,42 @@ def task_runner(task: str) -> Callable:
         from engine.benchmark import run
     elif task == "visualize":
         from engine.visualize import run
+    elif task == "export":
+        from engine.export import run
     else:
-        raise UserError(f"unknown task {task!r}; use task={', '.join(TASKS)}")
+        raise UserError(f"unknown task {task!r}; use task={', '.join(cli.TASKS)}")
     return run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    created = cli.CLAIM.created if cli.CLAIM.folder is not None else True
     try:
+        cli.claim_job_folder(run_dir, cfg)
         task_runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))
     except (UserError, DatasetError, MissingMandatoryValue) as err:
-        report_error(err)
-        discard_empty_run_dir(run_dir)
+        cli.report_error(err)
+        cli.release()
+        discard_new_folder(run_dir, created)
         sys.exit(2)
     except TrainingInterrupted as err:
         print(err, file=sys.stderr)
         sys.exit(err.exit_code)
     finally:
+        cli.release()
         cleanup()
 
 
-def cli(argv: list[str]) -> None:
-    """Check the command line, prepare what Hydra's config needs, then hand over to Hydra."""
-    problem = check_command_line(argv, Path(__file__).resolve().parent / "configs", TASKS)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+def run_cli(argv: list[str]) -> None:
+    """Check the command line and claim the run folder, then hand over to Hydra."""
+    try:
+        sys.argv = [sys.argv[0], *cli.prepare(argv, CONFIGS)]
+    except UserError as err:
+        cli.report_error(err)
         sys.exit(2)
-    register_resolvers()
-    if {"-m", "--multirun"} & set(argv):
-        from engine.run_dir import run_id
-
-        # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
-        os.environ.setdefault("REGTOME_RUN_ID", run_id())
-    if int(os.environ.get("RANK", "0")) > 0:
-        # Under torchrun only rank 0 writes: the other ranks share its run directory but leave no files.
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     main()
 
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    run_cli(sys.argv[1:])

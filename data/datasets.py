@@ -13,6 +13,7 @@ from .synthetic import SyntheticPatterns
 from .transforms import ResizeNormalize, build_transform, device_transform
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class DatasetError(RuntimeError):
@@ -61,28 +62,69 @@ def _missing(cfg: Mapping[str, Any], key: str) -> bool:
     return cfg.get(key) == "???"
 
 
-def _image_folder(cfg: Mapping[str, Any], split: str, transform: Callable) -> Dataset:
+def _image_folder(cfg: Mapping[str, Any], split: str, transform: Callable,
+                  classes: Optional[list[str]] = None) -> Dataset:
+    """train/ (or val/, test/) of dataset.root as an ImageFolder whose labels follow `classes`.
+
+    ImageFolder numbers the classes of each folder on its own; a val/ that lacks one of train/'s
+    classes would shift every later label. Labels are the index of the class name in `classes`
+    (train/'s classes), and a class that train/ lacks is refused by name."""
     root = _root(cfg)
     candidates = ["train"] if split == "train" else ["val", "test"]
     for name in candidates:
         folder = os.path.join(str(root), name)
-        if os.path.isdir(folder):
-            try:
-                return tvd.ImageFolder(folder, transform=transform, loader=load_image)
-            except FileNotFoundError as err:
-                raise DatasetError(f"{folder} holds no class folders with images ({err})") from err
+        if not os.path.isdir(folder):
+            continue
+        try:
+            dataset = tvd.ImageFolder(folder, transform=transform, loader=load_image)
+        except FileNotFoundError as err:
+            raise DatasetError(f"{folder} holds no class folders with images ({err})") from err
+        if classes is not None and dataset.classes != list(classes):
+            _relabel(dataset, list(classes), folder)
+        return dataset
     raise DatasetError(
         f"dataset folder {os.path.join(str(root), ' or '.join(candidates))} does not exist; "
         f"set dataset.root to a folder with train/ and val/ class folders"
     )
 
 
+def _relabel(dataset: tvd.ImageFolder, classes: list[str], folder: str) -> None:
+    unknown = [c for c in dataset.classes if c not in classes]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DatasetError(f"{folder} holds classes the model was not trained on ({shown}); remove them or "
+                           "add them to train/")
+    index = {name: i for i, name in enumerate(classes)}
+    own = dataset.classes
+    dataset.samples = [(path, index[own[label]]) for path, label in dataset.samples]
+    dataset.imgs = dataset.samples
+    dataset.targets = [label for _, label in dataset.samples]
+    dataset.classes, dataset.class_to_idx = list(classes), index
+
+
+def class_names(cfg: Mapping[str, Any]) -> Optional[list[str]]:
+    """The class names, in label order: an image folder's train/ classes, CIFAR-10's ten, the synthetic
+    patterns; None where they cannot be known without the data (CIFAR-100 before download)."""
+    name = cfg["name"]
+    if name == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if name == "synthetic":
+        return [f"pattern_{c}" for c in range(int(cfg["num_classes"]))]
+    if name in ("imagefolder", "imagenet"):
+        folder = os.path.join(_root(cfg), "train")
+        if os.path.isdir(folder):
+            return find_classes(folder)[0]
+    return None
+
+
 def build_datasets(cfg: Mapping[str, Any], data_config: dict[str, Any], augment: bool = True,
-                   splits: tuple[str, ...] = ("train", "val"), seed: int = 0, on_device: bool = True) -> dict[str, Dataset]:
+                   splits: tuple[str, ...] = ("train", "val"), seed: int = 0, on_device: bool = True,
+                   classes: Optional[list[str]] = None) -> dict[str, Dataset]:
     """Return {split: dataset} for the requested splits ('train', 'val').
 
     With `on_device`, small images shown larger come out as native-size uint8: pass each batch
-    through `input_transform(cfg, data_config)` on the device.
+    through `input_transform(cfg, data_config)` on the device. `classes`: the label order of an
+    image folder (default: its train/ classes; a checkpoint's own when evaluating one).
     """
     name = cfg["name"]
     if name not in DATASETS:
@@ -97,7 +139,10 @@ def build_datasets(cfg: Mapping[str, Any], data_config: dict[str, Any], augment:
             continue
         transform = build_transform(data_config, cfg["native_size"], is_training=train, augment=augment,
                                     on_device=on_device)
-        out[split] = _cifar(cfg, train, transform) if name.startswith("cifar") else _image_folder(cfg, split, transform)
+        if name.startswith("cifar"):
+            out[split] = _cifar(cfg, train, transform)
+        else:
+            out[split] = _image_folder(cfg, split, transform, classes if classes is not None else class_names(cfg))
     return out
 
 

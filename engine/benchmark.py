@@ -28,7 +28,7 @@ from .errors import UserError
 from .loader_timing import data_bound_notes, time_train_loader
 from .model import build_model, model_label, r_option
 from .results import write_results
-from .runtime import amp_dtype, autocast, device_name, dtype_name, resolve_device, synchronize
+from .runtime import amp_dtype, autocast, configure_threads, device_name, dtype_name, resolve_device, synchronize
 from .timing import interleaved_seconds
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,12 @@ BASELINE = "timm"
 
 
 def schedule_label(r: Any) -> str:
-    return BASELINE if r is None else str(r).replace(" ", "")
+    """'timm' for the unpatched model, '16' or '(16,-1.0)' for an r, '16 apart' for options {r, protect}."""
+    if r is None:
+        return BASELINE
+    if isinstance(r, dict):
+        return " ".join(str(v).replace(" ", "") for v in r.values())
+    return str(r).replace(" ", "")
 
 
 def peak_memory_mb(device: torch.device, fn: Callable[[], object]) -> float:
@@ -58,8 +63,11 @@ def peak_memory_mb(device: torch.device, fn: Callable[[], object]) -> float:
 
 
 def _schedule(model: nn.Module, r: Any) -> ContextManager:
-    """The model at schedule r (None: the unpatched baseline, as it is)."""
-    return nullcontext() if r is None else regtome.options(model, r=r)
+    """The model at schedule r, or at the patch options of a dict such as {"r": 16, "protect": "apart"}
+    (None: the unpatched baseline, as it is)."""
+    if r is None:
+        return nullcontext()
+    return regtome.options(model, **r) if isinstance(r, dict) else regtome.options(model, r=r)
 
 
 def _inference(model: nn.Module, images: torch.Tensor, r: Any, device: torch.device, dtype) -> Callable[[], None]:
@@ -109,7 +117,7 @@ def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any],
     size = baseline.patch_embed.img_size
     gflops = {BASELINE: regtome.vit_flops(baseline, (3, *size))}
     for r in schedules:
-        with regtome.options(merged, r=r):
+        with _schedule(merged, r):
             gflops[schedule_label(r)] = regtome.vit_flops(merged, (3, *size))
     modes = {"inference": _inference} | ({"train": _train_step} if bench.train_step else {}) | \
         ({"dense": _dense} if bench.dense else {})
@@ -216,8 +224,9 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
-    device = resolve_device(cfg.trainer.device)
-    dtype = amp_dtype(cfg.trainer.amp, device)
+    configure_threads(cfg.runtime.get("threads"))
+    device = resolve_device(cfg.runtime.device)
+    dtype = amp_dtype(cfg.runtime.amp, device)
     bench = cfg.benchmark
     schedules = [r_option(r, "benchmark.r entry") for r in OmegaConf.to_container(bench.r, resolve=True)]
     batch_sizes = list(bench.batch_sizes)

@@ -99,3 +99,42 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         raise UserError(f"checkpoint {path} does not fit the model ({'; '.join(p for p in parts if p)}); "
                         "check model.name and model.registers")
     model.load_state_dict(state_dict)
+
+
+def training_checkpoint(model: torch.nn.Module, opt: Any, state: Mapping[str, Any], config: Mapping[str, Any],
+                        rng: Mapping[str, Any], classes: Any = None) -> dict[str, Any]:
+    """Everything a resumed run restores: weights (and EMA), optimizer, schedule, scaler, state, RNGs, config."""
+    return {
+        "model": model.state_dict(),
+        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict(),
+        "state": dict(state),
+        "rng": dict(rng),
+        "config": dict(config),
+        "classes": classes,
+    }
+
+
+def restore_training(model: torch.nn.Module, opt: Any, checkpoint: Mapping[str, Any], path: str | os.PathLike,
+                     same_length: bool) -> dict[str, Any]:
+    """Load a `training_checkpoint` into the model and `opt`; returns its saved state.
+
+    same_length: the run's epochs are unchanged; a run extended with more epochs keeps the schedule
+    built for the new length instead of the saved one."""
+    load_weights(model, checkpoint["model"], path)
+    if opt.ema is not None and checkpoint.get("ema") is not None:
+        opt.ema.module.load_state_dict(checkpoint["ema"])
+    opt.optimizer.load_state_dict(checkpoint["optimizer"])
+    if same_length:
+        opt.scheduler.load_state_dict(checkpoint["scheduler"])
+    opt.scaler.load_state_dict(checkpoint["scaler"])
+    return dict(checkpoint["state"])
+
+
+def save_training(checkpoint: Mapping[str, Any], folder: Path, best: bool) -> None:
+    """last.pt always, best.pt too when this state is the best so far (both written atomically)."""
+    atomic_save(checkpoint, folder / "last.pt")
+    if best:
+        atomic_save(checkpoint, folder / "best.pt")

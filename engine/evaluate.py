@@ -16,14 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from data import build_datasets, count_classes, input_transform
+from data import build_datasets, class_names, count_classes
 
-from .checkpoint import load_weights
-from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .distributed import DistInfo, all_reduce_sum
 from .errors import UserError
-from .model import build_model, config_from_checkpoint, data_config, report_capped_r
+from .model import config_from_checkpoint
 from .results import run_record, write_results
-from .runtime import amp_dtype, autocast, resolve_device, synchronize
+from .runtime import autocast, synchronize
+from .session import open_session
 
 log = logging.getLogger(__name__)
 PREDICTION_COLUMNS = ("index", "target", "pred", "correct", "prob")
@@ -110,36 +110,36 @@ def write_predictions(path: Path, rows: list[tuple]) -> None:
         writer.writerows((i, t, p, c, f"{prob:.6f}") for i, t, p, c, prob in rows)
 
 
+def checkpoint_classes(cfg: DictConfig, saved: Optional[list[str]]) -> Optional[list[str]]:
+    """The label order to evaluate in: the checkpoint's classes (an image folder's val/ is mapped onto
+    them, and one it lacks is refused by name), else the data set's own."""
+    if saved is None or cfg.dataset.name != "imagefolder":
+        return class_names(cfg.dataset)
+    return list(saved)
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """task=eval: accuracy and images/s of a checkpoint (rebuilt from its saved config) or of timm weights."""
-    info = init_distributed(use_cuda=cfg.trainer.device != "cpu" and torch.cuda.is_available())
-    device = resolve_device(cfg.trainer.device, info.local_rank)
-    dtype = amp_dtype(cfg.trainer.amp, device)
-    cfg, weights = config_from_checkpoint(cfg, overrides)
+    """task=eval: accuracy and images/s of a checkpoint (rebuilt from its saved config) or of pretrained weights."""
+    cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
     if weights is None and not (cfg.model.pretrained or cfg.model.pretrained_file):
         raise UserError("task=eval needs weights: ckpt=PATH, model.pretrained=true or model.pretrained_file=PATH")
-    if cfg.trainer.eval_batch_size < 1:
-        raise UserError(f"trainer.eval_batch_size must be >= 1, got {cfg.trainer.eval_batch_size}")
-
-    model = build_model(cfg.model, cfg.tome, count_classes(cfg.dataset))
-    if weights is not None:
-        load_weights(model, weights, cfg.ckpt)
-    model.to(device)
-    report_capped_r(model, cfg)
-    inputs = data_config(model, cfg.model, cfg.dataset)
-    dataset = build_datasets(cfg.dataset, inputs, augment=False, splits=("val",), seed=cfg.seed)["val"]
-    prepare = input_transform(cfg.dataset, inputs)
-    loader = eval_loader(dataset, cfg.trainer.eval_batch_size, cfg.trainer.num_workers, info)
+    eval_batch = cfg.runtime.eval_batch_size
+    if not isinstance(eval_batch, int) or eval_batch < 1:
+        raise UserError(f"runtime.eval_batch_size must be an int >= 1, got {eval_batch}")
+    classes = checkpoint_classes(cfg, saved_classes)
+    session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt)
+    dataset = build_datasets(cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed,
+                             classes=classes)["val"]
+    loader = eval_loader(dataset, eval_batch, session.workers, session.info)
     predictions: list[tuple] = []
-    metrics = evaluate(model, loader, device, dtype, info, prepare=prepare.to(device) if prepare else nn.Identity(),
+    metrics = evaluate(session.model, loader, session.device, session.dtype, session.info, prepare=session.prepare,
                        predictions=predictions)
-    record = run_record(cfg, model, metrics, device, dtype, cfg.trainer.eval_batch_size,
-                        extra={"checkpoint": cfg.ckpt, "world_size": info.world_size,
+    record = run_record(cfg, session.model, metrics, session.device, session.dtype, eval_batch,
+                        extra={"checkpoint": cfg.ckpt, "world_size": session.info.world_size,
                                "predictions": "predictions.csv"})
-    if info.is_main:
+    if session.info.is_main:
         write_results(run_dir, record)
         write_predictions(run_dir / "predictions.csv", predictions)
         log.info("top-1 %.2f  top-5 %.2f  %.1f img/s  %.2f GFLOPs  r=%s -> %s", metrics["top1"], metrics["top5"],
-                 metrics["images_per_s"], record["gflops"], record["r"],
-                 run_dir / "results.json")
+                 metrics["images_per_s"], record["gflops"], record["r"], run_dir / "results.json")
     return record

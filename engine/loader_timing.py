@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from data import DatasetError, EpochSeeded, build_datasets, input_transform
 
 from .model import data_config
-from .runtime import synchronize
+from .runtime import loader_workers, synchronize
 
 
 def _images_per_s(dataset: Dataset, batch_size: int, batches: int, seed: int) -> tuple[float, int]:
@@ -40,6 +40,7 @@ def time_train_loader(cfg: DictConfig, model: nn.Module, device: torch.device, b
     """images_per_s_per_worker of the train pipeline; with small images resized on the device, also the
     CPU-resize chain it replaces and the device's cost of the resize."""
     tc = cfg.trainer
+    workers = loader_workers(cfg.runtime.get("num_workers"))
     inputs = data_config(model, cfg.model, cfg.dataset)
     batch_size = int(tc.batch_size)
     try:
@@ -47,9 +48,9 @@ def time_train_loader(cfg: DictConfig, model: nn.Module, device: torch.device, b
         rate, sample_bytes = _images_per_s(train, batch_size, batches, cfg.seed)
     except DatasetError as err:
         return {"error": str(err)}
-    out: dict[str, Any] = {"dataset": cfg.dataset.name, "batch_size": batch_size, "num_workers": int(tc.num_workers),
+    out: dict[str, Any] = {"dataset": cfg.dataset.name, "batch_size": batch_size, "num_workers": workers,
                            "images_per_s_per_worker": rate, "bytes_per_sample": sample_bytes,
-                           "images_per_s": rate * max(int(tc.num_workers), 1), "resized_on_device": False}
+                           "images_per_s": rate * max(workers, 1), "resized_on_device": False}
     prepare = input_transform(cfg.dataset, inputs)
     if prepare is not None:
         cpu_chain = build_datasets(cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed,
@@ -73,14 +74,14 @@ def _device_resize_rate(prepare: nn.Module, dataset: Dataset, batch_size: int, d
 
 
 def data_bound_notes(loader: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """Say whether the training steps measured would wait for data with trainer.num_workers workers."""
+    """Say whether the training steps measured would wait for data with runtime.num_workers workers."""
     if "error" in loader:
         return [f"loader not timed: {loader['error']}"]
     workers = max(loader["num_workers"], 1)
     supply = loader["images_per_s_per_worker"] * workers
     notes = [f"train loader: {loader['images_per_s_per_worker']:.0f} images/s per worker "
              f"({loader['bytes_per_sample'] / 1024:.1f} KB a sample), {supply:.0f} images/s with "
-             f"trainer.num_workers={loader['num_workers']}"]
+             f"runtime.num_workers={loader['num_workers']}"]
     if loader["resized_on_device"]:
         notes.append(f"small images resized on the device: the loader is {loader['loader_speedup_from_device_resize']:.1f}x "
                      f"faster per worker than resizing on the CPU ({loader['cpu_resize_images_per_s_per_worker']:.0f} "
@@ -92,5 +93,5 @@ def data_bound_notes(loader: dict[str, Any], rows: list[dict[str, Any]]) -> list
             if row["data_bound"]:
                 notes.append(f"data-bound: training r={row['r']} at batch {row['batch_size']} takes "
                              f"{row['images_per_s']:.0f} images/s but {loader['num_workers']} workers supply "
-                             f"{supply:.0f}; add workers (trainer.num_workers)")
+                             f"{supply:.0f}; add workers (runtime.num_workers)")
     return notes

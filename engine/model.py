@@ -33,11 +33,13 @@ def _compact(value: Any) -> str:
 
 
 def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The tome group as regtome.patch.timm keyword arguments."""
-    r = OmegaConf.to_container(tome_cfg, resolve=True)["r"] if isinstance(tome_cfg, DictConfig) else tome_cfg["r"]
-    if tome_cfg.get("flops") is not None:
-        r = 0  # chosen from the budget once the model is built
-    return dict(r=r_option(r), prop_attn=bool(tome_cfg["prop_attn"]), protect=tome_cfg["protect"])
+    """The tome group as regtome.patch keyword arguments (r is 0 until tome.flops chooses it)."""
+    tome = OmegaConf.to_container(tome_cfg, resolve=True) if isinstance(tome_cfg, DictConfig) else dict(tome_cfg)
+    r = 0 if tome.get("flops") is not None else tome["r"]
+    if r is None:
+        raise UserError("tome.r is null: set tome.r=INT (or tome.flops=FRACTION to choose r from a FLOP budget)")
+    return dict(r=r_option(r), prop_attn=bool(tome["prop_attn"]), protect=tome["protect"],
+                class_layer=int(tome.get("class_layer", 0)), register_layer=int(tome.get("register_layer", 0)))
 
 
 def model_label(model_cfg: Mapping[str, Any]) -> str:
@@ -102,8 +104,7 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
         raise UserError(f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
                         "VisionTransformer, and model.kwargs must be arguments it takes") from err
     try:
-        regtome.patch.timm(model, trace_source=trace_source, class_layer=int(model_cfg["class_layer"]),
-                           register_layer=int(model_cfg["register_layer"]), **options)
+        regtome.patch.timm(model, trace_source=trace_source, **options)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot apply RegToMe to {name}: {err}") from err
     fraction = tome_cfg.get("flops")
@@ -113,9 +114,7 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
             r = regtome.r_for_flops(model, float(fraction), (3, size, size))
         except ValueError as err:
             raise UserError(f"tome.flops={fraction}: {err}") from err
-        regtome.patch.timm(model, r=r, trace_source=trace_source, class_layer=int(model_cfg["class_layer"]),
-                           register_layer=int(model_cfg["register_layer"]), prop_attn=options["prop_attn"],
-                           protect=options["protect"])
+        regtome.patch.timm(model, trace_source=trace_source, **(options | {"r": r}))
         reached = regtome.schedule_gflops(model, r, (3, size, size)) / regtome.schedule_gflops(model, 0, (3, size, size))
         log.info("tome.flops=%s: r=%s (%.3f of the unmerged model's GFLOPs)", fraction, _compact(r), reached)
     return model
@@ -135,11 +134,13 @@ def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Map
     return config
 
 
-def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Optional[dict[str, torch.Tensor]]]:
+def config_from_checkpoint(cfg: DictConfig, overrides: list[str]
+                           ) -> tuple[DictConfig, Optional[dict[str, torch.Tensor]], Optional[list[str]]]:
     """With ckpt=PATH: take model, dataset and tome from the checkpoint's saved config (keys set on
-    this command line win) and return its weights (the EMA weights when it has them)."""
-    if not cfg.ckpt:
-        return cfg, None
+    this command line win); return it, the weights (the EMA weights when it has them) and the
+    checkpoint's class names (None when it did not save them)."""
+    if not cfg.get("ckpt"):
+        return cfg, None, None
     checkpoint = load_checkpoint(cfg.ckpt)
     saved = OmegaConf.create(upgrade_config(checkpoint["config"]))
     effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
@@ -148,15 +149,30 @@ def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictC
     rebuilt = cfg.copy()
     with open_dict(rebuilt):  # the saved groups replace the composed ones whole
         rebuilt.model, rebuilt.dataset, rebuilt.tome = effective.model, effective.dataset, effective.tome
-    return rebuilt, checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+    weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+    return rebuilt, weights, checkpoint.get("classes")
 
 
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A config saved by an earlier release, in today's key names (dataset.img_size -> native_size)."""
-    dataset = dict(config.get("dataset") or {})
-    if "img_size" in dataset and "native_size" not in dataset:
-        dataset["native_size"] = dataset.pop("img_size")
-    return {**config, "dataset": dataset}
+    """A config saved by an earlier release, in today's key names (`engine.preflight.RENAMED`):
+    trainer.device -> runtime.device, model.class_layer -> tome.class_layer, dataset.img_size ->
+    dataset.native_size, ... Keys already in their new place are kept."""
+    from .preflight import RENAMED
+
+    config = OmegaConf.to_container(OmegaConf.create(config), resolve=False)
+    for old, new in RENAMED.items():
+        old_parent, _, old_key = old.rpartition(".")
+        source = config.get(old_parent) if old_parent else config
+        if not isinstance(source, dict) or old_key not in source:
+            continue
+        value = source.pop(old_key)
+        new_parent, _, new_key = new.rpartition(".")
+        target = config.setdefault(new_parent, {}) if new_parent else config
+        target.setdefault(new_key, value)
+    if config.get("task") == "train" and config.get("ckpt"):  # training used to read ckpt as its start weights
+        config.setdefault("trainer", {}).setdefault("init_from", config["ckpt"])
+        config["ckpt"] = None
+    return config
 
 
 def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:

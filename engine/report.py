@@ -120,31 +120,64 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: Path, paired: Optional[str] = None,
-                 baseline: Optional[str] = None) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "sweep.csv", "md": out_dir / "sweep.md", "png": out_dir / "sweep.png"}
-    columns = list(COLUMNS)
-    pooled: list[dict[str, Any]] = []
-    if paired:
-        pooled = add_paired(rows, paired, baseline)
-        columns += PAIRED_COLUMNS
-    table = rows + pooled
-    with open(paths["csv"], "w", newline="") as f:
+ALWAYS_SHOWN = ("run", "r", "top1", "top5", "images_per_s", "gflops")
+
+
+def split_constant_columns(table: list[dict[str, Any]], columns: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The columns whose value differs between rows (plus the measurements), and the constant ones."""
+    shown, constant = [], {}
+    for column in columns:
+        values = {json.dumps(row.get(column), default=str) for row in table}
+        if column in ALWAYS_SHOWN or column in PAIRED_COLUMNS or len(values) > 1:
+            shown.append(column)
+        else:
+            constant[column] = table[0].get(column)
+    return shown, constant
+
+
+def _markdown(table: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    shown, constant = split_constant_columns(table, columns)
+    header = ", ".join(f"{k} {_fmt(v)}" for k, v in constant.items() if v is not None)
+    lines = [f"All runs: {header}.", ""] if header else []
+    lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    return lines + ["| " + " | ".join(_fmt(row.get(c)) for c in shown) + " |" for row in table]
+
+
+def _write_csv(path: Path, table: list[dict[str, Any]], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({c: row.get(c) for c in columns} for row in table)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in table]
-    if paired:
-        lines += ["", f"delta_top1: top-1 minus that of the {paired}={baseline or rows[0].get(paired)} run with the "
-                  f"same settings, in points; ci: 95% paired bootstrap over samples ({BOOTSTRAP_RESAMPLES} "
-                  "resamples, seed 0); p_value: exact McNemar test on the samples the two runs disagree on."]
-    paths["md"].write_text("\n".join(lines) + "\n")
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: Path, paired: Optional[str] = None,
+                 baseline: Optional[str] = None) -> dict[str, Path]:
+    """sweep.csv (every column), sweep.md (constant settings in one line above the table) and sweep.png.
+
+    With `paired`, the paired comparison goes beside them, never over them:
+    paired_<key>_vs_<baseline>.csv/.md/.png (each other value of `key` against the baseline).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "sweep.csv", "md": out_dir / "sweep.md", "png": out_dir / "sweep.png"}
+    _write_csv(paths["csv"], rows, COLUMNS)
+    paths["md"].write_text("\n".join(_markdown(rows, COLUMNS)) + "\n")
     _plot_sweep(rows, paths["png"])
-    if paired:
-        paths["paired_png"] = out_dir / "paired.png"
-        _plot_paired(rows + pooled, paired, paths["paired_png"])
+    if not paired:
+        return paths
+    pooled = add_paired(rows, paired, baseline)
+    baseline = baseline or str(rows[0].get(paired))
+    stem = out_dir / f"paired_{paired}_vs_{baseline}"
+    paired_rows = [row for row in rows if row.get("delta_top1") is not None] + pooled
+    columns = COLUMNS + PAIRED_COLUMNS
+    paths |= {"paired_csv": stem.with_suffix(".csv"), "paired_md": stem.with_suffix(".md"),
+              "paired_png": stem.with_suffix(".png")}
+    _write_csv(paths["paired_csv"], paired_rows, columns)
+    lines = _markdown(paired_rows, columns) + [
+        "", f"delta_top1: top-1 minus that of the {paired}={baseline} run with the same settings, in points; "
+        f"ci: 95% paired bootstrap over samples ({BOOTSTRAP_RESAMPLES} resamples, seed 0); p_value: exact McNemar "
+        "test on the samples the two runs disagree on."]
+    paths["paired_md"].write_text("\n".join(lines) + "\n")
+    _plot_paired(rows + pooled, paired, paths["paired_png"])
     return paths
 
 

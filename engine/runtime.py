@@ -1,10 +1,13 @@
-"""Device, mixed precision, seeds and the random states a resumed run must restore."""
+"""Device, threads, loader workers, mixed precision, seeds and the random states a resumed run must restore."""
 from __future__ import annotations
 
+import logging
+import os
 import random
 import warnings
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from pathlib import Path
+from typing import Any, ContextManager, Optional
 
 import numpy as np
 import torch
@@ -12,35 +15,75 @@ import torch
 from .errors import UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+MAX_DEFAULT_WORKERS = 4
+log = logging.getLogger(__name__)
+_said: set[str] = set()  # warnings given once per process
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """runtime.device as a torch device. auto without a GPU runs on the CPU and says so once per run."""
     if name not in ("auto", "cuda", "cpu"):
-        raise UserError(f"trainer.device must be auto, cuda or cpu, got {name!r}")
+        raise UserError(f"runtime.device must be auto, cuda or cpu, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
+        raise UserError("runtime.device=cuda but no CUDA GPU is visible; use runtime.device=auto or cpu")
     if name == "auto" and not torch.cuda.is_available():
-        warnings.warn("no CUDA GPU found: running on the CPU (slow), in fp32 unless trainer.amp asks for bf16",
-                      stacklevel=2)
+        if "no_cuda" not in _said:
+            _said.add("no_cuda")
+            log.warning("no CUDA GPU found: running on the CPU (slow), in fp32 unless runtime.amp asks for bf16 "
+                        "(runtime.device=cpu says it and silences this)")
         return torch.device("cpu")
     return torch.device("cuda", local_rank) if name != "cpu" else torch.device("cpu")
 
 
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers, SLURM)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = (Path(cgroup_root) / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def configure_threads(threads: Optional[int]) -> int:
+    """Set torch's CPU threads to runtime.threads, or to the cores this process may use; returns the count.
+
+    torch's default counts the machine's cores, which oversubscribes a process pinned to fewer cores
+    (taskset, a SLURM allocation, a container quota): its threads then wait on each other."""
+    count = int(threads) if threads is not None else available_cores()
+    if count < 1:
+        raise UserError(f"runtime.threads must be null or >= 1, got {threads!r}")
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+def loader_workers(num_workers: Optional[int]) -> int:
+    """runtime.num_workers, or by default the cores this process may use (at most 4)."""
+    if num_workers is None:
+        return min(MAX_DEFAULT_WORKERS, available_cores())
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise UserError(f"runtime.num_workers must be null or an int >= 0, got {num_workers!r}")
+    return num_workers
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for trainer.amp, or None for fp32.
+    """The autocast dtype for runtime.amp, or None for fp32.
 
     auto: bf16 on a CUDA GPU that supports it (fp16 on older ones, e.g. V100), fp32 on the CPU.
     bf16/fp16 are used as asked, on any device (fp16 on the CPU is slow: a warning says so).
     """
     if amp not in ("auto", *AMP_DTYPES):
-        raise UserError(f"trainer.amp must be auto, bf16, fp16 or off, got {amp!r}")
+        raise UserError(f"runtime.amp must be auto, bf16, fp16 or off, got {amp!r}")
     if amp == "auto":
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type == "cpu":
-        warnings.warn("trainer.amp=fp16 on the CPU is much slower than fp32 (about 13x measured); "
-                      "use trainer.amp=off or bf16", stacklevel=2)
+        warnings.warn("runtime.amp=fp16 on the CPU is much slower than fp32 (about 13x measured); "
+                      "use runtime.amp=off or bf16", stacklevel=2)
     return AMP_DTYPES[amp]
 
 

@@ -1,4 +1,5 @@
-"""task=train: `run` sets a training run up, then `train_one_epoch` is the loop.
+"""task=train: `run` = resume config -> `build_run` -> `fit` (the epochs) -> `finish`; `train_one_epoch`
+is the loop.
 
 Fault tolerance: checkpoints are atomic; SIGTERM/SIGINT stop after the current optimizer step
 with `last.pt` written; a NaN/inf loss stops before anything is written; resume restores model,
@@ -12,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,16 +32,19 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data import EpochSeeded, build_datasets, count_classes, input_transform
+from data import EpochSeeded, build_datasets, class_names, count_classes
 
-from .checkpoint import atomic_save, check_same_architecture, load_checkpoint, load_weights
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .checkpoint import (check_same_architecture, load_checkpoint, restore_training, save_training,
+                         training_checkpoint)
+from .distributed import DistInfo, all_reduce_sum, barrier
 from .errors import NonFiniteLoss, TrainingInterrupted, UserError
 from .evaluate import eval_loader, evaluate
-from .model import build_model, data_config, model_label, report_capped_r
+from .model import model_label, upgrade_config
 from .overrides import apply_overrides
 from .results import run_record, write_results
-from .runtime import amp_dtype, autocast, resolve_device, rng_state, seed_everything, set_rng_state
+from .run_folder import append_resume
+from .runtime import autocast, rng_state, set_rng_state
+from .session import Session, open_session
 
 log = logging.getLogger(__name__)
 Batch = Callable[[torch.Tensor], torch.Tensor]
@@ -106,7 +111,7 @@ class ResumableSampler(Sampler[int]):
 
 @dataclass
 class Optimization:
-    """Everything an optimizer step uses besides the model and the batch, built once by `run`."""
+    """Everything an optimizer step uses besides the model and the batch, built once per run."""
 
     optimizer: torch.optim.Optimizer
     scheduler: Any  # timm scheduler, stepped per update
@@ -118,6 +123,29 @@ class Optimization:
     accum_steps: int = 1
     clip_grad: Optional[float] = None
 
+
+@dataclass
+class TrainRun:
+    """A training run as `build_run` sets it up: what `fit` needs, and what `finish` reports."""
+
+    cfg: DictConfig
+    run_dir: Path
+    session: Session
+    model: nn.Module  # DDP-wrapped under torchrun
+    train_set: EpochSeeded
+    sampler: DistributedSampler
+    val_loader: DataLoader
+    opt: Optimization
+    state: TrainState
+    classes: Optional[list[str]]
+    drop_last: bool
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+# --- the loop -------------------------------------------------------------------------------------
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, prepare: Batch, opt: Optimization, state: TrainState,
                     device: torch.device, info: DistInfo, stop: GracefulStop, max_steps: Optional[int] = None,
@@ -147,11 +175,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, prepare: Batch, opt: O
                 raise NonFiniteLoss(f"loss is {loss_value} at epoch {state.epoch} step {step}; stopped without saving, "
                                     "last.pt and best.pt are the last good state (lower trainer.lr or use trainer.clip_grad)")
             opt.scaler.scale(loss / opt.accum_steps).backward()
-
             update = (step + 1) % opt.accum_steps == 0 or step + 1 == total
             if update:
                 optimizer_step(model, opt, state)
-
             batch = len(hard_targets)
             sums["loss"] += loss_value * batch
             sums["correct"] += (logits.argmax(-1) == hard_targets).sum().item()
@@ -163,9 +189,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, prepare: Batch, opt: O
             bar.set_postfix(loss=f"{sums['loss'] / sums['samples']:.3f}",
                             acc=f"{100 * sums['correct'] / sums['samples']:.1f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
             if writer is not None and update and state.num_updates % log_every == 0:
-                writer.add_scalar("train/loss", loss_value, state.num_updates)
-                writer.add_scalar("train/lr", lr, state.num_updates)
-                writer.add_scalar("train/images_per_s", rate, state.num_updates)
+                for name, value in (("loss", loss_value), ("lr", lr), ("images_per_s", rate)):
+                    writer.add_scalar(f"train/{name}", value, state.num_updates)
             if update and _stop_requested(stop, device, info):
                 break
     return seen * info.world_size / max(time.perf_counter() - start, 1e-9)
@@ -203,103 +228,51 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-# --- configuration checks -------------------------------------------------------------------------
+# --- configuration --------------------------------------------------------------------------------
 
-POSITIVE_INTS = ("epochs", "batch_size", "eval_batch_size", "accum_steps", "eval_every", "log_every")
+POSITIVE_INTS = ("epochs", "batch_size", "accum_steps", "eval_every", "log_every")
 
 
-def check_trainer_config(tc: DictConfig) -> None:
-    """One clear line for a trainer value that cannot work."""
+def check_trainer_config(cfg: DictConfig) -> None:
+    """One clear line for a trainer value that cannot work; a warning for one that wastes the run."""
+    tc = cfg.trainer
     for key in POSITIVE_INTS:
         value = tc[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"trainer.{key} must be an int >= 1, got {value!r}")
+    eval_batch = cfg.runtime.eval_batch_size
+    if not isinstance(eval_batch, int) or isinstance(eval_batch, bool) or eval_batch < 1:
+        raise UserError(f"runtime.eval_batch_size must be an int >= 1, got {eval_batch!r}")
     if not tc.lr > 0:
         raise UserError(f"trainer.lr must be > 0, got {tc.lr!r}")
-    if tc.num_workers < 0:
-        raise UserError(f"trainer.num_workers must be >= 0, got {tc.num_workers!r}")
     for key in ("max_steps_per_epoch", "stop_after_epochs"):
         if tc[key] is not None and tc[key] < 1:
             raise UserError(f"trainer.{key} must be null or >= 1, got {tc[key]!r}")
     if tc.warmup_epochs < 0 or tc.mixup < 0 or tc.cutmix < 0 or tc.weight_decay < 0:
         raise UserError("trainer.warmup_epochs, mixup, cutmix and weight_decay must be >= 0")
-
-
-def check_run_dir_is_free(cfg: DictConfig, ckpt_dir: Path) -> float:
-    """Refuse to train a new run over another run's checkpoints, unless overwrite=true.
-
-    Returns the top-1 that a new best.pt must beat: that of the best.pt already there, if any.
-    """
-    existing = sorted(p.name for p in ckpt_dir.glob("*.pt")) if ckpt_dir.is_dir() else []
-    if not existing:
-        return -1.0
-    if not cfg.overwrite:
-        raise UserError(f"{ckpt_dir.parent} already holds a run's checkpoints ({', '.join(existing)}); continue it "
-                        "with resume=true, or train into another folder (drop hydra.run.dir); overwrite=true trains "
-                        "a new run there")
-    best = ckpt_dir / "best.pt"
-    floor = float(load_checkpoint(best)["state"]["best_top1"]) if best.exists() else -1.0
-    log.warning("overwrite=true: training a new run in %s; best.pt (top-1 %.2f) is replaced only by a better one",
-                ckpt_dir.parent, floor)
-    return floor
+    if tc.warmup_epochs >= tc.epochs:
+        log.warning("trainer.warmup_epochs=%s covers the whole run (trainer.epochs=%s): the learning rate never "
+                    "reaches trainer.lr; lower trainer.warmup_epochs", tc.warmup_epochs, tc.epochs)
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[dict]]:
-    """With resume=true (or in a SLURM job requeued after a preemption or time-out), continue from
-    run_dir's last.pt under its saved config.
-
-    Only `trainer.*` settings given on this command line (epochs, device, workers) replace the saved ones.
-    """
+    """With trainer.resume=true (or in a SLURM job requeued after a preemption or time-out), continue
+    from run_dir's last.pt under its saved config; `trainer.*` and `runtime.*` keys given on this
+    command line replace the saved ones, and resumes.yaml records them."""
     last = run_dir / "checkpoints" / "last.pt"
     requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()
-    if not (cfg.resume or requeued):
+    if not (cfg.trainer.resume or requeued):
         return cfg, None
     if not last.exists():
-        raise UserError(f"resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue")
+        raise UserError(f"trainer.resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue")
     checkpoint = load_checkpoint(last)
-    resumed = apply_overrides(OmegaConf.create(checkpoint["config"]), cfg, overrides, groups=("trainer",))
-    resumed.resume = True
+    saved = OmegaConf.create(upgrade_config(checkpoint["config"]))
+    resumed = apply_overrides(saved, cfg, overrides, groups=("trainer", "runtime"))
+    resumed.trainer.resume = True
+    if int(os.environ.get("RANK", "0")) == 0:
+        kept = [o for o in overrides if o.lstrip("+~").split(".", 1)[0] in ("trainer", "runtime")]
+        append_resume(run_dir, kept, checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"])
     return resumed, checkpoint
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
-
-def _checkpoint(model: nn.Module, opt: Optimization, state: TrainState, cfg: DictConfig) -> dict[str, Any]:
-    return {
-        "model": _unwrap(model).state_dict(),
-        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
-        "optimizer": opt.optimizer.state_dict(),
-        "scheduler": opt.scheduler.state_dict(),
-        "scaler": opt.scaler.state_dict(),
-        "state": asdict(state),
-        "rng": rng_state(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-
-
-def _restore(model: nn.Module, opt: Optimization, checkpoint: dict[str, Any], path: Path, epochs: int) -> TrainState:
-    load_weights(_unwrap(model), checkpoint["model"], path)
-    if opt.ema is not None and checkpoint.get("ema") is not None:
-        opt.ema.module.load_state_dict(checkpoint["ema"])
-    opt.optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["config"]["trainer"]["epochs"] == epochs:
-        opt.scheduler.load_state_dict(checkpoint["scheduler"])
-    # else: the run was extended (trainer.epochs changed); keep the schedule built for the new length
-    opt.scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
-    state = TrainState(**checkpoint["state"])
-    opt.scheduler.step_update(num_updates=state.num_updates)
-    return state
-
-
-def _save(model: nn.Module, opt: Optimization, state: TrainState, cfg: DictConfig, ckpt_dir: Path, best: bool,
-          info: DistInfo) -> None:
-    if info.is_main:
-        checkpoint = _checkpoint(model, opt, state, cfg)
-        atomic_save(checkpoint, ckpt_dir / "last.pt")
-        if best:
-            atomic_save(checkpoint, ckpt_dir / "best.pt")
-    barrier(info)
 
 
 # --- building a run -------------------------------------------------------------------------------
@@ -323,43 +296,26 @@ def build_optimization(model: nn.Module, tc: DictConfig, num_classes: int, updat
     )
 
 
-def epoch_loader(dataset: EpochSeeded, sampler: DistributedSampler, epoch: int, state: TrainState, tc: DictConfig,
-                 seed: int, device: torch.device, drop_last: bool) -> DataLoader:
-    """This epoch's loader, skipping the batches a resumed run already trained."""
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)  # before the workers copy the data set
-    return DataLoader(dataset, batch_size=tc.batch_size, drop_last=drop_last,
-                      sampler=ResumableSampler(sampler, skip=state.step_in_epoch * tc.batch_size),
-                      num_workers=tc.num_workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
+    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture."""
+    path = cfg.trainer.get("init_from")
+    if not path:
+        return None
+    init = load_checkpoint(path)
+    saved = upgrade_config(init["config"])
+    check_same_architecture(saved["model"], OmegaConf.to_container(cfg.model, resolve=True), path)
+    return init["model"]
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
-    cfg, checkpoint = resumed_config(cfg, run_dir, overrides)
-    tc = cfg.trainer
-    check_trainer_config(tc)
-    ckpt_dir = run_dir / "checkpoints"
-    best_floor = -1.0 if checkpoint is not None else check_run_dir_is_free(cfg, ckpt_dir)
-    info = init_distributed(use_cuda=tc.device != "cpu" and torch.cuda.is_available())
-    device = resolve_device(tc.device, info.local_rank)
-    dtype = amp_dtype(tc.amp, device)
-    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-
+def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> TrainRun:
+    """Data, model and optimizer, built once; the state restored from `checkpoint` when resuming."""
+    classes = class_names(cfg.dataset)
     num_classes = count_classes(cfg.dataset)
     cfg = OmegaConf.merge(cfg, {"dataset": {"num_classes": num_classes}})  # saved with the checkpoints
-    model = build_model(cfg.model, cfg.tome, num_classes)
-    if cfg.ckpt and checkpoint is None:  # fine-tune from a RegToMe checkpoint
-        init = load_checkpoint(cfg.ckpt)
-        check_same_architecture(init["config"]["model"], OmegaConf.to_container(cfg.model, resolve=True), cfg.ckpt)
-        load_weights(model, init["model"], cfg.ckpt)
-    model.to(device)
-    report_capped_r(model, cfg)
-    inputs = data_config(model, cfg.model, cfg.dataset)
-    splits = build_datasets(cfg.dataset, inputs, augment=tc.augment, seed=cfg.seed)
-    prepare = input_transform(cfg.dataset, inputs)
-    prepare = prepare.to(device) if prepare is not None else nn.Identity()
-
+    init = initial_weights(cfg) if checkpoint is None else None
+    session = open_session(cfg, num_classes, weights=init, weights_path=cfg.trainer.get("init_from"))
+    tc, info = cfg.trainer, session.info
+    splits = build_datasets(cfg.dataset, session.inputs, augment=tc.augment, seed=cfg.seed, classes=classes)
     drop_last = tc.mixup > 0 or tc.cutmix > 0  # mixup needs even batches
     train_set = EpochSeeded(splits["train"], cfg.seed)
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
@@ -367,72 +323,137 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     updates_per_epoch = -(-len(sampler) // tc.batch_size // tc.accum_steps)
     if tc.max_steps_per_epoch:
         updates_per_epoch = min(updates_per_epoch, -(-tc.max_steps_per_epoch // tc.accum_steps))
-    opt = build_optimization(model, tc, num_classes, updates_per_epoch, device, dtype)
+    opt = build_optimization(session.model, tc, num_classes, updates_per_epoch, session.device, session.dtype)
+    model = session.model
     if info.enabled:
+        device = session.device
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = _restore(model, opt, checkpoint, ckpt_dir / "last.pt", tc.epochs) if checkpoint else \
-        TrainState(best_top1=best_floor)
+    state = TrainState()
+    if checkpoint is not None:
+        saved = restore_training(_unwrap(model), opt, checkpoint, run_dir / "checkpoints" / "last.pt",
+                                 same_length=checkpoint["config"]["trainer"]["epochs"] == tc.epochs)
+        set_rng_state(checkpoint["rng"])
+        state = TrainState(**saved)
+        opt.scheduler.step_update(num_updates=state.num_updates)
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
         state.epoch_sums = empty_sums()
-    val_loader = eval_loader(splits["val"], tc.eval_batch_size, tc.num_workers, info)
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if info.is_main else None
-    metrics: dict[str, Any] = state.history[-1] if state.history else {}
+    val_loader = eval_loader(splits["val"], cfg.runtime.eval_batch_size, session.workers, info)
     if info.is_main:
         log.info("training %s on %s (%d train / %d val images) on %s, %s, %d epochs; run folder %s",
-                 model_label(cfg.model), cfg.dataset.name, len(train_set), len(splits["val"]), device,
-                 str(dtype or "fp32").replace("torch.", ""), tc.epochs, run_dir)
-
-    epochs_this_run = 0
-    with GracefulStop() as stop:
-        for epoch in range(state.epoch, tc.epochs):
-            started = time.perf_counter()
-            loader = epoch_loader(train_set, sampler, epoch, state, tc, cfg.seed, device, drop_last)
-            train_rate = train_one_epoch(model, loader, prepare, opt, state, device, info, stop,
-                                         tc.max_steps_per_epoch, writer, tc.log_every)
-            state.epoch_sums = _global_sums(state.epoch_sums, device, info)
-            if stop.signum is not None:
-                _save(model, opt, state, cfg, ckpt_dir, best=False, info=info)
-                stop.pass_on()
-                raise TrainingInterrupted(stop.signum, (
-                    f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch} step {state.step_in_epoch}; "
-                    f"state saved in {ckpt_dir / 'last.pt'}; continue with: "
-                    f"python main.py task=train hydra.run.dir={run_dir} resume=true"))
-            metrics = epoch_metrics(epoch, state, train_rate)
-            state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
-            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-                eval_model = opt.ema.module if opt.ema is not None else _unwrap(model)
-                val = evaluate(eval_model, val_loader, device, dtype, info, prepare=prepare, desc="val")
-                metrics |= {f"val_{k}": v for k, v in val.items()}
-            metrics["seconds"] = time.perf_counter() - started
-            state.history.append(metrics)
-            is_best = metrics.get("val_top1", -1.0) > state.best_top1
-            state.best_top1 = max(state.best_top1, metrics.get("val_top1", -1.0))
-            _save(model, opt, state, cfg, ckpt_dir, best=is_best, info=info)
-            if info.is_main:
-                _log_epoch(writer, metrics, tc.epochs)
-            epochs_this_run += 1
-            if tc.stop_after_epochs and epochs_this_run >= tc.stop_after_epochs and state.epoch < tc.epochs:
-                if info.is_main:
-                    log.info("stopping after %d epochs (trainer.stop_after_epochs); continue with: "
-                             "python main.py task=train hydra.run.dir=%s resume=true", epochs_this_run, run_dir)
-                break
-
-    if writer is not None:
-        writer.close()
-    record = run_record(cfg, _unwrap(model), metrics, device, dtype, tc.batch_size,
-                        extra={"epochs": state.epoch, "best_top1": state.best_top1, "history": state.history,
-                               "checkpoint": str(ckpt_dir / "best.pt")})
-    if info.is_main:
-        write_results(run_dir, record)
-        best = f"best val top-1 {state.best_top1:.2f}" if state.best_top1 >= 0 else "no validation yet"
-        log.info("done: %s; run folder %s", best, run_dir)
-    return record
+                 model_label(cfg.model), cfg.dataset.name, len(train_set), len(splits["val"]), session.device,
+                 str(session.dtype or "fp32").replace("torch.", ""), tc.epochs, run_dir)
+    return TrainRun(cfg=cfg, run_dir=run_dir, session=session, model=model, train_set=train_set, sampler=sampler,
+                    val_loader=val_loader, opt=opt, state=state, classes=classes, drop_last=drop_last)
 
 
-def epoch_metrics(epoch: int, state: TrainState, train_rate: float) -> dict[str, Any]:
+def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
+    """This epoch's loader, skipping the batches a resumed run already trained."""
+    tc, seed = run.cfg.trainer, run.cfg.seed
+    run.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)  # before the workers copy the data set
+    return DataLoader(run.train_set, batch_size=tc.batch_size, drop_last=run.drop_last,
+                      sampler=ResumableSampler(run.sampler, skip=run.state.step_in_epoch * tc.batch_size),
+                      num_workers=run.session.workers, pin_memory=run.session.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+# --- running it -----------------------------------------------------------------------------------
+
+def save(run: TrainRun, best: bool) -> None:
+    """last.pt (and best.pt), written by rank 0 while the others wait."""
+    if run.session.info.is_main:
+        config = OmegaConf.to_container(run.cfg, resolve=True)
+        checkpoint = training_checkpoint(_unwrap(run.model), run.opt, asdict(run.state), config, rng_state(),
+                                         run.classes)
+        save_training(checkpoint, run.ckpt_dir, best)
+    barrier(run.session.info)
+
+
+def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
+    """The one interrupt path: last.pt written, the signal passed on (SLURM requeue), the resume command said."""
+    save(run, best=False)
+    stop.pass_on()
+    state = run.state
+    return TrainingInterrupted(stop.signum, (
+        f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch} step {state.step_in_epoch}; "
+        f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: "
+        f"python main.py task=train hydra.run.dir={run.run_dir} trainer.resume=true"))
+
+
+def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[SummaryWriter]) -> dict[str, Any]:
+    """One epoch: train, validate when due, checkpoint; returns the epoch's metrics."""
+    started, state, session, tc = time.perf_counter(), run.state, run.session, run.cfg.trainer
+    rate = train_one_epoch(run.model, epoch_loader(run, epoch), session.prepare, run.opt, state, session.device,
+                           session.info, stop, tc.max_steps_per_epoch, writer, tc.log_every)
+    state.epoch_sums = _global_sums(state.epoch_sums, session.device, session.info)
+    if stop.signum is not None:
+        raise interrupted(run, stop)
     sums = state.epoch_sums
-    return {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["samples"], 1),
-            "train_acc": 100 * sums["correct"] / max(sums["samples"], 1), "train_images_per_s": train_rate}
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["samples"], 1),
+                               "train_acc": 100 * sums["correct"] / max(sums["samples"], 1), "train_images_per_s": rate}
+    state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
+    if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+        eval_model = run.opt.ema.module if run.opt.ema is not None else _unwrap(run.model)
+        val = evaluate(eval_model, run.val_loader, session.device, session.dtype, session.info,
+                       prepare=session.prepare, desc="val")
+        metrics |= {f"val_{k}": v for k, v in val.items()}
+    metrics["seconds"] = time.perf_counter() - started
+    state.history.append(metrics)
+    is_best = metrics.get("val_top1", -1.0) > state.best_top1
+    state.best_top1 = max(state.best_top1, metrics.get("val_top1", -1.0))
+    save(run, best=is_best)
+    return metrics
+
+
+def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> dict[str, Any]:
+    """The epochs still to train (all of them, or the rest after a resume); returns the last metrics."""
+    state, tc = run.state, run.cfg.trainer
+    metrics: dict[str, Any] = state.history[-1] if state.history else {}
+    with GracefulStop() as stop:
+        for done, epoch in enumerate(range(state.epoch, tc.epochs), start=1):
+            metrics = train_epoch(run, epoch, stop, writer)
+            if run.session.info.is_main:
+                _log_epoch(writer, metrics, tc.epochs)
+            if tc.stop_after_epochs and done >= tc.stop_after_epochs and state.epoch < tc.epochs:
+                if run.session.info.is_main:
+                    log.info("stopping after %d epochs (trainer.stop_after_epochs); continue with: python main.py "
+                             "task=train hydra.run.dir=%s trainer.resume=true", done, run.run_dir)
+                break
+    return metrics
+
+
+@contextmanager
+def tensorboard(run_dir: Path, info: DistInfo) -> Iterator[Optional[SummaryWriter]]:
+    """Rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)."""
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if info.is_main else None
+    try:
+        yield writer
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
+    cfg, checkpoint = resumed_config(cfg, run_dir, overrides)
+    check_trainer_config(cfg)
+    training = build_run(cfg, run_dir, checkpoint)
+    with tensorboard(run_dir, training.session.info) as writer:
+        metrics = fit(training, writer)
+    return finish(training, metrics)
+
+
+def finish(run: TrainRun, metrics: dict[str, Any]) -> dict[str, Any]:
+    """results.json of the run (rank 0) and the closing line."""
+    state, session = run.state, run.session
+    record = run_record(run.cfg, _unwrap(run.model), metrics, session.device, session.dtype, run.cfg.trainer.batch_size,
+                        extra={"epochs": state.epoch, "best_top1": state.best_top1, "history": state.history,
+                               "checkpoint": str(run.ckpt_dir / "best.pt"), "classes": run.classes})
+    if session.info.is_main:
+        write_results(run.run_dir, record)
+        best = f"best val top-1 {state.best_top1:.2f}" if state.best_top1 >= 0 else "no validation yet"
+        log.info("done: %s; run folder %s", best, run.run_dir)
+    return record
 
 
 def _log_epoch(writer: Optional[SummaryWriter], metrics: dict[str, Any], epochs: int) -> None:

@@ -1,18 +1,19 @@
 """task=visualize: what merging merges, and what the class token and registers attend to.
 
-Per image, one grid PNG (also sent to TensorBoard):
-- row 1: the image, then the merged-token map after each chosen block (protect=prefix): the patches
-  of each output token filled with their mean colour and outlined, as in the ToMe paper;
-- row 2 (compare_protect): the same maps with protect=class, where registers may merge;
+Per image, one grid PNG (also sent to TensorBoard), titled with its true and predicted class:
+- one row per protection mode (prefix, class, apart; or the model's own with
+  visualize.compare_protect=false): the image, then the merged-token map after each chosen block:
+  the patches of each output token filled with their mean colour and outlined, as in the ToMe paper;
 - then one row per prefix token (class, registers): its attention over the patches, per head, at
-  `attn_block`, computed on the unmerged model so every patch has its own cell.
+  `attn_block`, with a colour bar. Computed on the unmerged model so every patch has its own cell;
+  under protect=apart, on the merged model, so registers merged together are one row.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,13 +24,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import regtome
-from data import build_datasets, count_classes
+from data import build_datasets, class_names, count_classes
 from data.transforms import build_transform
 
-from .checkpoint import load_weights
 from .errors import UserError
-from .model import build_model, config_from_checkpoint, data_config, model_label
-from .runtime import resolve_device
+from .model import config_from_checkpoint, model_label
+from .session import open_session
 
 log = logging.getLogger(__name__)
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
@@ -81,9 +81,9 @@ def grid_shape(num_blocks: int, num_heads: int, num_prefix: int, num_modes: int)
 
 
 def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens: dict[str, dict[int, int]],
-              attention: np.ndarray, names: list[str], protect_note: str, attn_block: int, path: Path,
+              attention: np.ndarray, names: list[str], attention_note: str, attn_block: int, path: Path,
               title: str = "") -> np.ndarray:
-    """Save the grid PNG and return it as an (H, W, 3) uint8 array."""
+    """Save the grid PNG and return it as an (H, W, 3) uint8 array. attention: (heads, P, N)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,14 +104,16 @@ def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens:
     side = int(round(attention.shape[-1] ** 0.5))
     for i, name in enumerate(names):
         row = len(maps) + i
+        high = float(attention[:, i].max())  # one colour scale per row: heads compare directly
         for head in range(num_heads):
-            ax = axes[row, head]
-            ax.imshow(attention[head, i].reshape(side, -1), cmap="inferno")
-            ax.set_title(f"{name} h{head}" + (f" ({protect_note})" if name.startswith("reg") and head == 0 else ""),
-                         fontsize=6)
-    fig.suptitle(f"{title}\nrows 1-{len(maps)}: merged tokens; below: attention over patches at block {attn_block}",
-                 fontsize=7)
-    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.6 / rows, bottom=0.02, hspace=0.35, wspace=0.1)
+            shown = axes[row, head].imshow(attention[head, i].reshape(side, -1), cmap="inferno", vmin=0, vmax=high)
+            axes[row, head].set_title(f"{name} h{head}", fontsize=6)
+        bar = fig.colorbar(shown, ax=list(axes[row, :num_heads]), fraction=0.02, pad=0.01)
+        bar.ax.tick_params(labelsize=5)
+        bar.set_label("attention", fontsize=5)
+    fig.suptitle(f"{title}\nrows 1-{len(maps)}: merged tokens; below: attention over patches at block {attn_block} "
+                 f"({attention_note})", fontsize=7)
+    fig.subplots_adjust(left=0.02, right=0.95, top=1 - 0.75 / rows, bottom=0.02, hspace=0.35, wspace=0.1)
     fig.savefig(path)
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -163,7 +165,11 @@ def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarr
     plt.close(fig)
 
 
-def _load_images(cfg: DictConfig, model: nn.Module, transform) -> list[tuple[str, torch.Tensor]]:
+def _load_images(cfg: DictConfig, inputs: dict[str, Any], classes: Optional[list[str]]
+                 ) -> list[tuple[str, torch.Tensor, Optional[int]]]:
+    """(name, image tensor, true label or None) for images=PATH (file or folder) or the data set's val split."""
+    transform = build_transform(inputs, native_size=int(cfg.dataset.native_size), is_training=False, augment=False,
+                                on_device=False)
     if cfg.images:
         root = Path(str(cfg.images))
         if not root.exists():
@@ -174,14 +180,14 @@ def _load_images(cfg: DictConfig, model: nn.Module, transform) -> list[tuple[str
         out = []
         for file in files:
             try:
-                out.append((file.stem, transform(Image.open(file).convert("RGB"))))
+                out.append((file.stem, transform(Image.open(file).convert("RGB")), None))
             except OSError as err:
                 raise UserError(f"cannot read image {file} ({err})") from err
         return out
-    dataset = build_datasets(cfg.dataset, data_config(model, cfg.model, cfg.dataset), augment=False,
-                             splits=("val",), seed=cfg.seed, on_device=False)["val"]
+    dataset = build_datasets(cfg.dataset, inputs, augment=False, splits=("val",), seed=cfg.seed, on_device=False,
+                             classes=classes)["val"]
     count = min(cfg.visualize.num_samples, len(dataset))
-    return [(f"sample_{i}", dataset[i][0]) for i in range(count)]
+    return [(f"sample_{i}", *dataset[i]) for i in range(count)]
 
 
 def _to_display(tensor: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
@@ -189,59 +195,89 @@ def _to_display(tensor: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
     return (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+def _label(classes: Optional[list[str]], index: Optional[int]) -> str:
+    if index is None:
+        return "?"
+    return classes[index] if classes and index < len(classes) else str(index)
+
+
+def merge_maps(model: nn.Module, batch: torch.Tensor, picture: np.ndarray, blocks: list[int], modes: list[str]
+               ) -> tuple[dict, dict, dict]:
+    """Per protection mode and block: the merged-token map, the tokens left, the groups holding patches."""
+    grid = model.patch_embed.grid_size
+    maps, tokens, groups = {}, {}, {}
+    for mode in modes:
+        with regtome.options(model, protect=mode):
+            sources = sources_after_blocks(model, batch, blocks)
+        maps[mode], tokens[mode], groups[mode] = {}, {}, {}
+        for block, source in sources.items():
+            labels = patch_groups(source[0], model.num_prefix_tokens)
+            maps[mode][block] = merge_map(picture, labels, grid)
+            tokens[mode][block] = source.shape[1]
+            groups[mode][block] = int(labels.max()) + 1
+    return maps, tokens, groups
+
+
+def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple[np.ndarray, list[str], str]:
+    """The attention rows to draw: one per prefix token; under protect=apart one per merged token."""
+    merged = model.protect == "apart" and any(regtome.parse_r(len(model.blocks), model.r)[:attn_block])
+    attention, names = regtome.prefix_attention(model, batch, attn_block, merged=merged)
+    attention = attention[0].cpu().numpy()
+    keep = [i for i, name in enumerate(names) if name not in names[:i]]  # a merged token once
+    note = "merged model, registers merged together shown once" if merged else "unmerged model"
+    return attention[:, keep], [names[i] for i in keep], note
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    device = resolve_device(cfg.trainer.device)
-    cfg, weights = config_from_checkpoint(cfg, overrides)
-    model = build_model(cfg.model, cfg.tome, count_classes(cfg.dataset), trace_source=True)
-    if weights is not None:
-        load_weights(model, weights, cfg.ckpt)
-    elif not (cfg.model.pretrained or cfg.model.pretrained_file):
+    cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
+    random_weights = weights is None and not (cfg.model.pretrained or cfg.model.pretrained_file)
+    if random_weights:
         log.warning("showing a model with random weights (no ckpt=PATH, model.pretrained or model.pretrained_file): "
                     "the merges and attention maps say nothing about a trained model")
-    model.to(device).eval()
-
-    config = data_config(model, cfg.model, cfg.dataset)
-    transform = build_transform(config, native_size=int(cfg.dataset.native_size), is_training=False, augment=False,
-                                on_device=False)
-    images = _load_images(cfg, model, transform)
+    session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, trace_source=True, distributed=False)
+    model = session.model.eval()
+    classes = saved_classes or class_names(cfg.dataset)
+    images = _load_images(cfg, session.inputs, classes)
     depth = len(model.blocks)
     blocks = sorted({min(max(b, 0), depth - 1) for b in cfg.visualize.blocks})
     attn_block = cfg.visualize.attn_block % depth
     modes = list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect]
-    grid = model.patch_embed.grid_size
+    r = OmegaConf.to_container(cfg.tome)["r"]
+    summary: dict[str, Any] = {"model": model_label(cfg.model), "blocks": blocks, "attn_block": attn_block, "r": r,
+                               "protect": model.protect, "random_weights": random_weights, "images": {}}
     writer = SummaryWriter(str(run_dir / "tensorboard"))
-    summary: dict[str, Any] = {"model": model_label(cfg.model), "blocks": blocks, "attn_block": attn_block,
-                               "r": OmegaConf.to_container(cfg.tome)["r"], "random_weights": weights is None and not
-                               (cfg.model.pretrained or cfg.model.pretrained_file), "images": {}}
-    for step, (name, tensor) in enumerate(tqdm(images, desc="visualize", dynamic_ncols=True)):
-        batch = tensor[None].to(device)
-        picture = _to_display(tensor, config)
-        maps: dict[str, dict[int, np.ndarray]] = {}
-        tokens: dict[str, dict[int, int]] = {}
-        groups: dict[str, dict[int, int]] = {}
-        for mode in modes:
-            with regtome.options(model, protect=mode):
-                sources = sources_after_blocks(model, batch, blocks)
-            maps[mode], tokens[mode], groups[mode] = {}, {}, {}
-            for block, source in sources.items():
-                labels = patch_groups(source[0], model.num_prefix_tokens)
-                maps[mode][block] = merge_map(picture, labels, grid)
-                tokens[mode][block] = source.shape[1]
-                groups[mode][block] = int(labels.max()) + 1
-        attention, names = regtome.prefix_attention(model, batch, attn_block)
-        attention = attention[0].cpu().numpy()
-        note = "protected" if cfg.tome.protect == "prefix" else "mergeable"
-        summary.setdefault("prefix_tokens", names)
-        pixels = draw_grid(picture, maps, tokens, attention, names, f"registers {note}", attn_block,
-                           run_dir / f"{name}.png", title=f"{model_label(cfg.model)}, r={summary['r']}"
-                           + (" (random weights)" if summary["random_weights"] else ""))
-        writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
-        if cfg.visualize.dense_features:
-            draw_dense_features(model, batch, picture, run_dir / f"{name}_features.png",
-                                f"last block's patch features (PCA to RGB), r={summary['r']}\n{model_label(cfg.model)}")
-        summary["images"][name] = {"png": f"{name}.png", "tokens": tokens, "groups": groups,
-                                   "size": list(pixels.shape[:2])}
-    writer.close()
+    try:
+        for step, (name, tensor, target) in enumerate(tqdm(images, desc="visualize", dynamic_ncols=True)):
+            summary["images"][name] = _visualize_one(model, session, cfg, name, tensor, target, classes, blocks,
+                                                     attn_block, modes, summary, run_dir, writer, step)
+    finally:
+        writer.close()
     (run_dir / "visualize.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("wrote %d grids to %s", len(images), run_dir)
     return summary
+
+
+def _visualize_one(model: nn.Module, session: Any, cfg: DictConfig, name: str, tensor: torch.Tensor,
+                   target: Optional[int], classes: Optional[list[str]], blocks: list[int], attn_block: int,
+                   modes: list[str], summary: dict[str, Any], run_dir: Path, writer: SummaryWriter,
+                   step: int) -> dict[str, Any]:
+    batch = tensor[None].to(session.device)
+    picture = _to_display(tensor, session.inputs)
+    with torch.no_grad():
+        probabilities = model(batch).float().softmax(dim=-1)[0]
+    predicted = int(probabilities.argmax())
+    maps, tokens, groups = merge_maps(model, batch, picture, blocks, modes)
+    attention, names, note = prefix_rows(model, batch, attn_block)
+    summary.setdefault("prefix_tokens", names)
+    caption = (f"true: {_label(classes, target)}, predicted: {_label(classes, predicted)} "
+               f"(p={float(probabilities[predicted]):.2f})")
+    title = (f"{name}: {caption}\n{summary['model']}, r={summary['r']}, protect={model.protect}"
+             + (" (random weights)" if summary["random_weights"] else ""))
+    pixels = draw_grid(picture, maps, tokens, attention, names, note, attn_block, run_dir / f"{name}.png", title=title)
+    writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
+    if cfg.visualize.dense_features:
+        draw_dense_features(model, batch, picture, run_dir / f"{name}_features.png",
+                            f"{name}: last block's patch features (PCA to RGB), r={summary['r']}\n{summary['model']}")
+    return {"png": f"{name}.png", "tokens": tokens, "groups": groups, "size": list(pixels.shape[:2]),
+            "true": _label(classes, target), "predicted": _label(classes, predicted),
+            "probability": float(probabilities[predicted])}

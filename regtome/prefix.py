@@ -11,14 +11,15 @@ from timm.models.vision_transformer import Block
 
 from .attention import project_qkv, rotary_qkv
 from .layout import prefix_names
-from .patch.common import options
+from .patch.common import options, trace
 from .patch.timm import embed
 from .rope import initial_positions, rope_for_tokens
 
 
 def _queries_and_keys(model: nn.Module, block: int, x: torch.Tensor, images: torch.Tensor,
-                      num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (B, heads, T, head_dim) queries and keys that block `block` computes from its attention input `x`."""
+                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, heads, T, head_dim) queries and keys that block `block` computes from its attention input `x`
+    (`positions`: each token's rotary table row, 0 for the prefix)."""
     attn = model.blocks[block].attn
     if type(attn) is Attention:
         q, k, _ = project_qkv(attn, x)
@@ -28,20 +29,12 @@ def _queries_and_keys(model: nn.Module, block: int, x: torch.Tensor, images: tor
     if table is not None:
         if getattr(model, "rope_mixed", False):  # one table per block
             table = table[block]
-        rope = rope_for_tokens(table, initial_positions(x.shape[0], num_prefix, x.shape[1] - num_prefix, x.device))
+        rope = rope_for_tokens(table, positions)
     q, k, _, _ = rotary_qkv(attn, x, rope)
     return q, k
 
 
-@torch.no_grad()
-def prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> tuple[torch.Tensor, list[str]]:
-    """What each prefix token (class, distillation, registers) attends to among the patches.
-
-    Runs the patched `model` without merging (r=0), so every patch keeps its own key, and returns
-    the softmax attention of the prefix tokens present at `block` over the patch tokens,
-    (B, heads, P, N), and their names (``"class"``, ``"distill"``, ``"register 1"``, ...). DINOv3's
-    storage tokens are its registers. Pre-norm blocks with timm's `Attention` or Eva's rotary attention.
-    """
+def _check_block(model: nn.Module, block: int) -> int:
     depth = len(model.blocks)
     if not -depth <= block < depth:
         raise ValueError(f"block must be in [{-depth}, {depth - 1}], got {block}")
@@ -50,6 +43,29 @@ def prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> tupl
     if type(target) not in (Block, EvaBlock) or type(target.attn) is not Attention and not hasattr(target.attn, "rotate_half"):
         raise TypeError(f"prefix_attention supports pre-norm blocks with timm's Attention or Eva's rotary attention, "
                         f"not {type(target).__name__} with {type(target.attn).__name__}")
+    return block
+
+
+@torch.no_grad()
+def prefix_attention(model: nn.Module, images: torch.Tensor, block: int,
+                     merged: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """What each prefix token (class, distillation, registers) attends to among the patches at `block`.
+
+    Returns the softmax attention of the P prefix tokens present at `block` over the N patches,
+    (B, heads, P, N), and their names (``"class"``, ``"distill"``, ``"register 1"``, ...). DINOv3's
+    storage tokens are its registers. Pre-norm blocks with timm's `Attention` or Eva's rotary attention.
+
+    merged=False: the model runs without merging (r=0), so every patch keeps its own key.
+    merged=True: the model runs as it is set (r, protect), and each prefix token's row is the
+    attention of the token that holds it at `block`, with proportional attention as the model
+    applies it; a merged token's weight is spread evenly over its patches. Registers merged
+    together (protect="apart") share one row, and their name joins their numbers, as for the first
+    image (``"registers 1+3"``): call it with one image to read the grouping.
+    """
+    block = _check_block(model, block)
+    target = model.blocks[block]
+    if merged and block > 0:
+        return _merged_prefix_attention(model, images, block)
     captured: dict[str, Optional[torch.Tensor]] = {}
     # The attention's input is norm1's output (RegToMe calls the attention's layers, not attn itself).
     hook = target.norm1.register_forward_hook(lambda m, args, out: captured.setdefault("x", out))
@@ -59,6 +75,40 @@ def prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> tupl
     finally:
         hook.remove()
     names = prefix_names(model, block)
-    q, k = _queries_and_keys(model, block, captured["x"], images, len(names))
+    x = captured["x"]
+    positions = initial_positions(x.shape[0], len(names), x.shape[1] - len(names), x.device)
+    q, k = _queries_and_keys(model, block, x, images, positions)
     weights = ((q * target.attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
     return weights[:, :, :len(names), len(names):], names
+
+
+def _merged_prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> tuple[torch.Tensor, list[str]]:
+    target = model.blocks[block]
+    record = trace(model, images, [block - 1])
+    state = record.blocks[block - 1]  # the tokens entering `block`
+    names = prefix_names(model, block)
+    p = len(names)
+    q, k = _queries_and_keys(model, block, target.norm1(state.x), images, state.position)
+    logits = ((q * target.attn.scale) @ k.transpose(-2, -1)).float()
+    if model.prop_attn and any(record.r):
+        logits = logits + state.size.log().transpose(1, 2)[:, None]
+    weights = logits.softmax(dim=-1)  # (B, heads, T, T)
+    holder = state.source.argmax(dim=1)  # (B, N): the token holding each slot of the full sequence
+    full = model.num_prefix_tokens
+    prefix_holders = holder[:, full - p:full]  # the prefix slots present at `block`
+    rows = weights.gather(2, prefix_holders[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1]))
+    patch_holders = holder[:, full:]  # (B, N_patches)
+    per_patch = rows / state.size[:, None, None, :, 0]  # a token's weight spread over its patches
+    out = per_patch.gather(3, patch_holders[:, None, None, :].expand(-1, rows.shape[1], p, -1))
+    return out, _joined_names(names, prefix_holders[0].tolist())
+
+
+def _joined_names(names: list[str], holders: list[int]) -> list[str]:
+    """'registers 1+3' for register slots held by the same token; other names as they are."""
+    out = []
+    for name, holder in zip(names, holders):
+        group = [n for n, h in zip(names, holders) if h == holder]
+        if len(group) > 1:
+            name = "registers " + "+".join(n.split()[-1] for n in group)
+        out.append(name)
+    return out

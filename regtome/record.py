@@ -14,13 +14,16 @@ from .layout import PrefixLayout
 class BlockTrace:
     """The tokens after one block (from `regtome.trace`).
 
-    size: (B, T, 1) fp32 patches per token. kind: (B, T) token kinds (`regtome.layout`).
-    source: (B, T, N) 0/1, which of the model's N tokens each token holds.
+    x: (B, T, C) the tokens. size: (B, T, 1) fp32 patches per token. kind: (B, T) token kinds
+    (`regtome.layout`). source: (B, T, N) 0/1, which of the model's N tokens each token holds.
+    position: (B, T) rotary table rows (RoPE models), else None.
     """
 
+    x: torch.Tensor
     size: torch.Tensor
     kind: torch.Tensor
     source: Optional[torch.Tensor]
+    position: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     python scripts/benchmark_patch.py --registers 4        # ViT-S/16, 224, 4 registers, batch 8
     python scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16
     python scripts/benchmark_patch.py --model vit_small_patch16_dinov3   # its own 4 storage tokens
+    python scripts/benchmark_patch.py --registers 4 --r "[16]" --protect prefix,apart   # the cost of a mode
 
 Each r schedule shares the unpatched model's weights; all cases are interleaved in one process
 after warm-up (the same measurement as `task=benchmark`, inference only). 'ideal' is the FLOP
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off")
     parser.add_argument("--r", default="[8, 13, 16, (16, -1.0)]", help="python list of schedules")
+    parser.add_argument("--protect", default="prefix", help="comma-separated protection modes, each timed")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2)
     args = parser.parse_args()
@@ -39,16 +41,18 @@ def main() -> None:
     kwargs = {} if args.registers is None else {register_argument(args.model): args.registers}
     baseline = timm.create_model(args.model, **kwargs).to(device).eval()
     merged = regtome.patch.timm(copy.deepcopy(baseline))
-    schedules = ast.literal_eval(args.r)
+    protects = args.protect.split(",")
+    schedules = [r if protects == ["prefix"] else {"r": r, "protect": protect}
+                 for r in ast.literal_eval(args.r) for protect in protects]
     timing = Timing(warmup=2, repeats=args.repeats, iters=args.iters, train_step=False)
     rows = benchmark_rows(baseline, merged, schedules, [args.batch], timing, device, AMP_DTYPES[args.amp])
 
     name = device_name(device)
     registers = regtome.prefix_layout(baseline).num_register
     print(f"{args.model} reg={registers} | device {name} | batch {args.batch} | amp {args.amp} | torch {torch.__version__}")
-    print(f"{'r':>12} {'img/s':>9} {'GFLOPs':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8}")
+    print(f"{'r':>16} {'img/s':>9} {'GFLOPs':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8}")
     for row in rows:
-        print(f"{row['r']:>12} {row['images_per_s']:9.1f} {row['gflops']:7.2f} {row['speedup']:7.2f}x "
+        print(f"{row['r']:>16} {row['images_per_s']:9.1f} {row['gflops']:7.2f} {row['speedup']:7.2f}x "
               f"{row['flop_speedup']:5.2f}x {row['of_ideal']:7.0%}")
 
 

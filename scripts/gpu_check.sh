@@ -30,8 +30,8 @@ step "generated 32 px image folder"
 "$PY" scripts/make_image_folder.py "$OUT/images" --size 32 --per-class 1000 --val-per-class 50 > /dev/null || status=1
 
 step "task=benchmark (fp16, batch 1/64/256)"
-"$PY" main.py task=benchmark trainer.device=cuda trainer.amp=fp16 dataset=imagefolder dataset.root="$OUT/images" \
-    dataset.native_size=32 trainer.batch_size=256 trainer.num_workers="$WORKERS" \
+"$PY" main.py task=benchmark runtime.device=cuda runtime.amp=fp16 dataset=imagefolder dataset.root="$OUT/images" \
+    dataset.native_size=32 trainer.batch_size=256 runtime.num_workers="$WORKERS" \
     'benchmark.r=[0,8,13,16,[16,-1.0]]' 'benchmark.batch_sizes=[1,64,256]' hydra.run.dir="$OUT/benchmark" \
     > "$OUT/benchmark.log" 2>&1 || status=1
 
@@ -43,8 +43,8 @@ for model in vit_small_patch16_dinov3 vit_base_patch16_siglip_224; do
 done
 
 step "training throughput: ViT-S/16 224, 4 registers, r=16, fp16, real loader path"
-"$PY" main.py task=train experiment=cifar10_vits_reg4 trainer.device=cuda trainer.amp=fp16 dataset=imagefolder \
-    dataset.root="$OUT/images" dataset.native_size=32 trainer.batch_size=256 trainer.num_workers="$WORKERS" \
+"$PY" main.py task=train experiment=cifar10_vits_reg4 runtime.device=cuda runtime.amp=fp16 dataset=imagefolder \
+    dataset.root="$OUT/images" dataset.native_size=32 trainer.batch_size=256 runtime.num_workers="$WORKERS" \
     trainer.epochs=1 trainer.max_steps_per_epoch=60 trainer.warmup_epochs=0 hydra.run.dir="$OUT/train" \
     > "$OUT/train.log" 2>&1 || status=1
 

@@ -24,8 +24,8 @@ PYEOF
         echo "$name: trained"; return
     fi
     local resume=()
-    [ -f "$dir/checkpoints/last.pt" ] && resume=(resume=true)
-    "$PY" main.py task=train experiment=register_study dataset.root="$SPLIT" trainer.device="$DEVICE" \
+    [ -f "$dir/checkpoints/last.pt" ] && resume=(trainer.resume=true)
+    "$PY" main.py task=train experiment=register_study dataset.root="$SPLIT" runtime.device="$DEVICE" \
         hydra.run.dir="$dir" "${resume[@]}" "$@"
 }
 
@@ -35,8 +35,8 @@ evaluate() {  # evaluate NAME GROUP: 6 schedules x 2 protection modes on the hel
     if [ "$(find "$dir" -name results.json 2>/dev/null | wc -l)" -ge 12 ]; then echo "$name: evaluated"; return; fi
     rm -rf "$dir"
     "$PY" main.py -m task=eval ckpt="$OUT/train/$name/checkpoints/best.pt" dataset.root="$SPLIT" \
-        'tome.r=0,2,4,6,8,[8,-1.0]' tome.protect=prefix,class trainer.device="$DEVICE" trainer.batch_size=250 \
-        trainer.num_workers=1 hydra.sweep.dir="$dir"
+        'tome.r=0,2,4,6,8,[8,-1.0]' tome.protect=prefix,class runtime.device="$DEVICE" trainer.batch_size=250 \
+        runtime.num_workers=1 hydra.sweep.dir="$dir"
 }
 
 report() {  # paired deltas of protect=class against protect=prefix, per checkpoint and pooled

@@ -3,10 +3,12 @@
     python scripts/sweep_report.py SWEEP_DIR
     python scripts/sweep_report.py SWEEP_DIR --paired protect --baseline class
 
-Each swept setting other than r (protect, prop_attn, model, ...) gets its own line in sweep.png.
-With --paired KEY, runs that differ only in KEY are compared sample by sample (their
-predictions.csv): delta_top1 against the baseline value, a 95% paired bootstrap interval and an
-exact McNemar p-value, in sweep.csv, sweep.md and paired.png.
+Writes sweep.csv, sweep.md (settings shared by every run in one line above the table) and
+sweep.png (each swept setting other than r, such as protect, gets its own line). With --paired KEY,
+runs that differ only in KEY are compared sample by sample (their predictions.csv): each other value
+of KEY against the baseline value (three or more values work), delta_top1, a 95% paired bootstrap
+interval and an exact McNemar p-value, in paired_KEY_vs_BASELINE.csv/.md/.png beside the plain
+report (run it again with another --baseline for the other pairs).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def main() -> None:
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(paths["md"].read_text())
+    print(paths.get("paired_md", paths["md"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

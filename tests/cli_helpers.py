@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model on synthetic data, on the CPU: a 2-epoch run takes a few seconds.
 SMOKE = [
-    "dataset=synthetic", "model=vit_tiny_test", "trainer.device=cpu", "trainer.amp=off",
-    "trainer.num_workers=0", "trainer.batch_size=32", "trainer.warmup_epochs=0", "trainer.lr=1e-3",
+    "dataset=synthetic", "model=vit_tiny_test", "runtime.device=cpu", "runtime.amp=off",
+    "runtime.num_workers=0", "trainer.batch_size=32", "trainer.warmup_epochs=0", "trainer.lr=1e-3",
     "tome.r=2", "seed=0",
 ]
 

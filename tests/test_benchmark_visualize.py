@@ -13,9 +13,9 @@ from engine.visualize import CELL_PX, grid_shape, merge_map, patch_groups
 
 
 def test_benchmark_task_writes_csv_md_png(tmp_path):
-    run_main("task=benchmark", "model=vit_tiny_test", "dataset=synthetic", "trainer.device=cpu", "trainer.amp=off",
+    run_main("task=benchmark", "model=vit_tiny_test", "dataset=synthetic", "runtime.device=cpu", "runtime.amp=off",
              "benchmark.r=[0,2,[2,-1.0]]", "benchmark.batch_sizes=[1,4]", "benchmark.repeats=2", "benchmark.iters=1",
-             "benchmark.target_speedup=1.01", "trainer.num_workers=2", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+             "benchmark.target_speedup=1.01", "runtime.num_workers=2", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
     # (unpatched + 3 schedules) x 2 batch sizes x (inference, train, dense features)
     assert len(rows) == 4 * 2 * 3
@@ -65,7 +65,7 @@ def test_patch_groups_and_merge_map_on_a_hand_made_source():
 
 
 def _visualize(tmp_path, *overrides):
-    cfg = compose_config("task=visualize", "model=vit_tiny_test", "trainer.device=cpu", "dataset=synthetic",
+    cfg = compose_config("task=visualize", "model=vit_tiny_test", "runtime.device=cpu", "dataset=synthetic",
                          "tome.r=3", "visualize.blocks=[0,1]", "visualize.num_samples=2", *overrides)
     return visualize.run(cfg, tmp_path, overrides=list(overrides))
 

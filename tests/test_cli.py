@@ -12,10 +12,12 @@ from omegaconf import OmegaConf
 from cli_helpers import ROOT, SMOKE, compose_config, results, run_main
 
 CONTRACT_KEYS = [
-    "task", "seed", "ckpt", "resume", "dataset.root", "dataset.download", "model.name", "model.registers",
-    "model.img_size", "model.pretrained", "model.pretrained_file", "model.class_layer", "model.register_layer",
-    "model.drop_path", "tome.r", "tome.prop_attn", "tome.protect", "trainer.epochs", "trainer.batch_size",
-    "trainer.lr", "trainer.device", "trainer.amp", "trainer.num_workers",
+    "task", "seed", "ckpt", "images", "trainer.resume", "trainer.overwrite", "trainer.init_from", "dataset.root",
+    "dataset.download", "model.source", "model.name", "model.registers", "model.img_size", "model.pretrained",
+    "model.pretrained_file", "model.drop_path", "tome.r", "tome.flops", "tome.prop_attn", "tome.protect",
+    "tome.class_layer", "tome.register_layer", "trainer.epochs", "trainer.batch_size", "trainer.lr", "runtime.device",
+    "runtime.amp", "runtime.num_workers", "runtime.threads", "runtime.eval_batch_size", "export.format",
+    "export.batch", "export.dtype",
 ]
 
 
@@ -74,13 +76,13 @@ def test_eval_rebuilds_the_model_from_the_checkpoint_at_any_r(trained):
     ckpt = run_dir / "checkpoints" / "best.pt"
     out = work / "eval_r4"
     # no dataset/model overrides: both come from the checkpoint's saved config
-    run_main("task=eval", f"ckpt={ckpt}", "tome.r=4", "trainer.device=cpu", "trainer.num_workers=0",
+    run_main("task=eval", f"ckpt={ckpt}", "tome.r=4", "runtime.device=cpu", "runtime.num_workers=0",
              f"hydra.run.dir={out}", cwd=work)
     record = results(out)
     assert record["dataset"] == "synthetic" and record["r"] == 4 and record["tokens_per_block"] == [17, 13]
     assert record["top1"] > 25 and record["images_per_s"] > 0
     same_r = work / "eval_same"
-    run_main("task=eval", f"ckpt={ckpt}", "trainer.device=cpu", "trainer.num_workers=0", f"hydra.run.dir={same_r}",
+    run_main("task=eval", f"ckpt={ckpt}", "runtime.device=cpu", "runtime.num_workers=0", f"hydra.run.dir={same_r}",
              cwd=work)
     best_val = max(h["val_top1"] for h in results(run_dir)["history"])  # best.pt is the best epoch
     assert results(same_r)["top1"] == pytest.approx(best_val)
@@ -92,7 +94,7 @@ def test_resume_continues_the_run(trained, tmp_path):
 
     copy = tmp_path / "resumed"
     shutil.copytree(run_dir, copy)
-    run_main("task=train", "resume=true", "trainer.epochs=3", f"hydra.run.dir={copy}", cwd=work)
+    run_main("task=train", "trainer.resume=true", "trainer.epochs=3", f"hydra.run.dir={copy}", cwd=work)
     record = results(copy)
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
     assert record["history"][:2] == results(run_dir)["history"]
@@ -101,8 +103,8 @@ def test_resume_continues_the_run(trained, tmp_path):
 def test_multirun_sweep_and_report(trained):
     work, run_dir = trained
     sweep = work / "sweep"
-    run_main("-m", "task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "tome.r=0,4", "trainer.device=cpu",
-             "trainer.num_workers=0", f"hydra.sweep.dir={sweep}", cwd=work)
+    run_main("-m", "task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "tome.r=0,4", "runtime.device=cpu",
+             "runtime.num_workers=0", f"hydra.sweep.dir={sweep}", cwd=work)
     found = sorted(sweep.rglob("results.json"))
     assert len(found) == 2
     import subprocess
@@ -112,15 +114,24 @@ def test_multirun_sweep_and_report(trained):
 
     report = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(sweep)],
                             capture_output=True, text=True, check=True)
-    assert "| r |" in report.stdout or "r |" in report.stdout
     rows = list(csv.DictReader(open(sweep / "sweep.csv")))
     assert sorted(json.loads(row["r"]) for row in rows) == [0, 4]
     assert (sweep / "sweep.png").stat().st_size > 1000
-    assert len((sweep / "sweep.md").read_text().strip().splitlines()) == 2 + 2
+    md = (sweep / "sweep.md").read_text().strip().splitlines()
+    assert md[0].startswith("All runs: ") and "dataset synthetic" in md[0]  # shared settings said once
+    header = [c.strip() for c in md[2].strip("|").split("|")]
+    table = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in md[4:]]
+    expected = {json.dumps(results(p.parent)["r"]): results(p.parent) for p in found}
+    assert len(table) == 2 and "dataset" not in header
+    for row in table:  # every row of the table is one run's results.json
+        run = expected[row["r"]]
+        assert float(row["top1"]) == pytest.approx(run["top1"], rel=1e-3)  # 4 significant digits
+        assert float(row["gflops"]) == pytest.approx(run["gflops"], rel=1e-3)
+    assert md[2] in report.stdout
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
-    result = run_main("task=eval", f"ckpt={tmp_path / 'missing.pt'}", "trainer.device=cpu", cwd=tmp_path, check=False)
+    result = run_main("task=eval", f"ckpt={tmp_path / 'missing.pt'}", "runtime.device=cpu", cwd=tmp_path, check=False)
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert lines[-1].startswith("error: checkpoint") and "does not exist" in lines[-1]
@@ -152,8 +163,15 @@ def test_original_table_script_composes_and_runs_end_to_end(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert len(lines) == 1 + 3 and "| 16 | 74.23 | 1.75x |" in result.stdout
-    assert "-" not in lines[-1].split("|")[4]  # our top-1 at (16,-1) with protect=prefix is filled in
+    assert len(lines) == 1 + 3
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "table" / "eval").rglob("results.json")]
+    assert len(runs) == 3 * 3  # three schedules, three protection modes
+    columns = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[1:]:  # our cells are the evaluations' own numbers
+        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+        for mode in ("prefix", "apart", "class"):
+            (run,) = [x for x in runs if json.dumps(x["r"]).replace(" ", "") == cells["r"] and x["protect"] == mode]
+            assert float(cells[f"top-1 {mode}"]) == pytest.approx(run["top1"], abs=0.006)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")

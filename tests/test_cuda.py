@@ -20,12 +20,12 @@ from engine.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-GPU = [o for o in SMOKE if not o.startswith(("trainer.device", "trainer.amp"))] + ["trainer.device=cuda"]
+GPU = [o for o in SMOKE if not o.startswith(("trainer.device", "trainer.amp"))] + ["runtime.device=cuda"]
 
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_train_a_few_steps_with_amp(tmp_path, amp):
-    record = train.run(compose_config("task=train", *GPU, f"trainer.amp={amp}", "trainer.epochs=2"), tmp_path,
+    record = train.run(compose_config("task=train", *GPU, f"runtime.amp={amp}", "trainer.epochs=2"), tmp_path,
                        overrides=[])
     assert record["dtype"] == amp
     first, last = record["history"]
@@ -36,11 +36,11 @@ def test_train_a_few_steps_with_amp(tmp_path, amp):
 
 
 def test_resume_on_cuda_matches_uninterrupted(tmp_path):
-    common = [*GPU, "trainer.amp=off", "trainer.epochs=2", "trainer.max_steps_per_epoch=4"]
+    common = [*GPU, "runtime.amp=off", "trainer.epochs=2", "trainer.max_steps_per_epoch=4"]
     train.run(compose_config("task=train", *common), tmp_path / "a", overrides=[])
     train.run(compose_config("task=train", *common, "trainer.stop_after_epochs=1"), tmp_path / "b", overrides=[])
-    train.run(compose_config("task=train", *common, "resume=true"), tmp_path / "b",
-              overrides=["resume=true", "trainer.stop_after_epochs=null"])
+    train.run(compose_config("task=train", *common, "trainer.resume=true"), tmp_path / "b",
+              overrides=["trainer.resume=true", "trainer.stop_after_epochs=null"])
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
     assert max_weight_difference(a, b) <= 1e-4
@@ -51,14 +51,14 @@ def test_eval_on_cuda_matches_the_cpu(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     results = {}
     for device in ("cpu", "cuda"):
-        cfg = compose_config("task=eval", f"ckpt={ckpt}", f"trainer.device={device}", "trainer.amp=off",
-                             "trainer.num_workers=0")
+        cfg = compose_config("task=eval", f"ckpt={ckpt}", f"runtime.device={device}", "runtime.amp=off",
+                             "runtime.num_workers=0")
         results[device] = evaluate.run(cfg, tmp_path / device, overrides=[])
     assert results["cuda"]["top1"] == pytest.approx(results["cpu"]["top1"], abs=100 / 64 + 1e-6)  # <= 1 sample
 
 
 def test_benchmark_times_with_cuda_and_reports_peak_memory(tmp_path):
-    cfg = compose_config("task=benchmark", *GPU, "trainer.amp=fp16", "benchmark.r=[0,2]", "benchmark.batch_sizes=[4]",
+    cfg = compose_config("task=benchmark", *GPU, "runtime.amp=fp16", "benchmark.r=[0,2]", "benchmark.batch_sizes=[4]",
                          "benchmark.repeats=2", "benchmark.iters=1", "benchmark.warmup=1")
     rows = benchmark.run(cfg, tmp_path, overrides=[])
     assert all(row["peak_memory_mb"] > 0 and row["images_per_s"] > 0 for row in rows)

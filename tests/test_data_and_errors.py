@@ -185,7 +185,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _eval(ckpt, *overrides, tmp_path):
-    cfg = compose_config("task=eval", f"ckpt={ckpt}", "trainer.device=cpu", "trainer.num_workers=0", *overrides)
+    cfg = compose_config("task=eval", f"ckpt={ckpt}", "runtime.device=cpu", "runtime.num_workers=0", *overrides)
     return evaluate.run(cfg, tmp_path, overrides=list(overrides))
 
 
@@ -235,7 +235,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
 
 
 def test_resume_without_checkpoint(tmp_path):
-    cfg = compose_config("task=train", *SMOKE, "resume=true")
+    cfg = compose_config("task=train", *SMOKE, "trainer.resume=true")
     with pytest.raises(UserError, match="resume=true but .*last.pt does not exist"):
         train.run(cfg, tmp_path, overrides=[])
     shutil.rmtree(tmp_path)

@@ -54,9 +54,9 @@ def test_only_rank_zero_writes(ddp_run):
 
 def test_ddp_eval_counts_every_sample_once(ddp_run):
     ckpt = ddp_run / "single" / "checkpoints" / "last.pt"
-    torchrun("task=eval", f"ckpt={ckpt}", "trainer.device=cpu", "trainer.num_workers=0", "trainer.batch_size=8",
+    torchrun("task=eval", f"ckpt={ckpt}", "runtime.device=cpu", "runtime.num_workers=0", "trainer.batch_size=8",
              f"hydra.run.dir={ddp_run / 'eval_ddp'}", cwd=ddp_run)
-    run_main("task=eval", f"ckpt={ckpt}", "trainer.device=cpu", "trainer.num_workers=0", "trainer.batch_size=8",
+    run_main("task=eval", f"ckpt={ckpt}", "runtime.device=cpu", "runtime.num_workers=0", "trainer.batch_size=8",
              f"hydra.run.dir={ddp_run / 'eval_single'}", cwd=ddp_run)
     ddp, single = results(ddp_run / "eval_ddp"), results(ddp_run / "eval_single")
     assert ddp["metrics"]["samples"] == single["metrics"]["samples"] == 63  # 63 = 32 + 31: uneven shards

@@ -24,7 +24,7 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted(tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     folder = write_image_folder(tmp_path / "images", {"train": 512, "val": 8})
     run = [*[o for o in SMOKE if not o.startswith("dataset")], "trainer.epochs=2", "model.drop_path=0.1",
-           "dataset=imagefolder", f"dataset.root={folder}", "dataset.native_size=32", "trainer.num_workers=2",
+           "dataset=imagefolder", f"dataset.root={folder}", "dataset.native_size=32", "runtime.num_workers=2",
            "trainer.augment=true", "trainer.batch_size=32"]  # 4 classes x 512 / 32: 64 steps per epoch
     process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "task=train", *run,
                                 f"hydra.run.dir={interrupted}"], cwd=tmp_path, stderr=subprocess.PIPE,
@@ -44,13 +44,13 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted(tmp_path):
     stderr = "".join(log)
     assert code == 128 + signal.SIGTERM, stderr[-2000:]
     match = re.search(r"stopped by SIGTERM at epoch 0 step (\d+); state saved in (\S+last\.pt); "
-                      r"continue with: python main.py task=train hydra.run.dir=\S+ resume=true", stderr)
+                      r"continue with: python main.py task=train hydra.run.dir=\S+ trainer.resume=true", stderr)
     assert match, stderr[-2000:]
     checkpoint = load_checkpoint(interrupted / "checkpoints" / "last.pt")
     assert checkpoint["state"]["epoch"] == 0 and 0 < checkpoint["state"]["step_in_epoch"] < 64
     assert checkpoint["state"]["step_in_epoch"] == int(match.group(1))
 
-    run_main("task=train", "resume=true", f"hydra.run.dir={interrupted}", cwd=tmp_path)
+    run_main("task=train", "trainer.resume=true", f"hydra.run.dir={interrupted}", cwd=tmp_path)
     run_main("task=train", *run, f"hydra.run.dir={straight}", cwd=tmp_path)
     a = load_checkpoint(interrupted / "checkpoints" / "last.pt")
     b = load_checkpoint(straight / "checkpoints" / "last.pt")
@@ -71,8 +71,8 @@ def test_resume_after_k_epochs_is_exact(tmp_path):
     stopped = train.run(compose_config("task=train", *common, "trainer.epochs=3", "trainer.stop_after_epochs=1"),
                         tmp_path / "b", overrides=[])
     assert stopped["epochs"] == 1
-    resumed = train.run(compose_config("task=train", *common, "trainer.epochs=3", "resume=true"), tmp_path / "b",
-                        overrides=["resume=true", "trainer.stop_after_epochs=null"])
+    resumed = train.run(compose_config("task=train", *common, "trainer.epochs=3", "trainer.resume=true"), tmp_path / "b",
+                        overrides=["trainer.resume=true", "trainer.stop_after_epochs=null"])
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert max_weight_difference(a["model"], b["model"]) <= 1e-6
@@ -129,9 +129,9 @@ def test_nan_loss_stops_and_keeps_good_checkpoints(tmp_path, monkeypatch):
             return loss * float("nan") if NaNAfterTwo.calls > 2 else loss
 
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NaNAfterTwo)
-    cfg = compose_config("task=train", *common, "trainer.epochs=2", "resume=true")
+    cfg = compose_config("task=train", *common, "trainer.epochs=2", "trainer.resume=true")
     with pytest.raises(UserError, match="loss is nan at epoch 1 step 2; stopped without saving"):
-        train.run(cfg, tmp_path, overrides=["resume=true", "trainer.epochs=2"])
+        train.run(cfg, tmp_path, overrides=["trainer.resume=true", "trainer.epochs=2"])
     after = {name: (tmp_path / "checkpoints" / name).read_bytes() for name in ("last.pt", "best.pt")}
     assert after == before
 

@@ -8,7 +8,7 @@ import torch
 
 from cli_helpers import ROOT, SMOKE, results, run_main, write_image_folder
 
-CPU = ["trainer.device=cpu", "trainer.num_workers=0"]
+CPU = ["runtime.device=cpu", "runtime.num_workers=0"]
 
 
 def one_line_error(result) -> str:
@@ -27,28 +27,30 @@ def trained(tmp_path_factory):
     return work, run_dir, result
 
 
-def test_training_into_a_used_folder_is_refused_and_best_is_never_replaced_by_worse(trained):
-    work, run_dir, _ = trained
-    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
-    results_before = (run_dir / "results.json").read_text()
-    result = run_main("task=train", *SMOKE, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=work, check=False)
-    line = one_line_error(result)
-    assert "already holds a run's checkpoints" in line and "resume=true" in line and "another folder" in line
-    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
-    assert (run_dir / "results.json").read_text() == results_before
+def folder_bytes(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    # overwrite=true trains there, but a worse model never replaces best.pt
-    best_top1 = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["state"]["best_top1"]
-    assert best_top1 > 40
-    copy = work / "overwritten"
+
+def test_training_into_a_used_folder_is_refused_and_overwrite_keeps_the_old_run(trained):
+    work, run_dir, _ = trained
+    before = folder_bytes(run_dir)
+    result = run_main("task=train", *SMOKE, "trainer.epochs=1", "trainer.lr=0.5", f"hydra.run.dir={run_dir}", cwd=work,
+                      check=False)
+    line = one_line_error(result)
+    assert "already holds a run" in line and "trainer.resume=true" in line and "another folder" in line
+    assert folder_bytes(run_dir) == before  # not one byte written: config, checkpoints, log, results
+
+    # overwrite=true trains a new run there; the old one is moved to previous/<time>/, byte for byte
     import shutil
 
+    copy = work / "overwritten"
     shutil.copytree(run_dir, copy)
-    run_main("task=train", *SMOKE, "trainer.epochs=1", "trainer.lr=1e-9", "trainer.max_steps_per_epoch=1",
-             "overwrite=true", f"hydra.run.dir={copy}", cwd=work)
-    assert (copy / "checkpoints" / "best.pt").read_bytes() == before["best.pt"]
-    assert (copy / "checkpoints" / "last.pt").read_bytes() != before["last.pt"]
-    assert results(copy)["best_top1"] == pytest.approx(best_top1)
+    run_main("task=train", *SMOKE, "trainer.epochs=1", "trainer.max_steps_per_epoch=1", "trainer.overwrite=true",
+             f"hydra.run.dir={copy}", cwd=work)
+    (previous,) = (copy / "previous").iterdir()
+    assert folder_bytes(previous) == before
+    assert results(copy)["epochs"] == 1 and results(copy)["history"][0]["epoch"] == 1
+    assert "epochs: 1" in (copy / ".hydra" / "config.yaml").read_text()  # the new run's own record
 
 
 def test_training_reports_each_epoch_on_stdout_and_in_main_log(trained):
@@ -62,9 +64,15 @@ def test_training_reports_each_epoch_on_stdout_and_in_main_log(trained):
     assert "epoch 1/2" in log and "best val top-1" in log
 
 
-def test_cpu_trains_in_fp32_unless_asked(trained):
-    _, run_dir, _ = trained
-    assert results(run_dir)["dtype"] == "fp32"  # SMOKE says amp=off; the default (auto) is fp32 on the CPU too
+@pytest.mark.parametrize("amp,dtype", [("auto", "fp32"), ("bf16", "bf16")])
+def test_cpu_trains_in_fp32_unless_asked(tmp_path, amp, dtype):
+    from cli_helpers import compose_config
+    from engine import train
+
+    overrides = [o for o in SMOKE if not o.startswith("runtime.amp")] + [f"runtime.amp={amp}", "trainer.epochs=1",
+                                                                          "trainer.max_steps_per_epoch=1"]
+    record = train.run(compose_config("task=train", *overrides), tmp_path, overrides=[])
+    assert record["dtype"] == dtype
 
 
 def test_labels_say_what_ran(trained):
@@ -102,7 +110,7 @@ def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path
     (["task=train", "trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
     (["task=benchmark", "benchmark.r=[-1]"], "benchmark.r entry -1: r must be >= 0"),
     (["task=train", "tome.r=[16,-1]"], "tome.r=[16,-1]: [16,-1] is not a schedule: a per-block list holds ints >= 0; for ToMe's (r, inflection) schedule write [16,-1.0]"),
-    (["task=foo"], "unknown task 'foo'; use task=train, eval, benchmark, visualize"),
+    (["task=foo"], "unknown task 'foo'; use task=train, eval, benchmark, visualize, export"),
     (["-m", "task=eval", "tome.r=4,-1,8"], "tome.r=-1: r must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, args, message):
@@ -118,7 +126,7 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
     bad = folder / "train" / "class_1" / "2.png"
     bad.write_bytes(b"not a png")
     line = one_line_error(run_main("task=train", *[o for o in SMOKE[1:] if "num_workers" not in o],
-                                   "trainer.num_workers=2", "dataset=imagefolder",
+                                   "runtime.num_workers=2", "dataset=imagefolder",
                                    f"dataset.root={folder}", "dataset.native_size=32", "trainer.batch_size=4",
                                    cwd=tmp_path, check=False))
     assert line.startswith(f"error: cannot read image {bad}") and "delete or replace the file" in line

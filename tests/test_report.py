@@ -69,7 +69,8 @@ def sweep(tmp_path):
         for r, gflops in ((0, 2.0), (4, 1.5), ([4, -1.0], 1.2)):
             base = rng.random(300) < 0.7
             other = np.where(rng.random(300) < 0.1, ~base, base)
-            for protect, correct in (("prefix", base), ("class", other)):
+            third = np.where(rng.random(300) < 0.2, ~base, base)
+            for protect, correct in (("prefix", base), ("class", other), ("apart", third)):
                 write_run(tmp_path / str(job), r, protect, ckpt, correct, gflops)
                 truth[(seed, json.dumps(r).replace(" ", ""), protect)] = correct
                 job += 1
@@ -86,29 +87,47 @@ def test_paired_report_against_hand_computation(sweep):
         if row["protect"] == "prefix":
             assert row.get("delta_top1") is None
             continue
-        base, run = truth[(seed, row["r"], "prefix")], truth[(seed, row["r"], "class")]
+        base, run = truth[(seed, row["r"], "prefix")], truth[(seed, row["r"], row["protect"])]
         assert row["delta_top1"] == pytest.approx(100 * (run.mean() - base.mean()))
         b, c = int((base & ~run).sum()), int((~base & run).sum())
         assert row["p_value"] == pytest.approx(brute_force_mcnemar(b, c))
         assert row["ci_low"] <= row["delta_top1"] <= row["ci_high"]
-    assert len(pooled) == 3  # one per r, over both checkpoints
+    assert len(pooled) == 3 * 2  # one per r and compared value, over both checkpoints
     for row in pooled:
         base = np.concatenate([truth[(s, row["r"], "prefix")] for s in (0, 1)])
-        run = np.concatenate([truth[(s, row["r"], "class")] for s in (0, 1)])
+        run = np.concatenate([truth[(s, row["r"], row["protect"])] for s in (0, 1)])
         assert row["delta_top1"] == pytest.approx(100 * (run.mean() - base.mean()))
 
 
-def test_sweep_report_script_writes_paired_columns_and_plots(sweep):
-    folder, _ = sweep
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(folder), "--paired",
-                          "protect", "--baseline", "prefix"], capture_output=True, text=True, check=True)
+def test_sweep_report_script_writes_paired_report_beside_the_plain_one(sweep):
+    folder, truth = sweep
+    script = [sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(folder)]
+    subprocess.run(script, capture_output=True, text=True, check=True)
+    plain = (folder / "sweep.csv").read_text()
+    out = subprocess.run(script + ["--paired", "protect", "--baseline", "prefix"], capture_output=True, text=True,
+                         check=True)
     assert "2000 resamples" in out.stdout and "McNemar" in out.stdout
-    rows = list(csv.DictReader(open(folder / "sweep.csv")))
+    assert (folder / "sweep.csv").read_text() == plain  # the plain report is not overwritten
+    rows = list(csv.DictReader(open(folder / "paired_protect_vs_prefix.csv")))
     assert {"delta_top1", "ci_low", "ci_high", "p_value"} <= set(rows[0])
-    assert sum(1 for r in rows if r["delta_top1"]) == 6 + 3  # 6 paired runs + 3 pooled rows
-    assert (folder / "paired.png").stat().st_size > 5000 and (folder / "sweep.png").stat().st_size > 5000
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(folder), "--paired",
-                          "protect", "--baseline", "none"], capture_output=True, text=True)
+    assert sum(1 for r in rows if r["delta_top1"]) == 12 + 6  # class and apart: 12 paired runs + 6 pooled rows
+    assert {r["protect"] for r in rows} == {"class", "apart"}
+    # the third pair, by running again with another baseline; nothing earlier is replaced
+    subprocess.run(script + ["--paired", "protect", "--baseline", "class"], capture_output=True, check=True)
+    against_class = list(csv.DictReader(open(folder / "paired_protect_vs_class.csv")))
+    apart = [r for r in against_class if r["protect"] == "apart" and r["checkpoint"] != "pooled"]
+    for row in apart:
+        seed = int(row["checkpoint"].split("seed")[1][0])
+        base, run = truth[(seed, row["r"], "class")], truth[(seed, row["r"], "apart")]
+        assert float(row["delta_top1"]) == pytest.approx(100 * (run.mean() - base.mean()))
+    assert (folder / "paired_protect_vs_prefix.csv").exists()
+    for name in ("paired_protect_vs_prefix.png", "paired_protect_vs_class.png", "sweep.png"):
+        assert (folder / name).stat().st_size > 5000
+    # settings shared by every run are said once, above the table, not in every row
+    md = (folder / "sweep.md").read_text().splitlines()
+    assert md[0].startswith("All runs: ") and "dataset cifar10" in md[0] and "dtype fp32" in md[0]
+    assert "dtype" not in md[2] and "protect" in md[2]
+    bad = subprocess.run(script + ["--paired", "protect", "--baseline", "none"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --baseline none: protect takes the values")
 
 
