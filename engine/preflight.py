@@ -107,7 +107,7 @@ def check_keys(overrides: list[Any], configs: Path) -> tuple[DictConfig, list[st
     for override in overrides:
         key = override.key_or_group
         if key in RENAMED:
-            raise UserError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}={first_value(override).split('=', 1)[1]}")
+            raise UserError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}={override.input_line.split('=', 1)[1]}")
     group_args = [first_value(o) for o in overrides if o.key_or_group in groups or o.key_or_group.startswith("hydra")]
     base = _compose(configs, group_args)
     hydra_args = []
@@ -120,11 +120,11 @@ def check_keys(overrides: list[Any], configs: Path) -> tuple[DictConfig, list[st
         if (override.is_add() or override.is_force_add()) and not free:
             raise UserError(f"+{key}: only model.kwargs takes new keys"
                             + (f"; {key} exists: write {key}=..." if has_key(base, key) else nearest(key, base)))
-        if not has_key(base, key):
-            if not free:
-                raise UserError(f"{key} is not a key{nearest(key, base)}")
+        if free:  # add or replace, with or without '+'
             hydra_args.append("++" + override.input_line.lstrip("+"))
             continue
+        if not has_key(base, key):
+            raise UserError(f"{key} is not a key{nearest(key, base)}")
         hydra_args.append(override.input_line)
     return base, hydra_args
 

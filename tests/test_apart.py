@@ -279,3 +279,34 @@ def test_apart_is_listed_and_accepted_by_options(images):
     with pytest.raises(ValueError, match="protect must be one of"):
         with regtome.options(model, protect="registers"):
             pass
+
+
+def test_merged_prefix_attention_against_a_brute_force_on_the_traced_tokens():
+    """merged=True: each prefix slot's row is its holder's softmax row (with log(size)), spread evenly over
+    the patches of each key token; at r=0 it is the unmerged map."""
+    model = regtome.patch.timm(_trained_vit(), r=12, protect="apart")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with regtome.options(model, r=0):
+        unmerged, names0 = regtome.prefix_attention(model, images, 2)
+        same, _ = regtome.prefix_attention(model, images, 2, merged=True)
+    torch.testing.assert_close(same, unmerged, atol=1e-6, rtol=1e-5)
+    weights, names = regtome.prefix_attention(model, images, 3, merged=True)
+    record = regtome.trace(model, images, [2])
+    state = record.blocks[2]
+    block = model.blocks[3]
+    with torch.no_grad():
+        x = block.norm1(state.x)
+        qkv = block.attn.qkv(x).reshape(*x.shape[:2], 3, block.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        logits = (q * block.attn.scale) @ k.transpose(-1, -2) + state.size.log().transpose(1, 2)[:, None]
+        full = logits.softmax(-1)
+    for b in range(2):
+        holder = state.source[b].argmax(dim=0)  # the token holding each of the 69 slots
+        for slot in range(5):
+            for n in range(64):
+                key = holder[5 + n]
+                expected = full[b, :, holder[slot], key] / state.size[b, key, 0]
+                torch.testing.assert_close(weights[b, :, slot, n], expected, atol=1e-6, rtol=1e-5)
+    assert names[0] == "class" and len(names) == 5
+    merged_names = [n for n in names if n.startswith("registers ")]
+    assert len(merged_names) == 0 or all("+" in n for n in merged_names)
