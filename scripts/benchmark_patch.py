@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import sys
+from pathlib import Path
 
 import timm
 import torch
 
 import regtome
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
 from engine.benchmark import Timing, benchmark_rows
 from engine.model import register_argument
 from engine.runtime import AMP_DTYPES, device_name

@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
 from data import build_datasets, input_transform
 from engine.checkpoint import load_checkpoint, load_weights
 from engine.errors import UserError

@@ -17,6 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
 from engine.cli import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]

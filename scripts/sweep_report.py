@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
 from engine.report import ReportError, collect, write_report
 
 

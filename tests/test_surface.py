@@ -141,3 +141,16 @@ def test_model_build_errors_blame_weights_only_when_weights_were_loaded(monkeypa
     cfg = compose_config(*SMOKE, "model.pretrained=true")
     with pytest.raises(UserError, match="pretrained weights do not fit"):
         build_model(cfg.model, cfg.tome, 4)
+
+
+def test_only_the_library_is_installed_and_it_has_one_version(tmp_path):
+    """pip install -e . puts `regtome` in the environment and nothing named `engine` or `data`."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.metadata as m, importlib.util as u, regtome; "
+            "print(m.version('regtome'), regtome.__version__, u.find_spec('engine'), u.find_spec('data'))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out[0] == out[1] and out[2:] == ["None", "None"]
