@@ -30,7 +30,7 @@ def r_for_flops(model: nn.Module, fraction: float, input_size: Optional[tuple[in
     if not 0 < fraction <= 1:
         raise ValueError(f"the FLOP fraction must be in (0, 1], got {fraction}")
     if input_size is None:
-        input_size = (3, *model.patch_embed.img_size)
+        input_size = getattr(model, "regtome_input_size", None) or (3, *model.patch_embed.img_size)
     budget = fraction * schedule_gflops(model, 0, input_size)
     largest = grid_tokens(model, input_size)  # no block can merge more tokens than there are patches
     best: Optional[tuple[float, RSchedule]] = None

@@ -20,9 +20,15 @@ from .layout import prefix_layout, prefix_schedule
 from .schedule import RSchedule, capped_r, parse_r
 
 
+def patch_conv(model: nn.Module) -> nn.Conv2d:
+    """The convolution that cuts the image into patches (timm's, or a transformers model's via its patch)."""
+    conv = getattr(model, "regtome_patch_conv", None)
+    return conv if conv is not None else model.patch_embed.proj
+
+
 def grid_tokens(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """Patch tokens of an input of `input_size` (C, H, W)."""
-    proj = model.patch_embed.proj
+    proj = patch_conv(model)
     return (input_size[1] // proj.stride[0]) * (input_size[2] // proj.stride[1])
 
 
@@ -55,11 +61,15 @@ def _linear_macs(module: nn.Module) -> int:
 
 def _attention_matmul_macs(block: nn.Module, tokens: int) -> int:
     """q @ k^T and attn @ v over `tokens` tokens (differential attention: two softmaxes over half-width keys)."""
-    attentions = [branch.attn for branch in block.attns] if hasattr(block, "attns") else [getattr(block, "attn", block)]
+    if hasattr(block, "attns"):
+        attentions = [branch.attn for branch in block.attns]
+    else:  # timm's attn, transformers' attention / self_attn, or the block itself (fused parallel blocks)
+        attentions = [next((getattr(block, n) for n in ("attn", "attention", "self_attn") if hasattr(block, n)), block)]
     macs = 0
     for attn in attentions:
         diff = isinstance(attn, (DiffAttention, DiffParallelScalingBlock))
-        width = attn.num_heads * attn.head_dim * (2 if diff else 1)  # query channels
+        heads = getattr(attn, "num_heads", None) or attn.num_attention_heads
+        width = heads * attn.head_dim * (2 if diff else 1)  # query channels
         macs += (3 if diff else 2) * tokens * tokens * width
     return macs
 
@@ -75,11 +85,11 @@ def block_macs(block: nn.Module, attn_tokens: int, mlp_tokens: int) -> int:
 def token_flops(model: nn.Module, attn_tokens: list[int], mlp_tokens: list[int],
                 input_size: tuple[int, int, int]) -> float:
     """GFLOPs per image when block i attends over attn_tokens[i] tokens and its MLP sees mlp_tokens[i]."""
-    patch = model.patch_embed.proj
-    flops = grid_tokens(model, input_size) * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * model.embed_dim
+    patch = patch_conv(model)
+    flops = grid_tokens(model, input_size) * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * patch.out_channels
     for block, t_attn, t_mlp in zip(model.blocks, attn_tokens, mlp_tokens):
         flops += block_macs(block, t_attn, t_mlp)
-    pool = getattr(model, "attn_pool", None)
+    pool = getattr(model, "attn_pool", None)  # timm's attention pool (a transformers head is not counted)
     if pool is not None:  # latent queries over the final tokens: keys/values of every token, the rest per query
         final, queries = mlp_tokens[-1], pool.latent_len
         flops += _linear_macs(pool.kv) * final + (_linear_macs(pool) - _linear_macs(pool.kv)) * queries
