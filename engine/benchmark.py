@@ -26,17 +26,17 @@ from data import count_classes
 
 from .errors import UserError
 from .loader_timing import data_bound_notes, time_train_loader
-from .model import build_model, model_label, r_option
+from .model import build_model, input_size, logits_of, model_label, r_option
 from .results import write_results
 from .runtime import amp_dtype, autocast, configure_threads, device_name, dtype_name, resolve_device, synchronize
 from .timing import interleaved_seconds
 
 log = logging.getLogger(__name__)
-BASELINE = "timm"
+BASELINE = "unpatched"  # the model as timm or transformers built it
 
 
 def schedule_label(r: Any) -> str:
-    """'timm' for the unpatched model, '16' or '(16,-1.0)' for an r, '16 apart' for options {r, protect}."""
+    """'unpatched' for the model as built, '16' or '(16,-1.0)' for an r, '16 apart' for options {r, protect}."""
     if r is None:
         return BASELINE
     if isinstance(r, dict):
@@ -92,7 +92,7 @@ def _train_step(model: nn.Module, images: torch.Tensor, r: Any, device: torch.de
 
     def step() -> None:
         with autocast(device, dtype), _schedule(model, r):
-            loss = nn.functional.cross_entropy(model(images), targets)
+            loss = nn.functional.cross_entropy(logits_of(model(images)), targets)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -114,13 +114,13 @@ class Timing:
 def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any], batch_sizes: list[int],
                    bench: Timing, device: torch.device, dtype) -> list[dict[str, Any]]:
     """Inference (and training step) images/s of `merged` at each schedule against `baseline`."""
-    size = baseline.patch_embed.img_size
-    gflops = {BASELINE: regtome.vit_flops(baseline, (3, *size))}
+    size = input_size(merged)[1:]
+    gflops = {BASELINE: regtome.schedule_gflops(merged, 0, (3, *size))}  # the unpatched model's count
     for r in schedules:
         with _schedule(merged, r):
             gflops[schedule_label(r)] = regtome.vit_flops(merged, (3, *size))
     modes = {"inference": _inference} | ({"train": _train_step} if bench.train_step else {}) | \
-        ({"dense": _dense} if bench.dense else {})
+        ({"dense": _dense} if bench.dense and hasattr(merged, "forward_intermediates") else {})
     steps = len(batch_sizes) * len(modes) * bench.repeats * (len(schedules) + 1)
     bar = tqdm(total=steps, desc="benchmark", dynamic_ncols=True)
     rows = []
@@ -152,7 +152,7 @@ def schedule_for_speedup(baseline: nn.Module, merged: nn.Module, target: float, 
     Starts at the FLOP budget 1/target (`regtome.r_for_flops`; no schedule reaches a speedup with
     fewer FLOPs saved, short of overheads vanishing) and lowers the budget by 0.05 until it is reached.
     """
-    size = (3, *baseline.patch_embed.img_size)
+    size = input_size(merged)
     images = torch.randn(batch, *size, device=device)
     baseline.eval()
     merged.eval()
@@ -215,7 +215,7 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[
             ax.plot(labels, [next(r["speedup"] for r in mode_rows if r["r"] == label and r["batch_size"] == batch)
                              for label in labels], "o-", label=f"batch {batch}")
         ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set(title=f"{mode}", xlabel="r schedule", ylabel="speedup over timm")
+        ax.set(title=f"{mode}", xlabel="r schedule", ylabel="speedup over the unpatched model")
         ax.legend(fontsize=8)
     fig.suptitle(f"{meta['model']} ({meta['registers']} registers) on {meta['device']}, {meta['dtype']}", fontsize=9)
     fig.tight_layout()
@@ -249,7 +249,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
             raise UserError(f"benchmark.target_speedup must be > 1, got {bench.target_speedup}")
         target = schedule_for_speedup(baseline, merged, float(bench.target_speedup), max(batch_sizes), timing,
                                       device, dtype)
-    meta = {"model": model_label(cfg.model), "registers": regtome.prefix_layout(baseline).num_register,
+    meta = {"model": model_label(cfg.model), "registers": regtome.prefix_layout(merged).num_register,
             "img_size": cfg.model.img_size, "device": device_name(device), "dtype": dtype_name(dtype),
             "torch": torch.__version__, "timm": timm.__version__}
     loader = time_train_loader(cfg, merged, device) if bench.loader else {"error": "benchmark.loader=false"}

@@ -20,7 +20,7 @@ from data import build_datasets, class_names, count_classes
 
 from .distributed import DistInfo, all_reduce_sum
 from .errors import UserError
-from .model import config_from_checkpoint
+from .model import config_from_checkpoint, logits_of
 from .results import run_record, write_results
 from .runtime import autocast, synchronize
 from .session import open_session
@@ -72,7 +72,7 @@ def _run_batches(model: nn.Module, batches: Any, device: torch.device, dtype: Op
         synchronize(device)
         start = time.perf_counter()
         with autocast(device, dtype):
-            logits = model(images)
+            logits = logits_of(model(images))
         synchronize(device)
         model_seconds += time.perf_counter() - start
         logits = logits.float()

@@ -43,7 +43,8 @@ def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_label(model_cfg: Mapping[str, Any]) -> str:
-    """A name for what is built: timm's name, plus the architecture settings the config changes.
+    """A name for what is built: timm's name (or 'hf-' and the hub id), plus the architecture settings
+    the config changes.
 
     'vit_small_patch16_224' with patch 4, depth 9, width 192, 4 registers at 32 px ->
     'vit_small_patch16_224-patch4-depth9-dim192-heads3-reg4-32px'.
@@ -51,6 +52,9 @@ def model_label(model_cfg: Mapping[str, Any]) -> str:
     name = str(model_cfg["name"])
     kwargs = dict(model_cfg.get("kwargs") or {})
     short = {"patch_size": "patch", "embed_dim": "dim", "num_heads": "heads"}
+    if is_transformers(model_cfg):  # a hub id (org/name) as the hub's cache spells it: no '/' in a folder name
+        parts = ["hf-" + name.replace("/", "--")] + [f"{k}{v}" for k, v in kwargs.items()]
+        return "-".join(parts + [f"{model_cfg['img_size']}px"])
     parts = [name] + [f"{short.get(k, k)}{v}" for k, v in kwargs.items()]
     if model_cfg.get("registers") is not None:
         parts.append(f"reg{model_cfg['registers']}")
@@ -69,13 +73,11 @@ def register_argument(name: str) -> str:
     return "num_reg_tokens" if timm.models.model_entrypoint(name).__module__.endswith(".eva") else "reg_tokens"
 
 
-def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int,
-                trace_source: bool = False) -> nn.Module:
-    """timm.create_model from the model group, patched with the tome group's options."""
+def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """timm.create_model from the model group (weights from the hub or model.pretrained_file)."""
     name = model_cfg["name"]
     if not timm.is_model(name):
         raise UserError(f"unknown model {name!r}; list ViTs with: python -c \"import timm; print(timm.list_models('vit_*'))\"")
-    options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
     kwargs: dict[str, Any] = dict(model_cfg.get("kwargs") or {})
     kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
     if model_cfg.get("registers") is not None:
@@ -87,7 +89,7 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
     pretrained = bool(model_cfg.get("pretrained") or pretrained_file)
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, ConnectionError) as err:
         if not pretrained:
             raise
@@ -103,10 +105,27 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
     except TypeError as err:  # e.g. a CNN has no img_size / reg_tokens
         raise UserError(f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
                         "VisionTransformer, and model.kwargs must be arguments it takes") from err
+
+
+def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
+    return model_cfg.get("source", "timm") == "transformers"
+
+
+def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int,
+                trace_source: bool = False) -> nn.Module:
+    """The model group's model (timm, or Hugging Face transformers with model.source=transformers),
+    patched with the tome group's options; tome.flops chooses r from a FLOP budget."""
+    options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
+    if is_transformers(model_cfg):
+        from .hf_model import create_transformers_model
+
+        model, patch = create_transformers_model(model_cfg, num_classes), regtome.patch.transformers
+    else:
+        model, patch = create_timm_model(model_cfg, num_classes), regtome.patch.timm
     try:
-        regtome.patch.timm(model, trace_source=trace_source, **options)
+        patch(model, trace_source=trace_source, **options)
     except (TypeError, ValueError) as err:
-        raise UserError(f"cannot apply RegToMe to {name}: {err}") from err
+        raise UserError(f"cannot apply RegToMe to {model_cfg['name']}: {err}") from err
     fraction = tome_cfg.get("flops")
     if fraction is not None:  # r from a FLOP budget (tome.flops), instead of tome.r
         size = int(model_cfg["img_size"])
@@ -114,21 +133,44 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
             r = regtome.r_for_flops(model, float(fraction), (3, size, size))
         except ValueError as err:
             raise UserError(f"tome.flops={fraction}: {err}") from err
-        regtome.patch.timm(model, trace_source=trace_source, **(options | {"r": r}))
+        patch(model, trace_source=trace_source, **(options | {"r": r}))
         reached = regtome.schedule_gflops(model, r, (3, size, size)) / regtome.schedule_gflops(model, 0, (3, size, size))
         log.info("tome.flops=%s: r=%s (%.3f of the unmerged model's GFLOPs)", fraction, _compact(r), reached)
     return model
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor (timm) or transformers' output object."""
+    return getattr(output, "logits", output)
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was built for."""
+    size = getattr(model, "regtome_input_size", None)
+    return tuple(size) if size is not None else (3, *model.patch_embed.img_size)
+
+
+def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """The patch grid of an (height, width) image."""
+    conv = regtome.flops.patch_conv(model)
+    return height // conv.stride[0], width // conv.stride[1]
+
+
 def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's data config (mean/std, interpolation, crop) at the model's input size (model.img_size).
+    """timm's data config (mean/std, interpolation, crop) at the model's input size (model.img_size);
+    for transformers models, their image processor's statistics.
 
     Pretrained models always use their own normalisation; a model trained from scratch uses the
     data set's mean/std when the data set gives them.
     """
-    config = resolve_model_data_config(model)
+    if is_transformers(model_cfg):
+        from .hf_model import transformers_data_config
+
+        config = transformers_data_config(model_cfg, int(model_cfg["img_size"]))
+    else:
+        config = resolve_model_data_config(model)
     config["input_size"] = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
-    pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_file"))
+    pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_file") or model_cfg.get("pretrained_dir"))
     if not pretrained and dataset_cfg.get("mean") is not None:
         config["mean"], config["std"] = tuple(dataset_cfg["mean"]), tuple(dataset_cfg["std"])
     return config
@@ -182,7 +224,7 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     with torch.no_grad(), regtome.options(model, trace_source=False):
         was_training = model.training
         model.eval()
-        model(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
+        regtome.trace(model, torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype), blocks=[])
         model.train(was_training)
     requested = list(regtome.last_forward(model).r_requested)
     applied = list(regtome.last_forward(model).r)

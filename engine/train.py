@@ -39,7 +39,7 @@ from .checkpoint import (check_same_architecture, load_checkpoint, restore_train
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .errors import NonFiniteLoss, TrainingInterrupted, UserError
 from .evaluate import eval_loader, evaluate
-from .model import model_label, upgrade_config
+from .model import logits_of, model_label, upgrade_config
 from .overrides import apply_overrides
 from .results import run_record, write_results
 from .run_folder import append_resume
@@ -168,7 +168,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, prepare: Batch, opt: O
             if opt.mixup is not None:
                 images, targets = opt.mixup(images, targets)
             with opt.amp_autocast():
-                logits = model(images)
+                logits = logits_of(model(images))
                 loss = opt.loss_fn(logits, targets)
             loss_value = loss.item()
             if not torch.isfinite(loss):

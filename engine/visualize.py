@@ -28,7 +28,7 @@ from data import build_datasets, class_names, count_classes
 from data.transforms import build_transform
 
 from .errors import UserError
-from .model import config_from_checkpoint, model_label
+from .model import config_from_checkpoint, logits_of, model_label, patch_grid
 from .session import open_session
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,18 @@ def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[np.ndarray]:
     return out
 
 
+def last_block_grid(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) features of the last block on the patch grid: timm's forward_intermediates, or a
+    transformers model's last_hidden_state (on the full grid already) without its prefix."""
+    if hasattr(model, "forward_intermediates"):
+        (grid,) = model.forward_intermediates(batch, indices=[len(model.blocks) - 1], intermediates_only=True)
+        return grid
+    base = model.regtome_inner_models()[0] if hasattr(model, "regtome_inner_models") else model
+    hidden = base(batch).last_hidden_state[:, regtome.prefix_layout(model).num_prefix:]
+    height, width = patch_grid(model, *batch.shape[-2:])
+    return hidden.reshape(len(batch), height, width, -1).permute(0, 3, 1, 2)
+
+
 @torch.no_grad()
 def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarray, path: Path, title: str) -> None:
     """Image | last block's patch features at r=0 | merged and put back on the grid (PCA to RGB)."""
@@ -147,10 +159,9 @@ def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last = len(model.blocks) - 1
     with regtome.options(model, r=0):
-        (dense,) = model.forward_intermediates(batch, indices=[last], intermediates_only=True)
-    (merged,) = model.forward_intermediates(batch, indices=[last], intermediates_only=True)
+        dense = last_block_grid(model, batch)
+    merged = last_block_grid(model, batch)
     tokens = regtome.last_forward(model).tokens[-1]
     images = pca_rgb(dense[0], merged[0])
     fig, axes = plt.subplots(1, 3, figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.45), dpi=100)
@@ -204,14 +215,15 @@ def _label(classes: Optional[list[str]], index: Optional[int]) -> str:
 def merge_maps(model: nn.Module, batch: torch.Tensor, picture: np.ndarray, blocks: list[int], modes: list[str]
                ) -> tuple[dict, dict, dict]:
     """Per protection mode and block: the merged-token map, the tokens left, the groups holding patches."""
-    grid = model.patch_embed.grid_size
+    grid = patch_grid(model, *batch.shape[-2:])
+    num_prefix = regtome.prefix_layout(model).num_prefix
     maps, tokens, groups = {}, {}, {}
     for mode in modes:
         with regtome.options(model, protect=mode):
             sources = sources_after_blocks(model, batch, blocks)
         maps[mode], tokens[mode], groups[mode] = {}, {}, {}
         for block, source in sources.items():
-            labels = patch_groups(source[0], model.num_prefix_tokens)
+            labels = patch_groups(source[0], num_prefix)
             maps[mode][block] = merge_map(picture, labels, grid)
             tokens[mode][block] = source.shape[1]
             groups[mode][block] = int(labels.max()) + 1
@@ -219,9 +231,13 @@ def merge_maps(model: nn.Module, batch: torch.Tensor, picture: np.ndarray, block
 
 
 def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple[np.ndarray, list[str], str]:
-    """The attention rows to draw: one per prefix token; under protect=apart one per merged token."""
-    merged = model.protect == "apart" and any(regtome.parse_r(len(model.blocks), model.r)[:attn_block])
-    attention, names = regtome.prefix_attention(model, batch, attn_block, merged=merged)
+    """The attention rows to draw: one per prefix token; under protect=apart one per merged token.
+    None of them for a model `regtome.prefix_attention` does not read (transformers models)."""
+    merged = model.protect == "apart" and any(regtome.last_forward(model).r_requested[:attn_block])
+    try:
+        attention, names = regtome.prefix_attention(model, batch, attn_block, merged=merged)
+    except TypeError:  # a block prefix_attention does not read
+        return np.zeros((1, 0, 1)), [], "prefix attention maps are drawn for timm's pre-norm blocks only"
     attention = attention[0].cpu().numpy()
     keep = [i for i, name in enumerate(names) if name not in names[:i]]  # a merged token once
     note = "merged model, registers merged together shown once" if merged else "unmerged model"
@@ -264,7 +280,7 @@ def _visualize_one(model: nn.Module, session: Any, cfg: DictConfig, name: str, t
     batch = tensor[None].to(session.device)
     picture = _to_display(tensor, session.inputs)
     with torch.no_grad():
-        probabilities = model(batch).float().softmax(dim=-1)[0]
+        probabilities = logits_of(model(batch)).float().softmax(dim=-1)[0]
     predicted = int(probabilities.argmax())
     maps, tokens, groups = merge_maps(model, batch, picture, blocks, modes)
     attention, names, note = prefix_rows(model, batch, attn_block)

@@ -40,9 +40,10 @@ def _check_block(model: nn.Module, block: int) -> int:
         raise ValueError(f"block must be in [{-depth}, {depth - 1}], got {block}")
     block = block % depth
     target = model.blocks[block]
-    if type(target) not in (Block, EvaBlock) or type(target.attn) is not Attention and not hasattr(target.attn, "rotate_half"):
+    attn = getattr(target, "attn", None)
+    if type(target) not in (Block, EvaBlock) or type(attn) is not Attention and not hasattr(attn, "rotate_half"):
         raise TypeError(f"prefix_attention supports pre-norm blocks with timm's Attention or Eva's rotary attention, "
-                        f"not {type(target).__name__} with {type(target.attn).__name__}")
+                        f"not {type(target).__name__} with {type(attn).__name__}")
     return block
 
 

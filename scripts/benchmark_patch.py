@@ -4,6 +4,8 @@
     python scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16
     python scripts/benchmark_patch.py --model vit_small_patch16_dinov3   # its own 4 storage tokens
     python scripts/benchmark_patch.py --registers 4 --r "[16]" --protect prefix,apart   # the cost of a mode
+    python scripts/benchmark_patch.py --source transformers --model facebook/dinov2-with-registers-small
+        (--model: a hub id or a save_pretrained folder; --random: its config with random weights)
 
 Each r schedule shares the unpatched model's weights; all cases are interleaved in one process
 after warm-up (the same measurement as `task=benchmark`, inference only). 'ideal' is the FLOP
@@ -30,6 +32,9 @@ from engine.runtime import AMP_DTYPES, device_name
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--source", choices=["timm", "transformers"], default="timm")
+    parser.add_argument("--random", action="store_true", help="transformers: the config only, random weights")
+    parser.add_argument("--img-size", type=int, default=224, help="transformers: input size")
     parser.add_argument("--registers", type=int, default=None, help="register tokens (default: the model's own)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
@@ -41,9 +46,18 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    kwargs = {} if args.registers is None else {register_argument(args.model): args.registers}
-    baseline = timm.create_model(args.model, **kwargs).to(device).eval()
-    merged = regtome.patch.timm(copy.deepcopy(baseline))
+    if args.source == "transformers":
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(args.model)
+        config.image_size = args.img_size
+        baseline = AutoModel.from_config(config) if args.random else AutoModel.from_pretrained(args.model, config=config)
+        patch = regtome.patch.transformers
+    else:
+        kwargs = {} if args.registers is None else {register_argument(args.model): args.registers}
+        baseline, patch = timm.create_model(args.model, **kwargs), regtome.patch.timm
+    baseline = baseline.to(device).eval()
+    merged = patch(copy.deepcopy(baseline))
     protects = args.protect.split(",")
     schedules = [r if protects == ["prefix"] else {"r": r, "protect": protect}
                  for r in ast.literal_eval(args.r) for protect in protects]
@@ -51,7 +65,7 @@ def main() -> None:
     rows = benchmark_rows(baseline, merged, schedules, [args.batch], timing, device, AMP_DTYPES[args.amp])
 
     name = device_name(device)
-    registers = regtome.prefix_layout(baseline).num_register
+    registers = regtome.prefix_layout(merged).num_register
     print(f"{args.model} reg={registers} | device {name} | batch {args.batch} | amp {args.amp} | torch {torch.__version__}")
     print(f"{'r':>16} {'img/s':>9} {'GFLOPs':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8}")
     for row in rows:

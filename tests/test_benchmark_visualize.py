@@ -20,7 +20,7 @@ def test_benchmark_task_writes_csv_md_png(tmp_path):
     # (unpatched + 3 schedules) x 2 batch sizes x (inference, train, dense features)
     assert len(rows) == 4 * 2 * 3
     assert {(r["mode"], r["r"], r["batch_size"]) for r in rows} == {
-        (m, r, b) for m in ("inference", "train", "dense") for r in ("timm", "0", "2", "(2,-1.0)") for b in ("1", "4")}
+        (m, r, b) for m in ("inference", "train", "dense") for r in ("unpatched", "0", "2", "(2,-1.0)") for b in ("1", "4")}
     record = json.loads((tmp_path / "results.json").read_text())
     loader = record["loader"]
     assert loader["images_per_s_per_worker"] > 0 and loader["num_workers"] == 2 and not loader["resized_on_device"]
@@ -34,7 +34,7 @@ def test_benchmark_task_writes_csv_md_png(tmp_path):
         assert float(row["of_ideal"]) == pytest.approx(float(row["speedup"]) / float(row["flop_speedup"]), rel=1e-6)
         assert row["device"].startswith("cpu") and row["dtype"] == "fp32" and row["torch"] and row["timm"]
     gflops = {r["r"]: float(r["gflops"]) for r in rows}
-    assert gflops["timm"] == gflops["0"] > gflops["2"] > gflops["(2,-1.0)"]
+    assert gflops["unpatched"] == gflops["0"] > gflops["2"] > gflops["(2,-1.0)"]
     assert Image.open(tmp_path / "benchmark.png").size == (1500, 400)  # three panels of 5 x 4 inches at 100 dpi
     assert "FLOP-ideal" in (tmp_path / "benchmark.md").read_text()
 

@@ -276,3 +276,24 @@ def test_what_is_refused_says_why():
     patched = regtome.patch.transformers(build("vit"), r=2)
     with pytest.raises(ValueError, match="does not merge masked inputs"):
         patched(images(), bool_masked_pos=torch.zeros(2, 64, dtype=torch.bool))
+
+
+def test_cli_preset_with_local_weights_trains_evaluates_and_visualizes(tmp_path):
+    """model=hf_dinov2_reg4_small with model.pretrained_dir: a save_pretrained folder, no network."""
+    from cli_helpers import SMOKE, results, run_main
+
+    build("dinov2_reg").save_pretrained(tmp_path / "weights")
+    common = ["model=hf_dinov2_reg4_small", f"model.pretrained_dir={tmp_path / 'weights'}", "model.img_size=32",
+              *[o for o in SMOKE if not o.startswith("model")]]
+    run_main("task=train", *common, "trainer.epochs=1", "tome.protect=apart", f"hydra.run.dir={tmp_path / 'train'}",
+             cwd=tmp_path)
+    record = results(tmp_path / "train")
+    assert record["model"] == "hf-facebook--dinov2-with-registers-small-32px" and record["registers"] == 4
+    assert record["protect"] == "apart" and record["tokens_per_block"] == [67, 65, 63]
+    run_main("task=eval", f"ckpt={tmp_path / 'train' / 'checkpoints' / 'best.pt'}", "tome.r=6", "runtime.device=cpu",
+             cwd=tmp_path)
+    (run,) = (tmp_path / "outputs" / "eval" / "synthetic_hf-facebook--dinov2-with-registers-small-32px").iterdir()
+    assert results(run)["r_per_block"] == [6, 6, 6] and results(run)["top1"] >= 0
+    run_main("task=visualize", *common, "visualize.num_samples=1", "visualize.blocks=[0,2]",
+             f"hydra.run.dir={tmp_path / 'vis'}", cwd=tmp_path)
+    assert (tmp_path / "vis" / "sample_0.png").exists() and (tmp_path / "vis" / "sample_0_features.png").exists()

@@ -35,8 +35,9 @@ from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
 from .common import patched_class, set_options, validate
 
-# The attribute that holds the base model inside each classification model transformers ships.
-INNER = ("vit", "deit", "dinov2", "dinov2_with_registers", "vision_model")
+# The attribute that holds the base model inside each classification model transformers ships
+# (and `backbone`, for a model of one's own around a base model).
+INNER = ("vit", "deit", "dinov2", "dinov2_with_registers", "vision_model", "backbone")
 
 
 class Family(NamedTuple):
