@@ -140,8 +140,12 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model's output: a tensor (timm) or transformers' output object."""
-    return getattr(output, "logits", output)
+    """The logits of a model's output: a tensor (timm), transformers' classifier output, or for a
+    transformers base model its pooler output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    return logits if logits is not None else output.pooler_output
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:

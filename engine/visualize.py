@@ -19,21 +19,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import regtome
-from data import build_datasets, class_names, count_classes
-from data.transforms import build_transform
+from data import class_names, count_classes
 
-from .errors import UserError
+from .images import load_images
 from .model import config_from_checkpoint, logits_of, model_label, patch_grid
 from .session import open_session
 
 log = logging.getLogger(__name__)
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def patch_groups(source: torch.Tensor, num_prefix: int) -> np.ndarray:
@@ -176,31 +173,6 @@ def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarr
     plt.close(fig)
 
 
-def _load_images(cfg: DictConfig, inputs: dict[str, Any], classes: Optional[list[str]]
-                 ) -> list[tuple[str, torch.Tensor, Optional[int]]]:
-    """(name, image tensor, true label or None) for images=PATH (file or folder) or the data set's val split."""
-    transform = build_transform(inputs, native_size=int(cfg.dataset.native_size), is_training=False, augment=False,
-                                on_device=False)
-    if cfg.images:
-        root = Path(str(cfg.images))
-        if not root.exists():
-            raise UserError(f"images={root} does not exist; give an image file or a folder of images")
-        files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
-        out = []
-        for file in files:
-            try:
-                out.append((file.stem, transform(Image.open(file).convert("RGB")), None))
-            except OSError as err:
-                raise UserError(f"cannot read image {file} ({err})") from err
-        return out
-    dataset = build_datasets(cfg.dataset, inputs, augment=False, splits=("val",), seed=cfg.seed, on_device=False,
-                             classes=classes)["val"]
-    count = min(cfg.visualize.num_samples, len(dataset))
-    return [(f"sample_{i}", *dataset[i]) for i in range(count)]
-
-
 def _to_display(tensor: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
     mean, std = torch.tensor(config["mean"])[:, None, None], torch.tensor(config["std"])[:, None, None]
     return (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -253,7 +225,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, trace_source=True, distributed=False)
     model = session.model.eval()
     classes = saved_classes or class_names(cfg.dataset)
-    images = _load_images(cfg, session.inputs, classes)
+    images = load_images(cfg, session.inputs, classes, cfg.visualize.num_samples)
     depth = len(model.blocks)
     blocks = sorted({min(max(b, 0), depth - 1) for b in cfg.visualize.blocks})
     attn_block = cfg.visualize.attn_block % depth

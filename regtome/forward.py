@@ -71,5 +71,6 @@ def run_blocks(
         register_tokens=torch.stack(registers_left, dim=1) if registers_left else None,
         layout=layout, protect=protect, num_protected=prefixes[len(counts) - 1].num_protected,
         blocks={i: BlockTrace(t.x, t.size, t.kind, t.source, t.position) for i, t in kept.items()} if trace_source else {},
+        owner=tokens.owner,
     )
     return tokens, record, kept

@@ -44,6 +44,8 @@ class ForwardRecord:
     protect: the protection mode the pass ran with.
     num_protected: protected tokens at the front of the output.
     blocks: block index -> `BlockTrace` after that block, for the blocks `regtome.trace` asked for.
+    owner: (B, N) long, for each slot of the model's full sequence the output token that holds it
+        (the merge decisions of the whole pass in one tensor), when the pass tracked it.
     """
 
     size: torch.Tensor
@@ -57,3 +59,4 @@ class ForwardRecord:
     protect: str
     num_protected: int
     blocks: dict[int, BlockTrace] = field(default_factory=dict)
+    owner: Optional[torch.Tensor] = None
