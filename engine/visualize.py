@@ -105,7 +105,10 @@ def draw_grid(image: np.ndarray, maps: dict[str, dict[int, np.ndarray]], tokens:
         for head in range(num_heads):
             shown = axes[row, head].imshow(attention[head, i].reshape(side, -1), cmap="inferno", vmin=0, vmax=high)
             axes[row, head].set_title(f"{name} h{head}", fontsize=6)
-        bar = fig.colorbar(shown, ax=list(axes[row, :num_heads]), fraction=0.02, pad=0.01)
+        # the colour bar sits in the row's next free cell, or just right of the last head when there is none
+        host = axes[row, num_heads] if cols > num_heads else axes[row, num_heads - 1]
+        cax = host.inset_axes([0.05, 0.1, 0.08, 0.8] if cols > num_heads else [1.03, 0.1, 0.05, 0.8])
+        bar = fig.colorbar(shown, cax=cax)
         bar.ax.tick_params(labelsize=5)
         bar.set_label("attention", fontsize=5)
     fig.suptitle(f"{title}\nrows 1-{len(maps)}: merged tokens; below: attention over patches at block {attn_block} "

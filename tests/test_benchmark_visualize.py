@@ -109,3 +109,19 @@ def test_visualize_missing_images(tmp_path):
 
     with pytest.raises(UserError, match="does not exist"):
         _visualize(tmp_path, f"images={tmp_path / 'nope'}")
+
+
+def test_visualize_titles_true_and_predicted_class_and_draws_colour_bars(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    bars, titles = [], []
+    real_colorbar, real_suptitle = matplotlib.figure.Figure.colorbar, matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar",
+                        lambda self, *a, **k: bars.append(1) or real_colorbar(self, *a, **k))
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, text, **k: titles.append(text) or real_suptitle(self, text, **k))
+    summary = _visualize(tmp_path, "visualize.num_samples=1", "visualize.dense_features=false")
+    info = summary["images"]["sample_0"]
+    assert info["true"].startswith("pattern_") and info["predicted"].startswith("pattern_")
+    assert f"true: {info['true']}, predicted: {info['predicted']}" in titles[0]
+    assert len(bars) == len(summary["prefix_tokens"]) == 5  # one colour bar per attention row (colours = numbers)
