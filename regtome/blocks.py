@@ -120,6 +120,14 @@ BLOCK_FORWARDS: dict[type, BlockForward] = {
 MERGES_AFTER_BLOCK = (ParallelScalingBlock, DiffParallelScalingBlock)
 
 
+def block_attentions(block: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a block: timm's `attn` (or one per parallel branch), transformers'
+    `attention` / `self_attn`; a fused parallel block is its own attention."""
+    if hasattr(block, "attns"):
+        return [branch.attn for branch in block.attns]
+    return [next((getattr(block, n) for n in ("attn", "attention", "self_attn") if hasattr(block, n)), block)]
+
+
 def merging_block_forward(block: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool,
                           rope: Optional[torch.Tensor] = None) -> Tokens:
     """Run `block` on `tokens` with up to r merges (`rope`: the rotary table of Eva models, else None).

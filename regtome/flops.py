@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.layers.diff_attention import DiffAttention
 from timm.models.vision_transformer import DiffParallelScalingBlock
 
-from .blocks import MERGES_AFTER_BLOCK
+from .blocks import MERGES_AFTER_BLOCK, block_attentions
 from .layout import prefix_layout, prefix_schedule
 from .schedule import RSchedule, capped_r, parse_r
 
@@ -61,12 +61,8 @@ def _linear_macs(module: nn.Module) -> int:
 
 def _attention_matmul_macs(block: nn.Module, tokens: int) -> int:
     """q @ k^T and attn @ v over `tokens` tokens (differential attention: two softmaxes over half-width keys)."""
-    if hasattr(block, "attns"):
-        attentions = [branch.attn for branch in block.attns]
-    else:  # timm's attn, transformers' attention / self_attn, or the block itself (fused parallel blocks)
-        attentions = [next((getattr(block, n) for n in ("attn", "attention", "self_attn") if hasattr(block, n)), block)]
     macs = 0
-    for attn in attentions:
+    for attn in block_attentions(block):
         diff = isinstance(attn, (DiffAttention, DiffParallelScalingBlock))
         heads = getattr(attn, "num_heads", None) or attn.num_attention_heads
         width = heads * attn.head_dim * (2 if diff else 1)  # query channels

@@ -93,8 +93,9 @@ def test_ddp_with_nccl_at_world_size_one(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
-def test_patched_forward_never_waits_for_the_gpu():
-    model = regtome.patch.timm(make_vit("gap_reg4").cuda(), r=(8, -1.0), trace_source=True)
+@pytest.mark.parametrize("protect", ["prefix", "apart"])
+def test_patched_forward_never_waits_for_the_gpu(protect):
+    model = regtome.patch.timm(make_vit("gap_reg4").cuda(), r=(8, -1.0), trace_source=True, protect=protect)
     images = torch.randn(4, 3, 32, 32, device="cuda")
     model(images)  # warm-up: lazy initialisation may synchronise once
     torch.cuda.synchronize()
@@ -107,3 +108,19 @@ def test_patched_forward_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert regtome.last_forward(model).size.dtype == torch.float32  # sizes stay fp32 under AMP
+
+
+def test_transformers_forward_never_waits_for_the_gpu():
+    pytest.importorskip("transformers")
+    from test_transformers import build
+
+    model = regtome.patch.transformers(build("dinov3").cuda(), r=(8, -1.0), protect="apart")
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    model(images)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -18,7 +18,7 @@ from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaAttention
 from timm.models.vision_transformer import VisionTransformer
 
-from ..blocks import BLOCK_FORWARDS, merging_block_forward
+from ..blocks import BLOCK_FORWARDS, block_attentions, merging_block_forward
 from ..forward import run_blocks
 from ..layout import prefix_layout, prefix_schedule
 from ..pooling import attention_pool_bias, kinds_scattered, leading_unpooled, pooled, size_weighted_pool
@@ -234,9 +234,8 @@ def check_model(model: nn.Module) -> None:
         if type(block) not in BLOCK_FORWARDS:
             raise TypeError(f"block {i} is a {type(block).__name__}; RegToMe supports "
                             f"{', '.join(sorted(c.__name__ for c in BLOCK_FORWARDS))}")
-        attentions = [branch.attn for branch in block.attns] if hasattr(block, "attns") else [getattr(block, "attn", None)]
-        for attn in attentions:
-            if attn is not None and type(attn) not in SELF_ATTENTIONS:
+        for attn in block_attentions(block):
+            if attn is not block and type(attn) not in SELF_ATTENTIONS:
                 raise TypeError(f"block {i} uses {type(attn).__name__}; RegToMe supports "
                                 f"{', '.join(c.__name__ for c in SELF_ATTENTIONS)}")
     attn_pool = getattr(model, "attn_pool", None)
