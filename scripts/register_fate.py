@@ -1,6 +1,7 @@
-"""Where do registers go under protect=class? Per block: alone, merged with registers, merged into patches.
+"""Where do registers go when they may merge? Per block: alone, merged with registers, merged into patches.
 
     python scripts/register_fate.py CKPT --root DATA_DIR --r "[8,-1.0]" --samples 1000 --out DIR
+    python scripts/register_fate.py CKPT --protect apart      # registers merge only with registers
 
 Writes register_fate.json and register_fate.png into --out (default: the checkpoint's run folder).
 """
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="dataset.root (default: the checkpoint's)")
     parser.add_argument("--r", default="8", help="the schedule, as tome.r is written (e.g. 8 or [8,-1.0])")
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--protect", choices=["class", "apart"], default="class")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     try:
@@ -47,13 +49,13 @@ def main() -> None:
         sys.exit(2)
     subset = Subset(dataset, range(min(args.samples, len(dataset))))
     prepare = input_transform(cfg.dataset, inputs) or torch.nn.Identity()
-    summary = register_fates(model, DataLoader(subset, batch_size=100), torch.device("cpu"), prepare)
+    summary = register_fates(model, DataLoader(subset, batch_size=100), torch.device("cpu"), prepare, args.protect)
     summary |= {"checkpoint": str(args.ckpt), "model": model_label(cfg.model), "r": yaml.safe_load(args.r)}
     out = args.out or args.ckpt.parent.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "register_fate.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_fates(summary, str(out / "register_fate.png"),
-               f"registers under protect=class, r={args.r}, {summary['images']} held-out images")
+               f"registers under protect={args.protect}, r={args.r}, {summary['images']} held-out images")
     for fate, values in summary["fractions_per_block"].items():
         print(f"{fate:>15}: " + " ".join(f"{100 * v:5.1f}%" for v in values))
     print(f"mean cosine similarity between registers (last block, unmerged): {summary['register_cosine_unmerged']:.3f}")

@@ -164,3 +164,16 @@ def test_register_fates_against_a_hand_traced_case():
                 expected[block, j, fate] += 1
     assert torch.equal(counts, expected)
     assert counts[:, :, 1:].sum() > 0  # r=24 of 68 tokens: some registers do merge
+
+
+def test_register_fates_under_apart_never_reach_a_patch():
+    import regtome
+    from conftest import make_vit
+    from engine.register_fate import register_fates
+
+    torch = pytest.importorskip("torch")
+    model = regtome.patch.timm(make_vit("class_reg4"), r=24, trace_source=True)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    summary = register_fates(model, [(images, None)], torch.device("cpu"), protect="apart")
+    counts = torch.tensor(summary["counts"])
+    assert counts[:, :, 2].sum() == 0 and counts[:, :, 1].sum() > 0  # with registers, never with patches
