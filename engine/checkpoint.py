@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file."""
+"""Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file, and a training run's save and restore."""
 from __future__ import annotations
 
 import os

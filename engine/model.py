@@ -1,4 +1,4 @@
-"""Build a RegToMe ViT from the `model` and `tome` config groups, and the data config it expects."""
+"""Build the model of the `model` and `tome` config groups (timm here; transformers in hf_model.py), patched, and the data config it expects."""
 from __future__ import annotations
 
 import logging

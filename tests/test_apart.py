@@ -15,7 +15,7 @@ from regtome.layout import CLASS, PATCH, REGISTER
 from regtome.merge import bipartite_soft_matching
 from regtome.schedule import capped_r
 from conftest import make_vit
-from test_families import FAMILIES, build, images_for
+from test_families import build, images_for
 
 WITH_REGISTERS = ["dinov3", "rope_reg_gap", "reg4_map", "diff_attention", "diff_parallel"]
 

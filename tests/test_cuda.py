@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import regtome
-from cli_helpers import ROOT, SMOKE, compose_config, max_weight_difference, run_main
+from cli_helpers import ROOT, SMOKE, compose_config, max_weight_difference
 from conftest import make_vit
 from engine import benchmark, evaluate, train
 from engine.checkpoint import load_checkpoint

@@ -1,12 +1,11 @@
 """Everyday mistakes (issue #10): nothing lost, nothing mislabelled, every bad input one line."""
 import csv
 import json
-import os
 
 import pytest
 import torch
 
-from cli_helpers import ROOT, SMOKE, results, run_main, write_image_folder
+from cli_helpers import SMOKE, results, run_main, write_image_folder
 
 CPU = ["runtime.device=cpu", "runtime.num_workers=0"]
 

@@ -16,8 +16,26 @@ import torch.nn as nn
 from ..checks import OPTIONS, check_options, model_options
 from ..layout import prefix_layout
 from ..record import ForwardRecord
+from ..schedule import RSchedule
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+class PatchedModel:
+    """What every patched model class has: the options as plain attributes, the record of its last
+    pass, and its blocks (timm's `blocks`; a transformers model's encoder layers)."""
+
+    r: RSchedule
+    prop_attn: bool
+    trace_source: bool
+    protect: str
+    class_layer: int
+    register_layer: int
+    regtome_record: Optional[ForwardRecord]
+
+    @property
+    def regtome_num_blocks(self) -> int:
+        return len(self.blocks)
 
 
 def patched_class(mixin: type, cls: type) -> type:

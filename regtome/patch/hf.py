@@ -33,7 +33,7 @@ from ..layout import PrefixLayout, prefix_schedule
 from ..record import ForwardRecord
 from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
-from .common import patched_class, set_options, validate
+from .common import PatchedModel, patched_class, set_options, validate
 
 # The attribute that holds the base model inside each classification model transformers ships
 # (and `backbone`, for a model of one's own around a base model).
@@ -65,16 +65,8 @@ def hf_layout(model: nn.Module) -> PrefixLayout:
                         num_register=int(getattr(model.config, "num_register_tokens", 0) or 0))
 
 
-class RegToMeTransformersModel:
+class RegToMeTransformersModel(PatchedModel):
     """Mixin placed in front of a transformers base model class by `regtome.patch.transformers`."""
-
-    r: RSchedule
-    prop_attn: bool
-    trace_source: bool
-    protect: str
-    class_layer: int
-    register_layer: int
-    regtome_record: Optional[ForwardRecord]
 
     @property
     def regtome_layout(self) -> PrefixLayout:
@@ -83,10 +75,6 @@ class RegToMeTransformersModel:
     @property
     def regtome_has_class(self) -> bool:
         return FAMILIES[self._regtome_base].num_class > 0
-
-    @property
-    def regtome_num_blocks(self) -> int:
-        return len(self.blocks)
 
     @property
     def blocks(self) -> nn.ModuleList:

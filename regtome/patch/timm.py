@@ -26,7 +26,7 @@ from ..record import ForwardRecord
 from ..rope import rope_table
 from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
-from .common import patched_class, set_options, validate
+from .common import PatchedModel, patched_class, set_options, validate
 
 SUPPORTED_MODELS = (VisionTransformer, Eva)
 SELF_ATTENTIONS = (Attention, DiffAttention, EvaAttention, AttentionRope)
@@ -41,24 +41,12 @@ def embed(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optiona
     return model.norm_pre(x), None if rope is None else rope_table(rope)
 
 
-class RegToMeVisionTransformer:
+class RegToMeVisionTransformer(PatchedModel):
     """Mixin placed in front of a timm VisionTransformer (or Eva) class by `regtome.patch.timm`.
 
     `forward` hands the token sizes of its own pass to the pooling; `forward_head` and `pool`
     called on their own use the record of the last `forward_features`, checked against the input.
     """
-
-    r: RSchedule
-    prop_attn: bool
-    trace_source: bool
-    protect: str
-    class_layer: int
-    register_layer: int
-    regtome_record: Optional[ForwardRecord]
-
-    @property
-    def regtome_num_blocks(self) -> int:
-        return len(self.blocks)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
