@@ -10,9 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from data import DatasetError
 from engine import cli
-from engine.distributed import cleanup
 from engine.errors import TrainingInterrupted, UserError
 from engine.run_folder import discard_new_folder
 
@@ -37,6 +35,9 @@ def task_runner(task: str) -> Callable:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from data import DatasetError  # torch and torchvision load here, after the command line passed
+    from engine.distributed import cleanup
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     created = cli.CLAIM.created if cli.CLAIM.folder is not None else True
     try:

@@ -24,8 +24,8 @@ TASKS = ("train", "eval", "benchmark", "visualize", "export")
 
 def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
     """The first problem with the values given for `key` (every value of a sweep), or None."""
-    import regtome
-
+    if key in ("tome.protect", "tome.r", "benchmark.r"):
+        import regtome  # torch: only for the keys that need the library's rules
     folder = configs / key
     for value in values:
         if key == "task" and value not in TASKS:

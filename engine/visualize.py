@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -219,6 +220,22 @@ def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple
     return attention[:, keep], [names[i] for i in keep], note
 
 
+@dataclass
+class Plan:
+    """What every image of a task=visualize run is drawn with."""
+
+    model: nn.Module
+    device: torch.device
+    inputs: dict[str, Any]  # the data config (mean/std to undo for display)
+    classes: Optional[list[str]]
+    blocks: list[int]  # merge maps after these blocks
+    attn_block: int  # prefix attention at this block
+    modes: list[str]  # merge maps under these protection modes
+    dense_features: bool
+    summary: dict[str, Any]  # model label, r, ...; visualize.json
+    run_dir: Path
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
     random_weights = weights is None and not (cfg.model.pretrained or cfg.model.pretrained_file)
@@ -230,45 +247,47 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     classes = saved_classes or class_names(cfg.dataset)
     images = load_images(cfg, session.inputs, classes, cfg.visualize.num_samples)
     depth = len(model.blocks)
-    blocks = sorted({min(max(b, 0), depth - 1) for b in cfg.visualize.blocks})
-    attn_block = cfg.visualize.attn_block % depth
-    modes = list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect]
-    r = OmegaConf.to_container(cfg.tome)["r"]
-    summary: dict[str, Any] = {"model": model_label(cfg.model), "blocks": blocks, "attn_block": attn_block, "r": r,
-                               "protect": model.protect, "random_weights": random_weights, "images": {}}
+    plan = Plan(model=model, device=session.device, inputs=session.inputs, classes=classes, run_dir=run_dir,
+                blocks=sorted({min(max(b, 0), depth - 1) for b in cfg.visualize.blocks}),
+                attn_block=cfg.visualize.attn_block % depth, dense_features=bool(cfg.visualize.dense_features),
+                modes=list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect],
+                summary={"model": model_label(cfg.model), "r": OmegaConf.to_container(cfg.tome)["r"],
+                         "protect": model.protect, "random_weights": random_weights, "images": {}})
+    plan.summary |= {"blocks": plan.blocks, "attn_block": plan.attn_block}
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     try:
         for step, (name, tensor, target) in enumerate(tqdm(images, desc="visualize", dynamic_ncols=True)):
-            summary["images"][name] = _visualize_one(model, session, cfg, name, tensor, target, classes, blocks,
-                                                     attn_block, modes, summary, run_dir, writer, step)
+            info, pixels = draw_image(plan, name, tensor, target)
+            plan.summary["images"][name] = info
+            writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
     finally:
         writer.close()
-    (run_dir / "visualize.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "visualize.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
     log.info("wrote %d grids to %s", len(images), run_dir)
-    return summary
+    return plan.summary
 
 
-def _visualize_one(model: nn.Module, session: Any, cfg: DictConfig, name: str, tensor: torch.Tensor,
-                   target: Optional[int], classes: Optional[list[str]], blocks: list[int], attn_block: int,
-                   modes: list[str], summary: dict[str, Any], run_dir: Path, writer: SummaryWriter,
-                   step: int) -> dict[str, Any]:
-    batch = tensor[None].to(session.device)
-    picture = _to_display(tensor, session.inputs)
+def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int]) -> tuple[dict[str, Any], np.ndarray]:
+    """One image's grid (and dense features); returns its visualize.json entry and the grid's pixels."""
+    model, summary = plan.model, plan.summary
+    batch = tensor[None].to(plan.device)
+    picture = _to_display(tensor, plan.inputs)
     with torch.no_grad():
         probabilities = logits_of(model(batch)).float().softmax(dim=-1)[0]
     predicted = int(probabilities.argmax())
-    maps, tokens, groups = merge_maps(model, batch, picture, blocks, modes)
-    attention, names, note = prefix_rows(model, batch, attn_block)
+    maps, tokens, groups = merge_maps(model, batch, picture, plan.blocks, plan.modes)
+    attention, names, note = prefix_rows(model, batch, plan.attn_block)
     summary.setdefault("prefix_tokens", names)
-    caption = (f"true: {_label(classes, target)}, predicted: {_label(classes, predicted)} "
+    caption = (f"true: {_label(plan.classes, target)}, predicted: {_label(plan.classes, predicted)} "
                f"(p={float(probabilities[predicted]):.2f})")
     title = (f"{name}: {caption}\n{summary['model']}, r={summary['r']}, protect={model.protect}"
              + (" (random weights)" if summary["random_weights"] else ""))
-    pixels = draw_grid(picture, maps, tokens, attention, names, note, attn_block, run_dir / f"{name}.png", title=title)
-    writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
-    if cfg.visualize.dense_features:
-        draw_dense_features(model, batch, picture, run_dir / f"{name}_features.png",
+    pixels = draw_grid(picture, maps, tokens, attention, names, note, plan.attn_block, plan.run_dir / f"{name}.png",
+                       title=title)
+    if plan.dense_features:
+        draw_dense_features(model, batch, picture, plan.run_dir / f"{name}_features.png",
                             f"{name}: last block's patch features (PCA to RGB), r={summary['r']}\n{summary['model']}")
-    return {"png": f"{name}.png", "tokens": tokens, "groups": groups, "size": list(pixels.shape[:2]),
-            "true": _label(classes, target), "predicted": _label(classes, predicted),
+    info = {"png": f"{name}.png", "tokens": tokens, "groups": groups, "size": list(pixels.shape[:2]),
+            "true": _label(plan.classes, target), "predicted": _label(plan.classes, predicted),
             "probability": float(probabilities[predicted])}
+    return info, pixels
