@@ -31,7 +31,28 @@ RENAMED = {
 FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
 GROUP_HINTS = {"dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
                "model": "; or keep a preset and set model.name=<any timm ViT>"}
-NO_RUN_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--shell-completion"}
+NO_RUN_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                    "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's own flags (with their values: `--cfg job`, `--info defaults`) and the overrides."""
+    flags, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-") and "=" not in arg:
+            flags.append(arg)
+            takes = arg in FLAGS_WITH_VALUE or (arg in ("--info", "-i") and i + 1 < len(argv)
+                                                and argv[i + 1] in INFO_VALUES)
+            if takes and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
 
 
 @dataclass
@@ -134,8 +155,7 @@ def check_command_line(argv: list[str], configs: Path, check_values: Any) -> Che
 
     `check_values(key, values)` returns a problem with the values of one key, or None.
     """
-    flags = [a for a in argv if a.startswith("-") and "=" not in a]
-    args = [a for a in argv if a not in flags]
+    flags, args = split_flags(argv)
     overrides = _parse(args)
     for override in overrides:  # values first: a group choice that does not exist cannot be composed
         key = override.key_or_group

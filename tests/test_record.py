@@ -226,3 +226,11 @@ def test_cores_follow_a_cgroup_quota(tmp_path):
     assert available_cores(str(tmp_path)) == 1
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert available_cores(str(tmp_path)) == len(os.sched_getaffinity(0))
+
+
+def test_hydras_own_flags_still_work_and_write_nothing(tmp_path):
+    out = run_main("--cfg", "job", "tome.r=4", "tome.protect=apart", cwd=tmp_path)
+    assert "protect: apart" in out.stdout and "  r: 4" in out.stdout
+    out = run_main("--info", "defaults", "model=vit_tiny_test", cwd=tmp_path)
+    assert "Defaults List" in out.stdout
+    assert list(tmp_path.iterdir()) == []
