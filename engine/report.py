@@ -177,7 +177,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, paired: Optional[str
         f"ci: 95% paired bootstrap over samples ({BOOTSTRAP_RESAMPLES} resamples, seed 0); p_value: exact McNemar "
         "test on the samples the two runs disagree on."]
     paths["paired_md"].write_text("\n".join(lines) + "\n")
-    _plot_paired(rows + pooled, paired, paths["paired_png"])
+    _plot_paired(rows + pooled, paired, paths["paired_png"], baseline)
     return paths
 
 
@@ -221,7 +221,7 @@ def _plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_paired(rows: list[dict[str, Any]], key: str, path: Path) -> None:
+def _plot_paired(rows: list[dict[str, Any]], key: str, path: Path, baseline: str) -> None:
     """Delta top-1 with its 95% interval against GFLOPs, one series per compared value and checkpoint."""
     plt = _plt()
     compared = [r for r in rows if r.get("delta_top1") is not None]
@@ -245,7 +245,7 @@ def _plot_paired(rows: list[dict[str, Any]], key: str, path: Path) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.invert_xaxis()  # more merging to the right
     ax.set_xlabel("GFLOPs per image (more merging to the right)")
-    ax.set_ylabel("delta top-1 vs baseline (points, 95% CI)")
+    ax.set_ylabel(f"delta top-1 vs {key}={baseline} (points, 95% CI)")
     ax.set_title(_title(compared or rows), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
