@@ -122,9 +122,9 @@ def test_cli_refuses_an_export_below_the_agreement_and_keeps_no_file(tmp_path, w
     from cli_helpers import SMOKE, run_main
     from test_mistakes import one_line_error
 
-    args = ["task=export", *SMOKE, f"model.pretrained_file={weights}", "export.samples=16", "export.min_agreement=1.01",
+    args = ["task=export", *SMOKE, f"model.pretrained_file={weights}", "export.samples=8", "export.min_agreement=1.01",
             f"hydra.run.dir={tmp_path / 'refused'}"]
     line = one_line_error(run_main(*args, cwd=tmp_path, check=False))
-    assert line.startswith("error: export refused: top-1 agreement with PyTorch is 100.00% on 16 images, below "
+    assert line.startswith("error: export refused: top-1 agreement with PyTorch is 100.00% on 8 images, below "
                            "export.min_agreement=1.01") and "model.onnx was not kept" in line
     assert not (tmp_path / "refused").exists()
