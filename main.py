@@ -33,7 +33,7 @@ def task_runner(task: str) -> Callable:
     return run
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="config")
 def main(cfg: DictConfig) -> None:
     from data import DatasetError  # torch and torchvision load here, after the command line passed
     from engine.distributed import cleanup

@@ -112,8 +112,10 @@ def claim_job_folder(folder: Path, cfg: DictConfig) -> None:
 
 
 def release() -> None:
+    """Give the lock back (each job of a sweep run in one process takes and releases its own)."""
     if CLAIM.lock is not None:
         CLAIM.lock.release()
+        CLAIM.lock = None
 
 
 def register_resolvers() -> None:

@@ -54,9 +54,10 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _short(key: str, value: Any) -> str:
-    if key == "checkpoint" and value:
-        parts = Path(str(value)).parts
-        return "/".join(parts[-3:-2]) if len(parts) >= 3 else str(value)  # the run folder's name
+    if key == "checkpoint" and value and value != "pooled":
+        path = Path(str(value))
+        # RUN/checkpoints/last.pt is named by its run folder; any other file by its own name
+        return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
     return str(value)
 
 

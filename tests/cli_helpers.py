@@ -20,15 +20,79 @@ SMOKE = [
 ]
 
 
-def run_main(*overrides: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
+def run_main(*overrides: str, cwd: Path, env: dict | None = None, check: bool = True,
+             subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """`python main.py OVERRIDES` in `cwd`: its exit code, stdout and stderr.
+
+    By default it runs in this test process (the same code path from the command line on, without
+    paying torch's and timm's imports again, which dominate a tiny run); `subprocess_=True` starts a
+    real process, for what only a process shows (signals, imports, the interpreter's exit).
+    """
+    if subprocess_:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), *overrides],
+            cwd=cwd, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
+    else:
+        result = _run_main_in_process(list(overrides), Path(cwd), env or {})
     if check and result.returncode != 0:
         raise AssertionError(f"main.py {' '.join(overrides)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def _run_main_in_process(argv: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """main.run_cli(argv) as its own process would run it, with every global it touches put back."""
+    import contextlib
+    import io
+    import logging
+    import signal
+    import traceback
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    import main
+    from engine import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved = (os.getcwd(), dict(os.environ), list(sys.argv), torch.get_num_threads(),
+             {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, torch.random.get_rng_state())
+    root_logger = logging.getLogger()
+    saved_logging = (list(root_logger.handlers), root_logger.level)
+    code = 0
+    os.chdir(cwd)
+    os.environ.update({k: str(v) for k, v in env.items()})
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main.run_cli(argv)
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+            except BaseException:  # what the interpreter would print before exiting 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        GlobalHydra.instance().clear()
+        cli.release()
+        cli.CLAIM.__init__()
+        os.chdir(saved[0])
+        os.environ.clear()
+        os.environ.update(saved[1])
+        sys.argv[:] = saved[2]
+        torch.set_num_threads(saved[3])
+        for signum, handler in saved[4].items():
+            signal.signal(signum, handler)
+        torch.random.set_rng_state(saved[5])
+        for handler in root_logger.handlers:
+            if handler not in saved_logging[0]:
+                handler.close()
+        root_logger.handlers[:] = saved_logging[0]
+        root_logger.setLevel(saved_logging[1])
+    return subprocess.CompletedProcess(["main.py", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
 def results(run_dir: Path) -> dict:

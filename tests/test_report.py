@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import ROOT
-from engine.report import ReportError, add_paired, collect, swept_keys, write_report
+from engine.report import ReportError, add_paired, collect, group_label, swept_keys, write_report
 from engine.stats import bootstrap_interval, mcnemar_exact, paired_delta
 
 
@@ -177,3 +177,12 @@ def test_register_fates_under_apart_never_reach_a_patch():
     summary = register_fates(model, [(images, None)], torch.device("cpu"), protect="apart")
     counts = torch.tensor(summary["counts"])
     assert counts[:, :, 2].sum() == 0 and counts[:, :, 1].sum() > 0  # with registers, never with patches
+
+
+def test_checkpoint_labels_name_the_run_folder_or_the_file():
+    """Two checkpoints outside run folders must not share a label (they did: both were their grandparent)."""
+    keys = ["checkpoint"]
+    assert group_label({"checkpoint": "/x/train/seed0/checkpoints/last.pt"}, keys) == "checkpoint=seed0"
+    labels = {group_label({"checkpoint": f"/x/snapshots/seed{i}_epoch6.pt"}, keys) for i in (0, 1)}
+    assert labels == {"checkpoint=seed0_epoch6", "checkpoint=seed1_epoch6"}
+    assert group_label({"checkpoint": "pooled"}, keys) == "checkpoint=pooled"
