@@ -89,6 +89,23 @@ def test_lock_taken_over_from_a_dead_process_or_the_same_slurm_job(tmp_path, cap
         del os.environ["SLURM_JOB_ID"]
 
 
+def test_each_job_of_a_sweep_in_one_process_locks_its_own_folder(tmp_path):
+    """Hydra's basic launcher runs a sweep's jobs one after another in one process: each must lock its folder."""
+    from engine import cli
+
+    jobs = [tmp_path / "0", tmp_path / "1"]
+    try:
+        for job in jobs:
+            job.mkdir()
+            cli.claim_job_folder(job, cfg=None)
+            assert json.loads((job / LOCK_NAME).read_text())["pid"] == os.getpid()
+            cli.release()
+            assert not (job / LOCK_NAME).exists()
+    finally:
+        cli.release()
+        cli.CLAIM.__init__()
+
+
 @pytest.mark.parametrize("args,message", [
     (["trainer.epoch=3"], "error: trainer.epoch is not a key; did you mean trainer.epochs"),
     (["+trainer.epoch=3"], "error: +trainer.epoch: only model.kwargs takes new keys; did you mean trainer.epochs"),
