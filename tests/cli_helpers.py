@@ -20,28 +20,20 @@ SMOKE = [
 ]
 
 
-def run_main(*overrides: str, cwd: Path, env: dict | None = None, check: bool = True,
-             subprocess_: bool = False) -> subprocess.CompletedProcess:
+def run_main(*overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """`python main.py OVERRIDES` in `cwd`: its exit code, stdout and stderr.
 
-    By default it runs in this test process (the same code path from the command line on, without
-    paying torch's and timm's imports again, which dominate a tiny run); `subprocess_=True` starts a
-    real process, for what only a process shows (signals, imports, the interpreter's exit).
+    It runs in this test process (the same code path from the command line on, without paying torch's
+    and timm's imports again, which dominate a tiny run). What only a real process shows (the lock
+    race, signals, torchrun) is tested by starting one.
     """
-    if subprocess_:
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "main.py"), *overrides],
-            cwd=cwd, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-        )
-    else:
-        result = _run_main_in_process(list(overrides), Path(cwd), env or {})
+    result = _run_main_in_process(list(overrides), Path(cwd))
     if check and result.returncode != 0:
         raise AssertionError(f"main.py {' '.join(overrides)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
 
 
-def _run_main_in_process(argv: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+def _run_main_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """main.run_cli(argv) as its own process would run it, with every global it touches put back."""
     import contextlib
     import io
@@ -62,7 +54,6 @@ def _run_main_in_process(argv: list[str], cwd: Path, env: dict) -> subprocess.Co
     saved_logging = (list(root_logger.handlers), root_logger.level)
     code = 0
     os.chdir(cwd)
-    os.environ.update({k: str(v) for k, v in env.items()})
     GlobalHydra.instance().clear()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
