@@ -294,9 +294,6 @@ def test_cli_preset_with_local_weights_trains_evaluates_and_visualizes(tmp_path)
              cwd=tmp_path)
     (run,) = (tmp_path / "outputs" / "eval" / "synthetic_hf-facebook--dinov2-with-registers-small-32px").iterdir()
     assert results(run)["r_per_block"] == [6, 6, 6] and results(run)["top1"] >= 0
-    from cli_helpers import compose_config
-    from engine import visualize
-
-    visualize.run(compose_config("task=visualize", *common, "visualize.num_samples=1", "visualize.blocks=[0,2]"),
-                  tmp_path / "vis", overrides=[])  # the same task in-process: merge maps and dense features
+    run_main("task=visualize", *common, "visualize.num_samples=1", "visualize.blocks=[0,2]",
+             f"hydra.run.dir={tmp_path / 'vis'}", cwd=tmp_path)
     assert (tmp_path / "vis" / "sample_0.png").exists() and (tmp_path / "vis" / "sample_0_features.png").exists()
