@@ -188,7 +188,7 @@ def config_from_checkpoint(cfg: DictConfig, overrides: list[str]
     if not cfg.get("ckpt"):
         return cfg, None, None
     checkpoint = load_checkpoint(cfg.ckpt)
-    saved = OmegaConf.create(upgrade_config(checkpoint["config"]))
+    saved = saved_config(checkpoint, cfg.ckpt)
     effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
     if overrides_group(overrides, "model"):
         check_same_architecture(saved.model, effective.model, cfg.ckpt)
@@ -218,7 +218,22 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("task") == "train" and config.get("ckpt"):  # training used to read ckpt as its start weights
         config.setdefault("trainer", {}).setdefault("init_from", config["ckpt"])
         config["ckpt"] = None
+    tome = config.get("tome")
+    if isinstance(tome, dict) and "protect" not in tome:
+        tome["protect"] = UNRECORDED_PROTECT
     return config
+
+
+UNRECORDED_PROTECT = "prefix"  # what every release before the protect option ran with
+
+
+def saved_config(checkpoint: Mapping[str, Any], path: Any) -> DictConfig:
+    """A checkpoint's config in today's names; says so when it keeps a protection mode it does not record."""
+    recorded = checkpoint["config"].get("tome")
+    if isinstance(recorded, Mapping) and "protect" not in recorded:
+        log.info("checkpoint %s records no tome.protect: it keeps protect=%s, the mode it was trained with "
+                 "(set tome.protect=... to evaluate it under another)", path, UNRECORDED_PROTECT)
+    return OmegaConf.create(upgrade_config(checkpoint["config"]))
 
 
 def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:

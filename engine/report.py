@@ -13,11 +13,13 @@ import numpy as np
 
 from .stats import BOOTSTRAP_RESAMPLES, paired_delta
 
-COLUMNS = ["run", "task", "dataset", "model", "checkpoint", "registers", "r", "protect", "prop_attn", "top1", "top5",
-           "images_per_s", "gflops", "batch_size", "dtype", "device"]
+COLUMNS = ["run", "task", "dataset", "model", "checkpoint", "registers", "schedule", "r", "protect", "prop_attn",
+           "top1", "top5", "images_per_s", "gflops", "batch_size", "dtype", "device"]
 PAIRED_COLUMNS = ["delta_top1", "ci_low", "ci_high", "p_value"]
 # Settings that make two runs different experiments (batch size, dtype and device do not change predictions).
-IDENTITY = ("task", "dataset", "model", "checkpoint", "registers", "r", "protect", "prop_attn")
+# `schedule` is the r asked for, or the FLOP budget that chose r (tome.flops): runs at one budget are paired
+# even where the cap of each protection mode made the budget choose another r.
+IDENTITY = ("task", "dataset", "model", "checkpoint", "registers", "schedule", "protect", "prop_attn")
 SWEPT = ("protect", "prop_attn", "model", "dataset", "checkpoint", "registers")
 
 
@@ -36,6 +38,8 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         record = json.loads(path.read_text())
         row = {"run": str(path.parent.relative_to(sweep_dir))} | {k: record.get(k) for k in COLUMNS[1:]}
         row["r"] = _r_label(row["r"])
+        fraction = record.get("flops_fraction")
+        row["schedule"] = f"flops={fraction:g}" if fraction is not None else f"r={row['r']}"
         predictions = path.parent / str(record.get("predictions") or "predictions.csv")
         row["_predictions"] = predictions if predictions.exists() else None
         rows.append(row)
@@ -137,6 +141,8 @@ def split_constant_columns(table: list[dict[str, Any]], columns: list[str]) -> t
 
 
 def _markdown(table: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    if all(row.get("schedule") == f"r={row.get('r')}" for row in table):
+        columns = [c for c in columns if c != "schedule"]  # every run asked for its r: the r column says it
     shown, constant = split_constant_columns(table, columns)
     header = ", ".join(f"{k} {_fmt(v)}" for k, v in constant.items() if v is not None)
     lines = [f"All runs: {header}.", ""] if header else []
@@ -197,6 +203,12 @@ def _title(rows: list[dict[str, Any]]) -> str:
             f"batch {first.get('batch_size', '')}, {first.get('dtype', '')})")
 
 
+def _point_label(row: dict[str, Any], with_r: bool = True) -> str:
+    """'r=4', or for a run whose r a FLOP budget chose, 'flops=0.33' and with_r ' (r=[12,-1.0])'."""
+    schedule = str(row.get("schedule") or f"r={row['r']}")
+    return schedule if schedule.startswith("r=") or not with_r else f"{schedule} (r={row['r']})"
+
+
 def _plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     """Top-1 against images/s: one line per combination of swept settings, r written at each point."""
     plt = _plt()
@@ -210,7 +222,7 @@ def _plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
         members = sorted(members, key=lambda r: r["images_per_s"])
         line, = ax.plot([m["images_per_s"] for m in members], [m["top1"] for m in members], "o-", label=label)
         for m in members:  # one side per line: labels of different lines do not sit on each other
-            ax.annotate(f"r={m['r']}", (m["images_per_s"], m["top1"]), textcoords="offset points",
+            ax.annotate(_point_label(m), (m["images_per_s"], m["top1"]), textcoords="offset points",
                         xytext=(5, 6 if g % 2 == 0 else -12), fontsize=7, color=line.get_color())
     ax.set_xlabel("images / s")
     ax.set_ylabel("top-1 accuracy (%)")
@@ -231,6 +243,7 @@ def _plot_paired(rows: list[dict[str, Any]], key: str, path: Path, baseline: str
     for row in compared:
         label = f"{key}={row.get(key)}, {_short('checkpoint', row.get('checkpoint'))}"
         series.setdefault(label, []).append(row)
+    labelled: set[str] = set()
     for i, (label, members) in enumerate(series.items()):
         members = sorted(members, key=lambda r: -r["gflops"])
         x = [m["gflops"] * (1 + 0.004 * (i - len(series) / 2)) for m in members]  # small dodge
@@ -239,10 +252,12 @@ def _plot_paired(rows: list[dict[str, Any]], key: str, path: Path, baseline: str
         pooled = "pooled" in label
         ax.errorbar(x, y, yerr=err, fmt="o-" if pooled else "o:", capsize=3, lw=2 if pooled else 1,
                     ms=5 if pooled else 3, label=label)
-        if pooled or not any("pooled" in other for other in series):  # label one series, not every copy
-            for m, xi in zip(members, x):
-                ax.annotate(f"r={m['r']}", (xi, m["delta_top1"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=6)
+        for m, xi, yi, high in zip(members, x, y, err[1]):  # each schedule named once, above its interval
+            name = _point_label(m, with_r=False)  # at one budget each mode may run another r
+            if name not in labelled:
+                labelled.add(name)
+                ax.annotate(name, (xi, yi + high), textcoords="offset points", xytext=(0, 4),
+                            fontsize=6, ha="center")
     ax.axhline(0, color="grey", lw=0.8)
     ax.invert_xaxis()  # more merging to the right
     ax.set_xlabel("GFLOPs per image (more merging to the right)")

@@ -39,7 +39,7 @@ from .checkpoint import (check_same_architecture, load_checkpoint, restore_train
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .errors import NonFiniteLoss, TrainingInterrupted, UserError
 from .evaluate import eval_loader, evaluate
-from .model import logits_of, model_label, upgrade_config
+from .model import logits_of, model_label, saved_config, upgrade_config
 from .overrides import apply_overrides
 from .results import run_record, write_results
 from .run_folder import append_resume
@@ -266,7 +266,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
     if not last.exists():
         raise UserError(f"trainer.resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue")
     checkpoint = load_checkpoint(last)
-    saved = OmegaConf.create(upgrade_config(checkpoint["config"]))
+    saved = saved_config(checkpoint, last)
     resumed = apply_overrides(saved, cfg, overrides, groups=("trainer", "runtime"))
     resumed.trainer.resume = True
     if int(os.environ.get("RANK", "0")) == 0:

@@ -15,7 +15,7 @@ maps), `flops` / `budget` (analytic FLOPs, r from a FLOP budget).
 from . import patch
 from .budget import r_for_flops, schedule_gflops
 from .flops import vit_flops
-from .layout import CLASS, PATCH, PROTECT_MODES, REGISTER, PrefixLayout, prefix_layout
+from .layout import CLASS, DEFAULT_PROTECT, PATCH, PROTECT_MODES, REGISTER, PrefixLayout, prefix_layout
 from .merge import bipartite_soft_matching, merge_source, merge_wavg
 from .patch.common import last_forward, options, remove_patch, trace
 from .prefix import prefix_attention
@@ -33,6 +33,7 @@ __all__ = [
     "PrefixLayout",
     "prefix_layout",
     "PROTECT_MODES",
+    "DEFAULT_PROTECT",
     "PATCH",
     "REGISTER",
     "CLASS",

@@ -16,7 +16,7 @@ from timm.layers.diff_attention import DiffAttention
 from timm.models.vision_transformer import DiffParallelScalingBlock
 
 from .blocks import MERGES_AFTER_BLOCK, block_attentions
-from .layout import prefix_layout, prefix_schedule
+from .layout import DEFAULT_PROTECT, prefix_layout, prefix_schedule
 from .schedule import RSchedule, capped_r, parse_r
 
 
@@ -41,7 +41,7 @@ def simulate_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, 
     """
     layout = prefix_layout(model)
     depth = len(model.blocks)
-    prefixes = prefix_schedule(layout, getattr(model, "protect", "prefix"), getattr(model, "class_layer", 0),
+    prefixes = prefix_schedule(layout, getattr(model, "protect", DEFAULT_PROTECT), getattr(model, "class_layer", 0),
                                getattr(model, "register_layer", 0), depth)
     tokens = grid_tokens(model, input_size)
     attn_tokens, mlp_tokens = [], []

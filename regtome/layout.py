@@ -24,6 +24,7 @@ import torch.nn as nn
 
 PATCH, REGISTER, CLASS = 0, 1, 2  # token kinds
 PROTECT_MODES = ("prefix", "class", "apart")
+DEFAULT_PROTECT = "apart"  # the one default of regtome.patch.timm, regtome.patch.transformers and the CLI
 
 
 @dataclass(frozen=True)

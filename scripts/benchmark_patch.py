@@ -3,7 +3,7 @@
     python scripts/benchmark_patch.py --registers 4        # ViT-S/16, 224, 4 registers, batch 8
     python scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16
     python scripts/benchmark_patch.py --model vit_small_patch16_dinov3   # its own 4 storage tokens
-    python scripts/benchmark_patch.py --registers 4 --r "[16]" --protect prefix,apart   # the cost of a mode
+    python scripts/benchmark_patch.py --registers 4 --r "[16]" --protect apart,prefix   # the cost of a mode
     python scripts/benchmark_patch.py --source transformers --model facebook/dinov2-with-registers-small
         (--model: a hub id or a save_pretrained folder; --random: its config with random weights)
 
@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off")
     parser.add_argument("--r", default="[8, 13, 16, (16, -1.0)]", help="python list of schedules")
-    parser.add_argument("--protect", default="prefix", help="comma-separated protection modes, each timed")
+    parser.add_argument("--protect", default=regtome.DEFAULT_PROTECT,
+                        help=f"comma-separated protection modes, each timed (default {regtome.DEFAULT_PROTECT})")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2)
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main() -> None:
     baseline = baseline.to(device).eval()
     merged = patch(copy.deepcopy(baseline))
     protects = args.protect.split(",")
-    schedules = [r if protects == ["prefix"] else {"r": r, "protect": protect}
+    schedules = [r if protects == [merged.protect] else {"r": r, "protect": protect}
                  for r in ast.literal_eval(args.r) for protect in protects]
     timing = Timing(warmup=2, repeats=args.repeats, iters=args.iters, train_step=False)
     rows = benchmark_rows(baseline, merged, schedules, [args.batch], timing, device, AMP_DTYPES[args.amp])

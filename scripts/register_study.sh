@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Does protecting registers matter, and how? Train 4-register ViTs on real CIFAR-10 images, evaluate each
-# checkpoint at r = 0, 2, 4, 6, 8, (8,-1) under protect=prefix, apart and class, and compare the modes
-# sample by sample (paired bootstrap intervals, exact McNemar p-values).
+# checkpoint at r = 0, 2, 4, 6, 8, (8,-1) under protect=apart (the default), prefix and class, and at one
+# aggressive FLOP budget (a third of the unmerged GFLOPs; r chosen per mode by tome.flops, because the cap
+# lets the modes merge different counts at one r), and compare the modes sample by sample (paired
+# bootstrap intervals, exact McNemar p-values).
 #   bash scripts/register_study.sh CIFAR10_CLASS_FOLDERS [OUT_DIR] [PART]
 # CIFAR10_CLASS_FOLDERS: e.g. ../shared/data/cifar10-train (50,000 images); the last 500 of each class are
 # held out and never tuned on: every checkpoint evaluated is the final one (last.pt), not one chosen on them.
@@ -30,21 +32,30 @@ train() {  # train NAME EXPERIMENT [overrides...]: fresh, resumed, or skipped wh
     echo "$name: $((SECONDS - start)) s this invocation" >> "$OUT/train_times.txt"
 }
 
-evaluate() {  # evaluate NAME GROUP: 6 schedules x 3 protection modes on the held-out images
+BUDGET=${BUDGET:-0.33}  # the aggressive budget: this fraction of the unmerged model's GFLOPs
+
+evaluate() {  # evaluate NAME GROUP: 6 schedules x 3 protection modes, and the budget x 3 modes, held out
     local name=$1 group=$2
-    local dir="$OUT/eval/$group/$name"
-    if [ "$(find "$dir" -name results.json 2>/dev/null | wc -l)" -ge 18 ]; then echo "$name: evaluated"; return; fi
-    rm -rf "$dir"
-    "$PY" main.py -m task=eval ckpt="$OUT/train/$name/checkpoints/last.pt" dataset.root="$SPLIT" \
-        'tome.r=0,2,4,6,8,[8,-1.0]' tome.protect=prefix,apart,class runtime.device="$DEVICE" \
-        runtime.eval_batch_size=250 runtime.num_workers=1 hydra.sweep.dir="$dir"
+    local dir="$OUT/eval/$group/$name" ckpt="$OUT/train/$name/checkpoints/last.pt"
+    local common=(dataset.root="$SPLIT" runtime.device="$DEVICE" runtime.eval_batch_size=250 runtime.num_workers=1)
+    if [ "$(find "$dir/r" -name results.json 2>/dev/null | wc -l)" -lt 18 ]; then
+        rm -rf "$dir/r"
+        "$PY" main.py -m task=eval ckpt="$ckpt" 'tome.r=0,2,4,6,8,[8,-1.0]' tome.protect=apart,prefix,class \
+            "${common[@]}" hydra.sweep.dir="$dir/r"
+    fi
+    if [ "$(find "$dir/budget" -name results.json 2>/dev/null | wc -l)" -lt 3 ]; then
+        rm -rf "$dir/budget"
+        "$PY" main.py -m task=eval ckpt="$ckpt" tome.flops="$BUDGET" tome.protect=apart,prefix,class \
+            "${common[@]}" hydra.sweep.dir="$dir/budget"
+    fi
+    echo "$name: evaluated"
 }
 
-report() {  # every pair of modes: each against prefix, then apart against class
-    for baseline in prefix class; do
+report() {  # every pair of modes: each against apart (the default), then class against prefix
+    for baseline in apart prefix; do
         "$PY" scripts/sweep_report.py "$OUT/eval/$1" --paired protect --baseline "$baseline" > /dev/null
     done
-    echo "reports: $OUT/eval/$1/paired_protect_vs_prefix.md, paired_protect_vs_class.md"
+    echo "reports: $OUT/eval/$1/paired_protect_vs_apart.md, paired_protect_vs_prefix.md"
 }
 
 if [ "$PART" = short ] || [ "$PART" = all ]; then  # 5 epochs, width 128 (the first study)

@@ -90,16 +90,19 @@ def test_labels_say_what_ran(trained):
     assert [int(r["index"]) for r in rows] == list(range(64)) and set(rows[0]) >= {"target", "pred", "correct"}
 
 
-def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path):
+@pytest.mark.parametrize("protect,applied", [
+    ("prefix", [8, 4]),  # 16 patches + 5 prefix tokens: at most half of the 16 mergeable tokens, then of 8
+    ("apart", [6, 3]),  # 16 patches + 4 registers mergeable (m=20, R=4): min(10, 10 - 4); then m=14: min(7, 7 - 4)
+])
+def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path, protect, applied):
     work, run_dir, _ = trained
-    result = run_main("task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "tome.r=40", *CPU,
-                      f"hydra.run.dir={tmp_path / 'capped'}", cwd=work)
+    result = run_main("task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "tome.r=40", f"tome.protect={protect}",
+                      *CPU, f"hydra.run.dir={tmp_path / 'capped'}", cwd=work)
     warnings = [line for line in result.stdout.splitlines() if "beyond the cap" in line]
     assert len(warnings) == 1 and "tome.r=40" in warnings[0]
     record = results(tmp_path / "capped")
-    # 16 patches + 5 prefix tokens: at most half of the mergeable tokens merge per block
-    assert record["r_per_block"] == [8, 4] and record["r_requested_per_block"] == [40, 40]
-    assert record["tokens_per_block"] == [21 - 8, 21 - 8 - 4]
+    assert record["r_per_block"] == applied and record["r_requested_per_block"] == [40, 40]
+    assert record["tokens_per_block"] == [21 - applied[0], 21 - sum(applied)]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -146,3 +149,21 @@ def test_fp16_on_the_cpu_warns_that_it_is_slow():
         assert amp_dtype("fp16", torch.device("cpu")) == torch.float16
     assert amp_dtype("auto", torch.device("cpu")) is None
     assert amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_a_checkpoint_without_a_recorded_protect_keeps_prefix_and_says_so(trained, tmp_path):
+    """Releases before the protect option trained with prefix: such a checkpoint keeps it (the new default
+    is apart), and one log line says so; a recorded mode is kept as it is, without a word."""
+    work, run_dir, _ = trained
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert checkpoint["config"]["tome"]["protect"] == "apart"  # trained under today's default
+    del checkpoint["config"]["tome"]["protect"]
+    old = tmp_path / "old.pt"
+    torch.save(checkpoint, old)
+    result = run_main("task=eval", f"ckpt={old}", *CPU, f"hydra.run.dir={tmp_path / 'old'}", cwd=work)
+    assert results(tmp_path / "old")["protect"] == "prefix"
+    said = [line for line in result.stdout.splitlines() if "records no tome.protect" in line]
+    assert len(said) == 1 and "protect=prefix" in said[0]
+    result = run_main("task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", *CPU,
+                      f"hydra.run.dir={tmp_path / 'new'}", cwd=work)
+    assert results(tmp_path / "new")["protect"] == "apart" and "records no tome.protect" not in result.stdout

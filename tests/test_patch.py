@@ -71,7 +71,7 @@ def test_prop_attn_uses_sdpa_with_additive_bias_after_first_merge(monkeypatch, i
 @pytest.mark.parametrize("r", [3, 20, (8, -1.0), [30, 0, 5]])
 @pytest.mark.parametrize("variant,num_prefix", [("class", 1), ("class_reg4", 5), ("gap_reg4", 4), ("distilled", 2)])
 def test_token_count_after_each_block(variant, num_prefix, r, images):
-    model = regtome.patch.timm(make_vit(variant), r=r)
+    model = regtome.patch.timm(make_vit(variant), r=r, protect="prefix")
     outputs = []
     for block in model.blocks:
         block.norm2.register_forward_hook(lambda m, i, o: outputs.append(o.shape[1]))
@@ -86,7 +86,7 @@ def test_token_count_after_each_block(variant, num_prefix, r, images):
 # 3. protected tokens never move or grow -----------------------------------------------------------
 @pytest.mark.parametrize("variant,num_prefix", [("class_reg4", 5), ("gap_reg4", 4), ("distilled", 2)])
 def test_prefix_tokens_stay_put_in_every_block(variant, num_prefix, images):
-    model = regtome.patch.timm(make_vit(variant), trace_source=True)
+    model = regtome.patch.timm(make_vit(variant), trace_source=True, protect="prefix")
     eye = torch.eye(num_prefix + NUM_PATCHES)
     for depth in range(1, len(model.blocks) + 1):
         model.r = [40] * depth  # merging stops after `depth` blocks, so the outputs show that block
@@ -113,7 +113,7 @@ def test_protect_class_lets_registers_merge(images):
 # 4. sizes add up --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant,num_prefix", [("class_reg4", 5), ("gap_reg4", 4)])
 def test_sizes_sum_to_patch_count(variant, num_prefix, images):
-    model = regtome.patch.timm(make_vit(variant), r=(12, -0.5), trace_source=True)
+    model = regtome.patch.timm(make_vit(variant), r=(12, -0.5), trace_source=True, protect="prefix")
     with torch.no_grad():
         model(images)
     assert torch.equal(model.regtome_size[:, num_prefix:].sum(dim=1), torch.full((3, 1), float(NUM_PATCHES)))
@@ -140,7 +140,7 @@ def test_proportional_attention_matches_explicit_softmax(fused):
 
 
 def test_autocast_bf16_keeps_sizes_fp32_and_stays_close(images):
-    model = regtome.patch.timm(make_vit("gap_reg4"), r=8)
+    model = regtome.patch.timm(make_vit("gap_reg4"), r=8, protect="prefix")
     with torch.no_grad():
         reference = model(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -165,7 +165,7 @@ def test_autocast_fp16_on_cuda(images):
 # 6. pooling weighs tokens by size ----------------------------------------------------------------------
 @pytest.mark.parametrize("include_prefix", [False, True])
 def test_average_pool_is_size_weighted(include_prefix, images):
-    model = regtome.patch.timm(make_vit("gap_reg4", pool_include_prefix=include_prefix), r=20)
+    model = regtome.patch.timm(make_vit("gap_reg4", pool_include_prefix=include_prefix), r=20, protect="prefix")
     with torch.no_grad():
         features = model.forward_features(images)
         pooled = model.forward_head(features, pre_logits=True)
@@ -208,7 +208,7 @@ def test_gradient_checkpointing_gives_same_gradients(images):
 
 # 9. class and registers entering late ---------------------------------------------------------------------
 def test_late_prefix_tokens_skip_early_blocks(images):
-    model = regtome.patch.timm(make_vit("class_reg4"), r=4, class_layer=2, register_layer=1)
+    model = regtome.patch.timm(make_vit("class_reg4"), r=4, class_layer=2, register_layer=1, protect="prefix")
     seen = []
     for block in model.blocks:
         block.norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))

@@ -45,10 +45,10 @@ def test_paired_delta_counts_discordant_pairs():
     assert result.p_value == 1.0 and result.ci_low <= result.delta_top1 <= result.ci_high
 
 
-def write_run(folder, r, protect, checkpoint, correct, gflops):
+def write_run(folder, r, protect, checkpoint, correct, gflops, flops_fraction=None):
     folder.mkdir(parents=True)
     record = {"task": "eval", "dataset": "cifar10", "model": "vit", "checkpoint": checkpoint, "registers": 4,
-              "r": r, "protect": protect, "prop_attn": True, "top1": 100 * float(np.mean(correct)), "top5": 99.0,
+              "r": r, "flops_fraction": flops_fraction, "protect": protect, "prop_attn": True, "top1": 100 * float(np.mean(correct)), "top5": 99.0,
               "images_per_s": 100.0 + 10 * gflops, "gflops": gflops, "batch_size": 8, "dtype": "fp32",
               "device": "cpu", "predictions": "predictions.csv"}
     (folder / "results.json").write_text(json.dumps(record))
@@ -129,6 +129,27 @@ def test_sweep_report_script_writes_paired_report_beside_the_plain_one(sweep):
     assert "dtype" not in md[2] and "protect" in md[2]
     bad = subprocess.run(script + ["--paired", "protect", "--baseline", "none"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --baseline none: protect takes the values")
+
+
+def test_runs_at_one_flop_budget_pair_across_modes_whatever_r_each_chose(tmp_path):
+    """tome.flops picks r per protection mode (their caps differ): such runs pair by the budget, not by r."""
+    rng = np.random.default_rng(1)
+    base = rng.random(400) < 0.6
+    runs = {"prefix": ([12, -0.5], base), "apart": ([13, -1.0], np.where(rng.random(400) < 0.15, ~base, base)),
+            "class": ([12, -1.0], np.where(rng.random(400) < 0.15, ~base, base))}
+    for job, (protect, (r, correct)) in enumerate(runs.items()):
+        write_run(tmp_path / str(job), r, protect, "/runs/seed0/checkpoints/last.pt", correct, 0.06, 0.33)
+    write_run(tmp_path / "3", 8, "prefix", "/runs/seed0/checkpoints/last.pt", base, 0.1)  # no partner: unpaired
+    rows = collect(tmp_path)
+    add_paired(rows, "protect", baseline="prefix")
+    paired = {row["protect"]: row for row in rows if row.get("delta_top1") is not None}
+    assert set(paired) == {"apart", "class"} and {row["schedule"] for row in paired.values()} == {"flops=0.33"}
+    for protect, row in paired.items():
+        assert row["delta_top1"] == pytest.approx(100 * (runs[protect][1].mean() - base.mean()))
+    paths = write_report(rows, tmp_path, paired="protect", baseline="prefix")
+    table = paths["paired_md"].read_text()
+    assert "schedule flops=0.33" in table.splitlines()[0]  # said once above the table
+    assert "[13,-1.0]" in table and "[12,-1.0]" in table  # each mode's r at that budget, in its row
 
 
 def test_paired_key_that_was_not_swept_is_refused(sweep):

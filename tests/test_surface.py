@@ -7,7 +7,7 @@ from conftest import NUM_PATCHES, make_vit
 
 
 def test_options_apply_for_a_block_and_restore_on_exit_and_error(images):
-    model = regtome.patch.timm(make_vit("class_reg4"), r=2)
+    model = regtome.patch.timm(make_vit("class_reg4"), r=2, protect="prefix")
     with regtome.options(model, r=8, protect="class", prop_attn=False) as same:
         assert same is model and (model.r, model.protect, model.prop_attn) == (8, "class", False)
         model(images)
@@ -30,7 +30,7 @@ def test_options_apply_for_a_block_and_restore_on_exit_and_error(images):
 
 
 def test_last_forward_records_the_applied_r_after_the_cap(images):
-    model = regtome.patch.timm(make_vit("class_reg4"), r=40)
+    model = regtome.patch.timm(make_vit("class_reg4"), r=40, protect="prefix")
     model(images)
     record = regtome.last_forward(model)
     tokens, applied = 5 + NUM_PATCHES, []
@@ -154,3 +154,14 @@ def test_only_the_library_is_installed_and_it_has_one_version(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                          check=True).stdout.split()
     assert out[0] == out[1] and out[2:] == ["None", "None"]
+
+
+def test_the_default_protection_is_apart_everywhere():
+    """One default (regtome.DEFAULT_PROTECT), read by both patches and stated by the CLI's tome group."""
+    from omegaconf import OmegaConf
+
+    from cli_helpers import ROOT
+
+    assert regtome.DEFAULT_PROTECT == "apart" and regtome.DEFAULT_PROTECT in regtome.PROTECT_MODES
+    assert regtome.patch.timm(make_vit("class_reg4")).protect == regtome.DEFAULT_PROTECT
+    assert OmegaConf.load(ROOT / "configs" / "tome" / "default.yaml").protect == regtome.DEFAULT_PROTECT

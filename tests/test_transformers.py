@@ -125,7 +125,7 @@ def test_the_configured_attention_implementation_runs_with_the_size_bias(attn, m
 def test_prefix_tokens_never_merge_and_each_slot_is_its_holders_features(name):
     """Brute force on the full grid: slot n of last_hidden_state is the final norm of the token holding n."""
     _, _, num_class, num_register = MODELS[name]
-    model = regtome.patch.transformers(build(name), r=6, trace_source=True)
+    model = regtome.patch.transformers(build(name), r=6, trace_source=True, protect="prefix")
     x = images()
     with torch.no_grad():
         out = model(x)
@@ -236,7 +236,7 @@ def test_options_record_and_removal_through_a_classification_model():
         with torch.no_grad():
             model(images())
         assert regtome.last_forward(model).r == (8, 8, 8) and model.vit.protect == "class"
-    assert model.r == 4 and model.vit.protect == "prefix"
+    assert model.r == 4 and model.vit.protect == regtome.DEFAULT_PROTECT == "apart"
     model.r = (6, -1.0)
     assert model.vit.r == (6, -1.0)
     assert regtome.vit_flops(model, (3, 32, 32)) < regtome.schedule_gflops(model, 0, (3, 32, 32))

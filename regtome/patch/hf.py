@@ -29,7 +29,7 @@ from transformers.models.vit.modeling_vit import ViTModel
 
 from ..forward import run_blocks
 from ..hf_blocks import ATTENTION_IMPLEMENTATIONS, LAYERS, hf_layer_forward
-from ..layout import PrefixLayout, prefix_schedule
+from ..layout import DEFAULT_PROTECT, PrefixLayout, prefix_schedule
 from ..record import ForwardRecord
 from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
@@ -234,7 +234,7 @@ def transformers(
     r: RSchedule = 0,
     prop_attn: bool = True,
     trace_source: bool = False,
-    protect: str = "prefix",
+    protect: str = DEFAULT_PROTECT,
     class_layer: int = 0,
     register_layer: int = 0,
 ) -> nn.Module:

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..blocks import BLOCK_FORWARDS, block_attentions, merging_block_forward
 from ..forward import run_blocks
-from ..layout import prefix_layout, prefix_schedule
+from ..layout import DEFAULT_PROTECT, prefix_layout, prefix_schedule
 from ..pooling import attention_pool_bias, kinds_scattered, leading_unpooled, pooled, size_weighted_pool
 from ..record import ForwardRecord
 from ..rope import rope_table
@@ -240,7 +240,7 @@ def timm(
     r: RSchedule = 0,
     prop_attn: bool = True,
     trace_source: bool = False,
-    protect: str = "prefix",
+    protect: str = DEFAULT_PROTECT,
     class_layer: int = 0,
     register_layer: int = 0,
 ) -> VisionTransformer:
@@ -253,9 +253,10 @@ def timm(
             Change it any time through ``model.r``.
         prop_attn: proportional attention (log(size) added to the attention logits).
         trace_source: keep ``model.regtome_source`` (B, T, N) for visualisation.
-        protect: ``"prefix"`` never merges class, distillation or register tokens; ``"apart"``
-            never merges class tokens and lets registers merge only with registers, patches only
-            with patches; ``"class"`` protects only class and distillation tokens (ToMe's behaviour).
+        protect: ``"apart"`` (the default) never merges class tokens and lets registers merge
+            only with registers, patches only with patches; ``"prefix"`` never merges class,
+            distillation or register tokens; ``"class"`` protects only class and distillation
+            tokens (ToMe's behaviour, for ablations).
         class_layer: block at which the class (and distillation) token enters the network.
         register_layer: block at which the register tokens enter the network.
     """
