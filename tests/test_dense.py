@@ -35,7 +35,7 @@ def test_forward_intermediates_merged_has_timms_shapes(kwargs, images):
 
 def test_unmerged_features_against_a_brute_force_reference(images):
     """Each patch carries the features of the output token whose source holds it: checked by a loop."""
-    model = regtome.patch.timm(make_vit("class_reg4"), r=12, trace_source=True)
+    model = regtome.patch.timm(make_vit("class_reg4"), r=12, trace_source=True, protect="prefix")
     final, (last,) = model.forward_intermediates(images, indices=[3], output_fmt="NLC", norm=True)
     merged = model.forward_features(images)  # the same merged computation, in merged form
     source = regtome.last_forward(model).source
@@ -61,14 +61,50 @@ def test_forward_is_unchanged_by_forward_intermediates(images):
     torch.testing.assert_close(model(images), before, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["class_reg4", "gap_reg4", "distilled"])
+def tokens_seen_by_the_forward(model, images) -> tuple[list[int], list[int]]:
+    """Tokens entering each block's attention and its MLP, read by hooks during a real forward pass."""
+    attn, mlp = [], []
+    hooks = [h for block in model.blocks for h in (
+        block.norm1.register_forward_hook(lambda m, i, o: attn.append(o.shape[1])),
+        block.mlp.register_forward_hook(lambda m, i, o: mlp.append(i[0].shape[1])))]
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return attn, mlp
+
+
+def tiny_gflops_by_hand(attn_tokens: list[int], mlp_tokens: list[int], width: int = 64) -> float:
+    """The tiny ViT of conftest counted by hand: patch embedding (64 patches of 3x4x4), per block 4 C^2
+    per attended token (qkv, proj), 8 C^2 per MLP token, 2 T^2 C for the attention matmuls; the head."""
+    blocks = sum(4 * width**2 * a + 8 * width**2 * m + 2 * a * a * width for a, m in zip(attn_tokens, mlp_tokens))
+    return (NUM_PATCHES * 3 * 4 * 4 * width + blocks + width * 10) / 1e9
+
+
+@pytest.mark.parametrize("variant", ["class_reg4", "gap_reg4"])
 @pytest.mark.parametrize("r", [0, 3, 40, (6, -1.0), (4, 0.5), [9, 0, 4, 1]])
-def test_simulated_token_counts_match_the_model(variant, r, images):
-    model = regtome.patch.timm(make_vit(variant), r=r, protect="class")
-    model(images[:1])
-    attn, mlp = simulate_tokens(model, r, (3, 32, 32))
-    assert tuple(mlp) == regtome.last_forward(model).tokens
-    assert regtome.schedule_gflops(model, r, (3, 32, 32)) == pytest.approx(regtome.vit_flops(model, (3, 32, 32)))
+@pytest.mark.parametrize("protect", ["prefix", "class", "apart"])
+def test_flop_count_matches_the_tokens_the_forward_sees(variant, r, protect, images):
+    """simulate_tokens and vit_flops against token counts read inside a real forward and FLOPs by hand."""
+    model = regtome.patch.timm(make_vit(variant), r=r, protect=protect)
+    attn, mlp = tokens_seen_by_the_forward(model, images)
+    assert simulate_tokens(model, r, (3, 32, 32)) == (attn, mlp)
+    assert regtome.vit_flops(model, (3, 32, 32)) == pytest.approx(tiny_gflops_by_hand(attn, mlp), rel=1e-12)
+
+
+@pytest.mark.parametrize("class_layer,register_layer", [(2, 1), (1, 3), (0, 2), (3, 0)])
+@pytest.mark.parametrize("protect", ["prefix", "class", "apart"])
+@pytest.mark.parametrize("r", [6, (10, -1.0)])
+def test_flop_count_follows_late_prefix_tokens(class_layer, register_layer, protect, r, images):
+    """class_layer / register_layer above 0: the FLOP count sees the tokens join where the forward does."""
+    model = regtome.patch.timm(make_vit("class_reg4"), r=r, protect=protect, class_layer=class_layer,
+                               register_layer=register_layer)
+    attn, mlp = tokens_seen_by_the_forward(model, images)
+    assert attn[0] == NUM_PATCHES + (class_layer == 0) + 4 * (register_layer == 0)  # only what has entered
+    assert simulate_tokens(model, r, (3, 32, 32)) == (attn, mlp)
+    assert regtome.vit_flops(model, (3, 32, 32)) == pytest.approx(tiny_gflops_by_hand(attn, mlp), rel=1e-12)
 
 
 @pytest.fixture(scope="module")
