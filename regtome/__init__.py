@@ -5,35 +5,56 @@ keeps register tokens out of patch tokens.
     model = timm.create_model("vit_small_patch16_224", reg_tokens=4)
     regtome.patch.timm(model, r=16)
 
-Where each concern lives: `layout` (token kinds, protection modes, the per-block prefix rule),
-`schedule` (r per block and the cap), `merge` (the matching), `tokens` (what travels with the
-sequence), `blocks` / `attention` / `rope` (timm's blocks with a merge inside), `forward` (the
-merging loop), `pooling`, `record` (what a pass did), `checks` (option checks), `patch/` (the
-patches and `options`/`last_forward`/`trace`/`remove_patch`), `prefix` (prefix-token attention
+Where each concern lives: `kinds` and `layout` (token kinds, the prefix, the per-block prefix rule),
+`protection` (what each protection mode means), `schedule` (r per block and the cap), `merge` (the
+matching), `tokens` (what travels with the sequence), `blocks` / `hf_blocks` / `attention` / `rope`
+(the blocks with a merge inside), `forward` (the merging loop), `pooling`, `record` (what a pass
+did), `checks` (option checks), `patch/` (`base`: the patched-model contract; `timm`, `hf`: the two
+sources; `api`: options, last_forward, trace, dense features), `prefix` (prefix-token attention
 maps), `flops` / `budget` (analytic FLOPs, r from a FLOP budget).
 """
+
 from . import patch
 from .budget import r_for_flops, schedule_gflops
 from .flops import vit_flops
-from .layout import CLASS, DEFAULT_PROTECT, PATCH, PROTECT_MODES, REGISTER, PrefixLayout, prefix_layout
+from .kinds import CLASS, PATCH, REGISTER
+from .layout import PrefixLayout
 from .merge import bipartite_soft_matching, merge_source, merge_wavg
-from .patch.common import last_forward, options, remove_patch, trace
+from .patch.api import (
+    dense_features,
+    forward_with_token_map,
+    input_size,
+    last_forward,
+    options,
+    patch_grid,
+    prefix_layout,
+    trace,
+)
+from .patch.base import is_patched, remove_patch
 from .prefix import prefix_attention
+from .protection import DEFAULT_PROTECT, PROTECT_MODES, Protection, protection
 from .record import BlockTrace, ForwardRecord
 from .schedule import capped_r, parse_r, r_from_config
 
 __all__ = [
     "patch",
     "remove_patch",
+    "is_patched",
     "options",
     "last_forward",
     "trace",
+    "dense_features",
+    "forward_with_token_map",
+    "input_size",
+    "patch_grid",
     "ForwardRecord",
     "BlockTrace",
     "PrefixLayout",
     "prefix_layout",
     "PROTECT_MODES",
     "DEFAULT_PROTECT",
+    "Protection",
+    "protection",
     "PATCH",
     "REGISTER",
     "CLASS",
@@ -48,4 +69,4 @@ __all__ = [
     "r_for_flops",
     "schedule_gflops",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"

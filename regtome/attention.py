@@ -11,6 +11,7 @@ log(size) bias on the logits so that a token standing for s patches counts s tim
 Other attention modules (timm's DiffAttention, the parallel blocks) are run as timm wrote them,
 with the bias passed as their `attn_mask`; `call_observing_keys` reads their keys on the way.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -19,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+from .rope import rotate
 
 
 def size_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -57,8 +59,9 @@ def project_rope_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _attend(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v, through SDPA when timm uses it (the same call timm makes)."""
     if attn.fused_attn:
         return F.scaled_dot_product_attention(
@@ -99,8 +102,9 @@ def attention_with_keys(
     return out, k.mean(dim=1) if return_keys else None
 
 
-def rotary_qkv(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def rotary_qkv(
+    attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q and k rotated, k and v repeated to every query head (grouped-query attention), and the keys
     before the rotation averaged over heads (B, T, head_dim), of timm's `EvaAttention` / `AttentionRope`.
 
@@ -111,8 +115,7 @@ def rotary_qkv(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]
     keys = k.mean(dim=1)
     if rope is not None:
         half = getattr(attn, "rotate_half", False)
-        q = apply_rot_embed_cat(q, rope, half=half).type_as(v)
-        k = apply_rot_embed_cat(k, rope, half=half).type_as(v)
+        q, k = rotate(q, rope, half).type_as(v), rotate(k, rope, half).type_as(v)
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -138,8 +141,9 @@ def rope_attention_with_keys(
     return _output(attn, _attend(attn, q, k, v, bias), gate), keys if return_keys else None
 
 
-def call_observing_keys(module: nn.Module, k_norm: nn.Module, head_dim: int, *args: Any,
-                        **kwargs: Any) -> tuple[Any, torch.Tensor]:
+def call_observing_keys(
+    module: nn.Module, k_norm: nn.Module, head_dim: int, *args: Any, **kwargs: Any
+) -> tuple[Any, torch.Tensor]:
     """Call a timm module unchanged and return its output and the keys it computed, averaged over heads.
 
     The keys are read at the output of its `k_norm` (an `nn.Identity` when QK-norm is off), the last

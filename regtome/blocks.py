@@ -12,6 +12,7 @@ Proportional attention is a log(size) bias on the logits: through RegToMe's mirr
 attention (`regtome.attention`) for `Attention` and Eva's rotary attention, and through timm's own
 `attn_mask` argument for the others.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -39,8 +40,9 @@ def _bias(tokens: Tokens, prop_attn: bool) -> Optional[torch.Tensor]:
     return size_bias(tokens.size, tokens.x.dtype) if prop_attn else None
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, tokens: Tokens, prop_attn: bool,
-               want_keys: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _attention(
+    attn: nn.Module, x: torch.Tensor, tokens: Tokens, prop_attn: bool, want_keys: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Any timm self-attention module of a sequential block: output and keys (B, T, head_dim)."""
     size = tokens.size if prop_attn else None
     if type(attn) is Attention:
@@ -49,24 +51,37 @@ def _attention(attn: nn.Module, x: torch.Tensor, tokens: Tokens, prop_attn: bool
     return call_observing_keys(attn, attn.k_norm, 1, x, attn_mask=_bias(tokens, prop_attn))
 
 
-def block_forward(block: Block, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool,
-                  rope: Optional[torch.Tensor] = None) -> Tokens:
+def block_forward(
+    block: Block, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool, rope: Optional[torch.Tensor] = None
+) -> Tokens:
     attn_out, keys = _attention(block.attn, block.norm1(tokens.x), tokens, prop_attn, r > 0)
     tokens = tokens._replace(x=tokens.x + block.drop_path1(block.ls1(attn_out)))
     tokens = merge_tokens(tokens, keys, r, prefix)
     return tokens._replace(x=tokens.x + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens.x)))))
 
 
-def res_post_block_forward(block: ResPostBlock, tokens: Tokens, r: int, prefix: BlockPrefix,
-                           prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
+def res_post_block_forward(
+    block: ResPostBlock,
+    tokens: Tokens,
+    r: int,
+    prefix: BlockPrefix,
+    prop_attn: bool,
+    rope: Optional[torch.Tensor] = None,
+) -> Tokens:
     attn_out, keys = _attention(block.attn, tokens.x, tokens, prop_attn, r > 0)
     tokens = tokens._replace(x=tokens.x + block.drop_path1(block.norm1(attn_out)))
     tokens = merge_tokens(tokens, keys, r, prefix)
     return tokens._replace(x=tokens.x + block.drop_path2(block.norm2(block.mlp(tokens.x))))
 
 
-def parallel_things_block_forward(block: ParallelThingsBlock, tokens: Tokens, r: int, prefix: BlockPrefix,
-                                  prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
+def parallel_things_block_forward(
+    block: ParallelThingsBlock,
+    tokens: Tokens,
+    r: int,
+    prefix: BlockPrefix,
+    prop_attn: bool,
+    rope: Optional[torch.Tensor] = None,
+) -> Tokens:
     """Parallel attentions, then parallel MLPs; the metric is the keys averaged over the attentions."""
     outputs = [_attention(branch.attn, branch.norm(tokens.x), tokens, prop_attn, r > 0) for branch in block.attns]
     update = torch.stack([branch.drop_path(branch.ls(out)) for branch, (out, _) in zip(block.attns, outputs)])
@@ -76,8 +91,9 @@ def parallel_things_block_forward(block: ParallelThingsBlock, tokens: Tokens, r:
     return tokens._replace(x=tokens.x + torch.stack([ffn(tokens.x) for ffn in block.ffns]).sum(dim=0))
 
 
-def parallel_scaling_block_forward(block: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix,
-                                   prop_attn: bool, rope: Optional[torch.Tensor] = None) -> Tokens:
+def parallel_scaling_block_forward(
+    block: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool, rope: Optional[torch.Tensor] = None
+) -> Tokens:
     """timm's fused parallel block as it is, then the merge (keys read inside it)."""
     # ParallelScalingBlock applies k_norm to (B, T, heads, head_dim), the differential one to (B, heads, T, d).
     head_dim = 2 if isinstance(block, ParallelScalingBlock) else 1
@@ -85,14 +101,16 @@ def parallel_scaling_block_forward(block: nn.Module, tokens: Tokens, r: int, pre
     return merge_tokens(tokens._replace(x=x), keys, r, prefix)
 
 
-def eva_block_forward(block: EvaBlock, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool,
-                      rope: Optional[torch.Tensor] = None) -> Tokens:
+def eva_block_forward(
+    block: EvaBlock, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool, rope: Optional[torch.Tensor] = None
+) -> Tokens:
     """`rope`: the block's rotary table (`regtome.rope.rope_table`), None for Eva models without RoPE."""
     post_norm = isinstance(block, EvaBlockPostNorm)
     rope_rows = None if rope is None else rope_for_tokens(rope, tokens.position)
     attn_in = tokens.x if post_norm else block.norm1(tokens.x)
-    attn_out, keys = rope_attention_with_keys(block.attn, attn_in, rope_rows, tokens.size if prop_attn else None,
-                                              return_keys=r > 0)
+    attn_out, keys = rope_attention_with_keys(
+        block.attn, attn_in, rope_rows, tokens.size if prop_attn else None, return_keys=r > 0
+    )
     if post_norm:
         attn_out = block.norm1(attn_out)
     elif block.gamma_1 is not None:
@@ -128,8 +146,9 @@ def block_attentions(block: nn.Module) -> list[nn.Module]:
     return [next((getattr(block, n) for n in ("attn", "attention", "self_attn") if hasattr(block, n)), block)]
 
 
-def merging_block_forward(block: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool,
-                          rope: Optional[torch.Tensor] = None) -> Tokens:
+def merging_block_forward(
+    block: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool, rope: Optional[torch.Tensor] = None
+) -> Tokens:
     """Run `block` on `tokens` with up to r merges (`rope`: the rotary table of Eva models, else None).
 
     The caller passes prop_attn=False while every size is still 1, so that attention then runs

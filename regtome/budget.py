@@ -1,4 +1,6 @@
-"""Choose r from a FLOP budget: the schedule whose analytic GFLOPs come closest to a fraction of the unmerged model's."""
+"""Choose r from a FLOP budget: the schedule whose analytic GFLOPs come closest to a fraction of the unmerged
+model's."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -6,6 +8,7 @@ from typing import Optional
 import torch.nn as nn
 
 from .flops import grid_tokens, simulate_tokens, token_flops
+from .patch.api import model_parts
 from .schedule import RSchedule
 
 # The schedules searched: ToMe's (r, inflection) family. Inflection 0 is a constant r in every block,
@@ -30,13 +33,15 @@ def r_for_flops(model: nn.Module, fraction: float, input_size: Optional[tuple[in
     if not 0 < fraction <= 1:
         raise ValueError(f"the FLOP fraction must be in (0, 1], got {fraction}")
     if input_size is None:
-        input_size = getattr(model, "regtome_input_size", None) or (3, *model.patch_embed.img_size)
+        input_size = model_parts(model).input_size
     budget = fraction * schedule_gflops(model, 0, input_size)
     largest = grid_tokens(model, input_size)  # no block can merge more tokens than there are patches
     best: Optional[tuple[float, RSchedule]] = None
     for inflection in INFLECTIONS:
-        def schedule(r: int) -> RSchedule:
+
+        def schedule(r: int, inflection: float = inflection) -> RSchedule:
             return r if inflection == 0 else (r, inflection)
+
         if schedule_gflops(model, schedule(largest), input_size) > budget:
             continue  # this family cannot reach the budget
         low, high = 0, largest  # invariant: schedule(high) fits, schedule(low - 1) does not
@@ -51,6 +56,8 @@ def r_for_flops(model: nn.Module, fraction: float, input_size: Optional[tuple[in
             best = (gap, schedule(high))
     if best is None:
         lowest = min(schedule_gflops(model, largest if i == 0 else (largest, i), input_size) for i in INFLECTIONS)
-        raise ValueError(f"a FLOP fraction of {fraction} is below what merging reaches on this model "
-                         f"({lowest / schedule_gflops(model, 0, input_size):.2f} at most merging)")
+        raise ValueError(
+            f"a FLOP fraction of {fraction} is below what merging reaches on this model "
+            f"({lowest / schedule_gflops(model, 0, input_size):.2f} at most merging)"
+        )
     return best[1]

@@ -1,22 +1,25 @@
 """Checks of the patch options: every value is validated before a forward pass uses it."""
+
 from __future__ import annotations
+
+from typing import Any
 
 import torch.nn as nn
 
-from .layout import PROTECT_MODES, PrefixLayout
+from .layout import PrefixLayout
+from .protection import protection
 from .schedule import parse_r
 
 OPTIONS = ("r", "prop_attn", "trace_source", "protect", "class_layer", "register_layer")
 
 
-def check_options(options: dict, layout: PrefixLayout, depth: int) -> list[int]:
+def check_options(options: dict[str, Any], layout: PrefixLayout, depth: int) -> list[int]:
     """Validate the patch options (they may change between calls); return the per-block r.
 
     Raises ValueError naming the option and what it must be.
     """
     r_per_block = parse_r(depth, options["r"])
-    if options["protect"] not in PROTECT_MODES:
-        raise ValueError(f"protect must be one of {PROTECT_MODES}, got {options['protect']!r}")
+    protection(options["protect"])
     for name in ("prop_attn", "trace_source"):
         if not isinstance(options[name], bool):
             raise ValueError(f"{name} must be True or False, got {options[name]!r}")
@@ -32,6 +35,6 @@ def check_options(options: dict, layout: PrefixLayout, depth: int) -> list[int]:
     return r_per_block
 
 
-def model_options(model: nn.Module) -> dict:
+def model_options(model: nn.Module) -> dict[str, Any]:
     """The patch options as they are set on `model` now."""
     return {name: getattr(model, name) for name in OPTIONS}

@@ -9,6 +9,7 @@ Token counts come from `simulate_tokens`, which follows the patched forward (tes
 model's own record): in sequential blocks the MLP sees the merged tokens; in parallel blocks
 (`regtome.blocks.MERGES_AFTER_BLOCK`) the whole block sees the tokens it received.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -16,19 +17,15 @@ from timm.layers.diff_attention import DiffAttention
 from timm.models.vision_transformer import DiffParallelScalingBlock
 
 from .blocks import MERGES_AFTER_BLOCK, block_attentions
-from .layout import DEFAULT_PROTECT, prefix_layout, prefix_schedule
+from .layout import prefix_schedule
+from .patch.api import current_options, model_parts
+from .protection import protection
 from .schedule import RSchedule, capped_r, parse_r
-
-
-def patch_conv(model: nn.Module) -> nn.Conv2d:
-    """The convolution that cuts the image into patches (timm's, or a transformers model's via its patch)."""
-    conv = getattr(model, "regtome_patch_conv", None)
-    return conv if conv is not None else model.patch_embed.proj
 
 
 def grid_tokens(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """Patch tokens of an input of `input_size` (C, H, W)."""
-    proj = patch_conv(model)
+    proj = model_parts(model).patch_conv
     return (input_size[1] // proj.stride[0]) * (input_size[2] // proj.stride[1])
 
 
@@ -39,13 +36,15 @@ def simulate_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, 
     `regtome.schedule.capped_r`): prefix groups join at class_layer / register_layer, the protected
     tokens never merge, and parallel blocks merge after the block.
     """
-    layout = prefix_layout(model)
-    depth = len(model.blocks)
-    prefixes = prefix_schedule(layout, getattr(model, "protect", DEFAULT_PROTECT), getattr(model, "class_layer", 0),
-                               getattr(model, "register_layer", 0), depth)
+    parts, options = model_parts(model), current_options(model)
+    depth = len(parts.blocks)
+    layout = parts.layout
+    prefixes = prefix_schedule(
+        layout, protection(options["protect"]), options["class_layer"], options["register_layer"], depth
+    )
     tokens = grid_tokens(model, input_size)
     attn_tokens, mlp_tokens = [], []
-    for block, r_i, prefix in zip(model.blocks, parse_r(depth, r), prefixes):
+    for block, r_i, prefix in zip(parts.blocks, parse_r(depth, r), prefixes):
         tokens += layout.num_class * prefix.class_enters + layout.num_register * prefix.registers_enter
         attn_tokens.append(tokens)
         merged = tokens - capped_r(r_i, tokens, prefix.num_protected, prefix.num_register if prefix.apart else None)
@@ -74,16 +73,23 @@ def block_macs(block: nn.Module, attn_tokens: int, mlp_tokens: int) -> int:
     """Multiply-accumulates of one block whose attention sees `attn_tokens` and MLP `mlp_tokens` tokens."""
     mlps = list(block.ffns) if hasattr(block, "ffns") else [getattr(block, "mlp", None)]
     mlp = sum(_linear_macs(m) for m in mlps if m is not None)
-    return ((_linear_macs(block) - mlp) * attn_tokens + mlp * mlp_tokens
-            + _attention_matmul_macs(block, attn_tokens))
+    return (_linear_macs(block) - mlp) * attn_tokens + mlp * mlp_tokens + _attention_matmul_macs(block, attn_tokens)
 
 
-def token_flops(model: nn.Module, attn_tokens: list[int], mlp_tokens: list[int],
-                input_size: tuple[int, int, int]) -> float:
+def token_flops(
+    model: nn.Module, attn_tokens: list[int], mlp_tokens: list[int], input_size: tuple[int, int, int]
+) -> float:
     """GFLOPs per image when block i attends over attn_tokens[i] tokens and its MLP sees mlp_tokens[i]."""
-    patch = patch_conv(model)
-    flops = grid_tokens(model, input_size) * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * patch.out_channels
-    for block, t_attn, t_mlp in zip(model.blocks, attn_tokens, mlp_tokens):
+    parts = model_parts(model)
+    patch = parts.patch_conv
+    flops = (
+        grid_tokens(model, input_size)
+        * patch.in_channels
+        * patch.kernel_size[0]
+        * patch.kernel_size[1]
+        * patch.out_channels
+    )
+    for block, t_attn, t_mlp in zip(parts.blocks, attn_tokens, mlp_tokens):
         flops += block_macs(block, t_attn, t_mlp)
     pool = getattr(model, "attn_pool", None)  # timm's attention pool (a transformers head is not counted)
     if pool is not None:  # latent queries over the final tokens: keys/values of every token, the rest per query
@@ -98,4 +104,4 @@ def token_flops(model: nn.Module, attn_tokens: list[int], mlp_tokens: list[int],
 
 def vit_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
     """GFLOPs (multiply-accumulates) per image of `model` at its current r (0 for an unpatched model)."""
-    return token_flops(model, *simulate_tokens(model, getattr(model, "r", 0), input_size), input_size)
+    return token_flops(model, *simulate_tokens(model, current_options(model)["r"], input_size), input_size)

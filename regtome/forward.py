@@ -1,10 +1,11 @@
 """The merging forward shared by every patched model: run the blocks, merge inside each, record it.
 
-The caller (timm's or transformers' patch) embeds the image into the model's full sequence
+The patched model (`regtome.patch.base.PatchedModel`) embeds the image into the model's full sequence
 ``[class tokens | registers | patches]`` and hands over its blocks and a per-block forward
 (`regtome.blocks`, `regtome.hf_blocks`). Prefix groups join at the block `regtome.layout.prefix_schedule`
 says; per-pass state (sizes, kinds, sources, positions, owners) travels in `regtome.tokens.Tokens`.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -13,7 +14,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .layout import CLASS, REGISTER, BlockPrefix, PrefixLayout
+from .kinds import CLASS, REGISTER
+from .layout import BlockPrefix, PrefixLayout
+from .protection import Protection
 from .record import BlockTrace, ForwardRecord
 from .tokens import Tokens, insert_prefix, patch_tokens
 
@@ -23,16 +26,17 @@ BlockForward = Callable[[nn.Module, Tokens, int, BlockPrefix, bool, Optional[tor
 
 def run_blocks(
     x: torch.Tensor,
+    *,
     blocks: Sequence[nn.Module],
     block_forward: BlockForward,
     prefixes: Sequence[BlockPrefix],
     r_per_block: Sequence[int],
     layout: PrefixLayout,
-    protect: str,
+    protection: Protection,
     prop_attn: bool,
     trace_source: bool = False,
     ropes: Optional[Sequence[Optional[torch.Tensor]]] = None,
-    keep: frozenset = frozenset(),
+    keep: frozenset[int] = frozenset(),
     track_owner: bool = False,
     grad_checkpointing: bool = False,
 ) -> tuple[Tokens, ForwardRecord, dict[int, Tokens]]:
@@ -61,16 +65,22 @@ def run_blocks(
         merged_any = merged_any or tokens.x.shape[1] < before
         counts.append(tokens.x.shape[1])
         applied.append(before - tokens.x.shape[1])
-        if protect != "class":
+        if not protection.registers_reach_patches:
             registers_left.append((tokens.kind == REGISTER).sum(dim=1))
         if i in keep:
             kept[i] = tokens
     record = ForwardRecord(
-        size=tokens.size, source=tokens.source, kind=tokens.kind, tokens=tuple(counts), r=tuple(applied),
-        r_requested=tuple(r_per_block[:len(counts)]),
+        size=tokens.size,
+        source=tokens.source,
+        kind=tokens.kind,
+        tokens=tuple(counts),
+        r=tuple(applied),
+        r_requested=tuple(r_per_block[: len(counts)]),
         register_tokens=torch.stack(registers_left, dim=1) if registers_left else None,
-        layout=layout, protect=protect, num_protected=prefixes[len(counts) - 1].num_protected,
-        blocks={i: BlockTrace(t.x, t.size, t.kind, t.source, t.position) for i, t in kept.items()} if trace_source else {},
+        layout=layout,
+        protect=protection.name,
+        num_protected=prefixes[len(counts) - 1].num_protected,
+        blocks={i: BlockTrace(t.x, t.size, t.kind, t.source, t.position, t.owner) for i, t in kept.items()},
         owner=tokens.owner,
     )
     return tokens, record, kept

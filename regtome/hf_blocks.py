@@ -8,6 +8,7 @@ modeling file's own eager function), with proportional attention as the additive
 (log(size) on every key, before the softmax). The merge sits between the attention and the MLP, with
 the keys (before any rotation) averaged over heads as the metric, as for timm.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,6 +26,7 @@ from transformers.models.vit.modeling_vit import ViTLayer
 
 from .attention import size_bias
 from .layout import BlockPrefix
+from .rope import rope_for_tokens, rotate
 from .tokens import Tokens, merge_tokens
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -57,25 +59,20 @@ def _step(layer: nn.Module, name: Optional[str]) -> nn.Module:
     return nn.Identity() if name is None else getattr(layer, name)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def hf_attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor], rope: Optional[torch.Tensor],
-                 return_keys: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def hf_attention(
+    attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor], rope: Optional[torch.Tensor], return_keys: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """transformers' attention module on x (B, T, C): output and keys averaged over heads (B, T, head_dim).
 
-    rope: (B, 1, T, 2 * head_dim) cos and sin rows per token (DINOv3), identity rows for prefix tokens."""
+    rope: (B, 1, T, 2 * head_dim) rotary rows per token (DINOv3; `regtome.rope`), identity rows for prefix tokens."""
     batch, tokens, _ = x.shape
     shape = (batch, tokens, -1, attn.head_dim)
     q = attn.q_proj(x).view(shape).transpose(1, 2)
     k = attn.k_proj(x).view(shape).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
     keys = k.mean(dim=1) if return_keys else None
-    if rope is not None:
-        cos, sin = rope.chunk(2, dim=-1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    if rope is not None:  # transformers rotates the two halves of each head
+        q, k = rotate(q, rope, half=True), rotate(k, rope, half=True)
     eager = sys.modules[type(attn).__module__].eager_attention_forward  # the modeling file's own
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
     dropout = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0))
@@ -85,15 +82,16 @@ def hf_attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor],
     return output(out.reshape(batch, tokens, -1).contiguous()), keys
 
 
-def hf_layer_forward(layer: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool,
-                     rope: Optional[torch.Tensor] = None) -> Tokens:
+def hf_layer_forward(
+    layer: nn.Module, tokens: Tokens, r: int, prefix: BlockPrefix, prop_attn: bool, rope: Optional[torch.Tensor] = None
+) -> Tokens:
     """One transformers layer with up to r merges between its attention and its MLP."""
     names = LAYERS[type(layer)]
     bias = size_bias(tokens.size, tokens.x.dtype) if prop_attn else None
-    rows = None if rope is None else rope.index_select(0, tokens.position.reshape(-1)).view(
-        *tokens.position.shape, -1)[:, None]
-    attn_out, keys = hf_attention(getattr(layer, names.attention), getattr(layer, names.norm1)(tokens.x), bias, rows,
-                                  return_keys=r > 0)
+    rows = None if rope is None else rope_for_tokens(rope, tokens.position)
+    attn_out, keys = hf_attention(
+        getattr(layer, names.attention), getattr(layer, names.norm1)(tokens.x), bias, rows, return_keys=r > 0
+    )
     drop = _step(layer, names.drop)
     tokens = tokens._replace(x=tokens.x + drop(_step(layer, names.scale1)(attn_out)))
     tokens = merge_tokens(tokens, keys, r, prefix)

@@ -8,6 +8,7 @@ With `kind` (protect="apart"), a token may merge only with a token of its own ki
 kinds get a similarity of -inf, and the cap (`regtome.schedule.capped_r`) leaves enough same-kind
 pairs in every image, so the r best pairs are all same-kind.
 """
+
 from __future__ import annotations
 
 import warnings

@@ -1,4 +1,5 @@
 """What the prefix tokens (class, distillation, registers / storage tokens) attend to."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -11,45 +12,46 @@ from timm.models.vision_transformer import Block
 
 from .attention import project_qkv, rotary_qkv
 from .layout import prefix_names
-from .patch.common import options, trace
-from .patch.timm import embed
+from .patch.api import options, trace
+from .patch.base import require_patched
 from .rope import initial_positions, rope_for_tokens
 
 
-def _queries_and_keys(model: nn.Module, block: int, x: torch.Tensor, images: torch.Tensor,
-                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _queries_and_keys(
+    model: nn.Module, block: int, x: torch.Tensor, images: torch.Tensor, positions: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (B, heads, T, head_dim) queries and keys that block `block` computes from its attention input `x`
-    (`positions`: each token's rotary table row, 0 for the prefix)."""
-    attn = model.blocks[block].attn
+    (`positions`: each token's rotary table row, 0 for the prefix; RoPE models carry them)."""
+    attn = model.regtome_blocks()[block].attn
     if type(attn) is Attention:
         q, k, _ = project_qkv(attn, x)
         return q, k
-    rope = None
-    _, table = embed(model, images)
-    if table is not None:
-        if getattr(model, "rope_mixed", False):  # one table per block
-            table = table[block]
-        rope = rope_for_tokens(table, positions)
+    ropes = model.regtome_embed(images, block + 1).ropes
+    rope = None if ropes is None or positions is None else rope_for_tokens(ropes[block], positions)
     q, k, _, _ = rotary_qkv(attn, x, rope)
     return q, k
 
 
 def _check_block(model: nn.Module, block: int) -> int:
-    depth = len(model.blocks)
+    require_patched(model, "regtome.prefix_attention")
+    depth = model.regtome_num_blocks
     if not -depth <= block < depth:
         raise ValueError(f"block must be in [{-depth}, {depth - 1}], got {block}")
     block = block % depth
-    target = model.blocks[block]
+    target = model.regtome_blocks()[block]
     attn = getattr(target, "attn", None)
     if type(target) not in (Block, EvaBlock) or type(attn) is not Attention and not hasattr(attn, "rotate_half"):
-        raise TypeError(f"prefix_attention supports pre-norm blocks with timm's Attention or Eva's rotary attention, "
-                        f"not {type(target).__name__} with {type(attn).__name__}")
+        raise TypeError(
+            f"prefix_attention supports pre-norm blocks with timm's Attention or Eva's rotary attention, "
+            f"not {type(target).__name__} with {type(attn).__name__}"
+        )
     return block
 
 
 @torch.no_grad()
-def prefix_attention(model: nn.Module, images: torch.Tensor, block: int,
-                     merged: bool = False) -> tuple[torch.Tensor, list[str]]:
+def prefix_attention(
+    model: nn.Module, images: torch.Tensor, block: int, merged: bool = False
+) -> tuple[torch.Tensor, list[str]]:
     """What each prefix token (class, distillation, registers) attends to among the patches at `block`.
 
     Returns the softmax attention of the P prefix tokens present at `block` over the N patches,
@@ -64,10 +66,10 @@ def prefix_attention(model: nn.Module, images: torch.Tensor, block: int,
     image (``"registers 1+3"``): call it with one image to read the grouping.
     """
     block = _check_block(model, block)
-    target = model.blocks[block]
+    target = model.regtome_blocks()[block]
     if merged and block > 0:
         return _merged_prefix_attention(model, images, block)
-    captured: dict[str, Optional[torch.Tensor]] = {}
+    captured: dict[str, torch.Tensor] = {}
     # The attention's input is norm1's output (RegToMe calls the attention's layers, not attn itself).
     hook = target.norm1.register_forward_hook(lambda m, args, out: captured.setdefault("x", out))
     try:
@@ -75,28 +77,29 @@ def prefix_attention(model: nn.Module, images: torch.Tensor, block: int,
             model(images)
     finally:
         hook.remove()
-    names = prefix_names(model, block)
+    names = _names(model, block)
     x = captured["x"]
     positions = initial_positions(x.shape[0], len(names), x.shape[1] - len(names), x.device)
     q, k = _queries_and_keys(model, block, x, images, positions)
     weights = ((q * target.attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
-    return weights[:, :, :len(names), len(names):], names
+    return weights[:, :, : len(names), len(names) :], names
 
 
 def _merged_prefix_attention(model: nn.Module, images: torch.Tensor, block: int) -> tuple[torch.Tensor, list[str]]:
-    target = model.blocks[block]
+    target = model.regtome_blocks()[block]
     record = trace(model, images, [block - 1])
     state = record.blocks[block - 1]  # the tokens entering `block`
-    names = prefix_names(model, block)
+    names = _names(model, block)
     p = len(names)
     q, k = _queries_and_keys(model, block, target.norm1(state.x), images, state.position)
     logits = ((q * target.attn.scale) @ k.transpose(-2, -1)).float()
     if model.prop_attn and any(record.r):
         logits = logits + state.size.log().transpose(1, 2)[:, None]
     weights = logits.softmax(dim=-1)  # (B, heads, T, T)
+    assert state.source is not None  # regtome.trace traces sources
     holder = state.source.argmax(dim=1)  # (B, N): the token holding each slot of the full sequence
-    full = model.num_prefix_tokens
-    prefix_holders = holder[:, full - p:full]  # the prefix slots present at `block`
+    full = model.regtome_layout().num_prefix
+    prefix_holders = holder[:, full - p : full]  # the prefix slots present at `block`
     rows = weights.gather(2, prefix_holders[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1]))
     patch_holders = holder[:, full:]  # (B, N_patches)
     per_patch = rows / state.size[:, None, None, :, 0]  # a token's weight spread over its patches
@@ -113,3 +116,7 @@ def _joined_names(names: list[str], holders: list[int]) -> list[str]:
             name = "registers " + "+".join(n.split()[-1] for n in group)
         out.append(name)
     return out
+
+
+def _names(model: nn.Module, block: int) -> list[str]:
+    return prefix_names(model.regtome_layout(), model.class_layer, model.register_layer, block)

@@ -4,6 +4,7 @@ In Python an r is an int (same r in every block), a tuple ``(r, inflection)`` as
 list with one int per block. Config files (YAML, JSON, Hydra) have no tuples: `r_from_config`
 is the one place that reads them, and it refuses a value that could mean two things.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
@@ -39,7 +40,7 @@ def parse_r(num_blocks: int, r: RSchedule) -> list[int]:
     """
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-    if _is_int(r):
+    if isinstance(r, int) and not isinstance(r, bool):
         if r < 0:
             raise ValueError(f"r must be >= 0, got {r}")
         return [r] * num_blocks
@@ -75,8 +76,10 @@ def r_from_config(value: Any) -> RSchedule:
             _pair_schedule(2, pair)  # validates r and the inflection
             return pair
         if len(items) == 2 and _is_int(items[0]) and _is_int(items[1]) and items[1] == -1:
-            raise ValueError(f"[{items[0]},-1] is not a schedule: a per-block list holds ints >= 0; for ToMe's "
-                             f"(r, inflection) schedule write [{items[0]},-1.0]")
+            raise ValueError(
+                f"[{items[0]},-1] is not a schedule: a per-block list holds ints >= 0; for ToMe's "
+                f"(r, inflection) schedule write [{items[0]},-1.0]"
+            )
         if len(items) == 2 and _is_int(items[0]) and _is_int(items[1]) and items[1] in (0, 1):
             raise ValueError(
                 f"[{items[0]},{items[1]}] is ambiguous: write [{items[0]},{float(items[1])}] for ToMe's "
@@ -84,8 +87,10 @@ def r_from_config(value: Any) -> RSchedule:
             )
         bad = [v for v in items if not (_is_int(v) and v >= 0)]
         if bad:
-            raise ValueError(f"{items} is not a schedule: a per-block list holds ints >= 0 (got {bad[0]!r}); "
-                             "a pair is [r, inflection] with a float inflection such as [16,-1.0]")
+            raise ValueError(
+                f"{items} is not a schedule: a per-block list holds ints >= 0 (got {bad[0]!r}); "
+                "a pair is [r, inflection] with a float inflection such as [16,-1.0]"
+            )
         return items
     if _is_int(value):
         if value < 0:

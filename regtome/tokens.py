@@ -5,6 +5,7 @@ register, class; see `regtome.layout`), and optionally its source (which of the 
 it holds, for visualisation), its rotary position (RoPE models) and, for every slot of the model's
 full sequence, which current token holds it (`owner`: what puts merged features back on the grid).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -29,8 +30,9 @@ class Tokens(NamedTuple):
     owner: Optional[torch.Tensor] = None
 
 
-def patch_tokens(x: torch.Tensor, num_prefix: int, trace_source: bool, with_positions: bool,
-                 track_owner: bool) -> Tokens:
+def patch_tokens(
+    x: torch.Tensor, num_prefix: int, trace_source: bool, with_positions: bool, track_owner: bool
+) -> Tokens:
     """The patches of timm's full sequence x = [prefix | patches] as the first Tokens; the prefix
     joins later through `insert_prefix`. Sources index the full sequence, so a prefix token's row is
     one-hot on its own slot whenever it enters. Sizes are fp32 under autocast."""
@@ -66,20 +68,22 @@ def insert_prefix(tokens: Tokens, new_x: torch.Tensor, kind: int, first_slot: in
     source = None
     if tokens.source is not None:
         eye = torch.eye(tokens.source.shape[-1], device=device, dtype=tokens.source.dtype)
-        source = spliced(tokens.source, eye[first_slot:first_slot + count][None].expand(batch, -1, -1))
+        source = spliced(tokens.source, eye[first_slot : first_slot + count][None].expand(batch, -1, -1))
     owner = None
     if tokens.owner is not None:
         owner = tokens.owner + count * (tokens.owner >= at)  # tokens at or after `at` move right
         new_slots = at + torch.arange(count, device=device)
-        owner = torch.cat([owner[:, :first_slot], new_slots[None].expand(batch, -1),
-                           owner[:, first_slot + count:]], dim=1)
+        owner = torch.cat(
+            [owner[:, :first_slot], new_slots[None].expand(batch, -1), owner[:, first_slot + count :]], dim=1
+        )
     return Tokens(
         x=spliced(tokens.x, new_x),
         size=spliced(tokens.size, tokens.size.new_ones(batch, count, 1)),
         kind=spliced(tokens.kind, tokens.kind.new_full((batch, count), kind)),
         source=source,
-        position=None if tokens.position is None else spliced(
-            tokens.position, tokens.position.new_full((batch, count), NO_POSITION)),
+        position=None
+        if tokens.position is None
+        else spliced(tokens.position, tokens.position.new_full((batch, count), NO_POSITION)),
         owner=owner,
     )
 
@@ -91,9 +95,9 @@ def merge_tokens(tokens: Tokens, keys: Optional[torch.Tensor], r: int, prefix: B
     kinds under protect="apart"), sources add up, owners follow their token."""
     if r <= 0 or keys is None:
         return tokens
-    merge, unmerge = bipartite_soft_matching(keys, r, prefix.num_protected,
-                                             kind=tokens.kind if prefix.apart else None,
-                                             num_registers=prefix.num_register)
+    merge, unmerge = bipartite_soft_matching(
+        keys, r, prefix.num_protected, kind=tokens.kind if prefix.apart else None, num_registers=prefix.num_register
+    )
     x, size = merge_wavg(merge, tokens.x, tokens.size)
     kind = merge(tokens.kind[..., None], mode="keep")[..., 0]
     position = None if tokens.position is None else merge(tokens.position[..., None], mode="keep")[..., 0]

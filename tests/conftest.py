@@ -1,4 +1,5 @@
 """Tiny timm ViTs shared by the tests: 32x32 images, patch 4 (64 patches), 4 blocks."""
+
 from __future__ import annotations
 
 import pytest

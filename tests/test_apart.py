@@ -3,19 +3,20 @@
 Each rule is checked against a brute-force loop, an unpatched timm model, or an invariant read off
 the tracked sources: at every r up to the cap, no output token holds both a register and a patch.
 """
+
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import make_vit
+from test_families import build, images_for
 
 import regtome
 from regtome.layout import CLASS, PATCH, REGISTER
 from regtome.merge import bipartite_soft_matching
 from regtome.schedule import capped_r
-from conftest import make_vit
-from test_families import build, images_for
 
 WITH_REGISTERS = ["dinov3", "rope_reg_gap", "reg4_map", "diff_attention", "diff_parallel"]
 
@@ -51,7 +52,7 @@ def test_vectorised_matching_agrees_with_a_brute_force_loop(seed):
     kind = torch.full((batch, num_tokens), PATCH)
     kind[:, 0] = CLASS
     for b in range(batch):  # registers scattered differently in each image, as after earlier merges
-        slots = torch.randperm(num_tokens - 1, generator=generator)[:num_registers - b] + 1
+        slots = torch.randperm(num_tokens - 1, generator=generator)[: num_registers - b] + 1
         kind[b, slots] = REGISTER
     cap = capped_r(10**6, num_tokens, num_protected, num_registers)
     for r in range(cap + 1):
@@ -174,8 +175,8 @@ def test_each_image_gets_what_it_gets_alone(images):
         batched = model(images)
         counts = regtome.last_forward(model).register_tokens
         for i in range(len(images)):
-            alone = model(images[i:i + 1])
-            torch.testing.assert_close(alone, batched[i:i + 1], atol=1e-5, rtol=1e-5)
+            alone = model(images[i : i + 1])
+            torch.testing.assert_close(alone, batched[i : i + 1], atol=1e-5, rtol=1e-5)
             assert torch.equal(regtome.last_forward(model).register_tokens[0], counts[i])
 
 
@@ -190,15 +191,17 @@ def test_average_pool_leaves_out_registers_per_image_by_size(pool, images):
         pooled = model.pool(features)
         final, _ = model.forward_intermediates(images, indices=1, norm=True)
     patches = final[:, 4:]  # no class token, 4 registers
-    expected = {"avg": patches.mean(1), "max": patches.amax(1),
-                "avgmax": 0.5 * (patches.amax(1) + patches.mean(1))}[pool]
+    expected = {"avg": patches.mean(1), "max": patches.amax(1), "avgmax": 0.5 * (patches.amax(1) + patches.mean(1))}[
+        pool
+    ]
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
     assert (regtome.last_forward(model).register_tokens[:, -1] < 4).any()  # registers did merge
 
 
 def test_attention_pool_leaves_out_registers_with_proportional_attention(images):
-    model = timm.create_model("vit_so150m_patch16_reg4_map_256", embed_dim=64, num_heads=4, depth=3, img_size=64,
-                              num_classes=10).eval()
+    model = timm.create_model(
+        "vit_so150m_patch16_reg4_map_256", embed_dim=64, num_heads=4, depth=3, img_size=64, num_classes=10
+    ).eval()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     regtome.patch.timm(model, r=(10, -1.0), protect="apart")
     with torch.no_grad():
@@ -230,16 +233,13 @@ def test_merged_registers_keep_the_identity_rotation_on_dinov3():
         captured.setdefault("positions", []).append((tokens.kind.clone(), tokens.position.clone()))
         return original(block, tokens, *args)
 
-    import sys
-
-    timm_patch = sys.modules["regtome.patch.timm"]
-    original = timm_patch.merging_block_forward
-    timm_patch.merging_block_forward = spy
+    original = type(model).regtome_block_forward  # the patched-model hook every block runs through
+    type(model).regtome_block_forward = staticmethod(spy)
     try:
         with torch.no_grad():
             model(images)
     finally:
-        timm_patch.merging_block_forward = original
+        type(model).regtome_block_forward = staticmethod(original)
     for kind, position in captured["positions"]:
         assert (position[kind != PATCH] == 0).all()  # class and (merged) registers: the identity row
         assert (position[kind == PATCH] > 0).all()

@@ -1,25 +1,39 @@
 """Dense features on the full grid (forward_intermediates) and r from a FLOP budget."""
+
 import pytest
 import torch
+from conftest import NUM_PATCHES, make_vit
 
 import regtome
-from conftest import NUM_PATCHES, make_vit
 from regtome.budget import simulate_tokens
 
 
 @pytest.mark.parametrize("variant", ["class_reg4", "gap_reg4", "distilled", "dynamic_size"])
-@pytest.mark.parametrize("kwargs", [dict(indices=2), dict(indices=[0, 3], output_fmt="NLC", norm=True),
-                                    dict(return_prefix_tokens=True, intermediates_only=True),
-                                    dict(output_dict=True, return_prefix_tokens=True)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(indices=2),
+        dict(indices=[0, 3], output_fmt="NLC", norm=True),
+        dict(return_prefix_tokens=True, intermediates_only=True),
+        dict(output_dict=True, return_prefix_tokens=True),
+    ],
+)
 def test_forward_intermediates_at_r0_is_timm(variant, kwargs, images):
     expected = make_vit(variant).forward_intermediates(images, **kwargs)
     got = regtome.patch.timm(make_vit(variant), r=0).forward_intermediates(images, **kwargs)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs", [dict(indices=2), dict(indices=[0, 3], output_fmt="NLC", norm=True),
-                                    dict(return_prefix_tokens=True, intermediates_only=True),
-                                    dict(output_dict=True, return_prefix_tokens=True), dict(stop_early=True, indices=[1])])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(indices=2),
+        dict(indices=[0, 3], output_fmt="NLC", norm=True),
+        dict(return_prefix_tokens=True, intermediates_only=True),
+        dict(output_dict=True, return_prefix_tokens=True),
+        dict(stop_early=True, indices=[1]),
+    ],
+)
 def test_forward_intermediates_merged_has_timms_shapes(kwargs, images):
     def shapes(out):
         if isinstance(out, dict):
@@ -64,9 +78,14 @@ def test_forward_is_unchanged_by_forward_intermediates(images):
 def tokens_seen_by_the_forward(model, images) -> tuple[list[int], list[int]]:
     """Tokens entering each block's attention and its MLP, read by hooks during a real forward pass."""
     attn, mlp = [], []
-    hooks = [h for block in model.blocks for h in (
-        block.norm1.register_forward_hook(lambda m, i, o: attn.append(o.shape[1])),
-        block.mlp.register_forward_hook(lambda m, i, o: mlp.append(i[0].shape[1])))]
+    hooks = [
+        h
+        for block in model.blocks
+        for h in (
+            block.norm1.register_forward_hook(lambda m, i, o: attn.append(o.shape[1])),
+            block.mlp.register_forward_hook(lambda m, i, o: mlp.append(i[0].shape[1])),
+        )
+    ]
     try:
         with torch.no_grad():
             model(images[:1])
@@ -99,8 +118,9 @@ def test_flop_count_matches_the_tokens_the_forward_sees(variant, r, protect, ima
 @pytest.mark.parametrize("r", [6, (10, -1.0)])
 def test_flop_count_follows_late_prefix_tokens(class_layer, register_layer, protect, r, images):
     """class_layer / register_layer above 0: the FLOP count sees the tokens join where the forward does."""
-    model = regtome.patch.timm(make_vit("class_reg4"), r=r, protect=protect, class_layer=class_layer,
-                               register_layer=register_layer)
+    model = regtome.patch.timm(
+        make_vit("class_reg4"), r=r, protect=protect, class_layer=class_layer, register_layer=register_layer
+    )
     attn, mlp = tokens_seen_by_the_forward(model, images)
     assert attn[0] == NUM_PATCHES + (class_layer == 0) + 4 * (register_layer == 0)  # only what has entered
     assert simulate_tokens(model, r, (3, 32, 32)) == (attn, mlp)

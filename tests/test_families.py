@@ -1,28 +1,28 @@
 """Every model family regtome.patch.timm accepts, on shrunk timm configs: the contract rules of
 tests/test_patch.py again (r=0 is timm, merging happens, prefix kept, counts follow parse_r and the
 cap, protect=class available, FLOPs by hand), plus the rotary position rule against brute force."""
+
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from test_patch import expected_token_counts
 
 import regtome
 from regtome.blocks import MERGES_AFTER_BLOCK
 from regtome.merge import bipartite_soft_matching, merge_source
-from regtome.rope import initial_positions, rope_for_tokens, rope_table
-from regtome.patch.timm import embed
-from test_patch import expected_token_counts
+from regtome.rope import initial_positions, rope_for_tokens, timm_rope_table
 
 # family -> (timm config, shrinking overrides). Each is a kind of model timm ships.
 FAMILIES = {
-    "dinov3": ("vit_small_patch16_dinov3", dict(embed_dim=64, num_heads=4)),        # Eva, RoPE, 4 storage tokens
-    "eva02_swiglu": ("eva02_tiny_patch14_224", dict(img_size=56)),                   # Eva, 'cat' RoPE, SwiGLU
+    "dinov3": ("vit_small_patch16_dinov3", dict(embed_dim=64, num_heads=4)),  # Eva, RoPE, 4 storage tokens
+    "eva02_swiglu": ("eva02_tiny_patch14_224", dict(img_size=56)),  # Eva, 'cat' RoPE, SwiGLU
     "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(embed_dim=64, num_heads=4)),  # a table per block
     "rope_reg_gap": ("vit_betwixt_patch16_rope_reg4_gap_256", dict(embed_dim=64, num_heads=4)),
     "eva_post_norm": ("eva02_enormous_patch14_clip_224", dict(img_size=56, embed_dim=64, num_heads=4)),
-    "pe_gqa_map": ("vit_pe_core_tiny_patch16_384", dict(img_size=64)),               # AttentionRope + map pool
+    "pe_gqa_map": ("vit_pe_core_tiny_patch16_384", dict(img_size=64)),  # AttentionRope + map pool
     "siglip_map": ("vit_base_patch16_siglip_224", dict(embed_dim=64, num_heads=4)),  # attention pooling
     "reg4_map": ("vit_so150m_patch16_reg4_map_256", dict(embed_dim=64, num_heads=4)),
     "parallel_scaling": ("vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=4)),
@@ -63,8 +63,9 @@ def test_family_r0_is_timm_and_merging_keeps_the_contract(family):
     layout, grid = record.layout, record.source.shape[-1] - record.layout.num_prefix
     assert layout.num_prefix == model.num_prefix_tokens
     assert torch.isfinite(merged).all() and merged.shape == reference.shape
-    assert list(record.tokens) == expected_token_counts(layout.num_prefix + grid, layout.num_prefix,
-                                                  regtome.parse_r(len(model.blocks), r))
+    assert list(record.tokens) == expected_token_counts(
+        layout.num_prefix + grid, layout.num_prefix, regtome.parse_r(len(model.blocks), r)
+    )
     assert record.tokens[-1] < layout.num_prefix + grid  # it merged
     # the prefix keeps its slots, size 1, made of itself only
     eye = torch.eye(record.source.shape[-1])[: layout.num_prefix]
@@ -82,7 +83,7 @@ def test_family_protect_class_lets_registers_merge(family):
         with torch.no_grad():
             model(images_for(model))
         record = regtome.last_forward(model)
-        registers = record.source[:, :, record.layout.num_class:record.layout.num_prefix]  # (B, T, registers)
+        registers = record.source[:, :, record.layout.num_class : record.layout.num_prefix]  # (B, T, registers)
         rows_with_register = registers.sum(dim=-1) > 0
         merged_rows = record.source.sum(dim=-1) > 1
         assert record.num_protected == record.layout.num_class + (0 if registers_merge else record.layout.num_register)
@@ -184,7 +185,8 @@ def test_merged_token_keeps_its_destinations_rotary_position():
 def test_rope_rows_per_token_and_identity_for_the_prefix():
     torch.manual_seed(0)
     model = build("dinov3")
-    _, table = embed(regtome.patch.timm(model), images_for(model))
+    patched = regtome.patch.timm(model)
+    table = patched.regtome_embed(images_for(model), patched.regtome_num_blocks).ropes[0]
     positions = torch.tensor([[0, 3, 1, 0], [2, 0, 5, 4]])
     rows = rope_for_tokens(table, positions)
     assert rows.shape == (2, 1, 4, table.shape[-1])
@@ -193,7 +195,7 @@ def test_rope_rows_per_token_and_identity_for_the_prefix():
             torch.testing.assert_close(rows[b, 0, t], table[positions[b, t]])
     sin, cos = table[0].chunk(2)
     assert (sin == 0).all() and (cos == 1).all()
-    assert table.shape[0] == 1 + 16 and torch.equal(rope_table(table[1:]), table)
+    assert table.shape[0] == 1 + 16 and torch.equal(timm_rope_table(table[1:]), table)
 
 
 def test_dinov3_storage_tokens_get_prefix_attention_maps():
@@ -217,10 +219,17 @@ def test_what_stays_refused_says_why():
 def test_model_presets_build_patched_from_local_weights(tmp_path, preset, num_prefix):
     """configs/model presets for DINOv3 and SigLIP: built by the CLI's builder, weights from a local file."""
     from cli_helpers import compose_config
-    from engine.model import build_model, model_label
 
-    cfg = compose_config(f"model={preset}", "model.img_size=64", "+model.kwargs.depth=2",
-                         "+model.kwargs.embed_dim=64", "+model.kwargs.num_heads=4", "tome.r=4")
+    from engine.models.build import build_model, model_label
+
+    cfg = compose_config(
+        f"model={preset}",
+        "model.img_size=64",
+        "+model.kwargs.depth=2",
+        "+model.kwargs.embed_dim=64",
+        "+model.kwargs.num_heads=4",
+        "tome.r=4",
+    )
     torch.manual_seed(0)
     reference = timm.create_model(cfg.model.name, img_size=64, depth=2, embed_dim=64, num_heads=4).eval()
     path = tmp_path / "weights.pth"
@@ -230,8 +239,9 @@ def test_model_presets_build_patched_from_local_weights(tmp_path, preset, num_pr
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), regtome.options(model, r=0):  # the hub configs have no head: compare pre-logits
         pooled = model.forward_head(model.forward_features(images), pre_logits=True)
-        torch.testing.assert_close(pooled, reference.forward_head(reference.forward_features(images), pre_logits=True),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            pooled, reference.forward_head(reference.forward_features(images), pre_logits=True), atol=1e-5, rtol=0
+        )
     assert model.num_prefix_tokens == num_prefix and model.r == 4
     assert model_label(cfg.model).startswith(preset)
 
@@ -239,10 +249,12 @@ def test_model_presets_build_patched_from_local_weights(tmp_path, preset, num_pr
 def test_registers_setting_reaches_eva_models():
     """model.registers maps to Eva's own argument (num_reg_tokens), not the ViT one."""
     from cli_helpers import compose_config
-    from engine.model import build_model
 
-    cfg = compose_config("model=vit_small_patch16_dinov3", "model.registers=2", "model.img_size=64",
-                         "+model.kwargs.depth=1")
+    from engine.models.build import build_model
+
+    cfg = compose_config(
+        "model=vit_small_patch16_dinov3", "model.registers=2", "model.img_size=64", "+model.kwargs.depth=1"
+    )
     model = build_model(cfg.model, cfg.tome, 10)
     assert regtome.prefix_layout(model).num_register == 2
 
@@ -316,7 +328,8 @@ def test_dinov3_prefix_attention_matches_timms_own_attention():
     captured = {}
     attn = reference.blocks[block].attn
     handle = attn.register_forward_pre_hook(
-        lambda m, args, kwargs: captured.update(x=args[0], rope=kwargs["rope"]), with_kwargs=True)
+        lambda m, args, kwargs: captured.update(x=args[0], rope=kwargs["rope"]), with_kwargs=True
+    )
     with torch.no_grad():
         reference(images)
         handle.remove()

@@ -1,4 +1,5 @@
 """The pure pieces: parse_r, the cap, one merge step against a brute-force loop."""
+
 import math
 
 import pytest
@@ -43,8 +44,13 @@ def test_r_from_config_has_one_rule_and_refuses_ambiguity():
             regtome.r_from_config(ambiguous)
     with pytest.raises(ValueError, match=r"not a schedule.*write \[16,-1.0\]"):
         regtome.r_from_config([16, -1])  # a per-block list cannot hold -1: only the pair is meant
-    for bad, message in ((-1, "r must be >= 0"), ([4, -2, 8], "ints >= 0"), ([16, -2.0], "inflection"),
-                         ("16", "must be an int"), ([16.0, 1.0], "ints >= 0")):
+    for bad, message in (
+        (-1, "r must be >= 0"),
+        ([4, -2, 8], "ints >= 0"),
+        ([16, -2.0], "inflection"),
+        ("16", "must be an int"),
+        ([16.0, 1.0], "ints >= 0"),
+    ):
         with pytest.raises(ValueError, match=message):
             regtome.r_from_config(bad)
 
@@ -65,7 +71,9 @@ def test_every_r_hint_works_when_fed_back(bad):
         regtome.parse_r(12, r)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "16", None, True, [1, -2], [1, 2.5], (16, 2.0), (16, -1.0, 3), [1] * 13, {"r": 1}])
+@pytest.mark.parametrize(
+    "bad", [-1, 1.5, "16", None, True, [1, -2], [1, 2.5], (16, 2.0), (16, -1.0, 3), [1] * 13, {"r": 1}]
+)
 def test_parse_r_rejects_malformed(bad):
     with pytest.raises(ValueError):
         regtome.parse_r(12, bad)

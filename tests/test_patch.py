@@ -1,14 +1,15 @@
 """regtome.patch.timm on timm models: each rule of the library's contract, one test each."""
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NUM_PATCHES, VARIANTS, make_vit
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import regtome
 from regtome.attention import attention_with_keys
-from conftest import NUM_PATCHES, VARIANTS, make_vit
 
 ALL_VARIANTS = list(VARIANTS) + ["distilled"]
 
@@ -182,7 +183,7 @@ def test_sample_output_independent_of_batch(variant, images):
     model = regtome.patch.timm(make_vit(variant), r=(10, -1.0))
     with torch.no_grad():
         together = model(images)
-        alone = torch.cat([model(images[i:i + 1]) for i in range(3)])
+        alone = torch.cat([model(images[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -250,6 +251,7 @@ def test_compile_matches_eager(images):
 def test_unsupported_models_are_refused_clearly():
     with pytest.raises(TypeError, match="VisionTransformer"):
         regtome.patch.timm(torch.nn.Linear(2, 2))
+
     class CustomBlock(ResPostBlock):  # a subclass may change forward: refused, not guessed
         pass
 
@@ -259,12 +261,15 @@ def test_unsupported_models_are_refused_clearly():
         regtome.patch.timm(make_vit(global_pool="prr"))
 
 
-@pytest.mark.parametrize("options,match", [
-    (dict(protect="registers"), "protect"),
-    (dict(r=-3), "r must"),
-    (dict(class_layer=4), "class_layer"),
-    (dict(register_layer=1), "no register"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(protect="registers"), "protect"),
+        (dict(r=-3), "r must"),
+        (dict(class_layer=4), "class_layer"),
+        (dict(register_layer=1), "no register"),
+    ],
+)
 def test_bad_options_raise_and_leave_model_unpatched(options, match):
     model = make_vit("class")
     with pytest.raises(ValueError, match=match):
@@ -288,9 +293,14 @@ def test_patching_twice_updates_options():
 
 
 # the timm models the CLI names (random weights: no download) -----------------------------------------
-@pytest.mark.parametrize("name,num_prefix", [
-    ("vit_small_patch16_224", 1), ("vit_base_patch16_reg4_gap_256", 4), ("vit_small_patch14_reg4_dinov2", 5),
-])
+@pytest.mark.parametrize(
+    "name,num_prefix",
+    [
+        ("vit_small_patch16_224", 1),
+        ("vit_base_patch16_reg4_gap_256", 4),
+        ("vit_small_patch14_reg4_dinov2", 5),
+    ],
+)
 def test_named_timm_models(name, num_prefix):
     import timm
 

@@ -1,9 +1,10 @@
 """The library's explicit surface: options(), last_forward(), pooling within one call, prefix_attention."""
+
 import pytest
 import torch
+from conftest import NUM_PATCHES, make_vit
 
 import regtome
-from conftest import NUM_PATCHES, make_vit
 
 
 def test_options_apply_for_a_block_and_restore_on_exit_and_error(images):
@@ -15,7 +16,7 @@ def test_options_apply_for_a_block_and_restore_on_exit_and_error(images):
     assert (model.r, model.protect, model.prop_attn) == (2, "prefix", True)
     with pytest.raises(ZeroDivisionError):
         with regtome.options(model, r=4):
-            1 / 0
+            raise ZeroDivisionError
     assert model.r == 2
     with pytest.raises(ValueError, match="protect must be one of"):
         with regtome.options(model, r=4, protect="registers"):
@@ -83,7 +84,7 @@ def test_prefix_attention_matches_a_brute_force_reference(variant, images):
     torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-4)
     assert len(names) == model.num_prefix_tokens and model.r == 8  # r restored
     assert names[0] in ("class",) and (variant != "distilled" or names[1] == "distill")
-    assert all(n.startswith("register") for n in names[len(names) - int(model.num_reg_tokens):])
+    assert all(n.startswith("register") for n in names[len(names) - int(model.num_reg_tokens) :])
 
 
 def test_the_engine_uses_only_the_librarys_surface():
@@ -97,15 +98,22 @@ def test_the_engine_uses_only_the_librarys_surface():
     for path in [*root.glob("engine/*.py"), *root.glob("scripts/*.py"), root / "main.py"]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            targets = node.targets if isinstance(node, ast.Assign) else \
-                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+                else []
+            )
             for target in targets:
                 is_config = isinstance(target, ast.Attribute) and "cfg" in ast.unparse(target.value)
-                assert is_config or not (isinstance(target, ast.Attribute) and target.attr in OPTIONS), \
+                assert is_config or not (isinstance(target, ast.Attribute) and target.attr in OPTIONS), (
                     f"{path.name}:{node.lineno} assigns .{target.attr}; use regtome.options"
+                )
             if isinstance(node, ast.Attribute):
-                assert node.attr not in ("qkv", "q_norm", "k_norm", "fused_attn"), \
+                assert node.attr not in ("qkv", "q_norm", "k_norm", "fused_attn"), (
                     f"{path.name}:{node.lineno} touches timm attention internals (.{node.attr})"
+                )
 
 
 def test_importing_main_has_no_side_effects():
@@ -114,21 +122,24 @@ def test_importing_main_has_no_side_effects():
 
     from cli_helpers import ROOT
 
-    code = ("import sys; argv = list(sys.argv); import main; from omegaconf import OmegaConf; "
-            "assert sys.argv == argv; assert not OmegaConf.has_resolver('run_id'); "
-            "import os; assert 'REGTOME_RUN_ID' not in os.environ; print('clean')")
+    code = (
+        "import sys; argv = list(sys.argv); import main; from omegaconf import OmegaConf; "
+        "assert sys.argv == argv; assert not OmegaConf.has_resolver('run_id'); "
+        "import os; assert 'REGTOME_RUN_ID' not in os.environ; print('clean')"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "REGTOME_RUN_ID"}
-    out = subprocess.run([sys.executable, "-c", code, "-m", "task=bogus"], cwd=ROOT, env=env, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, "-m", "task=bogus"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-2000:]
 
 
 def test_model_build_errors_blame_weights_only_when_weights_were_loaded(monkeypatch):
     import timm
-
     from cli_helpers import SMOKE, compose_config
+
     from engine.errors import UserError
-    from engine.model import build_model
+    from engine.models.build import build_model
 
     def broken(*args, **kwargs):
         raise RuntimeError("size mismatch for blocks.0.attn.qkv.weight")
@@ -148,19 +159,21 @@ def test_only_the_library_is_installed_and_it_has_one_version(tmp_path):
     import subprocess
     import sys
 
-    code = ("import importlib.metadata as m, importlib.util as u, regtome; "
-            "print(m.version('regtome'), regtome.__version__, u.find_spec('engine'), u.find_spec('data'))")
+    code = (
+        "import importlib.metadata as m, importlib.util as u, regtome; "
+        "print(m.version('regtome'), regtome.__version__, u.find_spec('engine'), u.find_spec('data'))"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
     assert out[0] == out[1] and out[2:] == ["None", "None"]
 
 
 def test_the_default_protection_is_apart_everywhere():
     """One default (regtome.DEFAULT_PROTECT), read by both patches and stated by the CLI's tome group."""
-    from omegaconf import OmegaConf
-
     from cli_helpers import ROOT
+    from omegaconf import OmegaConf
 
     assert regtome.DEFAULT_PROTECT == "apart" and regtome.DEFAULT_PROTECT in regtome.PROTECT_MODES
     assert regtome.patch.timm(make_vit("class_reg4")).protect == regtome.DEFAULT_PROTECT

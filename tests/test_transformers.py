@@ -4,6 +4,7 @@ r=0 is transformers' output under each attention implementation, merging happens
 merge, outputs keep transformers' shapes, heads read the full grid, dense output against a brute-force
 unmerge, compile, protection modes, refusals.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,9 @@ from transformers import (  # noqa: E402
 import regtome  # noqa: E402
 from regtome.layout import PATCH, REGISTER  # noqa: E402
 
-TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=32,
-            patch_size=4)
+TINY = dict(
+    hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=4
+)
 # name -> (class, config, class tokens, registers)
 MODELS = {
     "vit": (ViTModel, lambda: ViTConfig(**TINY), 1, 0),
@@ -46,12 +48,20 @@ MODELS = {
     "dinov2": (Dinov2Model, lambda: Dinov2Config(**TINY), 1, 0),
     "dinov2_classifier": (Dinov2ForImageClassification, lambda: Dinov2Config(**TINY, num_labels=10), 1, 0),
     "dinov2_reg": (Dinov2WithRegistersModel, lambda: Dinov2WithRegistersConfig(**TINY, num_register_tokens=4), 1, 4),
-    "dinov2_reg_classifier": (Dinov2WithRegistersForImageClassification,
-                              lambda: Dinov2WithRegistersConfig(**TINY, num_register_tokens=4, num_labels=10), 1, 4),
+    "dinov2_reg_classifier": (
+        Dinov2WithRegistersForImageClassification,
+        lambda: Dinov2WithRegistersConfig(**TINY, num_register_tokens=4, num_labels=10),
+        1,
+        4,
+    ),
     "dinov3": (DINOv3ViTModel, lambda: DINOv3ViTConfig(**TINY, num_register_tokens=4), 1, 4),
     "siglip": (SiglipVisionModel, lambda: SiglipVisionConfig(**TINY), 0, 0),
-    "siglip_classifier": (SiglipForImageClassification,
-                          lambda: __import__("transformers").SiglipConfig(vision_config=TINY, num_labels=10), 0, 0),
+    "siglip_classifier": (
+        SiglipForImageClassification,
+        lambda: __import__("transformers").SiglipConfig(vision_config=TINY, num_labels=10),
+        0,
+        0,
+    ),
 }
 BASES = ["vit", "deit", "dinov2", "dinov2_reg", "dinov3", "siglip"]
 
@@ -109,6 +119,7 @@ def test_the_configured_attention_implementation_runs_with_the_size_bias(attn, m
         def recorded(module, q, k, v, mask, **kwargs):
             calls.append((implementation, mask))
             return function(module, q, k, v, mask, **kwargs)
+
         return recorded
 
     monkeypatch.setattr(ALL_ATTENTION_FUNCTIONS, "get_interface", spy)
@@ -195,24 +206,21 @@ def test_protection_modes_on_register_models(name):
 def test_dinov3_merged_tokens_keep_their_destinations_rotation_and_prefix_stays_unrotated():
     """Against transformers' own rotary attention: with r=0 at every layer the mirror is exact (tested above);
     here the positions carried through a merge are rows of the table, and the prefix rows the identity."""
-    import regtome.hf_blocks as blocks
-
     model = regtome.patch.transformers(build("dinov3"), r=10, protect="apart")
     seen = []
-    original = blocks.hf_layer_forward
+    original = type(model).regtome_block_forward  # the patched-model hook every layer runs through
 
     def spy(layer, tokens, *args):
         seen.append((tokens.kind.clone(), tokens.position.clone()))
         return original(layer, tokens, *args)
 
-    import regtome.patch.hf as hf
-
-    hf.hf_layer_forward = spy
+    type(model).regtome_block_forward = staticmethod(spy)
     try:
         with torch.no_grad():
             model(images())
     finally:
-        hf.hf_layer_forward = original
+        type(model).regtome_block_forward = staticmethod(original)
+    assert seen, "the spy saw no layer"
     for kind, position in seen:
         assert (position[kind != PATCH] == 0).all() and (position[kind == PATCH] >= 1).all()
         assert (position <= 64).all()
@@ -283,17 +291,38 @@ def test_cli_preset_with_local_weights_trains_evaluates_and_visualizes(tmp_path)
     from cli_helpers import SMOKE, results, run_main
 
     build("dinov2_reg").save_pretrained(tmp_path / "weights")
-    common = ["model=hf_dinov2_reg4_small", f"model.pretrained_dir={tmp_path / 'weights'}", "model.img_size=32",
-              *[o for o in SMOKE if not o.startswith("model")]]
-    run_main("task=train", *common, "trainer.epochs=1", "tome.protect=apart", f"hydra.run.dir={tmp_path / 'train'}",
-             cwd=tmp_path)
+    common = [
+        "model=hf_dinov2_reg4_small",
+        f"model.pretrained_dir={tmp_path / 'weights'}",
+        "model.img_size=32",
+        *[o for o in SMOKE if not o.startswith("model")],
+    ]
+    run_main(
+        "task=train",
+        *common,
+        "trainer.epochs=1",
+        "tome.protect=apart",
+        f"hydra.run.dir={tmp_path / 'train'}",
+        cwd=tmp_path,
+    )
     record = results(tmp_path / "train")
     assert record["model"] == "hf-facebook--dinov2-with-registers-small-32px" and record["registers"] == 4
     assert record["protect"] == "apart" and record["tokens_per_block"] == [67, 65, 63]
-    run_main("task=eval", f"ckpt={tmp_path / 'train' / 'checkpoints' / 'best.pt'}", "tome.r=6", "runtime.device=cpu",
-             cwd=tmp_path)
+    run_main(
+        "task=eval",
+        f"ckpt={tmp_path / 'train' / 'checkpoints' / 'best.pt'}",
+        "tome.r=6",
+        "runtime.device=cpu",
+        cwd=tmp_path,
+    )
     (run,) = (tmp_path / "outputs" / "eval" / "synthetic_hf-facebook--dinov2-with-registers-small-32px").iterdir()
     assert results(run)["r_per_block"] == [6, 6, 6] and results(run)["top1"] >= 0
-    run_main("task=visualize", *common, "visualize.num_samples=1", "visualize.blocks=[0,2]",
-             f"hydra.run.dir={tmp_path / 'vis'}", cwd=tmp_path)
+    run_main(
+        "task=visualize",
+        *common,
+        "visualize.num_samples=1",
+        "visualize.blocks=[0,2]",
+        f"hydra.run.dir={tmp_path / 'vis'}",
+        cwd=tmp_path,
+    )
     assert (tmp_path / "vis" / "sample_0.png").exists() and (tmp_path / "vis" / "sample_0_features.png").exists()

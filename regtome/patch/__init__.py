@@ -1,5 +1,7 @@
 """Patches that add RegToMe to model libraries: `regtome.patch.timm(model, r=16)`,
-`regtome.patch.transformers(model, r=16)` (Hugging Face; imported on first use)."""
+`regtome.patch.transformers(model, r=16)` (Hugging Face; imported on first use). Both give a model
+that keeps the one contract of `regtome.patch.base.PatchedModel`."""
+
 from typing import Any
 
 from .timm import timm

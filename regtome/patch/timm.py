@@ -2,9 +2,10 @@
 
 Only the model's class is swapped (for a subclass that overrides `forward_features`, `pool`,
 `forward_head` and `forward_intermediates`); the blocks keep timm's classes, and `regtome.blocks`
-runs each family with a merge inside (`regtome.forward.run_blocks` drives them). Per-forward state
-(sizes, kinds, sources, positions) travels through arguments, not shared lists.
+runs each family with a merge inside. The merging loop is `regtome.patch.base.PatchedModel`'s; this
+module supplies timm's hooks (embedding, blocks, layout, patch embedding, input size) and heads.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -12,33 +13,54 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope
-from timm.layers.diff_attention import DiffAttention
 from timm.models._features import feature_take_indices
-from timm.models.eva import Eva, EvaAttention
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from ..blocks import BLOCK_FORWARDS, block_attentions, merging_block_forward
-from ..forward import run_blocks
-from ..layout import DEFAULT_PROTECT, prefix_layout, prefix_schedule
+from ..blocks import merging_block_forward
+from ..layout import PrefixLayout
 from ..pooling import attention_pool_bias, kinds_scattered, leading_unpooled, pooled, size_weighted_pool
+from ..protection import DEFAULT_PROTECT
 from ..record import ForwardRecord
-from ..rope import rope_table
+from ..rope import timm_rope_table
 from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
-from .common import PatchedModel, patched_class, set_options, validate
-
-SUPPORTED_MODELS = (VisionTransformer, Eva)
-SELF_ATTENTIONS = (Attention, DiffAttention, EvaAttention, AttentionRope)
+from .base import Embedded, PatchedModel, original_class, patched_class, set_options, validate
+from .timm_support import SUPPORTED_MODELS, check_model
 
 
-def embed(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def timm_layout(model: nn.Module) -> PrefixLayout:
+    """The prefix of a timm VisionTransformer / Eva: `reg_token` holds the registers (DINOv3's storage tokens)."""
+    reg_token = getattr(model, "reg_token", None)
+    num_register = 0 if reg_token is None else int(reg_token.shape[1])
+    return PrefixLayout(num_class=model.num_prefix_tokens - num_register, num_register=num_register)
+
+
+def timm_input_size(model: nn.Module) -> tuple[int, int, int]:
+    return (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+
+
+def timm_parts(model: nn.Module) -> tuple[list[nn.Module], PrefixLayout, nn.Conv2d, tuple[int, int, int]]:
+    """Blocks, layout, patch convolution and input size of a timm model (TypeError for anything else)."""
+    if not isinstance(model, SUPPORTED_MODELS):
+        raise TypeError(
+            f"expected a timm VisionTransformer or Eva, or a model patched by regtome.patch.timm or "
+            f"regtome.patch.transformers; got {type(model).__name__}"
+        )
+    return list(model.blocks), timm_layout(model), model.patch_embed.proj, timm_input_size(model)
+
+
+def embed(model: nn.Module, images: torch.Tensor, depth: int) -> Embedded:
     """timm's steps before the blocks: the full sequence [prefix | patches], and for RoPE models the
-    rotary table (`regtome.rope.rope_table`; one per block for 'mixed' RoPE), else None."""
+    rotary table of each block (`regtome.rope`; 'mixed' RoPE has one per block)."""
     if not isinstance(model, Eva):
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))), None
+        return Embedded(model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))))
     x, rope = model._pos_embed(model.patch_embed(images))
-    return model.norm_pre(x), None if rope is None else rope_table(rope)
+    if rope is None:
+        return Embedded(model.norm_pre(x))
+    table = timm_rope_table(rope)
+    ropes = [table[i] for i in range(depth)] if getattr(model, "rope_mixed", False) else [table] * depth
+    return Embedded(model.norm_pre(x), ropes)
 
 
 class RegToMeVisionTransformer(PatchedModel):
@@ -48,14 +70,48 @@ class RegToMeVisionTransformer(PatchedModel):
     called on their own use the record of the last `forward_features`, checked against the input.
     """
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    regtome_block_forward = staticmethod(merging_block_forward)
+
+    # What timm's VisionTransformer / Eva (the class behind this mixin) provide, as read here.
+    blocks: nn.Sequential
+    patch_embed: Any
+    norm: nn.Module
+    fc_norm: nn.Module
+    head_drop: nn.Module
+    head: nn.Module
+    attn_pool: Optional[nn.Module]
+    global_pool: str
+    num_prefix_tokens: int
+    grad_checkpointing: bool
+
+    def regtome_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def regtome_layout(self) -> PrefixLayout:
+        return timm_layout(self)
+
+    def regtome_patch_conv(self) -> nn.Conv2d:
+        return self.patch_embed.proj
+
+    def regtome_input_size(self) -> tuple[int, int, int]:
+        return timm_input_size(self)
+
+    def regtome_embed(self, images: torch.Tensor, depth: int) -> Embedded:
+        return embed(self, images, depth)
+
+    def regtome_gradient_checkpointing(self) -> bool:
+        return bool(self.grad_checkpointing)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
         _refuse_masks(attn_mask, is_causal)
         x, record = self.regtome_features(x)
         return self._head(self.norm(x), record, pre_logits=False)
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                         is_causal: bool = False) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
         _refuse_masks(attn_mask, is_causal)
         return self.norm(self.regtome_features(x)[0])
 
@@ -64,32 +120,6 @@ class RegToMeVisionTransformer(PatchedModel):
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         return self._pool(x, self._record_for(x), pool_type)
-
-    def regtome_features(self, images: torch.Tensor, keep: frozenset = frozenset(), track_owner: bool = False,
-                         num_blocks: Optional[int] = None) -> tuple[torch.Tensor, ForwardRecord]:
-        """The merged tokens after the last block (before the final norm) and the record of the pass.
-
-        keep: blocks whose tokens the record keeps (`regtome.trace`). track_owner: also follow which
-        token every slot of timm's sequence went into (the record's tokens then carry it; see
-        `forward_intermediates`). num_blocks: stop after that many blocks."""
-        tokens, record, _ = self._run(images, keep, track_owner, num_blocks)
-        return tokens.x, record
-
-    def _run(self, images: torch.Tensor, keep: frozenset, track_owner: bool, num_blocks: Optional[int]):
-        r_per_block = validate(self)
-        layout = prefix_layout(self)
-        x, table = embed(self, images)
-        depth = len(self.blocks) if num_blocks is None else num_blocks
-        ropes = None
-        if table is not None:
-            ropes = [table[i] for i in range(depth)] if getattr(self, "rope_mixed", False) else [table] * depth
-        tokens, record, kept = run_blocks(
-            x, list(self.blocks)[:depth], merging_block_forward,
-            prefix_schedule(layout, self.protect, self.class_layer, self.register_layer, depth),
-            r_per_block, layout, self.protect, self.prop_attn, self.trace_source, ropes, keep, track_owner,
-            grad_checkpointing=self.grad_checkpointing)
-        self.regtome_record = record
-        return tokens, record, kept
 
     def forward_intermediates(
         self,
@@ -113,28 +143,41 @@ class RegToMeVisionTransformer(PatchedModel):
         """
         r_per_block = validate(self)
         if not any(r_per_block) and self.class_layer == 0 and self.register_layer == 0:
-            extra = {"output_dict": True} if output_dict else {}  # Eva's method has no output_dict
+            extra: dict[str, Any] = {"output_dict": True} if output_dict else {}  # Eva's method has none
             if attn_mask is not None or is_causal:
                 extra.update(attn_mask=attn_mask, is_causal=is_causal)
             return self._regtome_base.forward_intermediates(
-                self, x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
-                stop_early=stop_early, output_fmt=output_fmt, intermediates_only=intermediates_only, **extra)
+                self,
+                x,
+                indices=indices,
+                return_prefix_tokens=return_prefix_tokens,
+                norm=norm,
+                stop_early=stop_early,
+                output_fmt=output_fmt,
+                intermediates_only=intermediates_only,
+                **extra,
+            )
         _refuse_masks(attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        tokens, _, kept = self._run(x, frozenset(take_indices), track_owner=True,
-                                    num_blocks=max_index + 1 if stop_early else None)
-        intermediates = [unmerge_to_grid(self.norm(t.x) if norm else t.x, t.owner)
-                         for t in (kept[i] for i in take_indices)]
+        depth = max_index + 1 if stop_early else len(self.blocks)
+        merged = self.regtome_run(
+            self.regtome_embed(x, depth), keep=frozenset(take_indices), track_owner=True, depth=depth
+        )
+        tokens, kept = merged.tokens, merged.kept
+        intermediates = [
+            unmerge_to_grid(self.norm(t.x) if norm else t.x, t.owner) for t in (kept[i] for i in take_indices)
+        ]
         p = self.num_prefix_tokens
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
         intermediates = [y[:, p:] for y in intermediates]
         if output_fmt == "NCHW":
             grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
+            intermediates = [
+                y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+            ]
         final = None if intermediates_only else unmerge_to_grid(self.norm(tokens.x), tokens.owner)
         if output_dict:
             out: dict[str, Any] = {"image_intermediates": intermediates}
@@ -185,7 +228,7 @@ class RegToMeVisionTransformer(PatchedModel):
                 x, size, record = x[:, start:], size[:, start:], _sliced(record, start)
         if self.attn_pool is not None:
             return self.attn_pool(x, attn_mask=attention_pool_bias(record, x.dtype, keep))
-        return size_weighted_pool(x, size, pool_type, keep)
+        return size_weighted_pool(x, size, pool_type or self.global_pool, keep)
 
     # Read-only views of the last record, kept for code written against the first release.
     @property
@@ -209,30 +252,6 @@ def _sliced(record: ForwardRecord, start: int) -> ForwardRecord:
 def _refuse_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
         raise ValueError("RegToMe does not support attn_mask/is_causal; call regtome.remove_patch(model) first")
-
-
-def check_model(model: nn.Module) -> None:
-    """Refuse, naming why, every model whose forward RegToMe could not reproduce exactly at r=0."""
-    if not isinstance(model, SUPPORTED_MODELS):
-        reason = {"VisionTransformerRelPos": ": its relative-position bias table is indexed by grid position, "
-                  "which merged tokens no longer have"}.get(type(model).__name__, "")
-        raise TypeError(f"regtome.patch.timm needs a timm VisionTransformer or Eva (or subclass), "
-                        f"got {type(model).__name__}{reason}")
-    for i, block in enumerate(model.blocks):
-        if type(block) not in BLOCK_FORWARDS:
-            raise TypeError(f"block {i} is a {type(block).__name__}; RegToMe supports "
-                            f"{', '.join(sorted(c.__name__ for c in BLOCK_FORWARDS))}")
-        for attn in block_attentions(block):
-            if attn is not block and type(attn) not in SELF_ATTENTIONS:
-                raise TypeError(f"block {i} uses {type(attn).__name__}; RegToMe supports "
-                                f"{', '.join(c.__name__ for c in SELF_ATTENTIONS)}")
-    attn_pool = getattr(model, "attn_pool", None)
-    if attn_pool is not None and type(attn_pool) is not AttentionPoolLatent:
-        raise TypeError(f"global_pool={model.global_pool!r} uses {type(attn_pool).__name__}, which cannot weigh "
-                        "merged tokens; RegToMe supports AttentionPoolLatent ('map'), 'token', 'avg', 'avgmax', 'max'")
-    if isinstance(model, Eva) and model.patch_drop is not None:
-        raise TypeError("patch dropout (patch_drop_rate > 0) on an Eva model gives each image its own rotary "
-                        "table, which RegToMe does not follow; build the model with patch_drop_rate=0")
 
 
 def timm(
@@ -261,8 +280,16 @@ def timm(
         register_layer: block at which the register tokens enter the network.
     """
     check_model(model)
-    base = getattr(model, "_regtome_base", type(model))
-    model.__class__ = patched_class(RegToMeVisionTransformer, base)
-    set_options(model, dict(r=r, prop_attn=prop_attn, trace_source=trace_source, protect=protect,
-                            class_layer=class_layer, register_layer=register_layer))
+    model.__class__ = patched_class(RegToMeVisionTransformer, original_class(model))
+    set_options(
+        model,
+        dict(
+            r=r,
+            prop_attn=prop_attn,
+            trace_source=trace_source,
+            protect=protect,
+            class_layer=class_layer,
+            register_layer=register_layer,
+        ),
+    )
     return model

@@ -1,0 +1,39 @@
+"""The images a task looks at: images=PATH (a file or a folder of images), else the data set's validation split."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from .datasets import DatasetError, build_datasets
+from .transforms import build_transform
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def load_images(cfg: DictConfig, inputs: dict[str, Any], classes: Optional[list[str]], count: int
+                ) -> list[tuple[str, torch.Tensor, Optional[int]]]:
+    """(name, image tensor, true label or None) for images=PATH (file or folder) or the data set's val split."""
+    transform = build_transform(inputs, native_size=int(cfg.dataset.native_size), is_training=False, augment=False,
+                                on_device=False)
+    if cfg.images:
+        root = Path(str(cfg.images))
+        if not root.exists():
+            raise DatasetError(f"images={root} does not exist; give an image file or a folder of images")
+        files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
+        out = []
+        for file in files:
+            try:
+                out.append((file.stem, transform(Image.open(file).convert("RGB")), None))
+            except OSError as err:
+                raise DatasetError(f"cannot read image {file} ({err})") from err
+        return out
+    dataset = build_datasets(cfg.dataset, inputs, augment=False, splits=("val",), seed=cfg.seed, on_device=False,
+                             classes=classes)["val"]
+    count = min(count, len(dataset))
+    return [(f"sample_{i}", *dataset[i]) for i in range(count)]

@@ -1,0 +1,161 @@
+"""What main.py does around Hydra: check the command line, claim the run folder, name it, report errors.
+
+Nothing here runs at import; main.py calls these functions. The order matters for an honest record:
+every key and value is checked (`engine.cli.command_line`), then the run folder is claimed
+(`engine.run.folder_claim`: a lock, and the rules for resuming or overwriting), and only then does
+Hydra write into it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import UserError, one_line
+from ..run.folder_claim import RunLock, check_folder, discard_new_folder, move_aside
+from ..tasks import TASKS
+from .command_line import GROUP_HINTS, check_command_line, run_dir_of
+
+
+def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
+    """The first problem with the values given for `key` (every value of a sweep), or None."""
+    if key in ("tome.protect", "tome.r", "benchmark.r"):
+        import regtome  # torch: only for the keys that need the library's rules
+    folder = configs / key
+    for value in values:
+        if key == "task" and value not in TASKS:
+            return f"unknown task {value!r}; use task={', '.join(TASKS)}"
+        if folder.is_dir() and value is not None:
+            options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+            if str(value) not in options:
+                return f"unknown {key} {value!r}; choose one of {', '.join(options)}{GROUP_HINTS.get(key, '')}"
+        if key == "tome.protect" and value not in regtome.PROTECT_MODES:
+            return f"tome.protect={value}: choose one of {', '.join(regtome.PROTECT_MODES)}"
+        if key == "tome.r" and value is not None:
+            try:
+                regtome.r_from_config(value)
+            except ValueError as err:
+                return f"{key}={str(value).replace(' ', '')}: {err}"
+        if key == "tome.flops" and value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
+            return f"tome.flops={value}: a fraction of the unmerged model's GFLOPs in (0, 1], e.g. tome.flops=0.5"
+        if key == "benchmark.r":
+            for r in value if isinstance(value, list) else [value]:
+                try:
+                    regtome.r_from_config(r)
+                except ValueError as err:
+                    return f"{key} entry {str(r).replace(' ', '')}: {err}"
+    return None
+
+
+@dataclass
+class Claim:
+    """The run folder this process works in (single runs), and whether this command created it."""
+
+    folder: Optional[Path] = None
+    created: bool = False
+    lock: Optional[RunLock] = None
+    mode: str = "new"  # new | resume | overwrite
+
+
+CLAIM = Claim()  # the claim of this process (main.py's single run)
+
+
+def prepare(argv: list[str], configs: Path) -> list[str]:
+    """Check the command line and claim the run folder; returns the arguments for Hydra.
+
+    Raises UserError (nothing written anywhere) for any problem.
+    """
+    register_resolvers()
+    if {"-m", "--multirun"} & set(argv):
+        from ..run.folder_name import run_id
+
+        # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
+        os.environ.setdefault("REGTOME_RUN_ID", run_id())
+    checked = check_command_line(argv, configs, functools.partial(check_values, configs=configs))
+    hydra_argv = list(checked.argv)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        # Under torchrun only rank 0 writes: the other ranks share its run directory but leave no files.
+        return hydra_argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    if checked.multirun or not checked.runs:
+        return hydra_argv  # each job of a sweep claims its own folder when it starts (`claim_job_folder`)
+    folder = run_dir_of(checked.cfg)
+    if folder is None:
+        return hydra_argv
+    trainer = checked.cfg.trainer
+    created = not folder.exists()
+    lock = RunLock(folder).acquire()  # first: a second process is told who holds the folder
+    try:
+        mode = check_folder(folder, checked.cfg.task, bool(trainer.resume), bool(trainer.overwrite))
+    except UserError:
+        lock.release()
+        discard_new_folder(folder, created)
+        raise
+    CLAIM.folder, CLAIM.created, CLAIM.lock, CLAIM.mode = folder, created, lock, mode
+    if mode == "overwrite":
+        move_aside(folder)
+    hydra_argv.append(f"hydra.run.dir={folder}")  # exactly the folder that was checked and locked
+    if mode == "resume":
+        hydra_argv.append("hydra.output_subdir=null")  # the run's .hydra/ keeps the config it started with
+    return hydra_argv
+
+
+def claim_job_folder(folder: Path, cfg: DictConfig) -> None:
+    """A job of a sweep (or a requeued SLURM job) locks its own folder when it starts."""
+    if CLAIM.lock is None and int(os.environ.get("RANK", "0")) == 0:
+        CLAIM.folder, CLAIM.lock = folder, RunLock(folder).acquire()
+
+
+def release() -> None:
+    """Give the lock back (each job of a sweep run in one process takes and releases its own)."""
+    if CLAIM.lock is not None:
+        CLAIM.lock.release()
+        CLAIM.lock = None
+
+
+def register_resolvers() -> None:
+    """${run_id:} and ${run_name:} for hydra.run.dir and hydra.sweep.dir (Hydra carries them into SLURM jobs)."""
+    from ..run.folder_name import run_id
+
+    OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
+def run_name(_root_: DictConfig) -> str:
+    """'<dataset>_<model label>' of what the run builds: with ckpt=PATH, the checkpoint's data set and model;
+    visualize and export with images=PATH: 'images_<model label>'."""
+    from ..models.build import model_label
+
+    dataset, model = _root_.dataset, _root_.model
+    saved = _saved_config(str(_root_.ckpt)) if _root_.get("ckpt") else None
+    if saved is not None:
+        dataset, model = saved.get("dataset", dataset), saved.get("model", model)
+    task = TASKS.get(str(_root_.get("task")))
+    data_name = "images" if _root_.get("images") and task is not None and task.reads_images else dataset["name"]
+    try:
+        return f"{data_name}_{model_label(model)}"
+    except Exception:  # an incomplete model group: the task reports it; the folder keeps the plain name
+        return f"{data_name}_{model['name']}"
+
+
+@functools.lru_cache(maxsize=4)
+def _saved_config(path: str) -> Optional[dict[str, Any]]:
+    """The config inside a checkpoint (memory-mapped: its tensors are not read), or None."""
+    import torch
+
+    from .compat import upgrade_config
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return upgrade_config(checkpoint["config"])
+    except Exception:  # a bad checkpoint is reported by the task itself
+        return None
+
+
+def report_error(err: BaseException) -> None:
+    print(f"error: {one_line(err)}", file=sys.stderr)

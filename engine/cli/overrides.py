@@ -1,0 +1,54 @@
+"""Rebuild a run from a checkpoint's saved config, keeping what this command line says explicitly."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..run.checkpoint import check_same_architecture, load_checkpoint
+from .compat import saved_config
+
+
+def override_keys(overrides: Iterable[str]) -> list[str]:
+    """'tome.r=16' -> 'tome.r'; '+x=1' -> 'x'; 'dataset=cifar100' -> 'dataset'."""
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+
+
+def apply_overrides(saved: DictConfig, current: DictConfig, overrides: Iterable[str],
+                    groups: Iterable[str]) -> DictConfig:
+    """`saved`, with the keys of `groups` that the command line set taken from `current`."""
+    result = saved.copy()
+    groups = tuple(groups)
+    for key in override_keys(overrides):
+        group = key.split(".", 1)[0]
+        if group not in groups:
+            continue
+        if key == group:  # a group switch (dataset=cifar100) replaces the whole group
+            OmegaConf.update(result, group, OmegaConf.select(current, group), merge=False, force_add=True)
+        else:
+            OmegaConf.update(result, key, OmegaConf.select(current, key), merge=False, force_add=True)
+    return result
+
+
+def overrides_group(overrides: Iterable[str], group: str) -> bool:
+    return any(k.split(".", 1)[0] == group for k in override_keys(overrides))
+
+
+def config_from_checkpoint(cfg: DictConfig, overrides: list[str]
+                           ) -> tuple[DictConfig, Optional[dict[str, torch.Tensor]], Optional[list[str]]]:
+    """With ckpt=PATH: take model, dataset and tome from the checkpoint's saved config (keys set on
+    this command line win); return it, the weights (the EMA weights when it has them) and the
+    checkpoint's class names (None when it did not save them)."""
+    if not cfg.get("ckpt"):
+        return cfg, None, None
+    checkpoint = load_checkpoint(cfg.ckpt)
+    saved = saved_config(checkpoint, cfg.ckpt)
+    effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
+    if overrides_group(overrides, "model"):
+        check_same_architecture(saved.model, effective.model, cfg.ckpt)
+    rebuilt = cfg.copy()
+    with open_dict(rebuilt):  # the saved groups replace the composed ones whole
+        rebuilt.model, rebuilt.dataset, rebuilt.tome = effective.model, effective.dataset, effective.tome
+    weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+    return rebuilt, weights, checkpoint.get("classes")

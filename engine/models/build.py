@@ -1,0 +1,185 @@
+"""Build the model of the `model` and `tome` config groups (timm here; transformers in `transformers.py`),
+patched, with its label and the data config it expects."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import timm
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from timm.data import resolve_model_data_config
+
+import regtome
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def r_option(value: Any, key: str = "tome.r") -> Any:
+    """An r from the config as regtome takes it (`regtome.r_from_config` holds the one rule)."""
+    try:
+        return regtome.r_from_config(value)
+    except ValueError as err:
+        raise UserError(f"{key}={_compact(value)}: {err}") from err
+
+
+def _compact(value: Any) -> str:
+    return str(value).replace(" ", "")
+
+
+def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The tome group as regtome.patch keyword arguments (r is 0 until tome.flops chooses it)."""
+    tome = OmegaConf.to_container(tome_cfg, resolve=True) if isinstance(tome_cfg, DictConfig) else dict(tome_cfg)
+    r = 0 if tome.get("flops") is not None else tome["r"]
+    if r is None:
+        raise UserError("tome.r is null: set tome.r=INT (or tome.flops=FRACTION to choose r from a FLOP budget)")
+    return dict(r=r_option(r), prop_attn=bool(tome["prop_attn"]), protect=tome["protect"],
+                class_layer=int(tome.get("class_layer", 0)), register_layer=int(tome.get("register_layer", 0)))
+
+
+def model_label(model_cfg: Mapping[str, Any]) -> str:
+    """A name for what is built: timm's name (or 'hf-' and the hub id), plus the architecture settings
+    the config changes.
+
+    'vit_small_patch16_224' with patch 4, depth 9, width 192, 4 registers at 32 px ->
+    'vit_small_patch16_224-patch4-depth9-dim192-heads3-reg4-32px'.
+    """
+    name = str(model_cfg["name"])
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    short = {"patch_size": "patch", "embed_dim": "dim", "num_heads": "heads"}
+    if is_transformers(model_cfg):  # a hub id (org/name) as the hub's cache spells it: no '/' in a folder name
+        parts = ["hf-" + name.replace("/", "--")] + [f"{k}{v}" for k, v in kwargs.items()]
+        return "-".join(parts + [f"{model_cfg['img_size']}px"])
+    parts = [name] + [f"{short.get(k, k)}{v}" for k, v in kwargs.items()]
+    if model_cfg.get("registers") is not None:
+        parts.append(f"reg{model_cfg['registers']}")
+    default_size = timm.get_pretrained_cfg_value(name, "input_size") if timm.is_model(name) else None
+    if not default_size or int(model_cfg["img_size"]) != default_size[-1]:
+        parts.append(f"{model_cfg['img_size']}px")
+    return "-".join(parts)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def register_argument(name: str) -> str:
+    """The create_model argument for the register count: timm's Eva models (DINOv3, EVA-02) call it num_reg_tokens."""
+    return "num_reg_tokens" if timm.models.model_entrypoint(name).__module__.endswith(".eva") else "reg_tokens"
+
+
+def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """timm.create_model from the model group (weights from the hub or model.pretrained_file)."""
+    name = model_cfg["name"]
+    if not timm.is_model(name):
+        raise UserError(f"unknown model {name!r}; list ViTs with: python -c \"import timm; print(timm.list_models('vit_*'))\"")
+    kwargs: dict[str, Any] = dict(model_cfg.get("kwargs") or {})
+    kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
+    if model_cfg.get("registers") is not None:
+        kwargs[register_argument(name)] = int(model_cfg["registers"])
+    pretrained_file = model_cfg.get("pretrained_file")
+    if pretrained_file:
+        if not os.path.isfile(pretrained_file):
+            raise UserError(f"model.pretrained_file {pretrained_file} does not exist; give a .pth/.safetensors file")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    pretrained = bool(model_cfg.get("pretrained") or pretrained_file)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, ConnectionError) as err:
+        if not pretrained:
+            raise
+        raise UserError(f"could not fetch pretrained weights for {name} ({_first_line(err)}); "
+                        "without network, set model.pretrained_file=PATH") from err
+    except RuntimeError as err:
+        if not pretrained:  # not a weights problem: report what timm said
+            raise UserError(f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({_first_line(err)}); "
+                            "check model.kwargs") from err
+        registers = kwargs.get(register_argument(name), "its")
+        raise UserError(f"pretrained weights do not fit {name} with {registers} registers "
+                        f"({_first_line(err)}); set model.registers=null") from err
+    except TypeError as err:  # e.g. a CNN has no img_size / reg_tokens
+        raise UserError(f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
+                        "VisionTransformer, and model.kwargs must be arguments it takes") from err
+
+
+def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
+    return model_cfg.get("source", "timm") == "transformers"
+
+
+def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int,
+                trace_source: bool = False) -> nn.Module:
+    """The model group's model (timm, or Hugging Face transformers with model.source=transformers),
+    patched with the tome group's options; tome.flops chooses r from a FLOP budget."""
+    options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
+    if is_transformers(model_cfg):
+        from .transformers import create_transformers_model
+
+        model, patch = create_transformers_model(model_cfg, num_classes), regtome.patch.transformers
+    else:
+        model, patch = create_timm_model(model_cfg, num_classes), regtome.patch.timm
+    try:
+        patch(model, trace_source=trace_source, **options)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"cannot apply RegToMe to {model_cfg['name']}: {err}") from err
+    fraction = tome_cfg.get("flops")
+    if fraction is not None:  # r from a FLOP budget (tome.flops), instead of tome.r
+        size = int(model_cfg["img_size"])
+        try:
+            r = regtome.r_for_flops(model, float(fraction), (3, size, size))
+        except ValueError as err:
+            raise UserError(f"tome.flops={fraction}: {err}") from err
+        patch(model, trace_source=trace_source, **(options | {"r": r}))
+        reached = regtome.schedule_gflops(model, r, (3, size, size)) / regtome.schedule_gflops(model, 0, (3, size, size))
+        log.info("tome.flops=%s: r=%s (%.3f of the unmerged model's GFLOPs)", fraction, _compact(r), reached)
+    return model
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor (timm), transformers' classifier output, or for a
+    transformers base model its pooler output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    return logits if logits is not None else output.pooler_output
+
+
+def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's data config (mean/std, interpolation, crop) at the model's input size (model.img_size);
+    for transformers models, their image processor's statistics.
+
+    Pretrained models always use their own normalisation; a model trained from scratch uses the
+    data set's mean/std when the data set gives them.
+    """
+    if is_transformers(model_cfg):
+        from .transformers import transformers_data_config
+
+        config = transformers_data_config(model_cfg, int(model_cfg["img_size"]))
+    else:
+        config = resolve_model_data_config(model)
+    config["input_size"] = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
+    pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_file") or model_cfg.get("pretrained_dir"))
+    if not pretrained and dataset_cfg.get("mean") is not None:
+        config["mean"], config["std"] = tuple(dataset_cfg["mean"]), tuple(dataset_cfg["std"])
+    return config
+
+
+def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
+    """Say once when the cap (half the mergeable tokens per block) lowers the requested r."""
+    size = int(cfg.model.img_size)
+    param = next(model.parameters())
+    with torch.no_grad(), regtome.options(model, trace_source=False):
+        was_training = model.training
+        model.eval()
+        regtome.trace(model, torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype), blocks=[])
+        model.train(was_training)
+    requested = list(regtome.last_forward(model).r_requested)
+    applied = list(regtome.last_forward(model).r)
+    if applied != requested:
+        capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
+        log.warning("tome.r=%s is beyond the cap (half the mergeable tokens) in %d of %d blocks (first: block %d); "
+                    "applied r per block: %s", _compact(model.r),
+                    len(capped), len(applied), capped[0], applied)

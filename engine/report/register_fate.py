@@ -1,0 +1,83 @@
+"""Where the registers go when they are not protected (protect="class", ToMe's rule, or "apart").
+
+After each block, every register token sits in one output token. That token is the register
+alone, the register merged with other registers only, or a token that also holds patches.
+Counted over a data set with `trace_source`, per block and per register.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import regtome
+
+FATES = ("alone", "with_registers", "with_patches")
+
+
+@torch.no_grad()
+def register_fates(model: nn.Module, loader: DataLoader, device: torch.device,
+                   prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
+                   protect: str = "class") -> dict[str, Any]:
+    """Counts[block][register][fate] over every image of `loader`, at the model's current r."""
+    layout = regtome.prefix_layout(model)
+    if layout.num_register == 0:
+        raise ValueError("the model has no register tokens")
+    nc, p = layout.num_class, layout.num_prefix
+    depth = model.regtome_num_blocks
+    counts = torch.zeros(depth, layout.num_register, len(FATES), dtype=torch.long)
+    images_seen, cosine_sum, schedule = 0, 0.0, None
+    model.eval()
+    for images, _ in loader:
+        images = prepare(images.to(device))
+        with regtome.options(model, r=0):  # how alike the registers' output features are, unmerged
+            registers = torch.nn.functional.normalize(model.forward_features(images)[:, nc:p].float(), dim=-1)
+        cosine = registers @ registers.transpose(1, 2)
+        off_diagonal = layout.num_register * (layout.num_register - 1)
+        cosine_sum += float((cosine.sum(dim=(1, 2)) - layout.num_register).sum()) / max(off_diagonal, 1)
+        with regtome.options(model, protect=protect):
+            record = regtome.trace(model, images)  # one pass, every block
+        schedule = list(record.r_requested)
+        for block in range(depth):
+            source = record.blocks[block].source  # (B, T, N)
+            for j in range(layout.num_register):
+                column = source[:, :, nc + j]  # (B, T): which output token holds register j
+                row = column.argmax(dim=1)
+                holder = source[torch.arange(len(row)), row]  # (B, N)
+                patches = holder[:, p:].sum(dim=1)
+                registers = holder[:, nc:p].sum(dim=1)
+                fate = torch.where(patches > 0, 2, torch.where(registers > 1, 1, 0))
+                counts[block, j] += torch.bincount(fate.cpu(), minlength=len(FATES))
+        images_seen += len(images)
+    return {"r_per_block": schedule, "protect": protect, "images": images_seen, "fates": list(FATES),
+            "register_cosine_unmerged": cosine_sum / max(images_seen, 1),
+            "counts": counts.tolist(),
+            "fractions_per_block": {fate: (counts[:, :, i].sum(dim=1).float() / counts[0].sum().clamp(min=1)).tolist()
+                                    for i, fate in enumerate(FATES)}}
+
+
+def plot_fates(summary: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = summary["fractions_per_block"]
+    blocks = list(range(len(fractions["alone"])))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    bottom = [0.0] * len(blocks)
+    colours = {"alone": "#4c72b0", "with_registers": "#dd8452", "with_patches": "#c44e52"}
+    for fate in FATES:
+        values = [100 * v for v in fractions[fate]]
+        ax.bar(blocks, values, bottom=bottom, color=colours[fate], label=fate.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xlabel("after block")
+    ax.set_ylabel("% of register tokens")
+    ax.set_xticks(blocks)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

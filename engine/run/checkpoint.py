@@ -1,0 +1,140 @@
+"""Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file, and a training run's save and restore."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
+
+
+def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    A process killed at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a RegToMe checkpoint with weights_only=True: a checkpoint can never run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass ckpt=PATH to a checkpoints/last.pt or best.pt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a damaged file
+        if _unsafe_globals(path):  # pickled callables (classes, functions): exactly what may run code
+            raise CheckpointHoldsCode(
+                f"checkpoint {path} holds Python objects that weights_only loading refuses (they could run code); "
+                "re-save it with tensors and plain types only"
+            ) from err
+        raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt ({_reason(err)}); "
+                                "use another checkpoint") from err
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise UserError(f"{path} is not a RegToMe checkpoint (no 'model' and 'config'); for raw timm weights "
+                        "use model.pretrained_file=PATH")
+    return checkpoint
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The callables a torch checkpoint pickles that weights_only loading does not allow ([] if unreadable)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch zip file at all: corrupt, not code
+        return []
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of a torch.load error (torch wraps it in paragraphs of general advice)."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(boilerplate)]
+    return (specific or lines or [type(err).__name__])[0][:200]
+
+
+def _architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("name", "registers", "img_size", "kwargs")
+    return {k: model_cfg.get(k) for k in keys}
+
+
+def check_same_architecture(saved: Mapping[str, Any], wanted: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Name every architecture setting where a checkpoint's model config differs from the wanted one."""
+    saved_arch, wanted_arch = _architecture(saved), _architecture(wanted)
+    diffs = [f"model.{k}: checkpoint {saved_arch[k]!r}, config {wanted_arch[k]!r}"
+             for k in saved_arch if saved_arch[k] != wanted_arch[k] and k != "img_size"]
+    if diffs:
+        raise UserError(f"checkpoint {path} is another architecture ({'; '.join(diffs)}); "
+                        "drop the model overrides or use a matching checkpoint")
+
+
+def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """load_state_dict(strict) with a one-line error naming the mismatching tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                 f"shape {shapes[:3]}" if shapes else ""]
+        raise UserError(f"checkpoint {path} does not fit the model ({'; '.join(p for p in parts if p)}); "
+                        "check model.name and model.registers")
+    model.load_state_dict(state_dict)
+
+
+def training_checkpoint(model: torch.nn.Module, opt: Any, state: Mapping[str, Any], config: Mapping[str, Any],
+                        rng: Mapping[str, Any], classes: Any = None) -> dict[str, Any]:
+    """Everything a resumed run restores: weights (and EMA), optimizer, schedule, scaler, state, RNGs, config."""
+    return {
+        "model": model.state_dict(),
+        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict(),
+        "state": dict(state),
+        "rng": dict(rng),
+        "config": dict(config),
+        "classes": classes,
+    }
+
+
+def restore_training(model: torch.nn.Module, opt: Any, checkpoint: Mapping[str, Any], path: str | os.PathLike,
+                     same_length: bool) -> dict[str, Any]:
+    """Load a `training_checkpoint` into the model and `opt`; returns its saved state.
+
+    same_length: the run's epochs are unchanged; a run extended with more epochs keeps the schedule
+    built for the new length instead of the saved one."""
+    load_weights(model, checkpoint["model"], path)
+    if opt.ema is not None and checkpoint.get("ema") is not None:
+        opt.ema.module.load_state_dict(checkpoint["ema"])
+    opt.optimizer.load_state_dict(checkpoint["optimizer"])
+    if same_length:
+        opt.scheduler.load_state_dict(checkpoint["scheduler"])
+    opt.scaler.load_state_dict(checkpoint["scaler"])
+    return dict(checkpoint["state"])
+
+
+def save_training(checkpoint: Mapping[str, Any], folder: Path, best: bool) -> None:
+    """last.pt always, best.pt too when this state is the best so far (both written atomically)."""
+    atomic_save(checkpoint, folder / "last.pt")
+    if best:
+        atomic_save(checkpoint, folder / "best.pt")

@@ -1,0 +1,135 @@
+"""Device, threads, loader workers, mixed precision, seeds and the random states a resumed run must restore."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, ContextManager, Optional
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+MAX_DEFAULT_WORKERS = 4
+log = logging.getLogger(__name__)
+_said: set[str] = set()  # warnings given once per process
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """runtime.device as a torch device. auto without a GPU runs on the CPU and says so once per run."""
+    if name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"runtime.device must be auto, cuda or cpu, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device=cuda but no CUDA GPU is visible; use runtime.device=auto or cpu")
+    if name == "auto" and not torch.cuda.is_available():
+        if "no_cuda" not in _said:
+            _said.add("no_cuda")
+            log.warning("no CUDA GPU found: running on the CPU (slow), in fp32 unless runtime.amp asks for bf16 "
+                        "(runtime.device=cpu says it and silences this)")
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank) if name != "cpu" else torch.device("cpu")
+
+
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers, SLURM)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = (Path(cgroup_root) / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def configure_threads(threads: Optional[int]) -> int:
+    """Set torch's CPU threads to runtime.threads, or to the cores this process may use; returns the count.
+
+    torch's default counts the machine's cores, which oversubscribes a process pinned to fewer cores
+    (taskset, a SLURM allocation, a container quota): its threads then wait on each other."""
+    count = int(threads) if threads is not None else available_cores()
+    if count < 1:
+        raise UserError(f"runtime.threads must be null or >= 1, got {threads!r}")
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+def loader_workers(num_workers: Optional[int]) -> int:
+    """runtime.num_workers, or by default the cores this process may use (at most 4)."""
+    if num_workers is None:
+        return min(MAX_DEFAULT_WORKERS, available_cores())
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise UserError(f"runtime.num_workers must be null or an int >= 0, got {num_workers!r}")
+    return num_workers
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for runtime.amp, or None for fp32.
+
+    auto: bf16 on a CUDA GPU that supports it (fp16 on older ones, e.g. V100), fp32 on the CPU.
+    bf16/fp16 are used as asked, on any device (fp16 on the CPU is slow: a warning says so).
+    """
+    if amp not in ("auto", *AMP_DTYPES):
+        raise UserError(f"runtime.amp must be auto, bf16, fp16 or off, got {amp!r}")
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type == "cpu":
+        warnings.warn("runtime.amp=fp16 on the CPU is much slower than fp32 (about 13x measured); "
+                      "use runtime.amp=off or bf16", stacklevel=2)
+    return AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, in types that load with torch.load(weights_only=True)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU, so wall-clock timings measure finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,71 @@
+"""The set-up every task shares: where it runs (device, precision, threads, processes) and the model.
+
+`open_session(cfg)` is the one place that reads the `runtime` group: it joins torchrun's process
+group, builds the patched model from the `model` and `tome` groups, loads weights and works out
+the data config. Every task (and the scripts) start from it and read the runtime only through it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from data import input_transform
+
+from ..errors import UserError
+from ..models.build import build_model, data_config, report_capped_r
+from .checkpoint import load_weights
+from .distributed import DistInfo, init_distributed
+from .runtime import amp_dtype, configure_threads, loader_workers, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """device, dtype (None: fp32), info (ranks), model (patched, on the device), inputs (timm's data
+    config), prepare (what the device does to a batch first), workers (loader processes),
+    eval_batch_size (every evaluation's batch)."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    info: DistInfo
+    model: nn.Module
+    inputs: dict[str, Any]
+    prepare: nn.Module
+    workers: int
+    eval_batch_size: int
+
+
+def check_eval_batch_size(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"runtime.eval_batch_size must be an int >= 1, got {value!r}")
+    return value
+
+
+def open_session(cfg: DictConfig, num_classes: int, weights: Optional[Mapping[str, torch.Tensor]] = None,
+                 weights_path: Any = None, trace_source: bool = False, distributed: bool = True) -> Session:
+    """Device, threads and workers from `runtime`, the model from `model` + `tome` with `weights`."""
+    runtime = cfg.runtime
+    eval_batch_size = check_eval_batch_size(runtime.eval_batch_size)
+    workers = loader_workers(runtime.get("num_workers"))
+    configure_threads(runtime.get("threads"))
+    use_cuda = runtime.device != "cpu" and torch.cuda.is_available()
+    info = init_distributed(use_cuda=use_cuda) if distributed else DistInfo()
+    device = resolve_device(runtime.device, info.local_rank)
+    dtype = amp_dtype(runtime.amp, device)
+    seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(cfg.model, cfg.tome, num_classes, trace_source=trace_source)
+    if weights is not None:
+        load_weights(model, weights, weights_path)
+    model.to(device)
+    report_capped_r(model, cfg)
+    inputs = data_config(model, cfg.model, cfg.dataset)
+    prepare = input_transform(cfg.dataset, inputs)
+    prepare = prepare.to(device) if prepare is not None else nn.Identity()
+    return Session(device=device, dtype=dtype, info=info, model=model, inputs=inputs, prepare=prepare,
+                   workers=workers, eval_batch_size=eval_batch_size)

@@ -1,0 +1,143 @@
+"""Evaluation: top-1/top-5, loss and model images/s, counting every sample once under DDP;
+per-sample predictions in data set order (predictions.csv)."""
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from data import build_datasets, class_names, count_classes
+
+from ..cli.overrides import config_from_checkpoint
+from ..errors import UserError
+from ..models.build import logits_of
+from ..run.distributed import DistInfo, all_reduce_sum
+from ..run.results import run_record, write_results
+from ..run.runtime import autocast, synchronize
+from ..run.session import open_session
+
+log = logging.getLogger(__name__)
+PREDICTION_COLUMNS = ("index", "target", "pred", "correct", "prob")
+
+
+def shard(dataset: Dataset, info: DistInfo) -> Dataset:
+    """Rank r gets samples r, r + W, r + 2W, ...: no padding, so nothing is counted twice."""
+    return Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, info: DistInfo) -> DataLoader:
+    return DataLoader(shard(dataset, info), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: Optional[torch.dtype],
+             info: DistInfo, prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(), desc: str = "eval",
+             predictions: Optional[list[tuple]] = None) -> dict[str, Any]:
+    """Loss, top-1, top-5 and model images/s over the loader (all ranks).
+
+    With `predictions` (a list), rank 0 gets one (index, target, pred, correct, prob) row per sample,
+    in data set order.
+    """
+    model.eval()
+    with tqdm(loader, desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True) as batches:
+        totals, rows, model_seconds = _run_batches(model, batches, device, dtype, prepare, predictions is not None)
+    loss_sum, top1, top5, count = all_reduce_sum(totals, info).tolist()
+    seconds = all_reduce_sum(torch.tensor([model_seconds], device=device, dtype=torch.float64), info).item()
+    if predictions is not None:
+        predictions.extend(_gather_in_order(rows, info))
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
+            "samples": int(count), "images_per_s": count / max(seconds / info.world_size, 1e-9)}
+
+
+def _run_batches(model: nn.Module, batches: Any, device: torch.device, dtype: Optional[torch.dtype],
+                 prepare: Callable[[torch.Tensor], torch.Tensor], keep_rows: bool
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Sums (loss, top-1, top-5, samples), per-sample (target, pred, prob) rows, and seconds in the model."""
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    rows: list[torch.Tensor] = []
+    model_seconds = 0.0
+    for images, targets in batches:
+        images, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            logits = logits_of(model(images))
+        synchronize(device)
+        model_seconds += time.perf_counter() - start
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top5 == targets[:, None]
+        totals += torch.stack([
+            F.cross_entropy(logits, targets, reduction="sum").double(),
+            hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(), torch.tensor(len(targets), device=device).double(),
+        ])
+        if keep_rows:
+            prob = logits.softmax(dim=-1).max(dim=-1).values
+            rows.append(torch.stack([targets.double(), top5[:, 0].double(), prob.double()], dim=1).cpu())
+    return totals, rows, model_seconds
+
+
+def _gather_in_order(rows: list[torch.Tensor], info: DistInfo) -> list[tuple]:
+    """Per-sample rows of every rank, in data set order (rank r holds samples r, r + W, ...)."""
+    local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    shards = [local]
+    if info.enabled:
+        shards = [None] * info.world_size
+        dist.all_gather_object(shards, local)
+    out = []
+    for rank, part in enumerate(shards):
+        for i, (target, pred, prob) in enumerate(part.tolist()):
+            index = rank + i * len(shards)
+            out.append((index, int(target), int(pred), int(target == pred), prob))
+    return sorted(out)
+
+
+def write_predictions(path: Path, rows: list[tuple]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(PREDICTION_COLUMNS)
+        writer.writerows((i, t, p, c, f"{prob:.6f}") for i, t, p, c, prob in rows)
+
+
+def checkpoint_classes(cfg: DictConfig, saved: Optional[list[str]]) -> Optional[list[str]]:
+    """The label order to evaluate in: the checkpoint's classes (an image folder's val/ is mapped onto
+    them, and one it lacks is refused by name), else the data set's own."""
+    if saved is None or cfg.dataset.name != "imagefolder":
+        return class_names(cfg.dataset)
+    return list(saved)
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """task=eval: accuracy and images/s of a checkpoint (rebuilt from its saved config) or of pretrained weights."""
+    cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
+    if weights is None and not (cfg.model.pretrained or cfg.model.pretrained_file):
+        raise UserError("task=eval needs weights: ckpt=PATH, model.pretrained=true or model.pretrained_file=PATH")
+    classes = checkpoint_classes(cfg, saved_classes)
+    session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt)
+    dataset = build_datasets(cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed,
+                             classes=classes)["val"]
+    loader = eval_loader(dataset, session.eval_batch_size, session.workers, session.info)
+    predictions: list[tuple] = []
+    metrics = evaluate(session.model, loader, session.device, session.dtype, session.info, prepare=session.prepare,
+                       predictions=predictions)
+    record = run_record(cfg, session.model, metrics, session.device, session.dtype, session.eval_batch_size,
+                        extra={"checkpoint": cfg.ckpt, "world_size": session.info.world_size,
+                               "predictions": "predictions.csv"})
+    if session.info.is_main:
+        write_results(run_dir, record)
+        write_predictions(run_dir / "predictions.csv", predictions)
+        log.info("top-1 %.2f  top-5 %.2f  %.1f img/s  %.2f GFLOPs  r=%s -> %s", metrics["top1"], metrics["top5"],
+                 metrics["images_per_s"], record["gflops"], record["r"], run_dir / "results.json")
+    return record

@@ -1,0 +1,167 @@
+"""task=train: `run` = resumed config -> `build_run` -> `fit` (the epochs) -> `finish`.
+
+Fault tolerance: checkpoints are atomic; SIGTERM/SIGINT stop after the current optimizer step
+with `last.pt` written; a NaN/inf loss stops before anything is written; resume restores model,
+optimizer, scheduler, scaler, EMA, RNG states and the position inside the epoch, and each
+sample's augmentation is seeded by (seed, epoch, sample), so a resumed run ends with the same
+weights as an uninterrupted one, whatever the number of loader workers. The loop itself is
+`engine.training.loop`; building the run, `engine.training.setup`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from ..cli.compat import saved_config
+from ..cli.overrides import apply_overrides
+from ..errors import TrainingInterrupted, UserError
+from ..run.checkpoint import load_checkpoint, save_training, training_checkpoint
+from ..run.distributed import DistInfo, barrier
+from ..run.folder_claim import append_resume
+from ..run.results import run_record, write_results
+from ..run.runtime import rng_state
+from ..training.loop import empty_sums, global_sums, train_one_epoch, unwrap
+from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader
+from ..training.stop import GracefulStop
+from .evaluate import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[dict]]:
+    """With trainer.resume=true (or in a SLURM job requeued after a preemption or time-out), continue
+    from run_dir's last.pt under its saved config; `trainer.*` and `runtime.*` keys given on this
+    command line replace the saved ones, and resumes.yaml records them."""
+    last = run_dir / "checkpoints" / "last.pt"
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()
+    if not (cfg.trainer.resume or requeued):
+        return cfg, None
+    if not last.exists():
+        raise UserError(f"trainer.resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue")
+    checkpoint = load_checkpoint(last)
+    saved = saved_config(checkpoint, last)
+    resumed = apply_overrides(saved, cfg, overrides, groups=("trainer", "runtime"))
+    resumed.trainer.resume = True
+    if int(os.environ.get("RANK", "0")) == 0:
+        kept = [o for o in overrides if o.lstrip("+~").split(".", 1)[0] in ("trainer", "runtime")]
+        append_resume(run_dir, kept, checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"])
+    return resumed, checkpoint
+
+
+def save(run: TrainRun, best: bool) -> None:
+    """last.pt (and best.pt), written by rank 0 while the others wait."""
+    if run.session.info.is_main:
+        config = OmegaConf.to_container(run.cfg, resolve=True)
+        checkpoint = training_checkpoint(unwrap(run.model), run.opt, asdict(run.state), config, rng_state(),
+                                         run.classes)
+        save_training(checkpoint, run.ckpt_dir, best)
+    barrier(run.session.info)
+
+
+def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
+    """The one interrupt path: last.pt written, the signal passed on (SLURM requeue), the resume command said."""
+    save(run, best=False)
+    stop.pass_on()
+    state = run.state
+    return TrainingInterrupted(stop.signum, (
+        f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch} step {state.step_in_epoch}; "
+        f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: "
+        f"python main.py task=train hydra.run.dir={run.run_dir} trainer.resume=true"))
+
+
+def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[SummaryWriter]) -> dict[str, Any]:
+    """One epoch: train, validate when due, checkpoint; returns the epoch's metrics."""
+    started, state, session, tc = time.perf_counter(), run.state, run.session, run.cfg.trainer
+    rate = train_one_epoch(run.model, epoch_loader(run, epoch), session.prepare, run.opt, state, session.device,
+                           session.info, stop, tc.max_steps_per_epoch, writer, tc.log_every)
+    state.epoch_sums = global_sums(state.epoch_sums, session.device, session.info)
+    if stop.signum is not None:
+        raise interrupted(run, stop)
+    sums = state.epoch_sums
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["samples"], 1),
+                               "train_acc": 100 * sums["correct"] / max(sums["samples"], 1), "train_images_per_s": rate}
+    state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
+    if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+        eval_model = run.opt.ema.module if run.opt.ema is not None else unwrap(run.model)
+        val = evaluate(eval_model, run.val_loader, session.device, session.dtype, session.info,
+                       prepare=session.prepare, desc="val")
+        metrics |= {f"val_{k}": v for k, v in val.items()}
+    metrics["seconds"] = time.perf_counter() - started
+    state.history.append(metrics)
+    is_best = metrics.get("val_top1", -1.0) > state.best_top1
+    state.best_top1 = max(state.best_top1, metrics.get("val_top1", -1.0))
+    save(run, best=is_best)
+    return metrics
+
+
+def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> dict[str, Any]:
+    """The epochs still to train (all of them, or the rest after a resume); returns the last metrics."""
+    state, tc = run.state, run.cfg.trainer
+    metrics: dict[str, Any] = state.history[-1] if state.history else {}
+    with GracefulStop() as stop:
+        for done, epoch in enumerate(range(state.epoch, tc.epochs), start=1):
+            metrics = train_epoch(run, epoch, stop, writer)
+            if run.session.info.is_main:
+                _log_epoch(writer, metrics, tc.epochs)
+            if tc.stop_after_epochs and done >= tc.stop_after_epochs and state.epoch < tc.epochs:
+                if run.session.info.is_main:
+                    log.info("stopping after %d epochs (trainer.stop_after_epochs); continue with: python main.py "
+                             "task=train hydra.run.dir=%s trainer.resume=true", done, run.run_dir)
+                break
+    return metrics
+
+
+@contextmanager
+def tensorboard(run_dir: Path, info: DistInfo) -> Iterator[Optional[SummaryWriter]]:
+    """Rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)."""
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if info.is_main else None
+    try:
+        yield writer
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
+    cfg, checkpoint = resumed_config(cfg, run_dir, overrides)
+    check_trainer_config(cfg)
+    training = build_run(cfg, run_dir, checkpoint)
+    with tensorboard(run_dir, training.session.info) as writer:
+        metrics = fit(training, writer)
+    return finish(training, metrics)
+
+
+def finish(run: TrainRun, metrics: dict[str, Any]) -> dict[str, Any]:
+    """results.json of the run (rank 0) and the closing line."""
+    state, session = run.state, run.session
+    record = run_record(run.cfg, unwrap(run.model), metrics, session.device, session.dtype, run.cfg.trainer.batch_size,
+                        extra={"epochs": state.epoch, "best_top1": state.best_top1, "history": state.history,
+                               "checkpoint": str(run.ckpt_dir / "best.pt"), "classes": run.classes})
+    if session.info.is_main:
+        write_results(run.run_dir, record)
+        best = f"best val top-1 {state.best_top1:.2f}" if state.best_top1 >= 0 else "no validation yet"
+        log.info("done: %s; run folder %s", best, run.run_dir)
+    return record
+
+
+def _log_epoch(writer: Optional[SummaryWriter], metrics: dict[str, Any], epochs: int) -> None:
+    """One line per epoch (stdout and main.log) and the epoch's scalars in TensorBoard."""
+    val = f"val top-1 {metrics['val_top1']:.2f}" if "val_top1" in metrics else "val top-1 -"
+    log.info("epoch %d/%d  train loss %.4f  %s  %.0f img/s  %.1f s", metrics["epoch"], epochs, metrics["train_loss"],
+             val, metrics["train_images_per_s"], metrics["seconds"])
+    if writer is None:
+        return
+    for key, value in metrics.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            writer.add_scalar(f"epoch/{key}", value, metrics["epoch"])
+    writer.flush()
