@@ -1,5 +1,16 @@
-"""Datasets and transforms for the CLI: CIFAR-10/100, ImageNet, any ImageFolder, synthetic."""
+"""Datasets and transforms for the CLI: CIFAR-10/100, ImageNet, any ImageFolder, synthetic; the images a
+task looks at; the samplers and seeding that make a resumed run exact."""
+
 from .datasets import DatasetError, build_datasets, class_names, count_classes, input_transform
+from .resumable import ResumableSampler
 from .seeded import EpochSeeded
 
-__all__ = ["DatasetError", "build_datasets", "class_names", "count_classes", "input_transform", "EpochSeeded"]
+__all__ = [
+    "DatasetError",
+    "build_datasets",
+    "class_names",
+    "count_classes",
+    "input_transform",
+    "EpochSeeded",
+    "ResumableSampler",
+]

@@ -1,4 +1,5 @@
 """Build train/val datasets from the `dataset` config group."""
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,9 @@ def _missing(cfg: Mapping[str, Any], key: str) -> bool:
     return cfg.get(key) == "???"
 
 
-def _image_folder(cfg: Mapping[str, Any], split: str, transform: Callable,
-                  classes: Optional[list[str]] = None) -> Dataset:
+def _image_folder(
+    cfg: Mapping[str, Any], split: str, transform: Callable, classes: Optional[list[str]] = None
+) -> Dataset:
     """train/ (or val/, test/) of dataset.root as an ImageFolder whose labels follow `classes`.
 
     ImageFolder numbers the classes of each folder on its own; a val/ that lacks one of train/'s
@@ -92,8 +94,9 @@ def _relabel(dataset: tvd.ImageFolder, classes: list[str], folder: str) -> None:
     unknown = [c for c in dataset.classes if c not in classes]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise DatasetError(f"{folder} holds classes the model was not trained on ({shown}); remove them or "
-                           "add them to train/")
+        raise DatasetError(
+            f"{folder} holds classes the model was not trained on ({shown}); remove them or add them to train/"
+        )
     index = {name: i for i, name in enumerate(classes)}
     own = dataset.classes
     dataset.samples = [(path, index[own[label]]) for path, label in dataset.samples]
@@ -117,9 +120,15 @@ def class_names(cfg: Mapping[str, Any]) -> Optional[list[str]]:
     return None
 
 
-def build_datasets(cfg: Mapping[str, Any], data_config: dict[str, Any], augment: bool = True,
-                   splits: tuple[str, ...] = ("train", "val"), seed: int = 0, on_device: bool = True,
-                   classes: Optional[list[str]] = None) -> dict[str, Dataset]:
+def build_datasets(
+    cfg: Mapping[str, Any],
+    data_config: dict[str, Any],
+    augment: bool = True,
+    splits: tuple[str, ...] = ("train", "val"),
+    seed: int = 0,
+    on_device: bool = True,
+    classes: Optional[list[str]] = None,
+) -> dict[str, Dataset]:
     """Return {split: dataset} for the requested splits ('train', 'val').
 
     With `on_device`, small images shown larger come out as native-size uint8: pass each batch
@@ -134,11 +143,17 @@ def build_datasets(cfg: Mapping[str, Any], data_config: dict[str, Any], augment:
         train = split == "train"
         if name == "synthetic":
             size = cfg["train_size"] if train else cfg["val_size"]
-            out[split] = SyntheticPatterns(size, cfg["num_classes"], data_config["input_size"][-1],
-                                           cfg["noise"], seed=seed * 2 + (0 if train else 1))
+            out[split] = SyntheticPatterns(
+                size,
+                cfg["num_classes"],
+                data_config["input_size"][-1],
+                cfg["noise"],
+                seed=seed * 2 + (0 if train else 1),
+            )
             continue
-        transform = build_transform(data_config, cfg["native_size"], is_training=train, augment=augment,
-                                    on_device=on_device)
+        transform = build_transform(
+            data_config, cfg["native_size"], is_training=train, augment=augment, on_device=on_device
+        )
         if name.startswith("cifar"):
             out[split] = _cifar(cfg, train, transform)
         else:
@@ -162,6 +177,8 @@ def count_classes(cfg: Mapping[str, Any]) -> int:
     try:
         classes, _ = find_classes(folder)
     except (FileNotFoundError, OSError) as err:
-        raise DatasetError(f"cannot count the classes in {folder} ({err}); set dataset.root to a folder with "
-                           "train/<class>/ folders, or set dataset.num_classes") from err
+        raise DatasetError(
+            f"cannot count the classes in {folder} ({err}); set dataset.root to a folder with "
+            "train/<class>/ folders, or set dataset.num_classes"
+        ) from err
     return len(classes)

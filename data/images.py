@@ -1,4 +1,5 @@
 """The images a task looks at: images=PATH (a file or a folder of images), else the data set's validation split."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,11 +15,13 @@ from .transforms import build_transform
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def load_images(cfg: DictConfig, inputs: dict[str, Any], classes: Optional[list[str]], count: int
-                ) -> list[tuple[str, torch.Tensor, Optional[int]]]:
+def load_images(
+    cfg: DictConfig, inputs: dict[str, Any], classes: Optional[list[str]], count: int
+) -> list[tuple[str, torch.Tensor, Optional[int]]]:
     """(name, image tensor, true label or None) for images=PATH (file or folder) or the data set's val split."""
-    transform = build_transform(inputs, native_size=int(cfg.dataset.native_size), is_training=False, augment=False,
-                                on_device=False)
+    transform = build_transform(
+        inputs, native_size=int(cfg.dataset.native_size), is_training=False, augment=False, on_device=False
+    )
     if cfg.images:
         root = Path(str(cfg.images))
         if not root.exists():
@@ -33,7 +36,8 @@ def load_images(cfg: DictConfig, inputs: dict[str, Any], classes: Optional[list[
             except OSError as err:
                 raise DatasetError(f"cannot read image {file} ({err})") from err
         return out
-    dataset = build_datasets(cfg.dataset, inputs, augment=False, splits=("val",), seed=cfg.seed, on_device=False,
-                             classes=classes)["val"]
+    dataset = build_datasets(
+        cfg.dataset, inputs, augment=False, splits=("val",), seed=cfg.seed, on_device=False, classes=classes
+    )["val"]
     count = min(count, len(dataset))
     return [(f"sample_{i}", *dataset[i]) for i in range(count)]

@@ -5,6 +5,7 @@ depends on which worker loaded it and what it loaded before. A run resumed mid-e
 batches already trained, shifting that assignment. Seeding every sample's transform from
 (seed, epoch, index) makes the augmentation the same for any worker count and after a resume.
 """
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """A small generated data set that a ViT can learn: each class is a fixed pattern plus noise."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ loader and shipped as uint8; `ResizeNormalize` upsamples and normalises them on 
 device. That is the same augmentation scaled down (padding size/8, crop, flip), at a small
 fraction of the loader's CPU time and shared memory per sample.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -23,8 +24,9 @@ def resized_on_device(native_size: int, input_size: int) -> bool:
     return native_size <= SMALL_IMAGES and native_size < input_size
 
 
-def build_transform(data_config: dict[str, Any], native_size: int, is_training: bool, augment: bool,
-                    on_device: bool = True) -> Callable:
+def build_transform(
+    data_config: dict[str, Any], native_size: int, is_training: bool, augment: bool, on_device: bool = True
+) -> Callable:
     """`data_config` is timm's (input_size, mean, std, interpolation, crop_pct), possibly overridden.
 
     With `on_device` and a small image shown larger, the transform returns a uint8 (3, native,
@@ -116,5 +118,6 @@ def device_transform(data_config: dict[str, Any], native_size: int) -> Optional[
     size = data_config["input_size"][-1]
     if not resized_on_device(native_size, size):
         return None
-    return ResizeNormalize(size, tuple(data_config["mean"]), tuple(data_config["std"]),
-                           data_config.get("interpolation", "bicubic"))
+    return ResizeNormalize(
+        size, tuple(data_config["mean"]), tuple(data_config["std"]), data_config.get("interpolation", "bicubic")
+    )

@@ -1,1 +1,12 @@
-"""The CLI's engines: training, evaluation, benchmarks and visualisation (Hydra-free functions)."""
+"""The research CLI's engine, grouped by role (the library it drives is `regtome`, through its public names):
+
+- `cli/`: the command line before any work: keys and values checked (`command_line`), the run
+  folder claimed (`claim`), old configs read in today's names (`compat`), a checkpoint's config
+  rebuilt with this command line's keys (`overrides`).
+- `run/`: what every task runs inside: the session (device, precision, processes, the model), the
+  runtime settings, torchrun, checkpoints, the run folder's name and lock, results.json.
+- `models/`: models built from the `model` and `tome` config groups (timm and transformers).
+- `training/`: the training loop, its set-up, and stopping on signals.
+- `tasks/`: one module per task (`TASKS` maps each name to its module).
+- `report/`: sweep reports and paired statistics, fair timing, loader timing, register fates.
+"""

@@ -1,4 +1,5 @@
 """Exceptions the CLI catches, and how it prints them: one line, no traceback."""
+
 from __future__ import annotations
 
 

@@ -11,6 +11,7 @@ Each r schedule shares the unpatched model's weights; all cases are interleaved 
 after warm-up (the same measurement as `task=benchmark`, inference only). 'ideal' is the FLOP
 ratio (unpatched GFLOPs / merged GFLOPs); 'of ideal' is the measured speedup divided by it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,11 @@ import timm
 import torch
 
 import regtome
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
-from engine.benchmark import Timing, benchmark_rows
-from engine.model import register_argument
-from engine.runtime import AMP_DTYPES, device_name
+from engine.models.build import register_argument
+from engine.run.runtime import AMP_DTYPES, device_name
+from engine.tasks.benchmark import Timing, benchmark_rows
 
 
 def main() -> None:
@@ -40,8 +42,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off")
     parser.add_argument("--r", default="[8, 13, 16, (16, -1.0)]", help="python list of schedules")
-    parser.add_argument("--protect", default=regtome.DEFAULT_PROTECT,
-                        help=f"comma-separated protection modes, each timed (default {regtome.DEFAULT_PROTECT})")
+    parser.add_argument(
+        "--protect",
+        default=regtome.DEFAULT_PROTECT,
+        help=f"comma-separated protection modes, each timed (default {regtome.DEFAULT_PROTECT})",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2)
     args = parser.parse_args()
@@ -52,7 +57,9 @@ def main() -> None:
 
         config = AutoConfig.from_pretrained(args.model)
         config.image_size = args.img_size
-        baseline = AutoModel.from_config(config) if args.random else AutoModel.from_pretrained(args.model, config=config)
+        baseline = (
+            AutoModel.from_config(config) if args.random else AutoModel.from_pretrained(args.model, config=config)
+        )
         patch = regtome.patch.transformers
     else:
         kwargs = {} if args.registers is None else {register_argument(args.model): args.registers}
@@ -60,18 +67,26 @@ def main() -> None:
     baseline = baseline.to(device).eval()
     merged = patch(copy.deepcopy(baseline))
     protects = args.protect.split(",")
-    schedules = [r if protects == [merged.protect] else {"r": r, "protect": protect}
-                 for r in ast.literal_eval(args.r) for protect in protects]
+    schedules = [
+        r if protects == [merged.protect] else {"r": r, "protect": protect}
+        for r in ast.literal_eval(args.r)
+        for protect in protects
+    ]
     timing = Timing(warmup=2, repeats=args.repeats, iters=args.iters, train_step=False)
     rows = benchmark_rows(baseline, merged, schedules, [args.batch], timing, device, AMP_DTYPES[args.amp])
 
     name = device_name(device)
     registers = regtome.prefix_layout(merged).num_register
-    print(f"{args.model} reg={registers} | device {name} | batch {args.batch} | amp {args.amp} | torch {torch.__version__}")
+    print(
+        f"{args.model} reg={registers} | device {name} | batch {args.batch} | amp {args.amp} "
+        f"| torch {torch.__version__}"
+    )
     print(f"{'r':>16} {'img/s':>9} {'GFLOPs':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8}")
     for row in rows:
-        print(f"{row['r']:>16} {row['images_per_s']:9.1f} {row['gflops']:7.2f} {row['speedup']:7.2f}x "
-              f"{row['flop_speedup']:5.2f}x {row['of_ideal']:7.0%}")
+        print(
+            f"{row['r']:>16} {row['images_per_s']:9.1f} {row['gflops']:7.2f} {row['speedup']:7.2f}x "
+            f"{row['flop_speedup']:5.2f}x {row['of_ideal']:7.0%}"
+        )
 
 
 if __name__ == "__main__":

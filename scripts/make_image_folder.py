@@ -5,6 +5,7 @@
 Each class is a smooth random colour field plus noise, so a model can learn it; the point is to
 push real files through the real loader path (decode, augment, collate, workers).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@
 
 Writes register_fate.json and register_fate.png into --out (default: the checkpoint's run folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,17 +13,17 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import yaml
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
-from data import build_datasets, input_transform
-from engine.checkpoint import load_checkpoint, load_weights
+from data import DatasetError, build_datasets
+from engine.cli.compat import saved_config
 from engine.errors import UserError
-from engine.model import build_model, data_config, model_label, upgrade_config
-from engine.register_fate import plot_fates, register_fates
+from engine.models.build import model_label
+from engine.report.register_fate import plot_fates, register_fates
+from engine.run.checkpoint import load_checkpoint
+from engine.run.session import open_session
 
 
 def main() -> None:
@@ -32,30 +33,41 @@ def main() -> None:
     parser.add_argument("--r", default="8", help="the schedule, as tome.r is written (e.g. 8 or [8,-1.0])")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--protect", choices=["class", "apart"], default="class")
+    parser.add_argument("--device", default="auto", help="runtime.device: auto, cuda or cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     try:
         checkpoint = load_checkpoint(args.ckpt)
-        cfg = OmegaConf.create(upgrade_config(checkpoint["config"]))
+        cfg = saved_config(checkpoint, args.ckpt)
         if args.root:
             cfg.dataset.root = args.root
         cfg.tome.r = yaml.safe_load(args.r)
-        model = build_model(cfg.model, cfg.tome, int(cfg.dataset.num_classes), trace_source=True)
-        load_weights(model, checkpoint["ema"] or checkpoint["model"], args.ckpt)
-        inputs = data_config(model, cfg.model, cfg.dataset)
-        dataset = build_datasets(cfg.dataset, inputs, augment=False, splits=("val",), seed=0)["val"]
-    except (UserError, ValueError) as err:
+        cfg.runtime.device = args.device
+        session = open_session(
+            cfg,
+            int(cfg.dataset.num_classes),
+            checkpoint["ema"] or checkpoint["model"],
+            args.ckpt,
+            trace_source=True,
+            distributed=False,
+        )
+        dataset = build_datasets(cfg.dataset, session.inputs, augment=False, splits=("val",), seed=0)["val"]
+    except (UserError, DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     subset = Subset(dataset, range(min(args.samples, len(dataset))))
-    prepare = input_transform(cfg.dataset, inputs) or torch.nn.Identity()
-    summary = register_fates(model, DataLoader(subset, batch_size=100), torch.device("cpu"), prepare, args.protect)
+    summary = register_fates(
+        session.model, DataLoader(subset, batch_size=100), session.device, session.prepare, args.protect
+    )
     summary |= {"checkpoint": str(args.ckpt), "model": model_label(cfg.model), "r": yaml.safe_load(args.r)}
     out = args.out or args.ckpt.parent.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "register_fate.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_fates(summary, str(out / "register_fate.png"),
-               f"registers under protect={args.protect}, r={args.r}, {summary['images']} held-out images")
+    plot_fates(
+        summary,
+        str(out / "register_fate.png"),
+        f"registers under protect={args.protect}, r={args.r}, {summary['images']} held-out images",
+    )
     for fate, values in summary["fractions_per_block"].items():
         print(f"{fate:>15}: " + " ".join(f"{100 * v:5.1f}%" for v in values))
     print(f"mean cosine similarity between registers (last block, unmerged): {summary['register_cosine_unmerged']:.3f}")

@@ -6,6 +6,7 @@ It goes through submitit's public API as the launcher plugin does (AutoExecutor,
 submit), with stand-ins for SLURM's `srun` and `sbatch` on PATH: the `sbatch` stand-in keeps the
 script it is given instead of queueing it.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
-from engine.cli import register_resolvers
+from engine.cli.claim import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SBATCH = """#!/bin/sh
@@ -54,8 +55,9 @@ def render_sbatch(overrides: list[str]) -> str:
         os.environ["PATH"] = f"{tmp_path}{os.pathsep}{old_path}"
         try:
             # the same translation as hydra_submitit_launcher: generic keys as they are, the rest slurm_*
-            executor = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="slurm",
-                                             slurm_max_num_timeout=params.pop("max_num_timeout"))
+            executor = submitit.AutoExecutor(
+                folder=str(tmp_path / "submitit"), cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+            )
             folder = params.pop("submitit_folder")
             generic = set(OmegaConf.structured(BaseQueueConf).keys())
             executor.update_parameters(**{k if k in generic else f"slurm_{k}": v for k, v in params.items()})

@@ -5,6 +5,7 @@
 The last `--val-per-class` files of each class (in sorted order) go to val/, the rest to train/:
 the same split every time, so a held-out set stays held out across runs and sessions.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ of KEY against the baseline value (three or more values work), delta_top1, a 95%
 interval and an exact McNemar p-value, in paired_KEY_vs_BASELINE.csv/.md/.png beside the plain
 report (run it again with another --baseline for the other pairs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
-from engine.report import ReportError, collect, write_report
+from engine.report.sweep import ReportError, collect, write_report
 
 
 def main() -> None:

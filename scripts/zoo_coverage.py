@@ -10,6 +10,7 @@ Each config is built with random weights at depth 2 and 64 px (56 px for patch 1
 Configs that do not build at that size, or build as another class than VisionTransformer or Eva,
 are listed but not counted. No network: no weights are loaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ from typing import Optional
 import timm
 import torch
 from timm.models.eva import Eva
-from tqdm import tqdm
 from timm.models.vision_transformer import VisionTransformer
+from tqdm import tqdm
 
 import regtome
 
@@ -36,8 +37,15 @@ def build_small(name: str) -> torch.nn.Module:
 
 def check(name: str, r: int = 4, seed: int = 0) -> dict[str, object]:
     """One row of the coverage table for timm config `name`."""
-    row: dict[str, object] = {"name": name, "class": "", "counted": False, "status": "", "max_diff": "",
-                              "tokens": "", "reason": ""}
+    row: dict[str, object] = {
+        "name": name,
+        "class": "",
+        "counted": False,
+        "status": "",
+        "max_diff": "",
+        "tokens": "",
+        "reason": "",
+    }
     torch.manual_seed(seed)
     try:
         model = build_small(name)
@@ -60,8 +68,9 @@ def check(name: str, r: int = 4, seed: int = 0) -> dict[str, object]:
     record = regtome.last_forward(model)
     prefix = record.layout.num_prefix
     expected_prefix = torch.eye(record.source.shape[-1])[:prefix]
-    prefix_kept = (torch.equal(record.source[:, :prefix], expected_prefix.expand(2, -1, -1))
-                   and bool((record.size[:, :prefix] == 1).all()))
+    prefix_kept = torch.equal(record.source[:, :prefix], expected_prefix.expand(2, -1, -1)) and bool(
+        (record.size[:, :prefix] == 1).all()
+    )
     grid = record.source.shape[-1]
     merges = record.tokens[-1] < grid and bool(torch.isfinite(merged).all()) and prefix_kept
     row.update(max_diff=f"{difference:.1e}", tokens="->".join(str(t) for t in (grid, *record.tokens)))
@@ -88,10 +97,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         writer.writerows(rows)
     counted = [r for r in rows if r["counted"]]
     good = sum(r["status"] == "exact and merges" for r in counted)
-    print(f"{len(rows)} configs; {len(counted)} build as VisionTransformer or Eva: {good} exact and merging "
-          f"({100 * good / max(1, len(counted)):.1f}%), "
-          f"{sum(r['status'] == 'refused' for r in counted)} refused, "
-          f"{sum(r['status'] in ('differs at r=0', 'does not merge') for r in counted)} wrong; table: {args.out}")
+    print(
+        f"{len(rows)} configs; {len(counted)} build as VisionTransformer or Eva: {good} exact and merging "
+        f"({100 * good / max(1, len(counted)):.1f}%), "
+        f"{sum(r['status'] == 'refused' for r in counted)} refused, "
+        f"{sum(r['status'] in ('differs at r=0', 'does not merge') for r in counted)} wrong; table: {args.out}"
+    )
     for r in rows:
         if r["status"] not in ("exact and merges", "does not build"):
             print(f"  {r['name']} ({r['class']}): {r['status']} {r['reason']}")

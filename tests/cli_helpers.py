@@ -1,4 +1,5 @@
 """Run main.py as a user would (a subprocess) or compose its config in-process."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model on synthetic data, on the CPU: a 2-epoch run takes a few seconds.
 SMOKE = [
-    "dataset=synthetic", "model=vit_tiny_test", "runtime.device=cpu", "runtime.amp=off",
-    "runtime.num_workers=0", "trainer.batch_size=32", "trainer.warmup_epochs=0", "trainer.lr=1e-3",
-    "tome.r=2", "seed=0",
+    "dataset=synthetic",
+    "model=vit_tiny_test",
+    "runtime.device=cpu",
+    "runtime.amp=off",
+    "runtime.num_workers=0",
+    "trainer.batch_size=32",
+    "trainer.warmup_epochs=0",
+    "trainer.lr=1e-3",
+    "tome.r=2",
+    "seed=0",
 ]
 
 
@@ -45,11 +53,17 @@ def _run_main_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProc
     from hydra.core.global_hydra import GlobalHydra
 
     import main
-    from engine import cli
+    from engine.cli import claim as cli
 
     stdout, stderr = io.StringIO(), io.StringIO()
-    saved = (os.getcwd(), dict(os.environ), list(sys.argv), torch.get_num_threads(),
-             {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, torch.random.get_rng_state())
+    saved = (
+        os.getcwd(),
+        dict(os.environ),
+        list(sys.argv),
+        torch.get_num_threads(),
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
+        torch.random.get_rng_state(),
+    )
     root_logger = logging.getLogger()
     saved_logging = (list(root_logger.handlers), root_logger.level)
     code = 0
@@ -91,8 +105,9 @@ def results(run_dir: Path) -> dict:
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    from engine.run_dir import run_id
     from omegaconf import OmegaConf
+
+    from engine.run.folder_name import run_id
 
     OmegaConf.register_new_resolver("run_id", run_id, replace=True)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -105,8 +120,7 @@ def max_weight_difference(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 4, size: int = 32,
-                       seed: int = 0) -> Path:
+def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 4, size: int = 32, seed: int = 0) -> Path:
     """An ImageFolder tree root/<split>/<class>/<i>.png of noisy images with a class colour (learnable)."""
     import numpy as np
     from PIL import Image

@@ -1,26 +1,43 @@
 """task=benchmark and task=visualize on a tiny random model, plus the colouring function itself."""
+
 import csv
 import json
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import compose_config, run_main
 from PIL import Image
 
-from cli_helpers import compose_config, run_main
-from engine import visualize
-from engine.visualize import CELL_PX, grid_shape, merge_map, patch_groups
+from engine.report.figures import CELL_PX, grid_shape, merge_map, patch_groups
+from engine.tasks import visualize
 
 
 def test_benchmark_task_writes_csv_md_png(tmp_path):
-    run_main("task=benchmark", "model=vit_tiny_test", "dataset=synthetic", "runtime.device=cpu", "runtime.amp=off",
-             "benchmark.r=[0,2,[2,-1.0]]", "benchmark.batch_sizes=[1,4]", "benchmark.repeats=2", "benchmark.iters=1",
-             "benchmark.target_speedup=1.01", "runtime.num_workers=2", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    run_main(
+        "task=benchmark",
+        "model=vit_tiny_test",
+        "dataset=synthetic",
+        "runtime.device=cpu",
+        "runtime.amp=off",
+        "benchmark.r=[0,2,[2,-1.0]]",
+        "benchmark.batch_sizes=[1,4]",
+        "benchmark.repeats=2",
+        "benchmark.iters=1",
+        "benchmark.target_speedup=1.01",
+        "runtime.num_workers=2",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
     rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
     # (unpatched + 3 schedules) x 2 batch sizes x (inference, train, dense features)
     assert len(rows) == 4 * 2 * 3
     assert {(r["mode"], r["r"], r["batch_size"]) for r in rows} == {
-        (m, r, b) for m in ("inference", "train", "dense") for r in ("unpatched", "0", "2", "(2,-1.0)") for b in ("1", "4")}
+        (m, r, b)
+        for m in ("inference", "train", "dense")
+        for r in ("unpatched", "0", "2", "(2,-1.0)")
+        for b in ("1", "4")
+    }
     record = json.loads((tmp_path / "results.json").read_text())
     loader = record["loader"]
     assert loader["images_per_s_per_worker"] > 0 and loader["num_workers"] == 2 and not loader["resized_on_device"]
@@ -41,12 +58,14 @@ def test_benchmark_task_writes_csv_md_png(tmp_path):
 
 def test_patch_groups_and_merge_map_on_a_hand_made_source():
     # 1 prefix token + a 2x2 grid of patches; output tokens: prefix, {p0, p1}, {p2}, {p3}
-    source = torch.tensor([
-        [1, 0, 0, 0, 0],
-        [0, 1, 1, 0, 0],
-        [0, 0, 0, 1, 0],
-        [0, 0, 0, 0, 1],
-    ])
+    source = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [0, 1, 1, 0, 0],
+            [0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 1],
+        ]
+    )
     labels = patch_groups(source, num_prefix=1)
     assert labels.tolist() == [0, 0, 1, 2]
     image = np.zeros((4, 4, 3))
@@ -65,8 +84,16 @@ def test_patch_groups_and_merge_map_on_a_hand_made_source():
 
 
 def _visualize(tmp_path, *overrides):
-    cfg = compose_config("task=visualize", "model=vit_tiny_test", "runtime.device=cpu", "dataset=synthetic",
-                         "tome.r=3", "visualize.blocks=[0,1]", "visualize.num_samples=2", *overrides)
+    cfg = compose_config(
+        "task=visualize",
+        "model=vit_tiny_test",
+        "runtime.device=cpu",
+        "dataset=synthetic",
+        "tome.r=3",
+        "visualize.blocks=[0,1]",
+        "visualize.num_samples=2",
+        *overrides,
+    )
     return visualize.run(cfg, tmp_path, overrides=list(overrides))
 
 
@@ -74,7 +101,7 @@ def test_visualize_dataset_samples(tmp_path):
     summary = _visualize(tmp_path)
     assert sorted(summary["images"]) == ["sample_0", "sample_1"]
     rows, cols = grid_shape(num_blocks=2, num_heads=2, num_prefix=5, num_modes=3)
-    for name, info in summary["images"].items():
+    for info in summary["images"].values():
         png = Image.open(tmp_path / info["png"])
         assert png.size == (cols * CELL_PX, rows * CELL_PX)
         for block in (0, 1):
@@ -105,9 +132,9 @@ def test_visualize_image_folder_and_protect_ablation(tmp_path):
 
 
 def test_visualize_missing_images(tmp_path):
-    from engine.errors import UserError
+    from data import DatasetError  # images=PATH is read by data/images.py
 
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(DatasetError, match="does not exist"):
         _visualize(tmp_path, f"images={tmp_path / 'nope'}")
 
 
@@ -116,10 +143,14 @@ def test_visualize_titles_true_and_predicted_class_and_draws_colour_bars(tmp_pat
 
     bars, titles = [], []
     real_colorbar, real_suptitle = matplotlib.figure.Figure.colorbar, matplotlib.figure.Figure.suptitle
-    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar",
-                        lambda self, *a, **k: bars.append(1) or real_colorbar(self, *a, **k))
-    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
-                        lambda self, text, **k: titles.append(text) or real_suptitle(self, text, **k))
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "colorbar", lambda self, *a, **k: bars.append(1) or real_colorbar(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "suptitle",
+        lambda self, text, **k: titles.append(text) or real_suptitle(self, text, **k),
+    )
     summary = _visualize(tmp_path, "visualize.num_samples=1", "visualize.dense_features=false")
     info = summary["images"]["sample_0"]
     assert info["true"].startswith("pattern_") and info["predicted"].startswith("pattern_")

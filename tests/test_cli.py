@@ -1,4 +1,5 @@
 """The research CLI end to end: train, eval, resume, multirun + report, on synthetic data, CPU."""
+
 import csv
 import json
 import os
@@ -7,26 +8,62 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import ROOT, SMOKE, compose_config, results, run_main
 from omegaconf import OmegaConf
 
-from cli_helpers import ROOT, SMOKE, compose_config, results, run_main
-
 CONTRACT_KEYS = [
-    "task", "seed", "ckpt", "images", "trainer.resume", "trainer.overwrite", "trainer.init_from", "dataset.root",
-    "dataset.download", "model.source", "model.name", "model.registers", "model.img_size", "model.pretrained",
-    "model.pretrained_file", "model.drop_path", "tome.r", "tome.flops", "tome.prop_attn", "tome.protect",
-    "tome.class_layer", "tome.register_layer", "trainer.epochs", "trainer.batch_size", "trainer.lr", "runtime.device",
-    "runtime.amp", "runtime.num_workers", "runtime.threads", "runtime.eval_batch_size", "export.format",
-    "export.batch", "export.dtype",
+    "task",
+    "seed",
+    "ckpt",
+    "images",
+    "trainer.resume",
+    "trainer.overwrite",
+    "trainer.init_from",
+    "dataset.root",
+    "dataset.download",
+    "model.source",
+    "model.name",
+    "model.registers",
+    "model.img_size",
+    "model.pretrained",
+    "model.pretrained_file",
+    "model.drop_path",
+    "tome.r",
+    "tome.flops",
+    "tome.prop_attn",
+    "tome.protect",
+    "tome.class_layer",
+    "tome.register_layer",
+    "trainer.epochs",
+    "trainer.batch_size",
+    "trainer.lr",
+    "runtime.device",
+    "runtime.amp",
+    "runtime.num_workers",
+    "runtime.threads",
+    "runtime.eval_batch_size",
+    "export.format",
+    "export.batch",
+    "export.dtype",
 ]
 
 
-@pytest.mark.parametrize("overrides", [
-    [], ["dataset=cifar100"], ["dataset=imagenet", "dataset.root=/x"], ["dataset=imagefolder", "dataset.root=/x"],
-    ["dataset=synthetic"], ["experiment=cifar10_vits_reg4"], ["experiment=cifar_small"],
-    ["experiment=imagenet_eval", "dataset.root=/x"], ["model=vit_base_patch16_reg4_gap_256"],
-    ["model=vit_small_patch14_reg4_dinov2"], ["tome.r=[16,-1.0]"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["dataset=cifar100"],
+        ["dataset=imagenet", "dataset.root=/x"],
+        ["dataset=imagefolder", "dataset.root=/x"],
+        ["dataset=synthetic"],
+        ["experiment=cifar10_vits_reg4"],
+        ["experiment=cifar_small"],
+        ["experiment=imagenet_eval", "dataset.root=/x"],
+        ["model=vit_base_patch16_reg4_gap_256"],
+        ["model=vit_small_patch14_reg4_dinov2"],
+        ["tome.r=[16,-1.0]"],
+    ],
+)
 def test_configs_compose_with_every_contract_key(overrides):
     cfg = compose_config(*overrides)
     for key in CONTRACT_KEYS:
@@ -59,8 +96,21 @@ def test_training_learns_and_writes_everything(trained):
     first, last = record["history"]
     assert last["train_loss"] < first["train_loss"]
     assert record["top1"] > 100 / 4 + 15  # 4 classes: well above chance
-    for key in ("dataset", "model", "registers", "r", "protect", "top1", "top5", "images_per_s", "batch_size",
-                "dtype", "device", "gflops", "tokens_per_block"):
+    for key in (
+        "dataset",
+        "model",
+        "registers",
+        "r",
+        "protect",
+        "top1",
+        "top5",
+        "images_per_s",
+        "batch_size",
+        "dtype",
+        "device",
+        "gflops",
+        "tokens_per_block",
+    ):
         assert key in record, key
     assert record["registers"] == 4 and record["tokens_per_block"] == [19, 17]  # 16 patches + 4 regs + cls, r=2
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
@@ -76,14 +126,22 @@ def test_eval_rebuilds_the_model_from_the_checkpoint_at_any_r(trained):
     ckpt = run_dir / "checkpoints" / "best.pt"
     out = work / "eval_r4"
     # no dataset/model overrides: both come from the checkpoint's saved config
-    run_main("task=eval", f"ckpt={ckpt}", "tome.r=4", "runtime.device=cpu", "runtime.num_workers=0",
-             f"hydra.run.dir={out}", cwd=work)
+    run_main(
+        "task=eval",
+        f"ckpt={ckpt}",
+        "tome.r=4",
+        "runtime.device=cpu",
+        "runtime.num_workers=0",
+        f"hydra.run.dir={out}",
+        cwd=work,
+    )
     record = results(out)
     assert record["dataset"] == "synthetic" and record["r"] == 4 and record["tokens_per_block"] == [17, 13]
     assert record["top1"] > 25 and record["images_per_s"] > 0
     same_r = work / "eval_same"
-    run_main("task=eval", f"ckpt={ckpt}", "runtime.device=cpu", "runtime.num_workers=0", f"hydra.run.dir={same_r}",
-             cwd=work)
+    run_main(
+        "task=eval", f"ckpt={ckpt}", "runtime.device=cpu", "runtime.num_workers=0", f"hydra.run.dir={same_r}", cwd=work
+    )
     best_val = max(h["val_top1"] for h in results(run_dir)["history"])  # best.pt is the best epoch
     assert results(same_r)["top1"] == pytest.approx(best_val)
 
@@ -103,8 +161,16 @@ def test_resume_continues_the_run(trained, tmp_path):
 def test_multirun_sweep_and_report(trained):
     work, run_dir = trained
     sweep = work / "sweep"
-    run_main("-m", "task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "tome.r=0,4", "runtime.device=cpu",
-             "runtime.num_workers=0", f"hydra.sweep.dir={sweep}", cwd=work)
+    run_main(
+        "-m",
+        "task=eval",
+        f"ckpt={run_dir / 'checkpoints' / 'best.pt'}",
+        "tome.r=0,4",
+        "runtime.device=cpu",
+        "runtime.num_workers=0",
+        f"hydra.sweep.dir={sweep}",
+        cwd=work,
+    )
     found = sorted(sweep.rglob("results.json"))
     assert len(found) == 2
     import subprocess
@@ -112,8 +178,12 @@ def test_multirun_sweep_and_report(trained):
 
     from cli_helpers import ROOT
 
-    report = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(sweep)],
-                            capture_output=True, text=True, check=True)
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(sweep)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = list(csv.DictReader(open(sweep / "sweep.csv")))
     assert sorted(json.loads(row["r"]) for row in rows) == [0, 4]
     assert (sweep / "sweep.png").stat().st_size > 1000
@@ -138,11 +208,17 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["task=train", "dataset=mnist"], "error: unknown dataset 'mnist'; choose one of cifar10, cifar100, imagefolder"),
-    (["model=vit_huge"], "error: unknown model 'vit_huge'; choose one of"),
-    (["-m", "dataset=synthetic,cifar11"], "error: unknown dataset 'cifar11'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["task=train", "dataset=mnist"],
+            "error: unknown dataset 'mnist'; choose one of cifar10, cifar100, imagefolder",
+        ),
+        (["model=vit_huge"], "error: unknown model 'vit_huge'; choose one of"),
+        (["-m", "dataset=synthetic,cifar11"], "error: unknown dataset 'cifar11'"),
+    ],
+)
 def test_unknown_config_choice_is_one_line(tmp_path, args, message):
     result = run_main(*args, cwd=tmp_path, check=False)
     assert result.returncode == 2
@@ -158,9 +234,13 @@ def test_original_table_script_composes_and_runs_end_to_end(tmp_path):
     from cli_helpers import ROOT
 
     smoke = [o for o in SMOKE if not o.startswith("tome.r")] + ["trainer.epochs=1"]
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "original_table.sh"), str(tmp_path / "table"), *smoke],
-                            capture_output=True, text=True, env={**__import__("os").environ, "PYTHON": sys.executable},
-                            timeout=600)
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "original_table.sh"), str(tmp_path / "table"), *smoke],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHON": sys.executable},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + 3
@@ -177,8 +257,12 @@ def test_original_table_script_composes_and_runs_end_to_end(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
 def test_gpu_check_without_cuda_is_one_line_and_exit_2(tmp_path):
     out = tmp_path / "gpu_check"
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], capture_output=True,
-                            text=True, env={**os.environ, "PYTHON": sys.executable})
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: no CUDA GPU") and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()

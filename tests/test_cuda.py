@@ -3,6 +3,7 @@
 Tolerances: CUDA's index_add_ and attention kernels are not bit-deterministic, so a resumed CUDA run
 is compared with an uninterrupted one to 1e-4 (fp32), not the CPU's 1e-6.
 """
+
 import copy
 import json
 import os
@@ -11,22 +12,22 @@ import sys
 
 import pytest
 import torch
-
-import regtome
 from cli_helpers import ROOT, SMOKE, compose_config, max_weight_difference
 from conftest import make_vit
-from engine import benchmark, evaluate, train
-from engine.checkpoint import load_checkpoint
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+import regtome
+from engine.run.checkpoint import load_checkpoint
+from engine.tasks import benchmark, evaluate, train
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU = [o for o in SMOKE if not o.startswith(("trainer.device", "trainer.amp"))] + ["runtime.device=cuda"]
 
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_train_a_few_steps_with_amp(tmp_path, amp):
-    record = train.run(compose_config("task=train", *GPU, f"runtime.amp={amp}", "trainer.epochs=2"), tmp_path,
-                       overrides=[])
+    record = train.run(
+        compose_config("task=train", *GPU, f"runtime.amp={amp}", "trainer.epochs=2"), tmp_path, overrides=[]
+    )
     assert record["dtype"] == amp
     first, last = record["history"]
     assert torch.isfinite(torch.tensor(last["train_loss"])) and last["train_loss"] < first["train_loss"]
@@ -39,8 +40,11 @@ def test_resume_on_cuda_matches_uninterrupted(tmp_path):
     common = [*GPU, "runtime.amp=off", "trainer.epochs=2", "trainer.max_steps_per_epoch=4"]
     train.run(compose_config("task=train", *common), tmp_path / "a", overrides=[])
     train.run(compose_config("task=train", *common, "trainer.stop_after_epochs=1"), tmp_path / "b", overrides=[])
-    train.run(compose_config("task=train", *common, "trainer.resume=true"), tmp_path / "b",
-              overrides=["trainer.resume=true", "trainer.stop_after_epochs=null"])
+    train.run(
+        compose_config("task=train", *common, "trainer.resume=true"),
+        tmp_path / "b",
+        overrides=["trainer.resume=true", "trainer.stop_after_epochs=null"],
+    )
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
     assert max_weight_difference(a, b) <= 1e-4
@@ -51,15 +55,24 @@ def test_eval_on_cuda_matches_the_cpu(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     results = {}
     for device in ("cpu", "cuda"):
-        cfg = compose_config("task=eval", f"ckpt={ckpt}", f"runtime.device={device}", "runtime.amp=off",
-                             "runtime.num_workers=0")
+        cfg = compose_config(
+            "task=eval", f"ckpt={ckpt}", f"runtime.device={device}", "runtime.amp=off", "runtime.num_workers=0"
+        )
         results[device] = evaluate.run(cfg, tmp_path / device, overrides=[])
     assert results["cuda"]["top1"] == pytest.approx(results["cpu"]["top1"], abs=100 / 64 + 1e-6)  # <= 1 sample
 
 
 def test_benchmark_times_with_cuda_and_reports_peak_memory(tmp_path):
-    cfg = compose_config("task=benchmark", *GPU, "runtime.amp=fp16", "benchmark.r=[0,2]", "benchmark.batch_sizes=[4]",
-                         "benchmark.repeats=2", "benchmark.iters=1", "benchmark.warmup=1")
+    cfg = compose_config(
+        "task=benchmark",
+        *GPU,
+        "runtime.amp=fp16",
+        "benchmark.r=[0,2]",
+        "benchmark.batch_sizes=[4]",
+        "benchmark.repeats=2",
+        "benchmark.iters=1",
+        "benchmark.warmup=1",
+    )
     rows = benchmark.run(cfg, tmp_path, overrides=[])
     assert all(row["peak_memory_mb"] > 0 and row["images_per_s"] > 0 for row in rows)
     record = json.loads((tmp_path / "results.json").read_text())
@@ -85,10 +98,25 @@ def test_device_resize_on_cuda_matches_the_cpu():
 
 def test_ddp_with_nccl_at_world_size_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "REGTOME_RUN_ID": "nccl"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                             str(ROOT / "main.py"), "task=train", *GPU, "trainer.epochs=1",
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            str(ROOT / "main.py"),
+            "task=train",
+            *GPU,
+            "trainer.epochs=1",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 

@@ -1,4 +1,5 @@
 """Data loaders offline (CIFAR on-disk format, ImageFolder, local weights) and every bad input."""
+
 import os
 import pickle
 import random
@@ -10,17 +11,22 @@ import numpy as np
 import pytest
 import timm
 import torch
+from cli_helpers import SMOKE, compose_config
 from PIL import Image
 
-from cli_helpers import SMOKE, compose_config
 from data import DatasetError, build_datasets
-from engine import evaluate, train
-from engine.checkpoint import load_checkpoint
 from engine.errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
-from engine.model import build_model
+from engine.models.build import build_model
+from engine.run.checkpoint import load_checkpoint
+from engine.tasks import evaluate, train
 
-DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
-               "interpolation": "bicubic", "crop_pct": 0.9}
+DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.25, 0.25, 0.25),
+    "interpolation": "bicubic",
+    "crop_pct": 0.9,
+}
 
 
 def write_cifar(root: Path, name: str, per_file: int = 6) -> dict[str, np.ndarray]:
@@ -72,7 +78,9 @@ def test_cifar_without_network_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "_urlretrieve", offline)
     monkeypatch.setattr(utils, "_get_redirect_url", lambda url, max_hops=3: url)
     cfg = compose_config("dataset=cifar10", f"dataset.root={tmp_path / 'CIFAR10'}").dataset
-    with pytest.raises(DatasetError, match="could not download cifar10 .* without network, copy cifar-10-python.tar.gz"):
+    with pytest.raises(
+        DatasetError, match="could not download cifar10 .* without network, copy cifar-10-python.tar.gz"
+    ):
         build_datasets(cfg, DATA_CONFIG)
 
 
@@ -88,7 +96,9 @@ def make_image_tree(root: Path, classes=("cat", "dog"), per_class: int = 3) -> N
         for name in classes:
             (root / split / name).mkdir(parents=True)
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                    root / split / name / f"{i}.png"
+                )
 
 
 @pytest.mark.parametrize("dataset", ["imagenet", "imagefolder"])
@@ -135,8 +145,10 @@ def test_unknown_dataset_and_model():
         build_model(cfg.model, cfg.tome, 10)
 
 
-@pytest.mark.parametrize("r,match", [("abc", "r must be an int"), (-1, "r must be >= 0"), ("[16,2.0]", "inflection"),
-                                     ("[1,-2]", "ints >= 0")])
+@pytest.mark.parametrize(
+    "r,match",
+    [("abc", "r must be an int"), (-1, "r must be >= 0"), ("[16,2.0]", "inflection"), ("[1,-2]", "ints >= 0")],
+)
 def test_bad_r(r, match):
     cfg = compose_config("model=vit_tiny_test", f"tome.r={r}")
     with pytest.raises(UserError, match=match):
@@ -208,7 +220,9 @@ def test_truncated_and_corrupt_checkpoints(checkpoint, tmp_path):
 def test_checkpoint_of_another_architecture_names_the_mismatch(checkpoint, tmp_path):
     with pytest.raises(UserError, match="model.registers: checkpoint 4, config 0"):
         _eval(checkpoint, "model.registers=0", tmp_path=tmp_path)
-    with pytest.raises(UserError, match="model.name: checkpoint 'vit_small_patch16_224', config 'vit_tiny_patch16_224'"):
+    with pytest.raises(
+        UserError, match="model.name: checkpoint 'vit_small_patch16_224', config 'vit_tiny_patch16_224'"
+    ):
         _eval(checkpoint, "model.name=vit_tiny_patch16_224", tmp_path=tmp_path)
 
 

@@ -1,4 +1,5 @@
 """Small images resized on the device: the same augmentation as resizing in the loader, scaled down."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +9,13 @@ from torchvision.transforms import functional as TF
 
 from data.transforms import PadCropFlip, ResizeNormalize, build_transform, device_transform, reflect_index
 
-CONFIG = {"input_size": (3, 224, 224), "mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26),
-          "interpolation": "bicubic", "crop_pct": 0.9}
+CONFIG = {
+    "input_size": (3, 224, 224),
+    "mean": (0.49, 0.48, 0.45),
+    "std": (0.25, 0.24, 0.26),
+    "interpolation": "bicubic",
+    "crop_pct": 0.9,
+}
 
 
 def smooth_image(seed: int, size: int = 32) -> Image.Image:

@@ -1,13 +1,14 @@
 """DDP through torchrun (gloo on CPU) and the SLURM launcher preset (rendered, never submitted)."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from cli_helpers import ROOT, SMOKE, compose_config, max_weight_difference, results, run_main
-from engine.checkpoint import load_checkpoint
+
+from engine.run.checkpoint import load_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -15,8 +16,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def torchrun(*overrides: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("REGTOME_RUN_ID", None)
-    result = subprocess.run([*TORCHRUN, str(ROOT / "main.py"), *overrides], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [*TORCHRUN, str(ROOT / "main.py"), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -48,16 +50,33 @@ def test_only_rank_zero_writes(ddp_run):
     assert [f for f in files if f.startswith("tensorboard/")].__len__() == 1
     assert files.count("results.json") == 1 and files.count("main.log") == 1
     assert sorted(f for f in files if f.startswith("checkpoints/")) == ["checkpoints/best.pt", "checkpoints/last.pt"]
-    assert sorted(f for f in files if f.startswith(".hydra/")) == [".hydra/config.yaml", ".hydra/hydra.yaml",
-                                                                  ".hydra/overrides.yaml"]
+    assert sorted(f for f in files if f.startswith(".hydra/")) == [
+        ".hydra/config.yaml",
+        ".hydra/hydra.yaml",
+        ".hydra/overrides.yaml",
+    ]
 
 
 def test_ddp_eval_counts_every_sample_once(ddp_run):
     ckpt = ddp_run / "single" / "checkpoints" / "last.pt"
-    torchrun("task=eval", f"ckpt={ckpt}", "runtime.device=cpu", "runtime.num_workers=0", "trainer.batch_size=8",
-             f"hydra.run.dir={ddp_run / 'eval_ddp'}", cwd=ddp_run)
-    run_main("task=eval", f"ckpt={ckpt}", "runtime.device=cpu", "runtime.num_workers=0", "trainer.batch_size=8",
-             f"hydra.run.dir={ddp_run / 'eval_single'}", cwd=ddp_run)
+    torchrun(
+        "task=eval",
+        f"ckpt={ckpt}",
+        "runtime.device=cpu",
+        "runtime.num_workers=0",
+        "trainer.batch_size=8",
+        f"hydra.run.dir={ddp_run / 'eval_ddp'}",
+        cwd=ddp_run,
+    )
+    run_main(
+        "task=eval",
+        f"ckpt={ckpt}",
+        "runtime.device=cpu",
+        "runtime.num_workers=0",
+        "trainer.batch_size=8",
+        f"hydra.run.dir={ddp_run / 'eval_single'}",
+        cwd=ddp_run,
+    )
     ddp, single = results(ddp_run / "eval_ddp"), results(ddp_run / "eval_single")
     assert ddp["metrics"]["samples"] == single["metrics"]["samples"] == 63  # 63 = 32 + 31: uneven shards
     assert ddp["top1"] == single["top1"] and ddp["top5"] == single["top5"]
@@ -70,8 +89,11 @@ def test_slurm_launcher_preset_composes():
 
     compose_config()  # registers the run_id resolver
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
-                                           "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 4, 4, "gpu")
@@ -79,14 +101,31 @@ def test_slurm_launcher_preset_composes():
 
 
 def test_slurm_dry_run_renders_the_job():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "slurm_dry_run.py"), "hydra.launcher.nodes=2",
-                             "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu",
-                             "hydra.launcher.timeout_min=600", "task=train"],
-                            capture_output=True, text=True, check=True, cwd=ROOT,
-                            env={**os.environ, "REGTOME_RUN_ID": "dry-run"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "slurm_dry_run.py"),
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.gpus_per_node=4",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.timeout_min=600",
+            "task=train",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "REGTOME_RUN_ID": "dry-run"},
+    )
     script = result.stdout
-    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --signal=USR2@120"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=600",
+        "#SBATCH --signal=USR2@120",
+    ):
         assert line in script, line
     assert "multirun/train/cifar10_vit_small_patch16_224-reg4/dry-run/.submitit" in script
     assert "#SBATCH --job-name=main" in script
@@ -94,7 +133,7 @@ def test_slurm_dry_run_renders_the_job():
 
 
 def test_slurm_job_ids_name_the_run_dir():
-    code = "from engine.run_dir import run_id; print(run_id())"
+    code = "from engine.run.folder_name import run_id; print(run_id())"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_JOB_ID": "4242", "LOCAL_RANK": "1"}
     env.pop("REGTOME_RUN_ID", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -102,12 +141,13 @@ def test_slurm_job_ids_name_the_run_dir():
 
 
 def test_requeued_slurm_job_resumes(tmp_path, monkeypatch):
-    from engine import train
+    from engine.tasks import train
 
     cfg = compose_config("task=train", *SMOKE, "trainer.epochs=2", "trainer.stop_after_epochs=1")
     train.run(cfg, tmp_path, overrides=[])
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    record = train.run(compose_config("task=train", *SMOKE, "trainer.epochs=2"), tmp_path,
-                       overrides=["trainer.stop_after_epochs=null"])
+    record = train.run(
+        compose_config("task=train", *SMOKE, "trainer.epochs=2"), tmp_path, overrides=["trainer.stop_after_epochs=null"]
+    )
     assert [h["epoch"] for h in record["history"]] == [1, 2]
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["state"]["epoch"] == 2

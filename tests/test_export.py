@@ -3,6 +3,7 @@
 Per family, on a batch size other than the export's: the exported logits and the token map (every
 merge decision) equal PyTorch's. The CLI on model=vit_tiny_test, and the refusal paths.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,12 @@ import pytest
 import torch
 
 pytest.importorskip("onnxruntime")
-import regtome  # noqa: E402
 from conftest import make_vit  # noqa: E402
-from engine.errors import UserError  # noqa: E402
-from engine.export import Exportable, Runner, export_graph, parity, reference_outputs, run_exported  # noqa: E402
 from test_families import build, images_for  # noqa: E402
+
+import regtome  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from engine.tasks.export import Exportable, Runner, export_graph, parity, reference_outputs, run_exported  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -36,12 +38,15 @@ def export_and_compare(model, images, tmp_path, fmt="onnx", example_batch=2):
     return parity(reference, exported), reference, exported
 
 
-@pytest.mark.parametrize("family,protect", [
-    ("class_reg4", "prefix"),  # VisionTransformer, class token + registers
-    ("gap_reg4", "class"),  # average pooling
-    ("reg4_map", "apart"),  # attention pooling
-    ("dinov3", "apart"),  # Eva, RoPE, storage tokens
-])
+@pytest.mark.parametrize(
+    "family,protect",
+    [
+        ("class_reg4", "prefix"),  # VisionTransformer, class token + registers
+        ("gap_reg4", "class"),  # average pooling
+        ("reg4_map", "apart"),  # attention pooling
+        ("dinov3", "apart"),  # Eva, RoPE, storage tokens
+    ],
+)
 def test_export_matches_pytorch_per_family_and_protection_mode(family, protect, tmp_path):
     model = make_vit(family, depth=2) if family in ("class_reg4", "gap_reg4") else build(family, depth=2)
     regtome.patch.timm(model, r=(6, -1.0), protect=protect)
@@ -94,8 +99,16 @@ def weights(tmp_path_factory):
     import timm
     from safetensors.torch import save_file
 
-    model = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                              reg_tokens=4, num_classes=4)
+    model = timm.create_model(
+        "vit_small_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        reg_tokens=4,
+        num_classes=4,
+    )
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     save_file(model.state_dict(), str(path))
     return path
@@ -104,9 +117,17 @@ def weights(tmp_path_factory):
 def test_cli_exports_checks_and_times(tmp_path, weights):
     from cli_helpers import SMOKE, results, run_main
 
-    args = ["task=export", *[o for o in SMOKE if not o.startswith("tome.r")], "tome.r=4", "tome.protect=apart",
-            f"model.pretrained_file={weights}", "export.samples=32", "export.benchmark=true", "export.repeats=2",
-            f"hydra.run.dir={tmp_path / 'export'}"]
+    args = [
+        "task=export",
+        *[o for o in SMOKE if not o.startswith("tome.r")],
+        "tome.r=4",
+        "tome.protect=apart",
+        f"model.pretrained_file={weights}",
+        "export.samples=32",
+        "export.benchmark=true",
+        "export.repeats=2",
+        f"hydra.run.dir={tmp_path / 'export'}",
+    ]
     out = run_main(*args, cwd=tmp_path)
     assert f"wrote {tmp_path / 'export' / 'model.onnx'}" in out.stdout
     record = results(tmp_path / "export")
@@ -122,9 +143,20 @@ def test_cli_refuses_an_export_below_the_agreement_and_keeps_no_file(tmp_path, w
     from cli_helpers import SMOKE, run_main
     from test_mistakes import one_line_error
 
-    args = ["task=export", *SMOKE, f"model.pretrained_file={weights}", "export.samples=8", "export.min_agreement=1.01",
-            f"hydra.run.dir={tmp_path / 'refused'}"]
+    args = [
+        "task=export",
+        *SMOKE,
+        f"model.pretrained_file={weights}",
+        "export.samples=8",
+        "export.min_agreement=1.01",
+        f"hydra.run.dir={tmp_path / 'refused'}",
+    ]
     line = one_line_error(run_main(*args, cwd=tmp_path, check=False))
-    assert line.startswith("error: export refused: top-1 agreement with PyTorch is 100.00% on 8 images, below "
-                           "export.min_agreement=1.01") and "model.onnx was not kept" in line
+    assert (
+        line.startswith(
+            "error: export refused: top-1 agreement with PyTorch is 100.00% on 8 images, below "
+            "export.min_agreement=1.01"
+        )
+        and "model.onnx was not kept" in line
+    )
     assert not (tmp_path / "refused").exists()

@@ -1,10 +1,10 @@
 """Everyday mistakes (issue #10): nothing lost, nothing mislabelled, every bad input one line."""
+
 import csv
 import json
 
 import pytest
 import torch
-
 from cli_helpers import SMOKE, results, run_main, write_image_folder
 
 CPU = ["runtime.device=cpu", "runtime.num_workers=0"]
@@ -33,8 +33,9 @@ def folder_bytes(folder) -> dict:
 def test_training_into_a_used_folder_is_refused_and_overwrite_keeps_the_old_run(trained):
     work, run_dir, _ = trained
     before = folder_bytes(run_dir)
-    result = run_main("task=train", *SMOKE, "trainer.epochs=1", "trainer.lr=0.5", f"hydra.run.dir={run_dir}", cwd=work,
-                      check=False)
+    result = run_main(
+        "task=train", *SMOKE, "trainer.epochs=1", "trainer.lr=0.5", f"hydra.run.dir={run_dir}", cwd=work, check=False
+    )
     line = one_line_error(result)
     assert "already holds a run" in line and "trainer.resume=true" in line and "another folder" in line
     assert folder_bytes(run_dir) == before  # not one byte written: config, checkpoints, log, results
@@ -44,8 +45,15 @@ def test_training_into_a_used_folder_is_refused_and_overwrite_keeps_the_old_run(
 
     copy = work / "overwritten"
     shutil.copytree(run_dir, copy)
-    run_main("task=train", *SMOKE, "trainer.epochs=1", "trainer.max_steps_per_epoch=1", "trainer.overwrite=true",
-             f"hydra.run.dir={copy}", cwd=work)
+    run_main(
+        "task=train",
+        *SMOKE,
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=1",
+        "trainer.overwrite=true",
+        f"hydra.run.dir={copy}",
+        cwd=work,
+    )
     (previous,) = (copy / "previous").iterdir()
     assert folder_bytes(previous) == before
     assert results(copy)["epochs"] == 1 and results(copy)["history"][0]["epoch"] == 1
@@ -66,10 +74,14 @@ def test_training_reports_each_epoch_on_stdout_and_in_main_log(trained):
 @pytest.mark.parametrize("amp,dtype", [("auto", "fp32"), ("bf16", "bf16")])
 def test_cpu_trains_in_fp32_unless_asked(tmp_path, amp, dtype):
     from cli_helpers import compose_config
-    from engine import train
 
-    overrides = [o for o in SMOKE if not o.startswith("runtime.amp")] + [f"runtime.amp={amp}", "trainer.epochs=1",
-                                                                          "trainer.max_steps_per_epoch=1"]
+    from engine.tasks import train
+
+    overrides = [o for o in SMOKE if not o.startswith("runtime.amp")] + [
+        f"runtime.amp={amp}",
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=1",
+    ]
     record = train.run(compose_config("task=train", *overrides), tmp_path, overrides=[])
     assert record["dtype"] == dtype
 
@@ -90,14 +102,24 @@ def test_labels_say_what_ran(trained):
     assert [int(r["index"]) for r in rows] == list(range(64)) and set(rows[0]) >= {"target", "pred", "correct"}
 
 
-@pytest.mark.parametrize("protect,applied", [
-    ("prefix", [8, 4]),  # 16 patches + 5 prefix tokens: at most half of the 16 mergeable tokens, then of 8
-    ("apart", [6, 3]),  # 16 patches + 4 registers mergeable (m=20, R=4): min(10, 10 - 4); then m=14: min(7, 7 - 4)
-])
+@pytest.mark.parametrize(
+    "protect,applied",
+    [
+        ("prefix", [8, 4]),  # 16 patches + 5 prefix tokens: at most half of the 16 mergeable tokens, then of 8
+        ("apart", [6, 3]),  # 16 patches + 4 registers mergeable (m=20, R=4): min(10, 10 - 4); then m=14: min(7, 7 - 4)
+    ],
+)
 def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path, protect, applied):
     work, run_dir, _ = trained
-    result = run_main("task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "tome.r=40", f"tome.protect={protect}",
-                      *CPU, f"hydra.run.dir={tmp_path / 'capped'}", cwd=work)
+    result = run_main(
+        "task=eval",
+        f"ckpt={run_dir / 'checkpoints' / 'best.pt'}",
+        "tome.r=40",
+        f"tome.protect={protect}",
+        *CPU,
+        f"hydra.run.dir={tmp_path / 'capped'}",
+        cwd=work,
+    )
     warnings = [line for line in result.stdout.splitlines() if "beyond the cap" in line]
     assert len(warnings) == 1 and "tome.r=40" in warnings[0]
     record = results(tmp_path / "capped")
@@ -105,16 +127,23 @@ def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path
     assert record["tokens_per_block"] == [21 - applied[0], 21 - sum(applied)]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["task=train", "dataset=imagefolder"], "dataset=imagefolder needs a folder: add dataset.root=DIR"),
-    (["task=train", "trainer.batch_size=0"], "trainer.batch_size must be an int >= 1, got 0"),
-    (["task=train", "trainer.lr=-1"], "trainer.lr must be > 0, got -1"),
-    (["task=train", "trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
-    (["task=benchmark", "benchmark.r=[-1]"], "benchmark.r entry -1: r must be >= 0"),
-    (["task=train", "tome.r=[16,-1]"], "tome.r=[16,-1]: [16,-1] is not a schedule: a per-block list holds ints >= 0; for ToMe's (r, inflection) schedule write [16,-1.0]"),
-    (["task=foo"], "unknown task 'foo'; use task=train, eval, benchmark, visualize, export"),
-    (["-m", "task=eval", "tome.r=4,-1,8"], "tome.r=-1: r must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["task=train", "dataset=imagefolder"], "dataset=imagefolder needs a folder: add dataset.root=DIR"),
+        (["task=train", "trainer.batch_size=0"], "trainer.batch_size must be an int >= 1, got 0"),
+        (["task=train", "trainer.lr=-1"], "trainer.lr must be > 0, got -1"),
+        (["task=train", "trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
+        (["task=benchmark", "benchmark.r=[-1]"], "benchmark.r entry -1: r must be >= 0"),
+        (
+            ["task=train", "tome.r=[16,-1]"],
+            "tome.r=[16,-1]: [16,-1] is not a schedule: a per-block list holds ints >= 0; "
+            "for ToMe's (r, inflection) schedule write [16,-1.0]",
+        ),
+        (["task=foo"], "unknown task 'foo'; use task=train, eval, benchmark, visualize, export"),
+        (["-m", "task=eval", "tome.r=4,-1,8"], "tome.r=-1: r must be >= 0"),
+    ],
+)
 def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, args, message):
     keys = {a.split("=", 1)[0] for a in args}
     base = [o for o in SMOKE if o.split("=", 1)[0] not in keys]
@@ -127,23 +156,38 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
     folder = write_image_folder(tmp_path / "images", {"train": 4, "val": 2})
     bad = folder / "train" / "class_1" / "2.png"
     bad.write_bytes(b"not a png")
-    line = one_line_error(run_main("task=train", *[o for o in SMOKE[1:] if "num_workers" not in o],
-                                   "runtime.num_workers=2", "dataset=imagefolder",
-                                   f"dataset.root={folder}", "dataset.native_size=32", "trainer.batch_size=4",
-                                   cwd=tmp_path, check=False))
+    line = one_line_error(
+        run_main(
+            "task=train",
+            *[o for o in SMOKE[1:] if "num_workers" not in o],
+            "runtime.num_workers=2",
+            "dataset=imagefolder",
+            f"dataset.root={folder}",
+            "dataset.native_size=32",
+            "trainer.batch_size=4",
+            cwd=tmp_path,
+            check=False,
+        )
+    )
     assert line.startswith(f"error: cannot read image {bad}") and "delete or replace the file" in line
 
 
 def test_visualize_without_weights_says_it_shows_random_weights(tmp_path):
     image = write_image_folder(tmp_path / "images", {"val": 1}, num_classes=1) / "val" / "class_0" / "0.png"
-    result = run_main("task=visualize", *SMOKE, f"images={image}", "visualize.blocks=[0,1]",
-                      f"hydra.run.dir={tmp_path / 'vis'}", cwd=tmp_path)
+    result = run_main(
+        "task=visualize",
+        *SMOKE,
+        f"images={image}",
+        "visualize.blocks=[0,1]",
+        f"hydra.run.dir={tmp_path / 'vis'}",
+        cwd=tmp_path,
+    )
     assert "random weights" in result.stdout
     assert json.loads((tmp_path / "vis" / "visualize.json").read_text())["random_weights"] is True
 
 
 def test_fp16_on_the_cpu_warns_that_it_is_slow():
-    from engine.runtime import amp_dtype
+    from engine.run.runtime import amp_dtype
 
     with pytest.warns(UserWarning, match="much slower than fp32"):
         assert amp_dtype("fp16", torch.device("cpu")) == torch.float16
@@ -164,6 +208,7 @@ def test_a_checkpoint_without_a_recorded_protect_keeps_prefix_and_says_so(traine
     assert results(tmp_path / "old")["protect"] == "prefix"
     said = [line for line in result.stdout.splitlines() if "records no tome.protect" in line]
     assert len(said) == 1 and "protect=prefix" in said[0]
-    result = run_main("task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", *CPU,
-                      f"hydra.run.dir={tmp_path / 'new'}", cwd=work)
+    result = run_main(
+        "task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", *CPU, f"hydra.run.dir={tmp_path / 'new'}", cwd=work
+    )
     assert results(tmp_path / "new")["protect"] == "apart" and "records no tome.protect" not in result.stdout

@@ -1,6 +1,7 @@
 """A run's record tells the truth (issue #22): locked folders, configs written once, keys checked first,
 class folders checked, sensible defaults for workers and threads. Run as users run them: main.py in
 a subprocess, real image folders, loader workers on, two processes for the lock."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,18 @@ import sys
 import time
 
 import pytest
-
 from cli_helpers import ROOT, SMOKE, results, run_main, write_image_folder
-from engine.errors import UserError
-from engine.run_folder import LOCK_NAME, RunLock
 from test_mistakes import folder_bytes, one_line_error
 
+from engine.errors import UserError
+from engine.run.folder_claim import LOCK_NAME, RunLock
+
 IMAGES = [o for o in SMOKE if not o.startswith(("dataset", "runtime.num_workers"))] + [
-    "dataset=imagefolder", "dataset.native_size=32", "runtime.num_workers=2", "trainer.augment=true"]
+    "dataset=imagefolder",
+    "dataset.native_size=32",
+    "runtime.num_workers=2",
+    "trainer.augment=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +33,21 @@ def folder(tmp_path_factory):
 
 
 def start(args: list[str], cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_a_second_process_is_refused_while_the_first_trains(tmp_path, folder):
     run_dir = tmp_path / "run"
-    first = start(["task=train", *IMAGES, f"dataset.root={folder}", "trainer.epochs=40", f"hydra.run.dir={run_dir}"],
-                  tmp_path)
+    first = start(
+        ["task=train", *IMAGES, f"dataset.root={folder}", "trainer.epochs=40", f"hydra.run.dir={run_dir}"], tmp_path
+    )
     deadline = time.time() + 60
     while not (run_dir / "checkpoints" / "last.pt").exists() and time.time() < deadline:
         time.sleep(0.1)
@@ -43,8 +55,16 @@ def test_a_second_process_is_refused_while_the_first_trains(tmp_path, folder):
     holder = json.loads((run_dir / LOCK_NAME).read_text())
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
     config_before = (run_dir / ".hydra" / "config.yaml").read_bytes()
-    second = run_main("task=train", *IMAGES, f"dataset.root={folder}", "tome.r=8", "trainer.resume=true",
-                      f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    second = run_main(
+        "task=train",
+        *IMAGES,
+        f"dataset.root={folder}",
+        "tome.r=8",
+        "trainer.resume=true",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=False,
+    )
     line = one_line_error(second)
     assert f"in use by process {first.pid} on {socket.gethostname()}" in line
     first.send_signal(signal.SIGTERM)
@@ -91,7 +111,7 @@ def test_lock_taken_over_from_a_dead_process_or_the_same_slurm_job(tmp_path, cap
 
 def test_each_job_of_a_sweep_in_one_process_locks_its_own_folder(tmp_path):
     """Hydra's basic launcher runs a sweep's jobs one after another in one process: each must lock its folder."""
-    from engine import cli
+    from engine.cli import claim as cli
 
     jobs = [tmp_path / "0", tmp_path / "1"]
     try:
@@ -106,18 +126,24 @@ def test_each_job_of_a_sweep_in_one_process_locks_its_own_folder(tmp_path):
         cli.CLAIM.__init__()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["trainer.epoch=3"], "error: trainer.epoch is not a key; did you mean trainer.epochs"),
-    (["+trainer.epoch=3"], "error: +trainer.epoch: only model.kwargs takes new keys; did you mean trainer.epochs"),
-    (["dataset.img_size=32"], "error: dataset.img_size is now dataset.native_size: write dataset.native_size=32"),
-    (["trainer.device=cpu"], "error: trainer.device is now runtime.device: write runtime.device=cpu"),
-    (["resume=true"], "error: resume is now trainer.resume: write trainer.resume=true"),
-    (["model.class_layer=1"], "error: model.class_layer is now tome.class_layer: write tome.class_layer=1"),
-    (["tome.protect=registers"], "error: tome.protect=registers: choose one of prefix, class, apart"),
-    (["ckpt=x.pt"], "error: ckpt is what eval, visualize and export read; to start training from a checkpoint's "
-                    "weights use trainer.init_from=PATH"),
-    (["tome.flops=0.5", "tome.r=4"], "error: tome.r and tome.flops both given"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["trainer.epoch=3"], "error: trainer.epoch is not a key; did you mean trainer.epochs"),
+        (["+trainer.epoch=3"], "error: +trainer.epoch: only model.kwargs takes new keys; did you mean trainer.epochs"),
+        (["dataset.img_size=32"], "error: dataset.img_size is now dataset.native_size: write dataset.native_size=32"),
+        (["trainer.device=cpu"], "error: trainer.device is now runtime.device: write runtime.device=cpu"),
+        (["resume=true"], "error: resume is now trainer.resume: write trainer.resume=true"),
+        (["model.class_layer=1"], "error: model.class_layer is now tome.class_layer: write tome.class_layer=1"),
+        (["tome.protect=registers"], "error: tome.protect=registers: choose one of prefix, class, apart"),
+        (
+            ["ckpt=x.pt"],
+            "error: ckpt is what eval, visualize and export read; to start training from a checkpoint's "
+            "weights use trainer.init_from=PATH",
+        ),
+        (["tome.flops=0.5", "tome.r=4"], "error: tome.r and tome.flops both given"),
+    ],
+)
 def test_keys_are_checked_before_anything_is_written(tmp_path, args, message):
     line = one_line_error(run_main("task=train", *SMOKE, *args, cwd=tmp_path, check=False))
     assert line.startswith(message), line
@@ -125,7 +151,8 @@ def test_keys_are_checked_before_anything_is_written(tmp_path, args, message):
 
 
 def test_every_suggested_key_is_a_key(tmp_path):
-    from engine.preflight import RENAMED, _compose, has_key
+    from engine.cli.command_line import _compose, has_key
+    from engine.cli.compat import RENAMED
 
     cfg = _compose(ROOT / "configs", [])
     for new in RENAMED.values():
@@ -138,8 +165,15 @@ def test_every_suggested_key_is_a_key(tmp_path):
 def test_model_kwargs_take_any_timm_argument_with_or_without_plus(tmp_path):
     for spelling in ("model.kwargs.depth=3", "+model.kwargs.depth=3"):
         run_dir = tmp_path / ("plus" if spelling.startswith("+") else "plain")
-        run_main("task=train", *SMOKE, spelling, "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
-                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        run_main(
+            "task=train",
+            *SMOKE,
+            spelling,
+            "trainer.epochs=1",
+            "trainer.max_steps_per_epoch=1",
+            f"hydra.run.dir={run_dir}",
+            cwd=tmp_path,
+        )
         assert "depth3" in results(run_dir)["model"]
 
 
@@ -149,8 +183,9 @@ def test_a_val_class_that_train_lacks_is_refused_before_training(tmp_path, folde
     data = tmp_path / "data"
     shutil.copytree(folder, data)
     shutil.copytree(data / "val" / "class_1", data / "val" / "zebra")
-    result = run_main("task=train", *IMAGES, f"dataset.root={data}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                      check=False)
+    result = run_main(
+        "task=train", *IMAGES, f"dataset.root={data}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+    )
     line = one_line_error(result)
     assert "holds classes the model was not trained on (zebra)" in line and "epoch 1" not in result.stderr
     assert not (tmp_path / "run").exists()
@@ -165,8 +200,11 @@ def test_a_val_folder_missing_a_class_keeps_the_train_labels(tmp_path, folder):
     data = tmp_path / "data"
     shutil.copytree(folder, data)
     shutil.rmtree(data / "val" / "class_0")
-    splits = build_datasets({"name": "imagefolder", "root": str(data), "native_size": 32},
-                            {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}, augment=False)
+    splits = build_datasets(
+        {"name": "imagefolder", "root": str(data), "native_size": 32},
+        {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3},
+        augment=False,
+    )
     assert splits["val"].classes == splits["train"].classes
     assert sorted(set(splits["val"].targets)) == [1, 2, 3]
 
@@ -175,14 +213,23 @@ def test_eval_of_a_checkpoint_against_other_classes_is_refused(tmp_path, folder)
     import shutil
 
     run_dir = tmp_path / "run"
-    run_main("task=train", *IMAGES, f"dataset.root={folder}", "trainer.epochs=1", f"hydra.run.dir={run_dir}",
-             cwd=tmp_path)
+    run_main(
+        "task=train", *IMAGES, f"dataset.root={folder}", "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
     assert results(run_dir)["classes"] == ["class_0", "class_1", "class_2", "class_3"]
     other = tmp_path / "other"
     shutil.copytree(folder, other)
     (other / "val" / "class_3").rename(other / "val" / "lynx")
-    line = one_line_error(run_main("task=eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", f"dataset.root={other}",
-                                   "runtime.device=cpu", cwd=tmp_path, check=False))
+    line = one_line_error(
+        run_main(
+            "task=eval",
+            f"ckpt={run_dir / 'checkpoints' / 'best.pt'}",
+            f"dataset.root={other}",
+            "runtime.device=cpu",
+            cwd=tmp_path,
+            check=False,
+        )
+    )
     assert "holds classes the model was not trained on (lynx)" in line
 
 
@@ -194,16 +241,23 @@ def test_resume_in_a_folder_without_a_checkpoint_leaves_it_as_it_was(tmp_path):
         if folder.name == "empty":
             folder.mkdir()
         before = folder_bytes(folder)
-        line = one_line_error(run_main("task=train", *SMOKE, "trainer.resume=true", f"hydra.run.dir={folder}",
-                                       cwd=tmp_path, check=False))
+        line = one_line_error(
+            run_main("task=train", *SMOKE, "trainer.resume=true", f"hydra.run.dir={folder}", cwd=tmp_path, check=False)
+        )
         assert "does not exist" in line and "left as it is" in line
         assert folder.is_dir() and folder_bytes(folder) == before
 
 
 def test_warmup_covering_the_run_is_said(tmp_path):
-    result = run_main("task=train", *[o for o in SMOKE if "warmup" not in o], "trainer.epochs=1",
-                      "trainer.warmup_epochs=3", "trainer.max_steps_per_epoch=1", f"hydra.run.dir={tmp_path / 'r'}",
-                      cwd=tmp_path)
+    result = run_main(
+        "task=train",
+        *[o for o in SMOKE if "warmup" not in o],
+        "trainer.epochs=1",
+        "trainer.warmup_epochs=3",
+        "trainer.max_steps_per_epoch=1",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        cwd=tmp_path,
+    )
     assert "trainer.warmup_epochs=3 covers the whole run" in result.stdout + result.stderr
 
 
@@ -213,10 +267,19 @@ def test_defaults_fit_the_cores_this_process_may_use(tmp_path):
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("needs Linux CPU affinity")
     args = [a for a in SMOKE if "num_workers" not in a] + ["trainer.epochs=1", "trainer.max_steps_per_epoch=2"]
-    command = ["taskset", "-c", "0", sys.executable, str(ROOT / "main.py"), "task=train", *args,
-               f"hydra.run.dir={tmp_path / 'one'}"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    command = [
+        "taskset",
+        "-c",
+        "0",
+        sys.executable,
+        str(ROOT / "main.py"),
+        "task=train",
+        *args,
+        f"hydra.run.dir={tmp_path / 'one'}",
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert results(tmp_path / "one")["device"] == "cpu (1 threads)"
     assert "worker processes in total" not in result.stderr and "no CUDA GPU" not in result.stderr
@@ -225,7 +288,7 @@ def test_defaults_fit_the_cores_this_process_may_use(tmp_path):
 def test_the_cuda_warning_comes_once_for_auto(caplog):
     import torch
 
-    from engine import runtime
+    from engine.run import runtime
 
     if torch.cuda.is_available():
         pytest.skip("machines without CUDA")
@@ -237,7 +300,7 @@ def test_the_cuda_warning_comes_once_for_auto(caplog):
 
 
 def test_cores_follow_a_cgroup_quota(tmp_path):
-    from engine.runtime import available_cores
+    from engine.run.runtime import available_cores
 
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert available_cores(str(tmp_path)) == 1

@@ -1,4 +1,5 @@
 """Sweep reports: paired deltas, bootstrap intervals and McNemar p-values against brute-force references."""
+
 import csv
 import json
 import math
@@ -7,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from cli_helpers import ROOT
-from engine.report import ReportError, add_paired, collect, group_label, swept_keys, write_report
-from engine.stats import bootstrap_interval, mcnemar_exact, paired_delta
+
+from engine.report.stats import bootstrap_interval, mcnemar_exact, paired_delta
+from engine.report.sweep import ReportError, add_paired, collect, group_label, swept_keys, write_report
 
 
 def brute_force_mcnemar(b: int, c: int) -> float:
@@ -47,10 +48,25 @@ def test_paired_delta_counts_discordant_pairs():
 
 def write_run(folder, r, protect, checkpoint, correct, gflops, flops_fraction=None):
     folder.mkdir(parents=True)
-    record = {"task": "eval", "dataset": "cifar10", "model": "vit", "checkpoint": checkpoint, "registers": 4,
-              "r": r, "flops_fraction": flops_fraction, "protect": protect, "prop_attn": True, "top1": 100 * float(np.mean(correct)), "top5": 99.0,
-              "images_per_s": 100.0 + 10 * gflops, "gflops": gflops, "batch_size": 8, "dtype": "fp32",
-              "device": "cpu", "predictions": "predictions.csv"}
+    record = {
+        "task": "eval",
+        "dataset": "cifar10",
+        "model": "vit",
+        "checkpoint": checkpoint,
+        "registers": 4,
+        "r": r,
+        "flops_fraction": flops_fraction,
+        "protect": protect,
+        "prop_attn": True,
+        "top1": 100 * float(np.mean(correct)),
+        "top5": 99.0,
+        "images_per_s": 100.0 + 10 * gflops,
+        "gflops": gflops,
+        "batch_size": 8,
+        "dtype": "fp32",
+        "device": "cpu",
+        "predictions": "predictions.csv",
+    }
     (folder / "results.json").write_text(json.dumps(record))
     with open(folder / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -104,8 +120,9 @@ def test_sweep_report_script_writes_paired_report_beside_the_plain_one(sweep):
     script = [sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(folder)]
     subprocess.run(script, capture_output=True, text=True, check=True)
     plain = (folder / "sweep.csv").read_text()
-    out = subprocess.run(script + ["--paired", "protect", "--baseline", "prefix"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        script + ["--paired", "protect", "--baseline", "prefix"], capture_output=True, text=True, check=True
+    )
     assert "2000 resamples" in out.stdout and "McNemar" in out.stdout
     assert (folder / "sweep.csv").read_text() == plain  # the plain report is not overwritten
     rows = list(csv.DictReader(open(folder / "paired_protect_vs_prefix.csv")))
@@ -135,8 +152,11 @@ def test_runs_at_one_flop_budget_pair_across_modes_whatever_r_each_chose(tmp_pat
     """tome.flops picks r per protection mode (their caps differ): such runs pair by the budget, not by r."""
     rng = np.random.default_rng(1)
     base = rng.random(400) < 0.6
-    runs = {"prefix": ([12, -0.5], base), "apart": ([13, -1.0], np.where(rng.random(400) < 0.15, ~base, base)),
-            "class": ([12, -1.0], np.where(rng.random(400) < 0.15, ~base, base))}
+    runs = {
+        "prefix": ([12, -0.5], base),
+        "apart": ([13, -1.0], np.where(rng.random(400) < 0.15, ~base, base)),
+        "class": ([12, -1.0], np.where(rng.random(400) < 0.15, ~base, base)),
+    }
     for job, (protect, (r, correct)) in enumerate(runs.items()):
         write_run(tmp_path / str(job), r, protect, "/runs/seed0/checkpoints/last.pt", correct, 0.06, 0.33)
     write_run(tmp_path / "3", 8, "prefix", "/runs/seed0/checkpoints/last.pt", base, 0.1)  # no partner: unpaired
@@ -160,9 +180,10 @@ def test_paired_key_that_was_not_swept_is_refused(sweep):
 
 def test_register_fates_against_a_hand_traced_case():
     """Brute force: follow every register through the source matrices of a tiny model, block by block."""
-    import regtome
     from conftest import make_vit
-    from engine.register_fate import register_fates
+
+    import regtome
+    from engine.report.register_fate import register_fates
 
     torch = pytest.importorskip("torch")
     model = regtome.patch.timm(make_vit("class_reg4"), r=24, protect="class", trace_source=True)
@@ -188,9 +209,10 @@ def test_register_fates_against_a_hand_traced_case():
 
 
 def test_register_fates_under_apart_never_reach_a_patch():
-    import regtome
     from conftest import make_vit
-    from engine.register_fate import register_fates
+
+    import regtome
+    from engine.report.register_fate import register_fates
 
     torch = pytest.importorskip("torch")
     model = regtome.patch.timm(make_vit("class_reg4"), r=24, trace_source=True)

@@ -5,6 +5,7 @@ every key and value is checked (`engine.cli.command_line`), then the run folder 
 (`engine.run.folder_claim`: a lock, and the rules for resuming or overwriting), and only then does
 Hydra write into it.
 """
+
 from __future__ import annotations
 
 import functools

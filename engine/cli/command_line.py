@@ -5,6 +5,7 @@ its new name, a bad value what it must be; every value of a sweep is checked, so
 fails before its first job. What passes is handed to Hydra unchanged, except that a new key under
 a free-form group (`model.kwargs.depth=4`) is spelled `++` for it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -19,11 +20,26 @@ from ..tasks import TASKS
 from .compat import RENAMED
 
 FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
-GROUP_HINTS = {"dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
-               "model": "; or keep a preset and set model.name=<any timm ViT>"}
+GROUP_HINTS = {
+    "dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
+    "model": "; or keep a preset and set model.name=<any timm ViT>",
+}
 NO_RUN_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
-FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-                    "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
+}
 INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
@@ -34,8 +50,9 @@ def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
         arg = argv[i]
         if arg.startswith("-") and "=" not in arg:
             flags.append(arg)
-            takes = arg in FLAGS_WITH_VALUE or (arg in ("--info", "-i") and i + 1 < len(argv)
-                                                and argv[i + 1] in INFO_VALUES)
+            takes = arg in FLAGS_WITH_VALUE or (
+                arg in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in INFO_VALUES
+            )
             if takes and i + 1 < len(argv):
                 flags.append(argv[i + 1])
                 i += 1
@@ -129,8 +146,10 @@ def check_keys(overrides: list[Any], configs: Path) -> tuple[DictConfig, list[st
             continue
         free = any(key.startswith(f"{parent}.") for parent in FREE_FORM)
         if (override.is_add() or override.is_force_add()) and not free:
-            raise UserError(f"+{key}: only model.kwargs takes new keys"
-                            + (f"; {key} exists: write {key}=..." if has_key(base, key) else nearest(key, base)))
+            raise UserError(
+                f"+{key}: only model.kwargs takes new keys"
+                + (f"; {key} exists: write {key}=..." if has_key(base, key) else nearest(key, base))
+            )
         if free:  # add or replace, with or without '+'
             hydra_args.append("++" + override.input_line.lstrip("+"))
             continue
@@ -165,16 +184,21 @@ def check_command_line(argv: list[str], configs: Path, check_values: Any) -> Che
     composed_args = [first_value(o) if not o.is_delete() else o.input_line for o in _parse(hydra_args)]
     cfg = _compose(configs, composed_args)
     if cfg.tome.get("flops") is not None and cfg.tome.get("r") is not None:
-        raise UserError(f"tome.r={cfg.tome.r} and tome.flops={cfg.tome.flops} are both set (in a config file); "
-                        "tome.flops chooses r from a FLOP budget: set tome.r=null, or drop tome.flops")
+        raise UserError(
+            f"tome.r={cfg.tome.r} and tome.flops={cfg.tome.flops} are both set (in a config file); "
+            "tome.flops chooses r from a FLOP budget: set tome.r=null, or drop tome.flops"
+        )
     if cfg.task == "train" and cfg.get("ckpt"):
-        readers = ", ".join(name for name, task in TASKS.items() if task.reads_ckpt)
-        raise UserError(f"ckpt is what {readers} read; to start training from a checkpoint's "
-                        "weights use trainer.init_from=PATH")
+        *others, last = [name for name, task in TASKS.items() if task.reads_ckpt]
+        readers = f"{', '.join(others)} and {last}"
+        raise UserError(
+            f"ckpt is what {readers} read; to start training from a checkpoint's weights use trainer.init_from=PATH"
+        )
     multirun = bool({"-m", "--multirun"} & set(flags))
     runs = not (NO_RUN_FLAGS & set(flags))
-    return Checked(argv=flags + hydra_args, cfg=cfg, multirun=multirun, runs=runs,
-                   keys=[o.key_or_group for o in overrides])
+    return Checked(
+        argv=flags + hydra_args, cfg=cfg, multirun=multirun, runs=runs, keys=[o.key_or_group for o in overrides]
+    )
 
 
 def run_dir_of(cfg: DictConfig) -> Optional[Path]:

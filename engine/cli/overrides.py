@@ -1,4 +1,5 @@
 """Rebuild a run from a checkpoint's saved config, keeping what this command line says explicitly."""
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -15,8 +16,9 @@ def override_keys(overrides: Iterable[str]) -> list[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
-def apply_overrides(saved: DictConfig, current: DictConfig, overrides: Iterable[str],
-                    groups: Iterable[str]) -> DictConfig:
+def apply_overrides(
+    saved: DictConfig, current: DictConfig, overrides: Iterable[str], groups: Iterable[str]
+) -> DictConfig:
     """`saved`, with the keys of `groups` that the command line set taken from `current`."""
     result = saved.copy()
     groups = tuple(groups)
@@ -35,8 +37,9 @@ def overrides_group(overrides: Iterable[str], group: str) -> bool:
     return any(k.split(".", 1)[0] == group for k in override_keys(overrides))
 
 
-def config_from_checkpoint(cfg: DictConfig, overrides: list[str]
-                           ) -> tuple[DictConfig, Optional[dict[str, torch.Tensor]], Optional[list[str]]]:
+def config_from_checkpoint(
+    cfg: DictConfig, overrides: list[str]
+) -> tuple[DictConfig, Optional[dict[str, torch.Tensor]], Optional[list[str]]]:
     """With ckpt=PATH: take model, dataset and tome from the checkpoint's saved config (keys set on
     this command line win); return it, the weights (the EMA weights when it has them) and the
     checkpoint's class names (None when it did not save them)."""

@@ -1,5 +1,6 @@
 """Build the model of the `model` and `tome` config groups (timm here; transformers in `transformers.py`),
 patched, with its label and the data config it expects."""
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,13 @@ def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
     r = 0 if tome.get("flops") is not None else tome["r"]
     if r is None:
         raise UserError("tome.r is null: set tome.r=INT (or tome.flops=FRACTION to choose r from a FLOP budget)")
-    return dict(r=r_option(r), prop_attn=bool(tome["prop_attn"]), protect=tome["protect"],
-                class_layer=int(tome.get("class_layer", 0)), register_layer=int(tome.get("register_layer", 0)))
+    return dict(
+        r=r_option(r),
+        prop_attn=bool(tome["prop_attn"]),
+        protect=tome["protect"],
+        class_layer=int(tome.get("class_layer", 0)),
+        register_layer=int(tome.get("register_layer", 0)),
+    )
 
 
 def model_label(model_cfg: Mapping[str, Any]) -> str:
@@ -76,7 +82,9 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
     """timm.create_model from the model group (weights from the hub or model.pretrained_file)."""
     name = model_cfg["name"]
     if not timm.is_model(name):
-        raise UserError(f"unknown model {name!r}; list ViTs with: python -c \"import timm; print(timm.list_models('vit_*'))\"")
+        raise UserError(
+            f"unknown model {name!r}; list ViTs with: python -c \"import timm; print(timm.list_models('vit_*'))\""
+        )
     kwargs: dict[str, Any] = dict(model_cfg.get("kwargs") or {})
     kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
     if model_cfg.get("registers") is not None:
@@ -92,26 +100,34 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
     except (OSError, ConnectionError) as err:
         if not pretrained:
             raise
-        raise UserError(f"could not fetch pretrained weights for {name} ({_first_line(err)}); "
-                        "without network, set model.pretrained_file=PATH") from err
+        raise UserError(
+            f"could not fetch pretrained weights for {name} ({_first_line(err)}); "
+            "without network, set model.pretrained_file=PATH"
+        ) from err
     except RuntimeError as err:
         if not pretrained:  # not a weights problem: report what timm said
-            raise UserError(f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({_first_line(err)}); "
-                            "check model.kwargs") from err
+            raise UserError(
+                f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({_first_line(err)}); check model.kwargs"
+            ) from err
         registers = kwargs.get(register_argument(name), "its")
-        raise UserError(f"pretrained weights do not fit {name} with {registers} registers "
-                        f"({_first_line(err)}); set model.registers=null") from err
+        raise UserError(
+            f"pretrained weights do not fit {name} with {registers} registers "
+            f"({_first_line(err)}); set model.registers=null"
+        ) from err
     except TypeError as err:  # e.g. a CNN has no img_size / reg_tokens
-        raise UserError(f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
-                        "VisionTransformer, and model.kwargs must be arguments it takes") from err
+        raise UserError(
+            f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
+            "VisionTransformer, and model.kwargs must be arguments it takes"
+        ) from err
 
 
 def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
     return model_cfg.get("source", "timm") == "transformers"
 
 
-def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int,
-                trace_source: bool = False) -> nn.Module:
+def build_model(
+    model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int, trace_source: bool = False
+) -> nn.Module:
     """The model group's model (timm, or Hugging Face transformers with model.source=transformers),
     patched with the tome group's options; tome.flops chooses r from a FLOP budget."""
     options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
@@ -133,7 +149,9 @@ def build_model(model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_c
         except ValueError as err:
             raise UserError(f"tome.flops={fraction}: {err}") from err
         patch(model, trace_source=trace_source, **(options | {"r": r}))
-        reached = regtome.schedule_gflops(model, r, (3, size, size)) / regtome.schedule_gflops(model, 0, (3, size, size))
+        reached = regtome.schedule_gflops(model, r, (3, size, size)) / regtome.schedule_gflops(
+            model, 0, (3, size, size)
+        )
         log.info("tome.flops=%s: r=%s (%.3f of the unmerged model's GFLOPs)", fraction, _compact(r), reached)
     return model
 
@@ -161,7 +179,9 @@ def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Map
     else:
         config = resolve_model_data_config(model)
     config["input_size"] = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
-    pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_file") or model_cfg.get("pretrained_dir"))
+    pretrained = bool(
+        model_cfg.get("pretrained") or model_cfg.get("pretrained_file") or model_cfg.get("pretrained_dir")
+    )
     if not pretrained and dataset_cfg.get("mean") is not None:
         config["mean"], config["std"] = tuple(dataset_cfg["mean"]), tuple(dataset_cfg["std"])
     return config
@@ -180,6 +200,12 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     applied = list(regtome.last_forward(model).r)
     if applied != requested:
         capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
-        log.warning("tome.r=%s is beyond the cap (half the mergeable tokens) in %d of %d blocks (first: block %d); "
-                    "applied r per block: %s", _compact(model.r),
-                    len(capped), len(applied), capped[0], applied)
+        log.warning(
+            "tome.r=%s is beyond the cap (half the mergeable tokens) in %d of %d blocks (first: block %d); "
+            "applied r per block: %s",
+            _compact(model.r),
+            len(capped),
+            len(applied),
+            capped[0],
+            applied,
+        )

@@ -6,6 +6,7 @@ internet). The CLI trains and evaluates classifiers: transformers' own `...ForIm
 where it has one (a new head when the number of classes differs), else the base model with a linear
 head on its pooler output (`HFClassifier`, e.g. DINOv3).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,10 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
     try:
         config = AutoConfig.from_pretrained(source, **dict(model_cfg.get("kwargs") or {}))
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the transformers config of {source} ({_first_line(err)}); without network, "
-                        "set model.pretrained_dir=DIR (a folder written by save_pretrained)") from err
+        raise UserError(
+            f"cannot read the transformers config of {source} ({_first_line(err)}); without network, "
+            "set model.pretrained_dir=DIR (a folder written by save_pretrained)"
+        ) from err
     config.num_labels = num_classes
     if not pretrained:  # random weights: built at the configured input size
         vision = getattr(config, "vision_config", config)
@@ -69,8 +72,9 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
         else:
             model = auto.from_config(config)
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load {source} ({_first_line(err)}); without network, set "
-                        "model.pretrained_dir=DIR") from err
+        raise UserError(
+            f"could not load {source} ({_first_line(err)}); without network, set model.pretrained_dir=DIR"
+        ) from err
     if hasattr(config, "vision_config"):  # SigLIP: the attention implementation of the vision tower
         model.config.vision_config._attn_implementation = implementation
     return model if classification else HFClassifier(model, num_classes)
@@ -86,5 +90,11 @@ def transformers_data_config(model_cfg: Mapping[str, Any], img_size: int) -> dic
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except Exception:  # no processor saved, no network: ImageNet's statistics
         pass
-    return {"input_size": (3, img_size, img_size), "mean": mean, "std": std, "interpolation": "bicubic",
-            "crop_pct": 1.0, "crop_mode": "center"}
+    return {
+        "input_size": (3, img_size, img_size),
+        "mean": mean,
+        "std": std,
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }

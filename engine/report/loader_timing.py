@@ -3,6 +3,7 @@
 The train loader's work for one batch (read, decode, augment, collate) is timed in this process,
 which is what one worker does; with W workers the loader delivers at most W times that.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,13 @@ from ..run.session import Session
 
 def _images_per_s(dataset: Dataset, batch_size: int, batches: int, seed: int) -> tuple[float, int]:
     """Samples/s of an in-process loader over shuffled batches (one warm-up batch), and bytes per sample."""
-    loader = DataLoader(EpochSeeded(dataset, seed), batch_size=batch_size, shuffle=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        EpochSeeded(dataset, seed),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     iterator = iter(loader)
     images, _ = next(iterator)
     bytes_per_sample = images[0].numel() * images.element_size()
@@ -46,17 +52,28 @@ def time_train_loader(cfg: DictConfig, session: Session, batches: int = 8) -> di
         rate, sample_bytes = _images_per_s(train, batch_size, batches, cfg.seed)
     except DatasetError as err:
         return {"error": str(err)}
-    out: dict[str, Any] = {"dataset": cfg.dataset.name, "batch_size": batch_size, "num_workers": workers,
-                           "images_per_s_per_worker": rate, "bytes_per_sample": sample_bytes,
-                           "images_per_s": rate * max(workers, 1), "resized_on_device": False}
+    out: dict[str, Any] = {
+        "dataset": cfg.dataset.name,
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "images_per_s_per_worker": rate,
+        "bytes_per_sample": sample_bytes,
+        "images_per_s": rate * max(workers, 1),
+        "resized_on_device": False,
+    }
     prepare = input_transform(cfg.dataset, inputs)
     if prepare is not None:
-        cpu_chain = build_datasets(cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed,
-                                   on_device=False)["train"]
+        cpu_chain = build_datasets(
+            cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed, on_device=False
+        )["train"]
         cpu_rate, cpu_bytes = _images_per_s(cpu_chain, batch_size, batches, cfg.seed)
-        out |= {"resized_on_device": True, "cpu_resize_images_per_s_per_worker": cpu_rate,
-                "cpu_resize_bytes_per_sample": cpu_bytes, "loader_speedup_from_device_resize": rate / cpu_rate,
-                "device_resize_images_per_s": _device_resize_rate(prepare.to(device), train, batch_size, device)}
+        out |= {
+            "resized_on_device": True,
+            "cpu_resize_images_per_s_per_worker": cpu_rate,
+            "cpu_resize_bytes_per_sample": cpu_bytes,
+            "loader_speedup_from_device_resize": rate / cpu_rate,
+            "device_resize_images_per_s": _device_resize_rate(prepare.to(device), train, batch_size, device),
+        }
     return out
 
 
@@ -77,19 +94,25 @@ def data_bound_notes(loader: dict[str, Any], rows: list[dict[str, Any]]) -> list
         return [f"loader not timed: {loader['error']}"]
     workers = max(loader["num_workers"], 1)
     supply = loader["images_per_s_per_worker"] * workers
-    notes = [f"train loader: {loader['images_per_s_per_worker']:.0f} images/s per worker "
-             f"({loader['bytes_per_sample'] / 1024:.1f} KB a sample), {supply:.0f} images/s with "
-             f"runtime.num_workers={loader['num_workers']}"]
+    notes = [
+        f"train loader: {loader['images_per_s_per_worker']:.0f} images/s per worker "
+        f"({loader['bytes_per_sample'] / 1024:.1f} KB a sample), {supply:.0f} images/s with "
+        f"runtime.num_workers={loader['num_workers']}"
+    ]
     if loader["resized_on_device"]:
-        notes.append(f"small images resized on the device: the loader is {loader['loader_speedup_from_device_resize']:.1f}x "
-                     f"faster per worker than resizing on the CPU ({loader['cpu_resize_images_per_s_per_worker']:.0f} "
-                     f"images/s, {loader['cpu_resize_bytes_per_sample'] / 1024:.0f} KB a sample); the device resizes "
-                     f"{loader['device_resize_images_per_s']:.0f} images/s")
+        notes.append(
+            f"small images resized on the device: the loader is {loader['loader_speedup_from_device_resize']:.1f}x "
+            f"faster per worker than resizing on the CPU ({loader['cpu_resize_images_per_s_per_worker']:.0f} "
+            f"images/s, {loader['cpu_resize_bytes_per_sample'] / 1024:.0f} KB a sample); the device resizes "
+            f"{loader['device_resize_images_per_s']:.0f} images/s"
+        )
     for row in rows:
         if row["mode"] == "train":
             row["data_bound"] = supply < row["images_per_s"]
             if row["data_bound"]:
-                notes.append(f"data-bound: training r={row['r']} at batch {row['batch_size']} takes "
-                             f"{row['images_per_s']:.0f} images/s but {loader['num_workers']} workers supply "
-                             f"{supply:.0f}; add workers (runtime.num_workers)")
+                notes.append(
+                    f"data-bound: training r={row['r']} at batch {row['batch_size']} takes "
+                    f"{row['images_per_s']:.0f} images/s but {loader['num_workers']} workers supply "
+                    f"{supply:.0f}; add workers (runtime.num_workers)"
+                )
     return notes

@@ -4,6 +4,7 @@ After each block, every register token sits in one output token. That token is t
 alone, the register merged with other registers only, or a token that also holds patches.
 Counted over a data set with `trace_source`, per block and per register.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -18,9 +19,13 @@ FATES = ("alone", "with_registers", "with_patches")
 
 
 @torch.no_grad()
-def register_fates(model: nn.Module, loader: DataLoader, device: torch.device,
-                   prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
-                   protect: str = "class") -> dict[str, Any]:
+def register_fates(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
+    protect: str = "class",
+) -> dict[str, Any]:
     """Counts[block][register][fate] over every image of `loader`, at the model's current r."""
     layout = regtome.prefix_layout(model)
     if layout.num_register == 0:
@@ -51,11 +56,18 @@ def register_fates(model: nn.Module, loader: DataLoader, device: torch.device,
                 fate = torch.where(patches > 0, 2, torch.where(registers > 1, 1, 0))
                 counts[block, j] += torch.bincount(fate.cpu(), minlength=len(FATES))
         images_seen += len(images)
-    return {"r_per_block": schedule, "protect": protect, "images": images_seen, "fates": list(FATES),
-            "register_cosine_unmerged": cosine_sum / max(images_seen, 1),
-            "counts": counts.tolist(),
-            "fractions_per_block": {fate: (counts[:, :, i].sum(dim=1).float() / counts[0].sum().clamp(min=1)).tolist()
-                                    for i, fate in enumerate(FATES)}}
+    return {
+        "r_per_block": schedule,
+        "protect": protect,
+        "images": images_seen,
+        "fates": list(FATES),
+        "register_cosine_unmerged": cosine_sum / max(images_seen, 1),
+        "counts": counts.tolist(),
+        "fractions_per_block": {
+            fate: (counts[:, :, i].sum(dim=1).float() / counts[0].sum().clamp(min=1)).tolist()
+            for i, fate in enumerate(FATES)
+        },
+    }
 
 
 def plot_fates(summary: dict[str, Any], path: str, title: str) -> None:

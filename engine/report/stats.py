@@ -1,4 +1,5 @@
 """Paired statistics for two classifiers on the same samples: bootstrap interval and exact McNemar test."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def bootstrap_interval(differences: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                       level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    differences: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of the mean of per-sample differences, resampling samples with replacement."""
     rng = np.random.default_rng(seed)
     n = len(differences)
@@ -46,8 +48,9 @@ def bootstrap_interval(differences: np.ndarray, resamples: int = BOOTSTRAP_RESAM
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-def paired_delta(baseline_correct: np.ndarray, run_correct: np.ndarray,
-                 resamples: int = BOOTSTRAP_RESAMPLES) -> PairedDelta:
+def paired_delta(
+    baseline_correct: np.ndarray, run_correct: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES
+) -> PairedDelta:
     """Compare two 0/1 correctness vectors over the same samples (same order)."""
     if baseline_correct.shape != run_correct.shape:
         raise ValueError(f"paired runs must cover the same samples ({len(baseline_correct)} vs {len(run_correct)})")
@@ -55,6 +58,12 @@ def paired_delta(baseline_correct: np.ndarray, run_correct: np.ndarray,
     differences = (run - base).astype(np.float64)
     low, high = bootstrap_interval(differences, resamples)
     only_baseline, only_run = int(((base == 1) & (run == 0)).sum()), int(((base == 0) & (run == 1)).sum())
-    return PairedDelta(delta_top1=100 * differences.mean(), ci_low=100 * low, ci_high=100 * high,
-                       p_value=mcnemar_exact(only_baseline, only_run), only_baseline=only_baseline,
-                       only_run=only_run, samples=len(base))
+    return PairedDelta(
+        delta_top1=100 * differences.mean(),
+        ci_low=100 * low,
+        ci_high=100 * high,
+        p_value=mcnemar_exact(only_baseline, only_run),
+        only_baseline=only_baseline,
+        only_run=only_run,
+        samples=len(base),
+    )

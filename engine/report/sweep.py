@@ -2,6 +2,7 @@
 
 Used by scripts/sweep_report.py; the statistics live in engine/stats.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -11,16 +12,34 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .labels import group_label, short_label, swept_keys  # noqa: F401  (group_label, swept_keys: public here)
 from .stats import BOOTSTRAP_RESAMPLES, paired_delta
+from .sweep_plots import plot_paired, plot_sweep
 
-COLUMNS = ["run", "task", "dataset", "model", "checkpoint", "registers", "schedule", "r", "protect", "prop_attn",
-           "top1", "top5", "images_per_s", "gflops", "batch_size", "dtype", "device"]
+COLUMNS = [
+    "run",
+    "task",
+    "dataset",
+    "model",
+    "checkpoint",
+    "registers",
+    "schedule",
+    "r",
+    "protect",
+    "prop_attn",
+    "top1",
+    "top5",
+    "images_per_s",
+    "gflops",
+    "batch_size",
+    "dtype",
+    "device",
+]
 PAIRED_COLUMNS = ["delta_top1", "ci_low", "ci_high", "p_value"]
 # Settings that make two runs different experiments (batch size, dtype and device do not change predictions).
 # `schedule` is the r asked for, or the FLOP budget that chose r (tome.flops): runs at one budget are paired
 # even where the cap of each protection mode made the budget choose another r.
 IDENTITY = ("task", "dataset", "model", "checkpoint", "registers", "schedule", "protect", "prop_attn")
-SWEPT = ("protect", "prop_attn", "model", "dataset", "checkpoint", "registers")
 
 
 class ReportError(ValueError):
@@ -52,23 +71,6 @@ def _r_label(r: Any) -> str:
     return json.dumps(r).replace(" ", "")
 
 
-def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Settings other than r whose value differs between runs."""
-    return [k for k in SWEPT if len({json.dumps(row.get(k)) for row in rows}) > 1]
-
-
-def _short(key: str, value: Any) -> str:
-    if key == "checkpoint" and value and value != "pooled":
-        path = Path(str(value))
-        # RUN/checkpoints/last.pt is named by its run folder; any other file by its own name
-        return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
-    return str(value)
-
-
-def group_label(row: dict[str, Any], keys: list[str]) -> str:
-    return ", ".join(f"{k}={_short(k, row.get(k))}" for k in keys) or "all runs"
-
-
 def _correct(path: Optional[Path], run: str) -> np.ndarray:
     if path is None:
         raise ReportError(f"run {run} has no predictions.csv; rerun its evaluation (task=eval writes one)")
@@ -77,8 +79,9 @@ def _correct(path: Optional[Path], run: str) -> np.ndarray:
     return np.array([c for _, c in rows], dtype=np.int64)
 
 
-def add_paired(rows: list[dict[str, Any]], key: str, baseline: Optional[str],
-               resamples: int = BOOTSTRAP_RESAMPLES) -> list[dict[str, Any]]:
+def add_paired(
+    rows: list[dict[str, Any]], key: str, baseline: Optional[str], resamples: int = BOOTSTRAP_RESAMPLES
+) -> list[dict[str, Any]]:
     """Fill delta_top1, ci_low, ci_high, p_value of every run against its baseline partner.
 
     Returns pooled rows: per setting (all but `key` and checkpoint), the samples of every checkpoint
@@ -101,8 +104,7 @@ def add_paired(rows: list[dict[str, Any]], key: str, baseline: Optional[str],
             continue
         base, run = _correct(partner["_predictions"], partner["run"]), _correct(row["_predictions"], row["run"])
         result = paired_delta(base, run, resamples)
-        row.update(delta_top1=result.delta_top1, ci_low=result.ci_low, ci_high=result.ci_high,
-                   p_value=result.p_value)
+        row.update(delta_top1=result.delta_top1, ci_low=result.ci_low, ci_high=result.ci_high, p_value=result.p_value)
         pool_key = tuple(json.dumps(row.get(k)) for k in others if k != "checkpoint") + (str(row.get(key)),)
         pooled.setdefault(pool_key, []).append((row, base, run))
     pooled_rows = []
@@ -110,12 +112,24 @@ def add_paired(rows: list[dict[str, Any]], key: str, baseline: Optional[str],
         if len(members) < 2:
             continue
         first = members[0][0]
-        result = paired_delta(np.concatenate([m[1] for m in members]), np.concatenate([m[2] for m in members]),
-                              resamples)
-        pooled_rows.append({**{k: first.get(k) for k in COLUMNS}, "run": f"pooled ({len(members)} checkpoints)",
-                            "checkpoint": "pooled", "top1": None, "top5": None, "images_per_s": None,
-                            "delta_top1": result.delta_top1, "ci_low": result.ci_low, "ci_high": result.ci_high,
-                            "p_value": result.p_value, "_predictions": None})
+        result = paired_delta(
+            np.concatenate([m[1] for m in members]), np.concatenate([m[2] for m in members]), resamples
+        )
+        pooled_rows.append(
+            {
+                **{k: first.get(k) for k in COLUMNS},
+                "run": f"pooled ({len(members)} checkpoints)",
+                "checkpoint": "pooled",
+                "top1": None,
+                "top5": None,
+                "images_per_s": None,
+                "delta_top1": result.delta_top1,
+                "ci_low": result.ci_low,
+                "ci_high": result.ci_high,
+                "p_value": result.p_value,
+                "_predictions": None,
+            }
+        )
     return pooled_rows
 
 
@@ -157,8 +171,9 @@ def _write_csv(path: Path, table: list[dict[str, Any]], columns: list[str]) -> N
         writer.writerows({c: row.get(c) for c in columns} for row in table)
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: Path, paired: Optional[str] = None,
-                 baseline: Optional[str] = None) -> dict[str, Path]:
+def write_report(
+    rows: list[dict[str, Any]], out_dir: Path, paired: Optional[str] = None, baseline: Optional[str] = None
+) -> dict[str, Path]:
     """sweep.csv (every column), sweep.md (constant settings in one line above the table) and sweep.png.
 
     With `paired`, the paired comparison goes beside them, never over them:
@@ -168,7 +183,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, paired: Optional[str
     paths = {"csv": out_dir / "sweep.csv", "md": out_dir / "sweep.md", "png": out_dir / "sweep.png"}
     _write_csv(paths["csv"], rows, COLUMNS)
     paths["md"].write_text("\n".join(_markdown(rows, COLUMNS)) + "\n")
-    _plot_sweep(rows, paths["png"])
+    plot_sweep(rows, paths["png"])
     if not paired:
         return paths
     pooled = add_paired(rows, paired, baseline)
@@ -176,95 +191,18 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, paired: Optional[str
     stem = out_dir / f"paired_{paired}_vs_{baseline}"
     paired_rows = [row for row in rows if row.get("delta_top1") is not None] + pooled
     columns = COLUMNS + PAIRED_COLUMNS
-    paths |= {"paired_csv": stem.with_suffix(".csv"), "paired_md": stem.with_suffix(".md"),
-              "paired_png": stem.with_suffix(".png")}
+    paths |= {
+        "paired_csv": stem.with_suffix(".csv"),
+        "paired_md": stem.with_suffix(".md"),
+        "paired_png": stem.with_suffix(".png"),
+    }
     _write_csv(paths["paired_csv"], paired_rows, columns)
     lines = _markdown(paired_rows, columns) + [
-        "", f"delta_top1: top-1 minus that of the {paired}={baseline} run with the same settings, in points; "
+        "",
+        f"delta_top1: top-1 minus that of the {paired}={baseline} run with the same settings, in points; "
         f"ci: 95% paired bootstrap over samples ({BOOTSTRAP_RESAMPLES} resamples, seed 0); p_value: exact McNemar "
-        "test on the samples the two runs disagree on."]
+        "test on the samples the two runs disagree on.",
+    ]
     paths["paired_md"].write_text("\n".join(lines) + "\n")
-    _plot_paired(rows + pooled, paired, paths["paired_png"], baseline)
+    plot_paired(rows + pooled, paired, paths["paired_png"], baseline)
     return paths
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _title(rows: list[dict[str, Any]]) -> str:
-    first = rows[0]
-    return (f"{first.get('model', '')} on {first.get('dataset', '')}\n({first.get('device', '')}, "
-            f"batch {first.get('batch_size', '')}, {first.get('dtype', '')})")
-
-
-def _point_label(row: dict[str, Any], with_r: bool = True) -> str:
-    """'r=4', or for a run whose r a FLOP budget chose, 'flops=0.33' and with_r ' (r=[12,-1.0])'."""
-    schedule = str(row.get("schedule") or f"r={row['r']}")
-    return schedule if schedule.startswith("r=") or not with_r else f"{schedule} (r={row['r']})"
-
-
-def _plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
-    """Top-1 against images/s: one line per combination of swept settings, r written at each point."""
-    plt = _plt()
-    keys = swept_keys(rows)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["top1"] is not None and row["images_per_s"] is not None:
-            groups.setdefault(group_label(row, keys), []).append(row)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for g, (label, members) in enumerate(groups.items()):
-        members = sorted(members, key=lambda r: r["images_per_s"])
-        line, = ax.plot([m["images_per_s"] for m in members], [m["top1"] for m in members], "o-", label=label)
-        for m in members:  # one side per line: labels of different lines do not sit on each other
-            ax.annotate(_point_label(m), (m["images_per_s"], m["top1"]), textcoords="offset points",
-                        xytext=(5, 6 if g % 2 == 0 else -12), fontsize=7, color=line.get_color())
-    ax.set_xlabel("images / s")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(_title(rows), fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_paired(rows: list[dict[str, Any]], key: str, path: Path, baseline: str) -> None:
-    """Delta top-1 with its 95% interval against GFLOPs, one series per compared value and checkpoint."""
-    plt = _plt()
-    compared = [r for r in rows if r.get("delta_top1") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    series: dict[str, list[dict[str, Any]]] = {}
-    for row in compared:
-        label = f"{key}={row.get(key)}, {_short('checkpoint', row.get('checkpoint'))}"
-        series.setdefault(label, []).append(row)
-    labelled: set[str] = set()
-    for i, (label, members) in enumerate(series.items()):
-        members = sorted(members, key=lambda r: -r["gflops"])
-        x = [m["gflops"] * (1 + 0.004 * (i - len(series) / 2)) for m in members]  # small dodge
-        y = [m["delta_top1"] for m in members]
-        err = [[m["delta_top1"] - m["ci_low"] for m in members], [m["ci_high"] - m["delta_top1"] for m in members]]
-        pooled = "pooled" in label
-        ax.errorbar(x, y, yerr=err, fmt="o-" if pooled else "o:", capsize=3, lw=2 if pooled else 1,
-                    ms=5 if pooled else 3, label=label)
-        for m, xi, yi, high in zip(members, x, y, err[1]):  # each schedule named once, above its interval
-            name = _point_label(m, with_r=False)  # at one budget each mode may run another r
-            if name not in labelled:
-                labelled.add(name)
-                ax.annotate(name, (xi, yi + high), textcoords="offset points", xytext=(0, 4),
-                            fontsize=6, ha="center")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.invert_xaxis()  # more merging to the right
-    ax.set_xlabel("GFLOPs per image (more merging to the right)")
-    ax.set_ylabel(f"delta top-1 vs {key}={baseline} (points, 95% CI)")
-    ax.set_title(_title(compared or rows), fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

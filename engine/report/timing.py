@@ -1,4 +1,5 @@
 """Fair timing: every case runs in the same process, interleaved, after warm-up, synchronised."""
+
 from __future__ import annotations
 
 import statistics

@@ -1,4 +1,6 @@
-"""Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file, and a training run's save and restore."""
+"""Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file, and a training
+run's save and restore."""
+
 from __future__ import annotations
 
 import os
@@ -47,11 +49,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {path} holds Python objects that weights_only loading refuses (they could run code); "
                 "re-save it with tensors and plain types only"
             ) from err
-        raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt ({_reason(err)}); "
-                                "use another checkpoint") from err
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is truncated or corrupt ({_reason(err)}); use another checkpoint"
+        ) from err
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise UserError(f"{path} is not a RegToMe checkpoint (no 'model' and 'config'); for raw timm weights "
-                        "use model.pretrained_file=PATH")
+        raise UserError(
+            f"{path} is not a RegToMe checkpoint (no 'model' and 'config'); for raw timm weights "
+            "use model.pretrained_file=PATH"
+        )
     return checkpoint
 
 
@@ -79,11 +84,16 @@ def _architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def check_same_architecture(saved: Mapping[str, Any], wanted: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Name every architecture setting where a checkpoint's model config differs from the wanted one."""
     saved_arch, wanted_arch = _architecture(saved), _architecture(wanted)
-    diffs = [f"model.{k}: checkpoint {saved_arch[k]!r}, config {wanted_arch[k]!r}"
-             for k in saved_arch if saved_arch[k] != wanted_arch[k] and k != "img_size"]
+    diffs = [
+        f"model.{k}: checkpoint {saved_arch[k]!r}, config {wanted_arch[k]!r}"
+        for k in saved_arch
+        if saved_arch[k] != wanted_arch[k] and k != "img_size"
+    ]
     if diffs:
-        raise UserError(f"checkpoint {path} is another architecture ({'; '.join(diffs)}); "
-                        "drop the model overrides or use a matching checkpoint")
+        raise UserError(
+            f"checkpoint {path} is another architecture ({'; '.join(diffs)}); "
+            "drop the model overrides or use a matching checkpoint"
+        )
 
 
 def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -91,18 +101,32 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and own[k].shape != state_dict[k].shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-                 f"shape {shapes[:3]}" if shapes else ""]
-        raise UserError(f"checkpoint {path} does not fit the model ({'; '.join(p for p in parts if p)}); "
-                        "check model.name and model.registers")
+        parts = [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {unexpected[:3]}" if unexpected else "",
+            f"shape {shapes[:3]}" if shapes else "",
+        ]
+        raise UserError(
+            f"checkpoint {path} does not fit the model ({'; '.join(p for p in parts if p)}); "
+            "check model.name and model.registers"
+        )
     model.load_state_dict(state_dict)
 
 
-def training_checkpoint(model: torch.nn.Module, opt: Any, state: Mapping[str, Any], config: Mapping[str, Any],
-                        rng: Mapping[str, Any], classes: Any = None) -> dict[str, Any]:
+def training_checkpoint(
+    model: torch.nn.Module,
+    opt: Any,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    rng: Mapping[str, Any],
+    classes: Any = None,
+) -> dict[str, Any]:
     """Everything a resumed run restores: weights (and EMA), optimizer, schedule, scaler, state, RNGs, config."""
     return {
         "model": model.state_dict(),
@@ -117,8 +141,9 @@ def training_checkpoint(model: torch.nn.Module, opt: Any, state: Mapping[str, An
     }
 
 
-def restore_training(model: torch.nn.Module, opt: Any, checkpoint: Mapping[str, Any], path: str | os.PathLike,
-                     same_length: bool) -> dict[str, Any]:
+def restore_training(
+    model: torch.nn.Module, opt: Any, checkpoint: Mapping[str, Any], path: str | os.PathLike, same_length: bool
+) -> dict[str, Any]:
     """Load a `training_checkpoint` into the model and `opt`; returns its saved state.
 
     same_length: the run's epochs are unchanged; a run extended with more epochs keeps the schedule

@@ -1,4 +1,5 @@
 """torchrun (and SLURM through submitit) support: process group, sharding, reductions."""
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@
 - `append_resume`: a resume adds an entry to RUN/resumes.yaml; `.hydra/config.yaml` keeps the
   config the run started with.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,12 @@ class RunLock:
         self.held = False
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise UserError naming the process that holds it."""
@@ -96,8 +101,13 @@ class RunLock:
 
     def _take_over(self, holder: dict[str, Any]) -> None:
         if holder:
-            log.warning("taking over the lock of %s left by process %s on %s (started %s), which is gone",
-                        self.path.parent, holder.get("pid"), holder.get("host"), holder.get("started"))
+            log.warning(
+                "taking over the lock of %s left by process %s on %s (started %s), which is gone",
+                self.path.parent,
+                holder.get("pid"),
+                holder.get("host"),
+                holder.get("started"),
+            )
         stale = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
         try:
             os.rename(self.path, stale)  # only one process wins the rename
@@ -108,8 +118,10 @@ class RunLock:
     def _refusal(self, holder: Optional[dict[str, Any]]) -> str:
         if holder is None:
             return f"{self.path.parent} is locked by an unreadable {self.path}; if no run uses the folder, delete it"
-        return (f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
-                f"{holder.get('started')}); wait for it to finish or use another folder")
+        return (
+            f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
+            f"{holder.get('started')}); wait for it to finish or use another folder"
+        )
 
 
 def check_folder(folder: Path, task: str, resume: bool, overwrite: bool) -> str:
@@ -121,8 +133,10 @@ def check_folder(folder: Path, task: str, resume: bool, overwrite: bool) -> str:
     record = holds_run(folder)
     if task == "train" and resume:
         if not (folder / "checkpoints" / "last.pt").exists():
-            raise UserError(f"trainer.resume=true but {folder / 'checkpoints' / 'last.pt'} does not exist; pass "
-                            "hydra.run.dir=RUN_DIR of the run to continue (the folder was left as it is)")
+            raise UserError(
+                f"trainer.resume=true but {folder / 'checkpoints' / 'last.pt'} does not exist; pass "
+                "hydra.run.dir=RUN_DIR of the run to continue (the folder was left as it is)"
+            )
         return "resume"
     if not record:
         return "new"
@@ -130,11 +144,14 @@ def check_folder(folder: Path, task: str, resume: bool, overwrite: bool) -> str:
         return "overwrite"
     what = ", ".join(record)
     if task == "train":
-        raise UserError(f"{folder} already holds a run ({what}); continue it with trainer.resume=true, train "
-                        "into another folder (drop hydra.run.dir), or trainer.overwrite=true to move it to "
-                        f"{folder / 'previous'}/ and train a new run there")
-    raise UserError(f"{folder} already holds a run ({what}); write task={task} into another folder "
-                    "(drop hydra.run.dir)")
+        raise UserError(
+            f"{folder} already holds a run ({what}); continue it with trainer.resume=true, train "
+            "into another folder (drop hydra.run.dir), or trainer.overwrite=true to move it to "
+            f"{folder / 'previous'}/ and train a new run there"
+        )
+    raise UserError(
+        f"{folder} already holds a run ({what}); write task={task} into another folder (drop hydra.run.dir)"
+    )
 
 
 def move_aside(folder: Path) -> Path:
@@ -150,9 +167,11 @@ def move_aside(folder: Path) -> Path:
 
 def append_resume(folder: Path, overrides: list[str], epoch: int, step: int) -> None:
     """Add what this resume ran with to RUN/resumes.yaml (the original .hydra/config.yaml is kept)."""
-    entry = (f"- time: '{time.strftime('%Y-%m-%d %H:%M:%S')}'\n  host: {socket.gethostname()}\n"
-             f"  pid: {os.getpid()}\n  from_epoch: {epoch}\n  from_step: {step}\n"
-             f"  overrides: {json.dumps(list(overrides))}\n")
+    entry = (
+        f"- time: '{time.strftime('%Y-%m-%d %H:%M:%S')}'\n  host: {socket.gethostname()}\n"
+        f"  pid: {os.getpid()}\n  from_epoch: {epoch}\n  from_step: {step}\n"
+        f"  overrides: {json.dumps(list(overrides))}\n"
+    )
     with open(folder / "resumes.yaml", "a") as f:
         f.write(entry)
 

@@ -1,4 +1,5 @@
 """A run directory name that is unique per run and shared by the ranks of one torchrun job."""
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """results.json: what a run measured, with everything needed to compare it to another run."""
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,27 @@ def merge_summary(model: nn.Module, img_size: int) -> dict[str, Any]:
     was_training = model.training
     with torch.no_grad():
         model.eval()
-        record = regtome.trace(model, torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype),
-                               blocks=[])
+        record = regtome.trace(
+            model, torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype), blocks=[]
+        )
         model.train(was_training)
-    return {"gflops": gflops, "tokens_per_block": list(record.tokens), "r_per_block": list(record.r),
-            "r_requested_per_block": list(record.r_requested)}
+    return {
+        "gflops": gflops,
+        "tokens_per_block": list(record.tokens),
+        "r_per_block": list(record.r),
+        "r_requested_per_block": list(record.r_requested),
+    }
 
 
-def run_record(cfg: DictConfig, model: nn.Module, metrics: Mapping[str, Any], device: torch.device,
-               dtype: Optional[torch.dtype], batch_size: int, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def run_record(
+    cfg: DictConfig,
+    model: nn.Module,
+    metrics: Mapping[str, Any],
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    batch_size: int,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     record = {
         "task": cfg.task,

@@ -1,4 +1,5 @@
 """Device, threads, loader workers, mixed precision, seeds and the random states a resumed run must restore."""
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto" and not torch.cuda.is_available():
         if "no_cuda" not in _said:
             _said.add("no_cuda")
-            log.warning("no CUDA GPU found: running on the CPU (slow), in fp32 unless runtime.amp asks for bf16 "
-                        "(runtime.device=cpu says it and silences this)")
+            log.warning(
+                "no CUDA GPU found: running on the CPU (slow), in fp32 unless runtime.amp asks for bf16 "
+                "(runtime.device=cpu says it and silences this)"
+            )
         return torch.device("cpu")
     return torch.device("cuda", local_rank) if name != "cpu" else torch.device("cpu")
 
@@ -82,8 +85,10 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type == "cpu":
-        warnings.warn("runtime.amp=fp16 on the CPU is much slower than fp32 (about 13x measured); "
-                      "use runtime.amp=off or bf16", stacklevel=2)
+        warnings.warn(
+            "runtime.amp=fp16 on the CPU is much slower than fp32 (about 13x measured); use runtime.amp=off or bf16",
+            stacklevel=2,
+        )
     return AMP_DTYPES[amp]
 
 
@@ -112,8 +117,12 @@ def rng_state() -> dict[str, Any]:
     _, key, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -122,8 +131,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["gauss"]))
+    np.random.set_state(
+        ("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

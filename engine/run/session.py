@@ -4,6 +4,7 @@
 group, builds the patched model from the `model` and `tome` groups, loads weights and works out
 the data config. Every task (and the scripts) start from it and read the runtime only through it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,14 @@ def check_eval_batch_size(value: Any) -> int:
     return value
 
 
-def open_session(cfg: DictConfig, num_classes: int, weights: Optional[Mapping[str, torch.Tensor]] = None,
-                 weights_path: Any = None, trace_source: bool = False, distributed: bool = True) -> Session:
+def open_session(
+    cfg: DictConfig,
+    num_classes: int,
+    weights: Optional[Mapping[str, torch.Tensor]] = None,
+    weights_path: Any = None,
+    trace_source: bool = False,
+    distributed: bool = True,
+) -> Session:
     """Device, threads and workers from `runtime`, the model from `model` + `tome` with `weights`."""
     runtime = cfg.runtime
     eval_batch_size = check_eval_batch_size(runtime.eval_batch_size)
@@ -67,5 +74,13 @@ def open_session(cfg: DictConfig, num_classes: int, weights: Optional[Mapping[st
     inputs = data_config(model, cfg.model, cfg.dataset)
     prepare = input_transform(cfg.dataset, inputs)
     prepare = prepare.to(device) if prepare is not None else nn.Identity()
-    return Session(device=device, dtype=dtype, info=info, model=model, inputs=inputs, prepare=prepare,
-                   workers=workers, eval_batch_size=eval_batch_size)
+    return Session(
+        device=device,
+        dtype=dtype,
+        info=info,
+        model=model,
+        inputs=inputs,
+        prepare=prepare,
+        workers=workers,
+        eval_batch_size=eval_batch_size,
+    )

@@ -3,10 +3,10 @@
 Every case runs in this one process on random input (only the model is timed), interleaved with
 the unpatched timm model, after warm-up, under the configured AMP dtype; medians of several repeats.
 """
+
 from __future__ import annotations
 
 import copy
-import csv
 import logging
 import resource
 from contextlib import nullcontext
@@ -25,6 +25,7 @@ from data import count_classes
 
 from ..errors import UserError
 from ..models.build import logits_of, model_label, r_option
+from ..report.benchmark_report import write_outputs
 from ..report.loader_timing import data_bound_notes, time_train_loader
 from ..report.timing import interleaved_seconds
 from ..run.results import write_results
@@ -74,14 +75,17 @@ def _inference(model: nn.Module, images: torch.Tensor, r: Any, device: torch.dev
     def step() -> None:
         with torch.inference_mode(), autocast(device, dtype), _schedule(model, r):
             model(images)
+
     return step
 
 
 def _dense(model: nn.Module, images: torch.Tensor, r: Any, device: torch.device, dtype) -> Callable[[], None]:
     """Patch features of the last block on the full grid (timm's forward_intermediates)."""
+
     def step() -> None:
         with torch.inference_mode(), autocast(device, dtype), _schedule(model, r):
             model.forward_intermediates(images, indices=1, intermediates_only=True)
+
     return step
 
 
@@ -97,6 +101,7 @@ def _train_step(model: nn.Module, images: torch.Tensor, r: Any, device: torch.de
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -111,16 +116,26 @@ class Timing:
     dense: bool = False  # also time dense features on the full grid (forward_intermediates)
 
 
-def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any], batch_sizes: list[int],
-                   bench: Timing, device: torch.device, dtype) -> list[dict[str, Any]]:
+def benchmark_rows(
+    baseline: nn.Module,
+    merged: nn.Module,
+    schedules: list[Any],
+    batch_sizes: list[int],
+    bench: Timing,
+    device: torch.device,
+    dtype,
+) -> list[dict[str, Any]]:
     """Inference (and training step) images/s of `merged` at each schedule against `baseline`."""
     size = regtome.input_size(merged)[1:]
     gflops = {BASELINE: regtome.schedule_gflops(merged, 0, (3, *size))}  # the unpatched model's count
     for r in schedules:
         with _schedule(merged, r):
             gflops[schedule_label(r)] = regtome.vit_flops(merged, (3, *size))
-    modes = {"inference": _inference} | ({"train": _train_step} if bench.train_step else {}) | \
-        ({"dense": _dense} if bench.dense and hasattr(merged, "forward_intermediates") else {})
+    modes = (
+        {"inference": _inference}
+        | ({"train": _train_step} if bench.train_step else {})
+        | ({"dense": _dense} if bench.dense and hasattr(merged, "forward_intermediates") else {})
+    )
     steps = len(batch_sizes) * len(modes) * bench.repeats * (len(schedules) + 1)
     bar = tqdm(total=steps, desc="benchmark", dynamic_ncols=True)
     rows = []
@@ -131,22 +146,44 @@ def benchmark_rows(baseline: nn.Module, merged: nn.Module, schedules: list[Any],
             merged.train(mode == "train")
             cases = {BASELINE: make(baseline, images, None, device, dtype)}
             cases |= {schedule_label(r): make(merged, images, r, device, dtype) for r in schedules}
-            seconds = interleaved_seconds(cases, device, warmup=bench.warmup, repeats=bench.repeats,
-                                          iters=bench.iters, progress=lambda: bar.update(1))
+            seconds = interleaved_seconds(
+                cases,
+                device,
+                warmup=bench.warmup,
+                repeats=bench.repeats,
+                iters=bench.iters,
+                progress=lambda: bar.update(1),
+            )
             for label, fn in cases.items():
                 speedup = seconds[BASELINE] / seconds[label]
                 ideal = gflops[BASELINE] / gflops[label]
-                rows.append({
-                    "mode": mode, "r": label, "batch_size": batch, "images_per_s": batch / seconds[label],
-                    "speedup": speedup, "gflops": gflops[label], "flop_speedup": ideal,
-                    "of_ideal": speedup / ideal, "peak_memory_mb": peak_memory_mb(device, fn),
-                })
+                rows.append(
+                    {
+                        "mode": mode,
+                        "r": label,
+                        "batch_size": batch,
+                        "images_per_s": batch / seconds[label],
+                        "speedup": speedup,
+                        "gflops": gflops[label],
+                        "flop_speedup": ideal,
+                        "of_ideal": speedup / ideal,
+                        "peak_memory_mb": peak_memory_mb(device, fn),
+                    }
+                )
     bar.close()
     return rows
 
 
-def schedule_for_speedup(baseline: nn.Module, merged: nn.Module, target: float, batch: int, bench: Timing,
-                         device: torch.device, dtype, tries: int = 6) -> dict[str, Any]:
+def schedule_for_speedup(
+    baseline: nn.Module,
+    merged: nn.Module,
+    target: float,
+    batch: int,
+    bench: Timing,
+    device: torch.device,
+    dtype,
+    tries: int = 6,
+) -> dict[str, Any]:
     """The least merging whose measured inference speedup reaches `target` on this device.
 
     Starts at the FLOP budget 1/target (`regtome.r_for_flops`; no schedule reaches a speedup with
@@ -163,64 +200,32 @@ def schedule_for_speedup(baseline: nn.Module, merged: nn.Module, target: float, 
             r = regtome.r_for_flops(merged, fraction, size)
         except ValueError:
             break
-        cases = {BASELINE: _inference(baseline, images, None, device, dtype),
-                 "merged": _inference(merged, images, r, device, dtype)}
+        cases = {
+            BASELINE: _inference(baseline, images, None, device, dtype),
+            "merged": _inference(merged, images, r, device, dtype),
+        }
         seconds = interleaved_seconds(cases, device, warmup=bench.warmup, repeats=bench.repeats, iters=bench.iters)
         speedup = seconds[BASELINE] / seconds["merged"]
         tried.append({"r": schedule_label(r), "flop_fraction": fraction, "speedup": speedup})
         if speedup >= target:
-            return {"target_speedup": target, "batch_size": batch, "r": schedule_label(r), "speedup": speedup,
-                    "tried": tried}
+            return {
+                "target_speedup": target,
+                "batch_size": batch,
+                "r": schedule_label(r),
+                "speedup": speedup,
+                "tried": tried,
+            }
         fraction -= 0.05
     return {"target_speedup": target, "batch_size": batch, "r": None, "tried": tried}
 
 
 def batch_one_notes(rows: list[dict[str, Any]]) -> list[str]:
     """Merging costs fixed work per block; at batch 1 that can outweigh the savings."""
-    return [f"merging does not pay off at batch 1 for r={row['r']} ({row['mode']}: {row['speedup']:.2f}x)"
-            for row in rows if row["batch_size"] == 1 and row["r"] != BASELINE and row["flop_speedup"] > 1.0
-            and row["speedup"] < 1.0]
-
-
-def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row)) + list(meta)
-    with open(run_dir / "benchmark.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(row | meta for row in rows)
-
-    header = ", ".join(f"{k} {v}" for k, v in meta.items())
-    lines = [f"# RegToMe benchmark\n\n{header}\n", "| mode | r | batch | images/s | speedup | GFLOPs | FLOP-ideal | "
-             "of ideal | peak MB | data-bound |", "|---|---|---|---|---|---|---|---|---|---|"]
-    bound = {True: "yes", False: "no", None: ""}
-    lines += [f"| {r['mode']} | {r['r']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['gflops']:.3g} | {r['flop_speedup']:.2f}x | {r['of_ideal']:.0%} | {r['peak_memory_mb']:.0f} | "
-              f"{bound[r.get('data_bound')]} |" for r in rows]
-    lines += ["", *[f"- {note}" for note in notes]]
-    (run_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = sorted({r["mode"] for r in rows}, reverse=False)
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), dpi=100, squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        mode_rows = [r for r in rows if r["mode"] == mode]
-        labels = list(dict.fromkeys(r["r"] for r in mode_rows))
-        ideal = [next(r["flop_speedup"] for r in mode_rows if r["r"] == label) for label in labels]
-        ax.plot(labels, ideal, "k--", label="FLOP-ideal")
-        for batch in sorted({r["batch_size"] for r in mode_rows}):
-            ax.plot(labels, [next(r["speedup"] for r in mode_rows if r["r"] == label and r["batch_size"] == batch)
-                             for label in labels], "o-", label=f"batch {batch}")
-        ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set(title=f"{mode}", xlabel="r schedule", ylabel="speedup over the unpatched model")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{meta['model']} ({meta['registers']} registers) on {meta['device']}, {meta['dtype']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(run_dir / "benchmark.png")
-    plt.close(fig)
+    return [
+        f"merging does not pay off at batch 1 for r={row['r']} ({row['mode']}: {row['speedup']:.2f}x)"
+        for row in rows
+        if row["batch_size"] == 1 and row["r"] != BASELINE and row["flop_speedup"] > 1.0 and row["speedup"] < 1.0
+    ]
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
@@ -238,28 +243,48 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
         except ValueError as err:
             raise UserError(f"benchmark.r entry {r}: {err}") from err
     baseline = regtome.remove_patch(copy.deepcopy(merged))
-    timing = Timing(warmup=bench.warmup, repeats=bench.repeats, iters=bench.iters, train_step=bench.train_step,
-                    dense=bench.dense)
+    timing = Timing(
+        warmup=bench.warmup, repeats=bench.repeats, iters=bench.iters, train_step=bench.train_step, dense=bench.dense
+    )
     rows = benchmark_rows(baseline, merged, schedules, batch_sizes, timing, device, dtype)
     target = None
     if bench.target_speedup is not None:
         if not bench.target_speedup > 1:
             raise UserError(f"benchmark.target_speedup must be > 1, got {bench.target_speedup}")
-        target = schedule_for_speedup(baseline, merged, float(bench.target_speedup), max(batch_sizes), timing,
-                                      device, dtype)
-    meta = {"model": model_label(cfg.model), "registers": regtome.prefix_layout(merged).num_register,
-            "img_size": cfg.model.img_size, "device": device_name(device), "dtype": dtype_name(dtype),
-            "torch": torch.__version__, "timm": timm.__version__}
+        target = schedule_for_speedup(
+            baseline, merged, float(bench.target_speedup), max(batch_sizes), timing, device, dtype
+        )
+    meta = {
+        "model": model_label(cfg.model),
+        "registers": regtome.prefix_layout(merged).num_register,
+        "img_size": cfg.model.img_size,
+        "device": device_name(device),
+        "dtype": dtype_name(dtype),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
     loader = time_train_loader(cfg, session) if bench.loader else {"error": "benchmark.loader=false"}
     notes = batch_one_notes(rows) + data_bound_notes(loader, rows)
     if target is not None:
         tried = ", ".join(f"r={t['r']} {t['speedup']:.2f}x" for t in target["tried"])
-        notes.append(f"target speedup {target['target_speedup']}x at batch {target['batch_size']}: "
-                     + (f"reached by r={target['r']} ({target['speedup']:.2f}x)" if target["r"] else "not reached")
-                     + f" (tried {tried})")
+        notes.append(
+            f"target speedup {target['target_speedup']}x at batch {target['batch_size']}: "
+            + (f"reached by r={target['r']} ({target['speedup']:.2f}x)" if target["r"] else "not reached")
+            + f" (tried {tried})"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_outputs(rows, meta, notes, run_dir)
-    write_results(run_dir, {"task": "benchmark", **meta, "batch_sizes": batch_sizes, "rows": rows,
-                            "loader": loader, "target_speedup": target, "notes": notes})
+    write_results(
+        run_dir,
+        {
+            "task": "benchmark",
+            **meta,
+            "batch_sizes": batch_sizes,
+            "rows": rows,
+            "loader": loader,
+            "target_speedup": target,
+            "notes": notes,
+        },
+    )
     log.info("\n%s", (run_dir / "benchmark.md").read_text())
     return rows

@@ -1,5 +1,6 @@
 """Evaluation: top-1/top-5, loss and model images/s, counting every sample once under DDP;
 per-sample predictions in data set order (predictions.csv)."""
+
 from __future__ import annotations
 
 import csv
@@ -36,14 +37,27 @@ def shard(dataset: Dataset, info: DistInfo) -> Dataset:
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, info: DistInfo) -> DataLoader:
-    return DataLoader(shard(dataset, info), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    return DataLoader(
+        shard(dataset, info),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: Optional[torch.dtype],
-             info: DistInfo, prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(), desc: str = "eval",
-             predictions: Optional[list[tuple]] = None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    info: DistInfo,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
+    desc: str = "eval",
+    predictions: Optional[list[tuple]] = None,
+) -> dict[str, Any]:
     """Loss, top-1, top-5 and model images/s over the loader (all ranks).
 
     With `predictions` (a list), rank 0 gets one (index, target, pred, correct, prob) row per sample,
@@ -57,13 +71,23 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
     if predictions is not None:
         predictions.extend(_gather_in_order(rows, info))
     count = max(count, 1)
-    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
-            "samples": int(count), "images_per_s": count / max(seconds / info.world_size, 1e-9)}
+    return {
+        "loss": loss_sum / count,
+        "top1": 100 * top1 / count,
+        "top5": 100 * top5 / count,
+        "samples": int(count),
+        "images_per_s": count / max(seconds / info.world_size, 1e-9),
+    }
 
 
-def _run_batches(model: nn.Module, batches: Any, device: torch.device, dtype: Optional[torch.dtype],
-                 prepare: Callable[[torch.Tensor], torch.Tensor], keep_rows: bool
-                 ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+def _run_batches(
+    model: nn.Module,
+    batches: Any,
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    keep_rows: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Sums (loss, top-1, top-5, samples), per-sample (target, pred, prob) rows, and seconds in the model."""
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     rows: list[torch.Tensor] = []
@@ -79,10 +103,14 @@ def _run_batches(model: nn.Module, batches: Any, device: torch.device, dtype: Op
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = top5 == targets[:, None]
-        totals += torch.stack([
-            F.cross_entropy(logits, targets, reduction="sum").double(),
-            hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(), torch.tensor(len(targets), device=device).double(),
-        ])
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, targets, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=-1).sum().double(),
+                torch.tensor(len(targets), device=device).double(),
+            ]
+        )
         if keep_rows:
             prob = logits.softmax(dim=-1).max(dim=-1).values
             rows.append(torch.stack([targets.double(), top5[:, 0].double(), prob.double()], dim=1).cpu())
@@ -126,18 +154,39 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         raise UserError("task=eval needs weights: ckpt=PATH, model.pretrained=true or model.pretrained_file=PATH")
     classes = checkpoint_classes(cfg, saved_classes)
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt)
-    dataset = build_datasets(cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed,
-                             classes=classes)["val"]
+    dataset = build_datasets(
+        cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed, classes=classes
+    )["val"]
     loader = eval_loader(dataset, session.eval_batch_size, session.workers, session.info)
     predictions: list[tuple] = []
-    metrics = evaluate(session.model, loader, session.device, session.dtype, session.info, prepare=session.prepare,
-                       predictions=predictions)
-    record = run_record(cfg, session.model, metrics, session.device, session.dtype, session.eval_batch_size,
-                        extra={"checkpoint": cfg.ckpt, "world_size": session.info.world_size,
-                               "predictions": "predictions.csv"})
+    metrics = evaluate(
+        session.model,
+        loader,
+        session.device,
+        session.dtype,
+        session.info,
+        prepare=session.prepare,
+        predictions=predictions,
+    )
+    record = run_record(
+        cfg,
+        session.model,
+        metrics,
+        session.device,
+        session.dtype,
+        session.eval_batch_size,
+        extra={"checkpoint": cfg.ckpt, "world_size": session.info.world_size, "predictions": "predictions.csv"},
+    )
     if session.info.is_main:
         write_results(run_dir, record)
         write_predictions(run_dir / "predictions.csv", predictions)
-        log.info("top-1 %.2f  top-5 %.2f  %.1f img/s  %.2f GFLOPs  r=%s -> %s", metrics["top1"], metrics["top5"],
-                 metrics["images_per_s"], record["gflops"], record["r"], run_dir / "results.json")
+        log.info(
+            "top-1 %.2f  top-5 %.2f  %.1f img/s  %.2f GFLOPs  r=%s -> %s",
+            metrics["top1"],
+            metrics["top5"],
+            metrics["images_per_s"],
+            record["gflops"],
+            record["r"],
+            run_dir / "results.json",
+        )
     return record

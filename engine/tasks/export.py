@@ -8,6 +8,7 @@ with PyTorch: a sample whose logits differ while its token map is the same point
 (a defect); one whose token map differs met a near-tie in the matching (two similarities within
 rounding of each other) that the other runtime's kernels decided the other way.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,9 @@ class Exportable(nn.Module):
         return logits_of(output), token_map
 
 
-def export_graph(module: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool,
-                 opset: int) -> None:
+def export_graph(
+    module: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool, opset: int
+) -> None:
     """Write `module` traced on `example` to `path` as ONNX or a torch.export program."""
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     try:
@@ -64,9 +66,18 @@ def export_graph(module: nn.Module, example: torch.Tensor, path: Path, fmt: str,
             for q in quiet:
                 q.setLevel(logging.WARNING)  # the exporter logs every pass it runs
             try:
-                torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset, verbose=False,
-                                  input_names=["images"], output_names=names, dynamic_shapes=dynamic,
-                                  external_data=False)
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    str(path),
+                    dynamo=True,
+                    opset_version=opset,
+                    verbose=False,
+                    input_names=["images"],
+                    output_names=names,
+                    dynamic_shapes=dynamic,
+                    external_data=False,
+                )
             finally:
                 for q, level in zip(quiet, levels):
                     q.setLevel(level)
@@ -76,7 +87,9 @@ def export_graph(module: nn.Module, example: torch.Tensor, path: Path, fmt: str,
     except Exception as err:
         path.unlink(missing_ok=True)
         reason = " ".join(str(err).strip().split())[:300]
-        raise UserError(f"cannot export {type(module.model).__name__} as {fmt}: {type(err).__name__}: {reason}") from err
+        raise UserError(
+            f"cannot export {type(module.model).__name__} as {fmt}: {type(err).__name__}: {reason}"
+        ) from err
 
 
 class Runner:
@@ -110,26 +123,39 @@ def parity(reference: tuple[np.ndarray, np.ndarray], exported: list[np.ndarray])
     agree = logits.argmax(1) == ref_logits.argmax(1)
     differing = np.flatnonzero((diff > TOLERANCE) | ~agree)
     same_decisions = (token_map == ref_map).all(axis=1) if token_map is not None else np.ones(len(diff), bool)
-    samples = [{"index": int(i), "max_abs_diff": float(diff[i]), "top1_agrees": bool(agree[i]),
-                "cause": "arithmetic (defect)" if same_decisions[i] else "merge decision (near-tie)"}
-               for i in differing]
-    return {"samples": len(diff), "max_abs_diff": float(diff.max()), "median_abs_diff": float(np.median(diff)),
-            "within_tolerance": float((diff <= TOLERANCE).mean()), "tolerance": TOLERANCE,
-            "top1_agreement": float(agree.mean()), "near_ties": sum(s["cause"].startswith("merge") for s in samples),
-            "defects": sum(s["cause"].startswith("arith") for s in samples), "differing": samples}
+    samples = [
+        {
+            "index": int(i),
+            "max_abs_diff": float(diff[i]),
+            "top1_agrees": bool(agree[i]),
+            "cause": "arithmetic (defect)" if same_decisions[i] else "merge decision (near-tie)",
+        }
+        for i in differing
+    ]
+    return {
+        "samples": len(diff),
+        "max_abs_diff": float(diff.max()),
+        "median_abs_diff": float(np.median(diff)),
+        "within_tolerance": float((diff <= TOLERANCE).mean()),
+        "tolerance": TOLERANCE,
+        "top1_agreement": float(agree.mean()),
+        "near_ties": sum(s["cause"].startswith("merge") for s in samples),
+        "defects": sum(s["cause"].startswith("arith") for s in samples),
+        "differing": samples,
+    }
 
 
 def reference_outputs(module: Exportable, images: torch.Tensor, batch: int) -> tuple[np.ndarray, np.ndarray]:
     outs = []
     with torch.no_grad():
         for start in range(0, len(images), batch):
-            out = module(images[start:start + batch])
+            out = module(images[start : start + batch])
             outs.append(out if isinstance(out, tuple) else (out, torch.zeros(len(out), 1, dtype=torch.long)))
     return (torch.cat([o[0] for o in outs]).float().numpy(), torch.cat([o[1] for o in outs]).numpy())
 
 
 def run_exported(runner: Runner, images: torch.Tensor, batch: int) -> list[np.ndarray]:
-    parts = [runner(images[start:start + batch]) for start in range(0, len(images), batch)]
+    parts = [runner(images[start : start + batch]) for start in range(0, len(images), batch)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
@@ -165,8 +191,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         raise UserError("task=export needs weights: ckpt=PATH, model.pretrained=true or model.pretrained_file=PATH")
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, distributed=False)
     model = session.model.cpu().eval().to(dtype)
-    images = torch.stack([t for _, t, _ in load_images(cfg, session.inputs, saved_classes or class_names(cfg.dataset),
-                                                       int(cfg.export.samples))]).to(dtype)
+    images = torch.stack(
+        [
+            t
+            for _, t, _ in load_images(
+                cfg, session.inputs, saved_classes or class_names(cfg.dataset), int(cfg.export.samples)
+            )
+        ]
+    ).to(dtype)
     merged = Exportable(model).eval()
     example_batch = fixed_batch or 2
     path = run_dir / FORMATS[fmt]
@@ -176,34 +208,65 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     report = parity(reference_outputs(merged, images, batch), run_exported(Runner(path, fmt, threads), images, batch))
     if report["top1_agreement"] < float(cfg.export.min_agreement):
         path.unlink(missing_ok=True)
-        raise UserError(f"export refused: top-1 agreement with PyTorch is {100 * report['top1_agreement']:.2f}% on "
-                        f"{report['samples']} images, below export.min_agreement={cfg.export.min_agreement} "
-                        f"({report['near_ties']} near-ties, {report['defects']} arithmetic differences); "
-                        f"{path.name} was not kept")
+        raise UserError(
+            f"export refused: top-1 agreement with PyTorch is {100 * report['top1_agreement']:.2f}% on "
+            f"{report['samples']} images, below export.min_agreement={cfg.export.min_agreement} "
+            f"({report['near_ties']} near-ties, {report['defects']} arithmetic differences); "
+            f"{path.name} was not kept"
+        )
     record = export_record(cfg, model, fmt, fixed_batch, dtype, report)
     if cfg.export.benchmark:
         record["benchmark"] = benchmark_exports(model, merged, path, fmt, images, cfg, run_dir, threads)
     write_results(run_dir, record)
-    log.info("exported %s (r=%s, protect=%s) to %s; top-1 agreement %.2f%%, %.1f%% of samples within %.0e",
-             record["model"], record["r"], record["protect"], path, 100 * report["top1_agreement"],
-             100 * report["within_tolerance"], TOLERANCE)
+    log.info(
+        "exported %s (r=%s, protect=%s) to %s; top-1 agreement %.2f%%, %.1f%% of samples within %.0e",
+        record["model"],
+        record["r"],
+        record["protect"],
+        path,
+        100 * report["top1_agreement"],
+        100 * report["within_tolerance"],
+        TOLERANCE,
+    )
     print(f"wrote {path} and {run_dir / 'results.json'}")
     return record
 
 
-def export_record(cfg: DictConfig, model: nn.Module, fmt: str, fixed_batch: Optional[int], dtype: torch.dtype,
-                  report: dict[str, Any]) -> dict[str, Any]:
+def export_record(
+    cfg: DictConfig, model: nn.Module, fmt: str, fixed_batch: Optional[int], dtype: torch.dtype, report: dict[str, Any]
+) -> dict[str, Any]:
     record = regtome.last_forward(model)
-    return {"task": "export", "format": fmt, "file": FORMATS[fmt], "model": model_label(cfg.model),
-            "checkpoint": cfg.get("ckpt"), "r": OmegaConf.to_container(cfg.tome, resolve=True)["r"],
-            "r_per_block": list(record.r), "tokens_per_block": list(record.tokens), "protect": model.protect,
-            "prop_attn": model.prop_attn, "opset": int(cfg.export.opset) if fmt == "onnx" else None,
-            "dtype": cfg.export.dtype, "batch": fixed_batch or "dynamic", "input_size": list(regtome.input_size(model)),
-            "outputs": ["logits", "token_map"], "parity": report, "torch": torch.__version__}
+    return {
+        "task": "export",
+        "format": fmt,
+        "file": FORMATS[fmt],
+        "model": model_label(cfg.model),
+        "checkpoint": cfg.get("ckpt"),
+        "r": OmegaConf.to_container(cfg.tome, resolve=True)["r"],
+        "r_per_block": list(record.r),
+        "tokens_per_block": list(record.tokens),
+        "protect": model.protect,
+        "prop_attn": model.prop_attn,
+        "opset": int(cfg.export.opset) if fmt == "onnx" else None,
+        "dtype": cfg.export.dtype,
+        "batch": fixed_batch or "dynamic",
+        "input_size": list(regtome.input_size(model)),
+        "outputs": ["logits", "token_map"],
+        "parity": report,
+        "torch": torch.__version__,
+    }
 
 
-def benchmark_exports(model: nn.Module, merged: Exportable, path: Path, fmt: str, images: torch.Tensor,
-                      cfg: DictConfig, run_dir: Path, threads: int) -> dict[str, Any]:
+def benchmark_exports(
+    model: nn.Module,
+    merged: Exportable,
+    path: Path,
+    fmt: str,
+    images: torch.Tensor,
+    cfg: DictConfig,
+    run_dir: Path,
+    threads: int,
+) -> dict[str, Any]:
     """The merged export against the exported unmerged model, interleaved medians, with the FLOP-ideal."""
     if fmt != "onnx":
         raise UserError("export.benchmark=true times onnxruntime: use export.format=onnx")
@@ -217,6 +280,14 @@ def benchmark_exports(model: nn.Module, merged: Exportable, path: Path, fmt: str
     size = regtome.input_size(model)
     ideal = regtome.schedule_gflops(model, 0, size) / regtome.vit_flops(model, size)
     speedup = seconds["unmerged"] / seconds["merged"]
-    return {"runtime": "onnxruntime (CPU)", "threads": threads, "batch_size": batch, "repeats": int(cfg.export.repeats),
-            "images_per_s": {k: batch / v for k, v in seconds.items()}, "speedup": speedup,
-            "flop_speedup": ideal, "of_ideal": speedup / ideal, "unmerged_file": unmerged_path.name}
+    return {
+        "runtime": "onnxruntime (CPU)",
+        "threads": threads,
+        "batch_size": batch,
+        "repeats": int(cfg.export.repeats),
+        "images_per_s": {k: batch / v for k, v in seconds.items()},
+        "speedup": speedup,
+        "flop_speedup": ideal,
+        "of_ideal": speedup / ideal,
+        "unmerged_file": unmerged_path.name,
+    }

@@ -7,6 +7,7 @@ sample's augmentation is seeded by (seed, epoch, sample), so a resumed run ends 
 weights as an uninterrupted one, whatever the number of loader workers. The loop itself is
 `engine.training.loop`; building the run, `engine.training.setup`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,7 +47,9 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
     if not (cfg.trainer.resume or requeued):
         return cfg, None
     if not last.exists():
-        raise UserError(f"trainer.resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue")
+        raise UserError(
+            f"trainer.resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue"
+        )
     checkpoint = load_checkpoint(last)
     saved = saved_config(checkpoint, last)
     resumed = apply_overrides(saved, cfg, overrides, groups=("trainer", "runtime"))
@@ -61,8 +64,9 @@ def save(run: TrainRun, best: bool) -> None:
     """last.pt (and best.pt), written by rank 0 while the others wait."""
     if run.session.info.is_main:
         config = OmegaConf.to_container(run.cfg, resolve=True)
-        checkpoint = training_checkpoint(unwrap(run.model), run.opt, asdict(run.state), config, rng_state(),
-                                         run.classes)
+        checkpoint = training_checkpoint(
+            unwrap(run.model), run.opt, asdict(run.state), config, rng_state(), run.classes
+        )
         save_training(checkpoint, run.ckpt_dir, best)
     barrier(run.session.info)
 
@@ -72,28 +76,48 @@ def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
     save(run, best=False)
     stop.pass_on()
     state = run.state
-    return TrainingInterrupted(stop.signum, (
-        f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch} step {state.step_in_epoch}; "
-        f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: "
-        f"python main.py task=train hydra.run.dir={run.run_dir} trainer.resume=true"))
+    return TrainingInterrupted(
+        stop.signum,
+        (
+            f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1} step {state.step_in_epoch}; "
+            f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: "
+            f"python main.py task=train hydra.run.dir={run.run_dir} trainer.resume=true"
+        ),
+    )
 
 
 def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[SummaryWriter]) -> dict[str, Any]:
     """One epoch: train, validate when due, checkpoint; returns the epoch's metrics."""
     started, state, session, tc = time.perf_counter(), run.state, run.session, run.cfg.trainer
-    rate = train_one_epoch(run.model, epoch_loader(run, epoch), session.prepare, run.opt, state, session.device,
-                           session.info, stop, tc.max_steps_per_epoch, writer, tc.log_every)
+    rate = train_one_epoch(
+        run.model,
+        epoch_loader(run, epoch),
+        session.prepare,
+        run.opt,
+        state,
+        session.device,
+        session.info,
+        stop,
+        tc.max_steps_per_epoch,
+        writer,
+        tc.log_every,
+    )
     state.epoch_sums = global_sums(state.epoch_sums, session.device, session.info)
     if stop.signum is not None:
         raise interrupted(run, stop)
     sums = state.epoch_sums
-    metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["samples"], 1),
-                               "train_acc": 100 * sums["correct"] / max(sums["samples"], 1), "train_images_per_s": rate}
+    metrics: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": sums["loss"] / max(sums["samples"], 1),
+        "train_acc": 100 * sums["correct"] / max(sums["samples"], 1),
+        "train_images_per_s": rate,
+    }
     state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
     if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
         eval_model = run.opt.ema.module if run.opt.ema is not None else unwrap(run.model)
-        val = evaluate(eval_model, run.val_loader, session.device, session.dtype, session.info,
-                       prepare=session.prepare, desc="val")
+        val = evaluate(
+            eval_model, run.val_loader, session.device, session.dtype, session.info, prepare=session.prepare, desc="val"
+        )
         metrics |= {f"val_{k}": v for k, v in val.items()}
     metrics["seconds"] = time.perf_counter() - started
     state.history.append(metrics)
@@ -114,8 +138,12 @@ def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> dict[str, Any]:
                 _log_epoch(writer, metrics, tc.epochs)
             if tc.stop_after_epochs and done >= tc.stop_after_epochs and state.epoch < tc.epochs:
                 if run.session.info.is_main:
-                    log.info("stopping after %d epochs (trainer.stop_after_epochs); continue with: python main.py "
-                             "task=train hydra.run.dir=%s trainer.resume=true", done, run.run_dir)
+                    log.info(
+                        "stopping after %d epochs (trainer.stop_after_epochs); continue with: python main.py "
+                        "task=train hydra.run.dir=%s trainer.resume=true",
+                        done,
+                        run.run_dir,
+                    )
                 break
     return metrics
 
@@ -144,9 +172,21 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
 def finish(run: TrainRun, metrics: dict[str, Any]) -> dict[str, Any]:
     """results.json of the run (rank 0) and the closing line."""
     state, session = run.state, run.session
-    record = run_record(run.cfg, unwrap(run.model), metrics, session.device, session.dtype, run.cfg.trainer.batch_size,
-                        extra={"epochs": state.epoch, "best_top1": state.best_top1, "history": state.history,
-                               "checkpoint": str(run.ckpt_dir / "best.pt"), "classes": run.classes})
+    record = run_record(
+        run.cfg,
+        unwrap(run.model),
+        metrics,
+        session.device,
+        session.dtype,
+        run.cfg.trainer.batch_size,
+        extra={
+            "epochs": state.epoch,
+            "best_top1": state.best_top1,
+            "history": state.history,
+            "checkpoint": str(run.ckpt_dir / "best.pt"),
+            "classes": run.classes,
+        },
+    )
     if session.info.is_main:
         write_results(run.run_dir, record)
         best = f"best val top-1 {state.best_top1:.2f}" if state.best_top1 >= 0 else "no validation yet"
@@ -157,8 +197,15 @@ def finish(run: TrainRun, metrics: dict[str, Any]) -> dict[str, Any]:
 def _log_epoch(writer: Optional[SummaryWriter], metrics: dict[str, Any], epochs: int) -> None:
     """One line per epoch (stdout and main.log) and the epoch's scalars in TensorBoard."""
     val = f"val top-1 {metrics['val_top1']:.2f}" if "val_top1" in metrics else "val top-1 -"
-    log.info("epoch %d/%d  train loss %.4f  %s  %.0f img/s  %.1f s", metrics["epoch"], epochs, metrics["train_loss"],
-             val, metrics["train_images_per_s"], metrics["seconds"])
+    log.info(
+        "epoch %d/%d  train loss %.4f  %s  %.0f img/s  %.1f s",
+        metrics["epoch"],
+        epochs,
+        metrics["train_loss"],
+        val,
+        metrics["train_images_per_s"],
+        metrics["seconds"],
+    )
     if writer is None:
         return
     for key, value in metrics.items():

@@ -1,0 +1,1 @@
+"""The command line, before any work: checked, its run folder claimed, old configs upgraded."""

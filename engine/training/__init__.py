@@ -1,0 +1,1 @@
+"""Training: the loop (`loop`), building a run (`setup`), stopping on signals (`stop`)."""

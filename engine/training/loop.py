@@ -1,0 +1,163 @@
+"""The training loop: one epoch of forward, loss, backward and optimizer steps (DeiT's engine, with
+gradient accumulation, AMP through a GradScaler, Mixup, EMA and a stop that waits for the step)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ..errors import NonFiniteLoss
+from ..models.build import logits_of
+from ..run.distributed import DistInfo, all_reduce_sum
+from .stop import GracefulStop, stop_requested
+
+Batch = Callable[[torch.Tensor], torch.Tensor]
+
+
+def empty_sums() -> dict[str, float]:
+    """Running training loss/accuracy sums of the current epoch."""
+    return {"loss": 0.0, "correct": 0.0, "samples": 0.0}
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint as plain types."""
+
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # batches of the current epoch already trained
+    num_updates: int = 0  # optimizer steps taken
+    best_top1: float = -1.0  # the validation top-1 of best.pt
+    epoch_sums: dict[str, float] = field(default_factory=empty_sums)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Optimization:
+    """Everything an optimizer step uses besides the model and the batch, built once per run."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm scheduler, stepped per update
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    amp_autocast: Callable[[], Any]
+    mixup: Optional[Mixup] = None
+    ema: Optional[ModelEmaV3] = None
+    accum_steps: int = 1
+    clip_grad: Optional[float] = None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    prepare: Batch,
+    opt: Optimization,
+    state: TrainState,
+    device: torch.device,
+    info: DistInfo,
+    stop: GracefulStop,
+    max_steps: Optional[int] = None,
+    writer: Optional[SummaryWriter] = None,
+    log_every: int = 20,
+) -> float:
+    """Train until the loader ends, `max_steps` batches, or a stop request; returns images/s."""
+    model.train()
+    total = len(loader) + state.step_in_epoch
+    if max_steps:
+        total = min(total, max_steps)
+    start, seen, sums = time.perf_counter(), 0, state.epoch_sums
+    # as a context: an error (a bad image, a NaN) closes the bar before the one-line message
+    bar = tqdm(
+        total=total,
+        initial=state.step_in_epoch,
+        desc=f"epoch {state.epoch + 1}",
+        disable=not info.is_main,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    with bar:
+        for images, targets in loader:
+            step = state.step_in_epoch
+            if step >= total:
+                break
+            images = prepare(images.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
+            update = (step + 1) % opt.accum_steps == 0 or step + 1 == total
+            loss_value = train_step(model, images, targets, opt, state, update)
+            seen += len(targets)
+            rate = seen * info.world_size / (time.perf_counter() - start)
+            lr = opt.optimizer.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{sums['loss'] / sums['samples']:.3f}",
+                acc=f"{100 * sums['correct'] / sums['samples']:.1f}",
+                lr=f"{lr:.2e}",
+                img_s=f"{rate:.0f}",
+            )
+            if writer is not None and update and state.num_updates % log_every == 0:
+                for name, value in (("loss", loss_value), ("lr", lr), ("images_per_s", rate)):
+                    writer.add_scalar(f"train/{name}", value, state.num_updates)
+            if update and stop_requested(stop, device, info):
+                break
+    return seen * info.world_size / max(time.perf_counter() - start, 1e-9)
+
+
+def train_step(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, opt: Optimization, state: TrainState, update: bool
+) -> float:
+    """Forward and backward of one batch (an optimizer step when `update`); adds to the epoch's sums."""
+    hard_targets = targets
+    if opt.mixup is not None:
+        images, targets = opt.mixup(images, targets)
+    with opt.amp_autocast():
+        logits = logits_of(model(images))
+        loss = opt.loss_fn(logits, targets)
+    loss_value = loss.item()
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(
+            f"loss is {loss_value} at epoch {state.epoch + 1} step {state.step_in_epoch + 1}; "
+            "stopped without saving, last.pt and best.pt are the last good state (lower trainer.lr "
+            "or use trainer.clip_grad)"
+        )
+    opt.scaler.scale(loss / opt.accum_steps).backward()
+    if update:
+        optimizer_step(model, opt, state)
+    sums, batch = state.epoch_sums, len(hard_targets)
+    sums["loss"] += loss_value * batch
+    sums["correct"] += (logits.argmax(-1) == hard_targets).sum().item()
+    sums["samples"] += batch
+    state.step_in_epoch += 1
+    return loss_value
+
+
+def optimizer_step(model: nn.Module, opt: Optimization, state: TrainState) -> None:
+    """Unscale and clip, step (through the GradScaler), schedule, update the EMA."""
+    if opt.clip_grad:
+        opt.scaler.unscale_(opt.optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.optimizer.zero_grad(set_to_none=True)
+    state.num_updates += 1
+    opt.scheduler.step_update(num_updates=state.num_updates)
+    if opt.ema is not None:
+        opt.ema.update(unwrap(model), step=state.num_updates)
+
+
+def global_sums(sums: dict[str, float], device: torch.device, info: DistInfo) -> dict[str, float]:
+    """Training loss/accuracy sums over all ranks."""
+    values = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device), info)
+    return dict(zip(sums, values.tolist()))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -1,0 +1,224 @@
+"""Building a training run once: data, model, optimizer and schedule, the state restored when resuming."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from data import EpochSeeded, ResumableSampler, build_datasets, class_names, count_classes
+
+from ..cli.compat import upgrade_config
+from ..errors import UserError
+from ..models.build import model_label
+from ..run.checkpoint import check_same_architecture, load_checkpoint, restore_training
+from ..run.runtime import autocast, set_rng_state
+from ..run.session import Session, open_session
+from ..tasks.evaluate import eval_loader
+from .loop import Optimization, TrainState, empty_sums, unwrap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainRun:
+    """A training run as `build_run` sets it up: what `fit` needs, and what `finish` reports."""
+
+    cfg: DictConfig
+    run_dir: Path
+    session: Session
+    model: nn.Module  # DDP-wrapped under torchrun
+    train_set: EpochSeeded
+    sampler: DistributedSampler
+    val_loader: DataLoader
+    opt: Optimization
+    state: TrainState
+    classes: Optional[list[str]]
+    drop_last: bool
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+POSITIVE_INTS = ("epochs", "batch_size", "accum_steps", "eval_every", "log_every")
+
+
+def check_trainer_config(cfg: DictConfig) -> None:
+    """One clear line for a trainer value that cannot work; a warning for one that wastes the run."""
+    tc = cfg.trainer
+    for key in POSITIVE_INTS:
+        value = tc[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"trainer.{key} must be an int >= 1, got {value!r}")
+    if not tc.lr > 0:
+        raise UserError(f"trainer.lr must be > 0, got {tc.lr!r}")
+    for key in ("max_steps_per_epoch", "stop_after_epochs"):
+        if tc[key] is not None and tc[key] < 1:
+            raise UserError(f"trainer.{key} must be null or >= 1, got {tc[key]!r}")
+    if tc.warmup_epochs < 0 or tc.mixup < 0 or tc.cutmix < 0 or tc.weight_decay < 0:
+        raise UserError("trainer.warmup_epochs, mixup, cutmix and weight_decay must be >= 0")
+    if tc.warmup_epochs >= tc.epochs:
+        log.warning(
+            "trainer.warmup_epochs=%s covers the whole run (trainer.epochs=%s): the learning rate never "
+            "reaches trainer.lr; lower trainer.warmup_epochs",
+            tc.warmup_epochs,
+            tc.epochs,
+        )
+
+
+def build_optimization(
+    model: nn.Module,
+    tc: DictConfig,
+    num_classes: int,
+    updates_per_epoch: int,
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+) -> Optimization:
+    mixup_active = tc.mixup > 0 or tc.cutmix > 0
+    optimizer = create_optimizer_v2(model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched="cosine",
+        num_epochs=tc.epochs,
+        warmup_epochs=tc.warmup_epochs,
+        warmup_lr=tc.warmup_lr,
+        min_lr=tc.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=max(updates_per_epoch, 1),
+    )
+    return Optimization(
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        loss_fn=SoftTargetCrossEntropy() if mixup_active else nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        amp_autocast=partial(autocast, device, dtype),
+        mixup=Mixup(
+            mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=num_classes
+        )
+        if mixup_active
+        else None,
+        ema=ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None,
+        accum_steps=tc.accum_steps,
+        clip_grad=tc.clip_grad,
+    )
+
+
+def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
+    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture."""
+    path = cfg.trainer.get("init_from")
+    if not path:
+        return None
+    init = load_checkpoint(path)
+    saved = upgrade_config(init["config"])
+    check_same_architecture(saved["model"], OmegaConf.to_container(cfg.model, resolve=True), path)
+    return init["model"]
+
+
+def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> TrainRun:
+    """Data, model and optimizer, built once; the state restored from `checkpoint` when resuming."""
+    classes = class_names(cfg.dataset)
+    num_classes = count_classes(cfg.dataset)
+    cfg = OmegaConf.merge(cfg, {"dataset": {"num_classes": num_classes}})  # saved with the checkpoints
+    init = initial_weights(cfg) if checkpoint is None else None
+    session = open_session(cfg, num_classes, weights=init, weights_path=cfg.trainer.get("init_from"))
+    tc, info = cfg.trainer, session.info
+    splits = build_datasets(cfg.dataset, session.inputs, augment=tc.augment, seed=cfg.seed, classes=classes)
+    drop_last = tc.mixup > 0 or tc.cutmix > 0  # mixup needs even batches
+    train_set = EpochSeeded(splits["train"], cfg.seed)
+    sampler = DistributedSampler(
+        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=drop_last
+    )
+    opt = build_optimization(
+        session.model, tc, num_classes, updates_per_epoch(len(sampler), tc), session.device, session.dtype
+    )
+    model = session.model
+    if info.enabled:
+        device = session.device
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    state = TrainState() if checkpoint is None else restored_state(unwrap(model), opt, checkpoint, run_dir, tc)
+    if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
+        state.epoch_sums = empty_sums()
+    val_loader = eval_loader(splits["val"], session.eval_batch_size, session.workers, info)
+    if info.is_main:
+        log.info(
+            "training %s on %s (%d train / %d val images) on %s, %s, %d epochs, r=%s, protect=%s; run folder %s",
+            model_label(cfg.model),
+            cfg.dataset.name,
+            len(train_set),
+            len(splits["val"]),
+            session.device,
+            str(session.dtype or "fp32").replace("torch.", ""),
+            tc.epochs,
+            _compact(session.model.r),
+            session.model.protect,
+            run_dir,
+        )
+    return TrainRun(
+        cfg=cfg,
+        run_dir=run_dir,
+        session=session,
+        model=model,
+        train_set=train_set,
+        sampler=sampler,
+        val_loader=val_loader,
+        opt=opt,
+        state=state,
+        classes=classes,
+        drop_last=drop_last,
+    )
+
+
+def updates_per_epoch(samples: int, tc: DictConfig) -> int:
+    """Optimizer updates in one epoch of `samples` samples on this process (the schedule's unit)."""
+    updates = -(-samples // tc.batch_size // tc.accum_steps)
+    if tc.max_steps_per_epoch:
+        updates = min(updates, -(-tc.max_steps_per_epoch // tc.accum_steps))
+    return updates
+
+
+def restored_state(model: nn.Module, opt: Optimization, checkpoint: dict, run_dir: Path, tc: DictConfig) -> TrainState:
+    """Weights, optimizer, schedule, scaler, EMA and RNG states of a resumed run; returns where it stood."""
+    saved = restore_training(
+        model,
+        opt,
+        checkpoint,
+        run_dir / "checkpoints" / "last.pt",
+        same_length=checkpoint["config"]["trainer"]["epochs"] == tc.epochs,
+    )
+    set_rng_state(checkpoint["rng"])
+    opt.scheduler.step_update(num_updates=saved["num_updates"])
+    return TrainState(**saved)
+
+
+def _compact(value: object) -> str:
+    return str(value).replace(" ", "")
+
+
+def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
+    """This epoch's loader, skipping the batches a resumed run already trained."""
+    tc, seed = run.cfg.trainer, run.cfg.seed
+    run.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)  # before the workers copy the data set
+    return DataLoader(
+        run.train_set,
+        batch_size=tc.batch_size,
+        drop_last=run.drop_last,
+        sampler=ResumableSampler(run.sampler, skip=run.state.step_in_epoch * tc.batch_size),
+        num_workers=run.session.workers,
+        pin_memory=run.session.device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed * 1000 + epoch),
+    )

@@ -1,0 +1,41 @@
+"""The front door: README.md under ~250 lines, and every link and image path of the docs works."""
+
+import re
+
+from cli_helpers import ROOT
+
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for heading in re.findall(r"^#+ (.+)$", markdown, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        out.add(slug)
+    return out
+
+
+def test_readme_is_a_front_door():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, len(lines)
+    text = "\n".join(lines)
+    for page in ("docs/library.md", "docs/cli.md", "docs/results.md", "docs/architecture.md", "CONTRIBUTING.md"):
+        assert f"]({page})" in text, page
+
+
+def test_every_relative_link_and_image_path_works():
+    broken = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for target in LINK.findall(text):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            page = (doc.parent / path).resolve() if path else doc
+            if not page.exists():
+                broken.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and page.suffix == ".md" and anchor not in anchors(page.read_text()):
+                broken.append(f"{doc.name}: {target} (no such heading)")
+    assert not broken, broken
