@@ -51,30 +51,34 @@ def bipartite_soft_matching(
         return _identity, _identity
 
     with torch.no_grad():
-        batch = metric.shape[0]
+        batch, device = metric.shape[0], metric.device
         metric = metric[:, num_protected:].float()
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # set A (even) against set B (odd)
         if kind is not None:
             kind = kind[:, num_protected:]
             scores = scores.masked_fill(kind[:, ::2, None] != kind[:, None, 1::2], float("-inf"))
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)  # A tokens, most similar first
+        # Every A token in order of its best similarity: the r first merge; the others keep this order, which
+        # decides the next block's A/B split, so the whole order is needed (a top-r selection would not do).
+        edge_idx = node_max.argsort(dim=-1, descending=True)
         dst_idx = node_idx.gather(dim=1, index=edge_idx[:, :r])  # B partners of the r merging A tokens
 
-        # Row indices into x flattened to (batch * tokens, C): one index_select and one
-        # index_add_ per merge are several times faster than gather/scatter on (B, T, C).
-        device, num_a, num_b = metric.device, a.shape[1], b.shape[1]
-        out_tokens = num_tokens - r
-        in_offset = torch.arange(batch, device=device)[:, None] * num_tokens
-        out_offset = torch.arange(batch, device=device)[:, None] * out_tokens
-        a_rows = num_protected + 2 * edge_idx + in_offset
-        b_rows = num_protected + 1 + 2 * torch.arange(num_b, device=device) + in_offset
-        protected_rows = torch.arange(num_protected, device=device) + in_offset
-        keep_rows = torch.cat([protected_rows, a_rows[:, r:], b_rows], dim=1).flatten()
-        src_rows = a_rows[:, :r].flatten()
-        dst_rows = (num_protected + num_a - r + dst_idx + out_offset).flatten()
+        # Row indices into x flattened to (batch * tokens, C): one index_select and one index_add_ per
+        # merge are several times faster than gather/scatter on (B, T, C). Every index is a slot of the
+        # sequence plus its image's offset; computed once here, shared by every merge of the block.
+        num_a, out_tokens = scores.shape[1], num_tokens - r
+        image = torch.arange(batch, device=device)[:, None]
+        slots = torch.arange(num_tokens, device=device)
+        a_slots = 2 * edge_idx + num_protected
+        kept = torch.cat(
+            [slots[:num_protected].expand(batch, -1), a_slots[:, r:], slots[num_protected + 1 :: 2].expand(batch, -1)],
+            dim=1,
+        )
+        in_offset = image * num_tokens
+        keep_rows = (kept + in_offset).flatten()
+        src_rows = (a_slots[:, :r] + in_offset).flatten()
+        dst_rows = (dst_idx + (image * out_tokens + (num_protected + num_a - r))).flatten()
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """(B, T, C) -> (B, T - r, C); mode is how a B token combines with its A tokens: sum, mean, amax,
