@@ -25,6 +25,7 @@ def test_benchmark_task_writes_csv_md_png(tmp_path):
         "benchmark.repeats=2",
         "benchmark.iters=1",
         "benchmark.target_speedup=1.01",
+        "benchmark.quick=false",  # every row of the config, not the CPU-sized defaults
         "runtime.num_workers=2",
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,
@@ -52,7 +53,7 @@ def test_benchmark_task_writes_csv_md_png(tmp_path):
         assert row["device"].startswith("cpu") and row["dtype"] == "fp32" and row["torch"] and row["timm"]
     gflops = {r["r"]: float(r["gflops"]) for r in rows}
     assert gflops["unpatched"] == gflops["0"] > gflops["2"] > gflops["(2,-1.0)"]
-    assert Image.open(tmp_path / "benchmark.png").size == (1500, 400)  # three panels of 5 x 4 inches at 100 dpi
+    assert Image.open(tmp_path / "benchmark.png").size == (1650, 440)  # three panels of 5.5 x 4.4 inches at 100 dpi
     assert "FLOP-ideal" in (tmp_path / "benchmark.md").read_text()
 
 

@@ -88,6 +88,43 @@ def test_compile_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=2e-3)
 
 
+def test_cuda_graphs_run_the_patched_forward_and_backward_without_recompiling():
+    """runtime.compile=reduce-overhead: one graph, replayed as CUDA graphs call after call, forward and backward."""
+    model = regtome.patch.timm(make_vit("class_reg4").cuda(), r=4).train()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    torch._dynamo.utils.counters.clear()
+    for _ in range(4):
+        compiled(images).sum().backward()
+    torch.cuda.synchronize()
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
+
+
+def test_compiled_training_and_benchmark_on_cuda(tmp_path):
+    record = train.run(
+        compose_config("task=train", *GPU, "runtime.compile=true", "trainer.epochs=1"), tmp_path / "t", overrides=[]
+    )
+    assert record["top1"] is not None
+    assert not any(
+        k.startswith("_orig_mod.") for k in load_checkpoint(tmp_path / "t" / "checkpoints" / "last.pt")["model"]
+    )
+    cfg = compose_config(
+        "task=benchmark",
+        *GPU,
+        "runtime.compile=true",
+        "benchmark.r=[2]",
+        "benchmark.batch_sizes=[1]",
+        "benchmark.repeats=2",
+        "benchmark.iters=2",
+        "benchmark.train_step=false",
+        "benchmark.loader=false",
+    )
+    rows = benchmark.run(cfg, tmp_path / "b", overrides=[])
+    assert {row["execution"] for row in rows} == {"eager", "compiled", "cuda graphs"}
+
+
 def test_device_resize_on_cuda_matches_the_cpu():
     from data.transforms import ResizeNormalize
 

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import csv
+import textwrap
 from pathlib import Path
 from typing import Any
+
+TABLE = (
+    "| mode | run | r | batch | images/s | latency ms (p90) | speedup | vs eager unpatched | GFLOPs | "
+    "FLOP-ideal | of ideal | warm-up s | peak MB | data-bound |"
+)
+
+
+def _line(row: dict[str, Any]) -> str:
+    bound = {True: "yes", False: "no", None: ""}[row.get("data_bound")]
+    return (
+        f"| {row['mode']} | {row['execution']} | {row['r']} | {row['batch_size']} | {row['images_per_s']:.1f} | "
+        f"{row['latency_ms']:.1f} ({row['latency_p90_ms']:.1f}) | {row['speedup']:.2f}x | "
+        f"{row['speedup_vs_eager']:.2f}x | {row['gflops']:.3g} | {row['flop_speedup']:.2f}x | "
+        f"{row['of_ideal']:.0%} | {row['warmup_s']:.1f} | {row['peak_memory_mb']:.0f} | {bound} |"
+    )
 
 
 def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path) -> None:
@@ -13,49 +29,54 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(row | meta for row in rows)
-
     header = ", ".join(f"{k} {v}" for k, v in meta.items())
-    lines = [
-        f"# RegToMe benchmark\n\n{header}\n",
-        "| mode | r | batch | images/s | speedup | GFLOPs | FLOP-ideal | of ideal | peak MB | data-bound |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    bound = {True: "yes", False: "no", None: ""}
+    lines = [f"# RegToMe benchmark\n\n{header}\n", TABLE, "|" + "---|" * TABLE.count(" | ") + "---|"]
+    lines += [_line(row) for row in rows]
     lines += [
-        f"| {r['mode']} | {r['r']} | {r['batch_size']} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | "
-        f"{r['gflops']:.3g} | {r['flop_speedup']:.2f}x | {r['of_ideal']:.0%} | {r['peak_memory_mb']:.0f} | "
-        f"{bound[r.get('data_bound')]} |"
-        for r in rows
+        "",
+        "speedup: against the unpatched model run the same way (eager or compiled); vs eager unpatched: "
+        "against the unpatched model run eagerly; warm-up s: the first calls, compilation included.",
+        "",
     ]
-    lines += ["", *[f"- {note}" for note in notes]]
+    lines += [f"- {note}" for note in notes]
     (run_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
+    plot(rows, meta, run_dir / "benchmark.png")
 
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = sorted({r["mode"] for r in rows}, reverse=False)
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), dpi=100, squeeze=False)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.4), dpi=100, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         mode_rows = [r for r in rows if r["mode"] == mode]
         labels = list(dict.fromkeys(r["r"] for r in mode_rows))
         ideal = [next(r["flop_speedup"] for r in mode_rows if r["r"] == label) for label in labels]
         ax.plot(labels, ideal, "k--", label="FLOP-ideal")
-        for batch in sorted({r["batch_size"] for r in mode_rows}):
-            ax.plot(
-                labels,
-                [
-                    next(r["speedup"] for r in mode_rows if r["r"] == label and r["batch_size"] == batch)
-                    for label in labels
-                ],
-                "o-",
-                label=f"batch {batch}",
-            )
+        for execution in dict.fromkeys(r["execution"] for r in mode_rows):
+            for batch in sorted({r["batch_size"] for r in mode_rows if r["execution"] == execution}):
+                line = {
+                    r["r"]: r["speedup"] for r in mode_rows if r["execution"] == execution and r["batch_size"] == batch
+                }
+                ax.plot(
+                    list(line),
+                    list(line.values()),
+                    "o-" if execution == "eager" else "s:",
+                    label=f"{execution}, batch {batch}",
+                )
         ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set(title=f"{mode}", xlabel="r schedule", ylabel="speedup over the unpatched model")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{meta['model']} ({meta['registers']} registers) on {meta['device']}, {meta['dtype']}", fontsize=9)
+        ax.set(title=mode, xlabel="r schedule", ylabel="speedup over the unpatched model")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.legend(fontsize=7)
+    title = (
+        f"{meta['model']} ({meta['registers']} registers, protect={meta['protect']}) on {meta['device']}, "
+        f"{meta['dtype']}, compile {meta['compile']}"
+    )
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(18 * len(modes) + 40))), fontsize=9)
     fig.tight_layout()
-    fig.savefig(run_dir / "benchmark.png")
+    fig.savefig(path)
     plt.close(fig)

@@ -1,42 +1,104 @@
-"""Fair timing: every case runs in the same process, interleaved, after warm-up, synchronised."""
+"""Fair timing: every case runs in the same process, interleaved, after warm-up, synchronised; and a look at
+the machine first, because timings taken beside other work say little."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Hashable, Optional, TypeVar
 
 import torch
 
-from ..run.runtime import synchronize
+from ..run.runtime import available_cores, synchronize
+
+Key = TypeVar("Key", bound=Hashable)
 
 
-def interleaved_seconds(
-    cases: dict[str, Callable[[], object]],
+def timed_calls(
+    cases: dict[Key, Callable[[], object]],
     device: torch.device,
     warmup: int = 2,
     repeats: int = 5,
     iters: int = 3,
-    progress: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each case.
+    progress: Optional[Callable[[], None]] = None,
+) -> tuple[dict[Key, list[float]], dict[Key, float]]:
+    """Seconds of every timed call of each case, and the seconds of its warm-up calls (compilation included).
 
-    Each repeat runs every case in turn (so slow drifts of clock speed or load hit all cases
-    alike); the median over repeats drops outliers.
+    Each repeat runs every case in turn (so slow drifts of clock speed or load hit all cases alike);
+    each call is timed on its own, between device synchronisations.
     """
-    for fn in cases.values():
+    warm: dict[Key, float] = {}
+    for key, fn in cases.items():
+        synchronize(device)
+        start = time.perf_counter()
         for _ in range(warmup):
             fn()
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+        synchronize(device)
+        warm[key] = time.perf_counter() - start
+    calls: dict[Key, list[float]] = {key: [] for key in cases}
     for _ in range(repeats):
-        for name, fn in cases.items():
-            synchronize(device)
-            start = time.perf_counter()
+        for key, fn in cases.items():
             for _ in range(iters):
+                synchronize(device)
+                start = time.perf_counter()
                 fn()
-            synchronize(device)
-            samples[name].append((time.perf_counter() - start) / iters)
-            if progress is not None:
-                progress()
-    return {name: statistics.median(values) for name, values in samples.items()}
+                synchronize(device)
+                calls[key].append(time.perf_counter() - start)
+        if progress is not None:
+            progress()
+    return calls, warm
+
+
+def interleaved_seconds(
+    cases: dict[Key, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 5, iters: int = 3
+) -> dict[Key, float]:
+    """Median seconds per call of each case (`timed_calls`)."""
+    calls, _ = timed_calls(cases, device, warmup, repeats, iters)
+    return {key: statistics.median(values) for key, values in calls.items()}
+
+
+def _cpu_seconds(pid: str) -> Optional[float]:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_processes(window: float = 0.5, threshold: float = 0.2) -> list[str]:
+    """Other processes that used more than `threshold` of a core during `window` seconds ('name (pid): 95%')."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    mine = {str(os.getpid())}
+    pids = [p.name for p in proc.iterdir() if p.name.isdigit() and p.name not in mine]
+    before = {pid: _cpu_seconds(pid) for pid in pids}
+    time.sleep(window)
+    busy = []
+    for pid, start in before.items():
+        end = _cpu_seconds(pid)
+        if start is None or end is None or (end - start) / window < threshold:
+            continue
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            name = "?"
+        busy.append(f"{name} ({pid}): {100 * (end - start) / window:.0f}%")
+    return busy
+
+
+def machine_note() -> Optional[str]:
+    """A warning when this machine is busy enough to skew timings (load average against usable cores,
+    other busy processes), else None."""
+    cores = available_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = busy_processes()
+    if not busy and load < cores + 0.5:  # the load average counts this process too
+        return None
+    others = f"; busy now: {', '.join(busy[:4])}" if busy else ""
+    return (
+        f"timings may be unreliable: load average {load:.1f} on {cores} usable cores{others} "
+        "(stop other work and run the benchmark again)"
+    )

@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from data import input_transform
+from data import input_transform, resolve_native_size
 
 from ..errors import UserError
 from ..models.build import build_model, data_config, report_capped_r
 from .checkpoint import load_weights
+from .compile import check_compile, compile_model, say_compiling
 from .distributed import DistInfo, init_distributed
 from .runtime import amp_dtype, configure_threads, loader_workers, resolve_device, seed_everything
 
@@ -28,9 +29,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Session:
-    """device, dtype (None: fp32), info (ranks), model (patched, on the device), inputs (timm's data
-    config), prepare (what the device does to a batch first), workers (loader processes),
-    eval_batch_size (every evaluation's batch)."""
+    """device, dtype (None: fp32), info (ranks), model (patched, on the device; checkpoints hold its
+    weights), inputs (timm's data config), prepare (what the device does to a batch first), workers
+    (loader processes), eval_batch_size (every evaluation's batch), compile (the torch.compile mode of
+    runtime.compile, None: eager)."""
 
     device: torch.device
     dtype: Optional[torch.dtype]
@@ -40,6 +42,13 @@ class Session:
     prepare: nn.Module
     workers: int
     eval_batch_size: int
+    compile: Optional[str] = None
+
+    def runner(self, model: Optional[nn.Module] = None) -> nn.Module:
+        """The module a loop calls: `model` (default: the session's), compiled when runtime.compile asks.
+        Call it once per run: each call compiles anew."""
+        model = self.model if model is None else model
+        return model if self.compile is None else compile_model(model, self.compile)
 
 
 def check_eval_batch_size(value: Any) -> int:
@@ -59,12 +68,18 @@ def open_session(
     """Device, threads and workers from `runtime`, the model from `model` + `tome` with `weights`."""
     runtime = cfg.runtime
     eval_batch_size = check_eval_batch_size(runtime.eval_batch_size)
+    found = resolve_native_size(cfg.dataset)  # image folders: their images' size, before any work
+    if found:
+        log.info(found)
     workers = loader_workers(runtime.get("num_workers"))
     configure_threads(runtime.get("threads"))
     use_cuda = runtime.device != "cpu" and torch.cuda.is_available()
     info = init_distributed(use_cuda=use_cuda) if distributed else DistInfo()
     device = resolve_device(runtime.device, info.local_rank)
     dtype = amp_dtype(runtime.amp, device)
+    compile_as = check_compile(runtime.get("compile"), device)  # before any work
+    if compile_as is not None:
+        say_compiling(compile_as, device)
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = build_model(cfg.model, cfg.tome, num_classes, trace_source=trace_source)
     if weights is not None:
@@ -83,4 +98,5 @@ def open_session(
         prepare=prepare,
         workers=workers,
         eval_batch_size=eval_batch_size,
+        compile=compile_as,
     )

@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data import build_datasets, class_names, count_classes
+from data.workers import ignore_interrupts
 
 from ..cli.overrides import config_from_checkpoint
 from ..errors import UserError
-from ..models.build import logits_of
+from ..models.build import WEIGHTS_HINT, has_weights, logits_of
 from ..run.distributed import DistInfo, all_reduce_sum
 from ..run.results import run_record, write_results
 from ..run.runtime import autocast, synchronize
@@ -44,6 +45,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, info: DistI
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
     )
 
 
@@ -65,9 +67,9 @@ def evaluate(
     """
     model.eval()
     with tqdm(loader, desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True) as batches:
-        totals, rows, model_seconds = _run_batches(model, batches, device, dtype, prepare, predictions is not None)
+        totals, rows, timed = _run_batches(model, batches, device, dtype, prepare, predictions is not None)
     loss_sum, top1, top5, count = all_reduce_sum(totals, info).tolist()
-    seconds = all_reduce_sum(torch.tensor([model_seconds], device=device, dtype=torch.float64), info).item()
+    timed = all_reduce_sum(torch.tensor(timed, device=device, dtype=torch.float64), info).tolist()
     if predictions is not None:
         predictions.extend(_gather_in_order(rows, info))
     count = max(count, 1)
@@ -76,7 +78,7 @@ def evaluate(
         "top1": 100 * top1 / count,
         "top5": 100 * top5 / count,
         "samples": int(count),
-        "images_per_s": count / max(seconds / info.world_size, 1e-9),
+        "images_per_s": timed[0] / max(timed[1] / info.world_size, 1e-9),
     }
 
 
@@ -87,11 +89,14 @@ def _run_batches(
     dtype: Optional[torch.dtype],
     prepare: Callable[[torch.Tensor], torch.Tensor],
     keep_rows: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], float]:
-    """Sums (loss, top-1, top-5, samples), per-sample (target, pred, prob) rows, and seconds in the model."""
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """Sums (loss, top-1, top-5, samples), per-sample (target, pred, prob) rows, and (samples, seconds) in the
+    model. The first batch of each shape is left out of the timing when a later batch is timed: its call
+    includes warm-up, and under runtime.compile the compilation (minutes on a CPU)."""
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     rows: list[torch.Tensor] = []
-    model_seconds = 0.0
+    first_of_shape: dict[tuple, tuple[int, float]] = {}
+    samples, model_seconds = 0, 0.0
     for images, targets in batches:
         images, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
         synchronize(device)
@@ -99,7 +104,10 @@ def _run_batches(
         with autocast(device, dtype):
             logits = logits_of(model(images))
         synchronize(device)
-        model_seconds += time.perf_counter() - start
+        if tuple(images.shape) in first_of_shape:
+            samples, model_seconds = samples + len(images), model_seconds + time.perf_counter() - start
+        else:
+            first_of_shape[tuple(images.shape)] = (len(images), time.perf_counter() - start)
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = top5 == targets[:, None]
@@ -114,7 +122,9 @@ def _run_batches(
         if keep_rows:
             prob = logits.softmax(dim=-1).max(dim=-1).values
             rows.append(torch.stack([targets.double(), top5[:, 0].double(), prob.double()], dim=1).cpu())
-    return totals, rows, model_seconds
+    if samples == 0:  # every batch was the first of its shape: time them all
+        samples, model_seconds = (sum(v) for v in zip(*first_of_shape.values())) if first_of_shape else (0, 0.0)
+    return totals, rows, [float(samples), model_seconds]
 
 
 def _gather_in_order(rows: list[torch.Tensor], info: DistInfo) -> list[tuple]:
@@ -133,10 +143,13 @@ def _gather_in_order(rows: list[torch.Tensor], info: DistInfo) -> list[tuple]:
 
 
 def write_predictions(path: Path, rows: list[tuple]) -> None:
-    with open(path, "w", newline="") as f:
+    """predictions.csv, written whole or not at all (a temp file renamed over it)."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(PREDICTION_COLUMNS)
         writer.writerows((i, t, p, c, f"{prob:.6f}") for i, t, p, c, prob in rows)
+    tmp.replace(path)
 
 
 def checkpoint_classes(cfg: DictConfig, saved: Optional[list[str]]) -> Optional[list[str]]:
@@ -150,8 +163,8 @@ def checkpoint_classes(cfg: DictConfig, saved: Optional[list[str]]) -> Optional[
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """task=eval: accuracy and images/s of a checkpoint (rebuilt from its saved config) or of pretrained weights."""
     cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
-    if weights is None and not (cfg.model.pretrained or cfg.model.pretrained_file):
-        raise UserError("task=eval needs weights: ckpt=PATH, model.pretrained=true or model.pretrained_file=PATH")
+    if weights is None and not has_weights(cfg.model):
+        raise UserError(f"task=eval needs weights: {WEIGHTS_HINT}")
     classes = checkpoint_classes(cfg, saved_classes)
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt)
     dataset = build_datasets(
@@ -160,7 +173,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     loader = eval_loader(dataset, session.eval_batch_size, session.workers, session.info)
     predictions: list[tuple] = []
     metrics = evaluate(
-        session.model,
+        session.runner(),  # compiled when runtime.compile asks
         loader,
         session.device,
         session.dtype,
@@ -175,18 +188,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         session.device,
         session.dtype,
         session.eval_batch_size,
-        extra={"checkpoint": cfg.ckpt, "world_size": session.info.world_size, "predictions": "predictions.csv"},
+        extra={
+            "checkpoint": cfg.ckpt,
+            "world_size": session.info.world_size,
+            "predictions": "predictions.csv",
+            "compile": session.compile,
+        },
     )
     if session.info.is_main:
         write_results(run_dir, record)
         write_predictions(run_dir / "predictions.csv", predictions)
         log.info(
-            "top-1 %.2f  top-5 %.2f  %.1f img/s  %.2f GFLOPs  r=%s -> %s",
+            "top-1 %.2f  top-5 %.2f  %.1f img/s  %.2f GFLOPs  r=%s  protect=%s%s -> %s",
             metrics["top1"],
             metrics["top5"],
             metrics["images_per_s"],
             record["gflops"],
             record["r"],
+            record["protect"],
+            f"  compiled ({session.compile})" if session.compile else "",
             run_dir / "results.json",
         )
     return record

@@ -30,7 +30,7 @@ from ..run.distributed import DistInfo, barrier
 from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import rng_state
-from ..training.loop import empty_sums, global_sums, train_one_epoch, unwrap
+from ..training.loop import empty_sums, global_sums, train_one_epoch
 from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader
 from ..training.stop import GracefulStop
 from .evaluate import evaluate
@@ -65,7 +65,7 @@ def save(run: TrainRun, best: bool) -> None:
     if run.session.info.is_main:
         config = OmegaConf.to_container(run.cfg, resolve=True)
         checkpoint = training_checkpoint(
-            unwrap(run.model), run.opt, asdict(run.state), config, rng_state(), run.classes
+            run.session.model, run.opt, asdict(run.state), config, rng_state(), run.classes
         )
         save_training(checkpoint, run.ckpt_dir, best)
     barrier(run.session.info)
@@ -114,7 +114,7 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     }
     state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
     if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-        eval_model = run.opt.ema.module if run.opt.ema is not None else unwrap(run.model)
+        eval_model = run.eval_model
         val = evaluate(
             eval_model, run.val_loader, session.device, session.dtype, session.info, prepare=session.prepare, desc="val"
         )
@@ -174,7 +174,7 @@ def finish(run: TrainRun, metrics: dict[str, Any]) -> dict[str, Any]:
     state, session = run.state, run.session
     record = run_record(
         run.cfg,
-        unwrap(run.model),
+        run.session.model,
         metrics,
         session.device,
         session.dtype,

@@ -160,4 +160,7 @@ def global_sums(sums: dict[str, float], device: torch.device, info: DistInfo) ->
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile's and DDP's wrappers (what checkpoints and the EMA hold)."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
     return model.module if isinstance(model, DistributedDataParallel) else model

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data import EpochSeeded, ResumableSampler, build_datasets, class_names, count_classes
+from data.workers import ignore_interrupts
 
 from ..cli.compat import upgrade_config
 from ..errors import UserError
@@ -28,7 +29,7 @@ from ..run.checkpoint import check_same_architecture, load_checkpoint, restore_t
 from ..run.runtime import autocast, set_rng_state
 from ..run.session import Session, open_session
 from ..tasks.evaluate import eval_loader
-from .loop import Optimization, TrainState, empty_sums, unwrap
+from .loop import Optimization, TrainState, empty_sums
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class TrainRun:
     cfg: DictConfig
     run_dir: Path
     session: Session
-    model: nn.Module  # DDP-wrapped under torchrun
+    model: nn.Module  # what a training step calls: DDP-wrapped under torchrun, compiled with runtime.compile
+    eval_model: nn.Module  # what validation calls: the EMA weights, or the plain model (compiled if asked)
     train_set: EpochSeeded
     sampler: DistributedSampler
     val_loader: DataLoader
@@ -149,7 +151,9 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     if info.enabled:
         device = session.device
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = TrainState() if checkpoint is None else restored_state(unwrap(model), opt, checkpoint, run_dir, tc)
+    state = TrainState() if checkpoint is None else restored_state(session.model, opt, checkpoint, run_dir, tc)
+    eval_model = opt.ema.module if opt.ema is not None else session.runner()  # never through DDP: shards differ
+    model = session.runner(model) if session.compile else model
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
         state.epoch_sums = empty_sums()
     val_loader = eval_loader(splits["val"], session.eval_batch_size, session.workers, info)
@@ -172,6 +176,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
         run_dir=run_dir,
         session=session,
         model=model,
+        eval_model=eval_model,
         train_set=train_set,
         sampler=sampler,
         val_loader=val_loader,
@@ -221,4 +226,5 @@ def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
         num_workers=run.session.workers,
         pin_memory=run.session.device.type == "cuda",
         generator=torch.Generator().manual_seed(seed * 1000 + epoch),
+        worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
     )

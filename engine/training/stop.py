@@ -1,9 +1,13 @@
-"""Stopping a training run on a signal: after the current optimizer step, on every rank at once."""
+"""Stopping on a signal at a safe point: a training run after the current optimizer step, on every rank at
+once (`GracefulStop`); any other work at the end of a block that must not be cut (`ctrl_c_after_this`)."""
 
 from __future__ import annotations
 
+import os
 import signal
-from typing import Any, Optional
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -11,7 +15,10 @@ from ..run.distributed import DistInfo, all_reduce_sum
 
 
 class GracefulStop:
-    """Turn SIGTERM/SIGINT into a request that the loop honours after the current optimizer step."""
+    """Turn SIGTERM/SIGINT into a request that the loop honours after the current optimizer step.
+
+    A second Ctrl-C (SIGINT) stops at once, with one line: last.pt then holds the state of the last save
+    (checkpoints are written atomically, so it is whole)."""
 
     # SIGUSR2: submitit's warning before a SLURM time limit (it then requeues the job)
     SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
@@ -26,6 +33,10 @@ class GracefulStop:
         return self
 
     def _request(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            sys.stderr.write("\nstopped at once by a second Ctrl-C; checkpoints/last.pt holds the last save\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
@@ -33,9 +44,10 @@ class GracefulStop:
             signal.signal(signum, handler)
 
     def pass_on(self) -> None:
-        """After last.pt is safe, let a previous handler (submitit's requeue on SLURM) act too."""
-        previous = self._previous.get(self.signum)
-        if callable(previous):
+        """After last.pt is safe, let a previous handler (submitit's requeue on SLURM) act too; Python's own
+        Ctrl-C handler is not one (it would raise KeyboardInterrupt and print a traceback)."""
+        previous = self._previous.get(self.signum) if self.signum is not None else None
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)
 
 
@@ -45,3 +57,26 @@ def stop_requested(stop: GracefulStop, device: torch.device, info: DistInfo) -> 
         return stop.signum is not None
     flag = torch.tensor([float(stop.signum is not None)], device=device)
     return bool(all_reduce_sum(flag, info).item() > 0)
+
+
+@contextmanager
+def ctrl_c_after_this() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for work that must not be
+    cut in the middle (tracing a model for export: an interrupt inside torch's tracer can crash the process).
+    A second Ctrl-C stops at once."""
+    asked: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if asked:
+            sys.stderr.write("\nstopped at once by a second Ctrl-C\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        asked.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if asked:
+        raise KeyboardInterrupt

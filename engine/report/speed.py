@@ -1,0 +1,228 @@
+"""What merging buys, measured fairly: images/s and latency of the patched model against the unpatched one,
+eager and compiled, for inference, the training step and dense features.
+
+Every case runs in this one process on random input (only the model is timed), interleaved with the
+others after warm-up, synchronised on CUDA, under the configured AMP dtype. Each call is timed on its
+own: a row has the median (images/s = batch / median) and the 90th percentile (latency). Compiled
+cases are timed after their compilation; the first calls' seconds (compilation included) are reported
+apart, as `warmup_s`.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import regtome
+
+from ..models.build import logits_of
+from ..run.compile import compile_model
+from ..run.runtime import autocast, synchronize
+from .timing import timed_calls
+
+BASELINE = "unpatched"  # the model as timm or transformers built it
+Step = Callable[[], None]
+
+
+def schedule_label(r: Any) -> str:
+    """'unpatched' for the model as built, '16' or '(16,-1.0)' for an r, '16 apart' for options {r, protect}."""
+    if r is None:
+        return BASELINE
+    if isinstance(r, dict):
+        return " ".join(str(v).replace(" ", "") for v in r.values())
+    return str(r).replace(" ", "")
+
+
+def peak_memory_mb(device: torch.device, fn: Step) -> float:
+    """Peak memory while `fn` runs: CUDA peak allocated, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        fn()
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except OSError:  # elsewhere: the process's lifetime peak, an upper bound
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _schedule(patched: Optional[nn.Module], r: Any) -> ContextManager:
+    """The patched model at schedule r, or at the options of a dict such as {"r": 16, "protect": "apart"};
+    nothing for the unpatched baseline (r None)."""
+    if r is None or patched is None:
+        return nullcontext()
+    return regtome.options(patched, **r) if isinstance(r, dict) else regtome.options(patched, r=r)
+
+
+# Each step calls `model` (eager or compiled) with the options of `patched` (the plain patched module
+# inside it, None for the unpatched baseline) set to schedule r.
+
+
+def inference_step(
+    model: nn.Module, patched: Optional[nn.Module], images: torch.Tensor, r: Any, device: torch.device, dtype: Any
+) -> Step:
+    def step() -> None:
+        with torch.inference_mode(), autocast(device, dtype), _schedule(patched, r):
+            model(images)
+
+    return step
+
+
+def dense_step(
+    model: nn.Module, patched: Optional[nn.Module], images: torch.Tensor, r: Any, device: torch.device, dtype: Any
+) -> Step:
+    """Patch features of the last block on the full grid (timm's forward_intermediates; eager only)."""
+
+    def step() -> None:
+        with torch.inference_mode(), autocast(device, dtype), _schedule(patched, r):
+            model.forward_intermediates(images, indices=1, intermediates_only=True)
+
+    return step
+
+
+def train_step(
+    model: nn.Module, patched: Optional[nn.Module], images: torch.Tensor, r: Any, device: torch.device, dtype: Any
+) -> Step:
+    """Forward, backward and an AdamW step (a tiny learning rate: the weights barely move between cases)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    targets = torch.zeros(images.shape[0], dtype=torch.long, device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step() -> None:
+        with autocast(device, dtype), _schedule(patched, r):
+            loss = nn.functional.cross_entropy(logits_of(model(images)), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+STEPS = {"inference": inference_step, "train": train_step, "dense": dense_step}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How each case is timed: `repeats` rounds of `iters` calls each, after `warmup` calls."""
+
+    warmup: int = 2
+    repeats: int = 5
+    iters: int = 3
+    train_step: bool = True  # also time forward + backward + optimizer step
+    dense: bool = False  # also time dense features on the full grid (forward_intermediates)
+    compile: Optional[str] = None  # also time torch.compile'd models in this mode (None: eager only)
+
+
+def executions(
+    baseline: nn.Module, merged: nn.Module, timing: Timing, device: torch.device
+) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """The (unpatched, patched) pair of each way of running: eager, compiled, and on CUDA also CUDA graphs
+    (reduce-overhead) for batch 1. Compiled wrappers share the modules' weights; each compiles once per
+    schedule and batch shape, at its first call."""
+    out = {"eager": (baseline, merged)}
+    if timing.compile is not None:
+        out["compiled"] = (compile_model(baseline, timing.compile), compile_model(merged, timing.compile))
+        if device.type == "cuda" and timing.compile != "reduce-overhead":
+            out["cuda graphs"] = (compile_model(baseline, "reduce-overhead"), compile_model(merged, "reduce-overhead"))
+    return out
+
+
+def _cases(
+    execs: dict[str, tuple[nn.Module, nn.Module]],
+    patched: nn.Module,
+    mode: str,
+    batch: int,
+    schedules: list[Any],
+    images: torch.Tensor,
+    device: torch.device,
+    dtype: Any,
+) -> dict[tuple[str, str], Step]:
+    cases: dict[tuple[str, str], Step] = {}
+    for name, (base, merged) in execs.items():
+        if (mode == "dense" and name != "eager") or (name == "cuda graphs" and (batch != 1 or mode != "inference")):
+            continue  # dense features run eagerly; CUDA graphs are what batch-1 inference asks for
+        base.train(mode == "train")  # dense and inference: eval mode
+        merged.train(mode == "train")
+        cases[(name, BASELINE)] = STEPS[mode](base, None, images, None, device, dtype)
+        cases |= {(name, schedule_label(r)): STEPS[mode](merged, patched, images, r, device, dtype) for r in schedules}
+    return cases
+
+
+def _row(
+    mode: str,
+    batch: int,
+    key: tuple[str, str],
+    calls: list[float],
+    base: float,
+    eager_base: float,
+    gflops: dict[str, float],
+    warmup_s: float,
+) -> dict[str, Any]:
+    median = statistics.median(calls)
+    p90 = statistics.quantiles(calls, n=10)[-1] if len(calls) > 1 else median
+    execution, label = key
+    ideal = gflops[BASELINE] / gflops[label]
+    return {
+        "mode": mode,
+        "execution": execution,
+        "r": label,
+        "batch_size": batch,
+        "images_per_s": batch / median,
+        "latency_ms": 1000 * median,
+        "latency_p90_ms": 1000 * p90,
+        "speedup": base / median,
+        "speedup_vs_eager": eager_base / median,
+        "gflops": gflops[label],
+        "flop_speedup": ideal,
+        "of_ideal": base / median / ideal,
+        "warmup_s": warmup_s,
+    }
+
+
+def benchmark_rows(
+    baseline: nn.Module,
+    merged: nn.Module,
+    schedules: list[Any],
+    batch_sizes: list[int],
+    timing: Timing,
+    device: torch.device,
+    dtype: Any,
+) -> list[dict[str, Any]]:
+    """A row per mode, execution, schedule and batch size: images/s, latency, speedups against the unpatched
+    model run the same way (`speedup`) and run eagerly (`speedup_vs_eager`), GFLOPs and the FLOP-ideal."""
+    size = regtome.input_size(merged)
+    gflops = {BASELINE: regtome.schedule_gflops(merged, 0, size)}  # the unpatched model's count
+    for r in schedules:
+        with _schedule(merged, r):
+            gflops[schedule_label(r)] = regtome.vit_flops(merged, size)
+    modes = ["inference"] + ["train"] * timing.train_step
+    modes += ["dense"] * (timing.dense and hasattr(merged, "forward_intermediates"))
+    execs = executions(baseline, merged, timing, device)
+    rows = []
+    with tqdm(total=len(batch_sizes) * len(modes) * timing.repeats, desc="benchmark", dynamic_ncols=True) as bar:
+        for batch in batch_sizes:
+            images = torch.randn(batch, *size, device=device)
+            for mode in modes:
+                cases = _cases(execs, merged, mode, batch, schedules, images, device, dtype)
+                calls, warm = timed_calls(
+                    cases, device, timing.warmup, timing.repeats, timing.iters, progress=lambda: bar.update(1)
+                )
+                eager_base = statistics.median(calls[("eager", BASELINE)])
+                for key, times in calls.items():
+                    base = statistics.median(calls[(key[0], BASELINE)])
+                    row = _row(mode, batch, key, times, base, eager_base, gflops, warm[key])
+                    rows.append(row | {"peak_memory_mb": peak_memory_mb(device, cases[key])})
+    return rows

@@ -1,0 +1,118 @@
+"""runtime.compile: train, eval and benchmark with torch.compile, checked before any work; checkpoints that
+move between compiled and eager runs. Compiled with the aot_eager backend (REGTOME_COMPILE_BACKEND): the
+same tracing and autograd as inductor without generating kernels, which takes minutes on a CPU; inductor
+itself is run by tests/test_patch.py (the patched forward) and on CUDA by tests/test_cuda.py."""
+
+import pytest
+import torch
+from cli_helpers import SMOKE, compose_config, max_weight_difference, results, run_main
+from conftest import make_vit
+
+import regtome
+from engine.run.checkpoint import load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def aot_eager(monkeypatch):
+    monkeypatch.setenv("REGTOME_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def test_a_bad_value_or_a_machine_that_cannot_compile_is_one_line_before_any_work(tmp_path, monkeypatch):
+    line = one_line_error(run_main("task=train", *SMOKE, "runtime.compile=fast", cwd=tmp_path, check=False))
+    assert "runtime.compile=fast: use false, true or a torch.compile mode" in line
+    import engine.run.compile as compile_module
+
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)  # no C++ compiler on PATH
+    line = one_line_error(run_main("task=train", *SMOKE, "runtime.compile=true", cwd=tmp_path, check=False))
+    assert "needs a C++ compiler" in line and "set runtime.compile=false" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_compiled_training_matches_eager_and_its_checkpoints_resume_either_way(tmp_path):
+    common = [*SMOKE, "trainer.epochs=2", "trainer.max_steps_per_epoch=3"]
+    run_main("task=train", *common, f"hydra.run.dir={tmp_path / 'eager'}", cwd=tmp_path)
+    run_main(
+        "task=train",
+        *common,
+        "runtime.compile=true",
+        "trainer.stop_after_epochs=1",
+        f"hydra.run.dir={tmp_path / 'mixed'}",
+        cwd=tmp_path,
+    )
+    saved = load_checkpoint(tmp_path / "mixed" / "checkpoints" / "last.pt")
+    assert not any(key.startswith("_orig_mod.") for key in saved["model"])  # the plain module's weights
+    assert saved["config"]["runtime"]["compile"] is True
+    run_main(
+        "task=train",
+        *common,
+        "trainer.resume=true",
+        "runtime.compile=false",  # compiled -> eager
+        f"hydra.run.dir={tmp_path / 'mixed'}",
+        cwd=tmp_path,
+    )
+    a = load_checkpoint(tmp_path / "eager" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "mixed" / "checkpoints" / "last.pt")["model"]
+    assert max_weight_difference(a, b) <= 1e-5  # compiled steps change nothing but the speed
+    run_main(
+        "task=eval",
+        f"ckpt={tmp_path / 'eager' / 'checkpoints' / 'last.pt'}",
+        "runtime.compile=true",
+        "runtime.device=cpu",
+        "runtime.num_workers=0",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
+    assert results(tmp_path / "eval")["compile"] == "default"  # eager -> compiled
+
+
+def test_a_new_schedule_compiles_once(images):
+    from engine.run.compile import compile_model
+
+    model = regtome.patch.timm(make_vit("class_reg4"), r=2)
+    compiled = compile_model(model, "default")
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        for r in (2, 4, 2, 4, 2):
+            with regtome.options(model, r=r):
+                torch.testing.assert_close(compiled(images), model(images), atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_the_benchmark_times_eager_and_compiled_side_by_side_with_latency():
+    from engine.report.speed import Timing, benchmark_rows
+
+    merged = regtome.patch.timm(make_vit("class_reg4"), r=2)
+    baseline = regtome.remove_patch(make_vit("class_reg4"))
+    timing = Timing(warmup=1, repeats=2, iters=2, train_step=True, compile="default")
+    rows = benchmark_rows(baseline, merged, [4], [2], timing, torch.device("cpu"), None)
+    keys = {(row["mode"], row["execution"], row["r"], row["batch_size"]) for row in rows}
+    assert keys == {
+        (mode, run, r, batch)
+        for mode in ("inference", "train")
+        for run in ("eager", "compiled")
+        for r in ("unpatched", "4")
+        for batch in (2,)
+    }
+    for row in rows:
+        assert row["latency_p90_ms"] >= row["latency_ms"] > 0 and row["warmup_s"] > 0
+        assert row["images_per_s"] == pytest.approx(1000 * row["batch_size"] / row["latency_ms"])
+        if row["r"] == "unpatched" and row["execution"] == "eager":
+            assert row["speedup"] == row["speedup_vs_eager"] == 1.0
+
+
+def test_the_cpu_benchmark_is_sized_for_minutes_unless_told_otherwise():
+    from engine.tasks.benchmark import settings
+
+    cfg = compose_config("task=benchmark")
+    quick = settings(cfg, [], torch.device("cpu"))
+    assert list(quick.r) == [0, 16] and list(quick.batch_sizes) == [1, 8] and quick.dense is False
+    told = settings(compose_config("task=benchmark", "benchmark.r=[0,8]"), ["benchmark.r=[0,8]"], torch.device("cpu"))
+    assert list(told.r) == [0, 8] and list(told.batch_sizes) == [1, 8]  # the command line wins, key by key
+    assert list(settings(cfg, [], torch.device("cuda")).batch_sizes) == [1, 8, 64]  # CUDA: the config as it is
