@@ -6,6 +6,9 @@ folder, Hydra composes the config, and `engine.tasks.TASKS` names the module tha
 
 from __future__ import annotations
 
+import gc
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +32,7 @@ def main(cfg: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     created = claim.CLAIM.created if claim.CLAIM.folder is not None else True
+    interrupted = False
     try:
         claim.claim_job_folder(run_dir, cfg)
         runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))
@@ -40,19 +44,40 @@ def main(cfg: DictConfig) -> None:
     except TrainingInterrupted as err:
         print(err, file=sys.stderr)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops cleanly by itself)
+        interrupted = True
     finally:
         claim.release()
         cleanup()
+    if interrupted:  # out of the except block: the task's frames, and its loaders, are gone
+        signal.signal(signal.SIGINT, _stop_at_once)
+        gc.collect()  # loader workers shut down in order, not killed mid-transfer at exit
+        discard_new_folder(run_dir, created)
+        kept = f"what it had written is in {run_dir}" if run_dir.exists() else "nothing was kept"
+        print(f"interrupted by Ctrl-C (SIGINT) during task={cfg.task}; {kept}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def _stop_at_once(signum: int, frame: object) -> None:
+    """A second Ctrl-C while the first is handled: stop now, still without a traceback."""
+    os._exit(128 + signum)
 
 
 def run_cli(argv: list[str]) -> None:
     """Check the command line and claim the run folder, then hand over to Hydra."""
     try:
         sys.argv = [sys.argv[0], *claim.prepare(argv, CONFIGS)]
+        main()
     except UserError as err:
         claim.report_error(err)
         sys.exit(2)
-    main()
+    except KeyboardInterrupt:  # before a task started (Hydra setting up, a sweep launching)
+        signal.signal(signal.SIGINT, _stop_at_once)
+        claim.release()
+        if claim.CLAIM.folder is not None:
+            discard_new_folder(claim.CLAIM.folder, claim.CLAIM.created)
+        print("interrupted by Ctrl-C (SIGINT) before the task started; nothing was kept", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Datasets and transforms for the CLI: CIFAR-10/100, ImageNet, any ImageFolder, synthetic; the images a
 task looks at; the samplers and seeding that make a resumed run exact."""
 
-from .datasets import DatasetError, build_datasets, class_names, count_classes, input_transform
+from .datasets import DatasetError, build_datasets, class_names, count_classes, input_transform, resolve_native_size
 from .resumable import ResumableSampler
 from .seeded import EpochSeeded
 
@@ -11,6 +11,7 @@ __all__ = [
     "class_names",
     "count_classes",
     "input_transform",
+    "resolve_native_size",
     "EpochSeeded",
     "ResumableSampler",
 ]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections import Counter
 from typing import Any, Callable, Mapping, Optional
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from .synthetic import SyntheticPatterns
-from .transforms import ResizeNormalize, build_transform, device_transform
+from .transforms import SMALL_IMAGES, ResizeNormalize, build_transform, device_transform
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")
+DEFAULT_NATIVE_SIZE = 224  # an image folder's size when none can be read
+FOLDERS = ("imagefolder", "imagenet")  # data sets read from class folders
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -33,18 +37,45 @@ def load_image(path: str) -> Image.Image:
 def _cifar(cfg: Mapping[str, Any], train: bool, transform: Callable) -> Dataset:
     cls = tvd.CIFAR10 if cfg["name"] == "cifar10" else tvd.CIFAR100
     root = str(cfg["root"])
+    other_way = "or train on class folders of your own with dataset=imagefolder dataset.root=DIR"
+    left_before = _entries(root)
     try:
         return cls(root, train=train, transform=transform, download=bool(cfg["download"]))
     except RuntimeError as err:  # torchvision: not found or corrupted
+        _remove_new_entries(root, left_before)
         raise DatasetError(
-            f"{cfg['name']} not found in {root} ({err}); set dataset.download=true or dataset.root=DIR "
-            f"holding {cls.base_folder}/"
+            f"{cfg['name']} not found in {root} ({err}); set dataset.download=true, copy {cls.filename} into "
+            f"{root}/, {other_way}"
         ) from err
     except OSError as err:  # URLError, socket errors: no network
+        _remove_new_entries(root, left_before)
         raise DatasetError(
             f"could not download {cfg['name']} into {root} ({err}); without network, copy {cls.filename} "
-            f"(or the extracted {cls.base_folder}/) there and rerun"
+            f"(or the extracted {cls.base_folder}/) into {root}/, {other_way}"
         ) from err
+
+
+def _entries(root: str) -> tuple[Optional[str], set[str]]:
+    """The highest folder of `root`'s path that does not exist yet (a download would make it), and what
+    `root` holds now."""
+    missing, path = None, os.path.abspath(root)
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing, set(os.listdir(root)) if os.path.isdir(root) else set()
+
+
+def _remove_new_entries(root: str, before: tuple[Optional[str], set[str]]) -> None:
+    """After a failed download: remove what it left (folders it made, a partial archive)."""
+    made, entries = before
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for name in set(os.listdir(root)) - entries if os.path.isdir(root) else ():
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def _root(cfg: Mapping[str, Any]) -> str:
@@ -116,7 +147,7 @@ def class_names(cfg: Mapping[str, Any]) -> Optional[list[str]]:
     if name in ("imagefolder", "imagenet"):
         folder = os.path.join(_root(cfg), "train")
         if os.path.isdir(folder):
-            return find_classes(folder)[0]
+            return _class_folders(folder)
     return None
 
 
@@ -152,7 +183,7 @@ def build_datasets(
             )
             continue
         transform = build_transform(
-            data_config, cfg["native_size"], is_training=train, augment=augment, on_device=on_device
+            data_config, native_size(cfg), is_training=train, augment=augment, on_device=on_device
         )
         if name.startswith("cifar"):
             out[split] = _cifar(cfg, train, transform)
@@ -165,20 +196,117 @@ def input_transform(cfg: Mapping[str, Any], data_config: dict[str, Any]) -> Opti
     """What the device does to a batch of `build_datasets(..., on_device=True)` before the model, or None."""
     if cfg["name"] == "synthetic":  # generated at the input size already
         return None
-    return device_transform(data_config, int(cfg["native_size"]))
+    return device_transform(data_config, native_size(cfg))
 
 
 def count_classes(cfg: Mapping[str, Any]) -> int:
-    """dataset.num_classes, or for an image folder the number of class folders in its train/ split."""
+    """dataset.num_classes, or for an image folder the number of class folders in its train/ split (at
+    least two, each holding images: DatasetError naming the fix otherwise)."""
     if cfg.get("num_classes"):
         return int(cfg["num_classes"])
-    root = _root(cfg)
-    folder = os.path.join(str(root), "train")
+    folder = os.path.join(_root(cfg), "train")
+    classes = _class_folders(folder)
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{folder} holds {len(classes)} class folder{'s' if len(classes) != 1 else ''} "
+            f"({', '.join(classes) or 'none'}): a classifier needs at least two classes, one "
+            "folder of images each (train/<class>/*.jpg)"
+        )
+    return len(classes)
+
+
+def _class_folders(folder: str) -> list[str]:
+    """The class folders of `folder` (sorted, as ImageFolder numbers them), each checked to hold an image."""
     try:
         classes, _ = find_classes(folder)
     except (FileNotFoundError, OSError) as err:
         raise DatasetError(
-            f"cannot count the classes in {folder} ({err}); set dataset.root to a folder with "
-            "train/<class>/ folders, or set dataset.num_classes"
+            f"cannot read the class folders of {folder} ({err}); set dataset.root to a folder with "
+            "train/<class>/ and val/<class>/ folders of images"
         ) from err
-    return len(classes)
+    empty = [name for name in classes if not _holds_an_image(os.path.join(folder, name))]
+    if empty:
+        shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise DatasetError(f"class folders without images in {folder}: {shown}; add images or remove the folders")
+    return classes
+
+
+def _holds_an_image(folder: str) -> bool:
+    """True as soon as one file with an image extension is found (ImageNet's folders are not listed whole)."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
+            return True
+    return False
+
+
+def native_size(cfg: Mapping[str, Any]) -> int:
+    """dataset.native_size, or for an image folder that does not give it, the size read from its images."""
+    if cfg.get("native_size") is not None:
+        return int(cfg["native_size"])
+    sizes = _sample_sizes(os.path.join(_root(cfg), _first_split(cfg))) if cfg["name"] in FOLDERS else []
+    return _typical_size(sizes)[1] if sizes else DEFAULT_NATIVE_SIZE
+
+
+def _first_split(cfg: Mapping[str, Any]) -> str:
+    return next((name for name in ("train", "val", "test") if os.path.isdir(os.path.join(_root(cfg), name))), "train")
+
+
+def resolve_native_size(cfg: Any) -> Optional[str]:
+    """Fill in dataset.native_size from the images when it is not given (image folders), and refuse a given
+    size the images cannot take; returns what was found, for the run's log (None: nothing to say)."""
+    if cfg["name"] not in FOLDERS:
+        return None
+    split = _first_split(cfg)
+    sizes = _sample_sizes(os.path.join(_root(cfg), split))
+    if not sizes:
+        if cfg.get("native_size") is None:
+            cfg["native_size"] = DEFAULT_NATIVE_SIZE
+            return f"dataset.native_size={DEFAULT_NATIVE_SIZE}: no images found to read it from in {cfg['root']}"
+        return None
+    found, typical = _typical_size(sizes)
+    given = cfg.get("native_size")
+    if given is None:
+        cfg["native_size"] = typical
+        return f"dataset.native_size={typical}, read from the images of {cfg['root']}/{split} ({found})"
+    if int(given) > SMALL_IMAGES >= typical:
+        raise DatasetError(
+            f"dataset.native_size={given} but the images of {cfg['root']}/{split} are small ({found}): "
+            "drop dataset.native_size (it is read from the images) "
+            f"or set dataset.native_size={typical}"
+        )
+    return None
+
+
+def _sample_sizes(folder: str, per_class: int = 4, limit: int = 64) -> list[tuple[int, int]]:
+    """(width, height) of the first images of each class folder (headers only), at most `limit`."""
+    sizes: list[tuple[int, int]] = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        class_dir = os.path.join(folder, name)
+        if not os.path.isdir(class_dir):
+            continue
+        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMG_EXTENSIONS))[:per_class]
+        for file in files:
+            try:
+                with Image.open(os.path.join(class_dir, file)) as image:
+                    sizes.append(image.size)
+            except (OSError, UnidentifiedImageError):
+                continue  # an unreadable image is reported by the loader, naming the file
+        if len(sizes) >= limit:
+            break
+    return sizes
+
+
+def _typical_size(sizes: list[tuple[int, int]]) -> tuple[str, int]:
+    """A description of the sizes and the size to use: the common shorter side, else the median."""
+    shorter = sorted(min(size) for size in sizes)
+    common, count = Counter(shorter).most_common(1)[0]
+    if count == len(shorter):
+        width, height = sizes[0]
+        same = all(size == sizes[0] for size in sizes)
+        return (
+            f"{len(sizes)} sampled, all {width}x{height}" if same else f"{len(sizes)} sampled, shorter side {common} px"
+        ), common
+    if 2 * count > len(shorter):
+        return f"{count} of {len(sizes)} sampled with shorter side {common} px", common
+    median = shorter[len(shorter) // 2]
+    return f"{len(sizes)} sampled, shorter sides {shorter[0]}-{shorter[-1]} px: the median, {median}", median

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from .datasets import DatasetError, build_datasets
+from .datasets import DatasetError, build_datasets, native_size
 from .transforms import build_transform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -19,9 +19,8 @@ def load_images(
     cfg: DictConfig, inputs: dict[str, Any], classes: Optional[list[str]], count: int
 ) -> list[tuple[str, torch.Tensor, Optional[int]]]:
     """(name, image tensor, true label or None) for images=PATH (file or folder) or the data set's val split."""
-    transform = build_transform(
-        inputs, native_size=int(cfg.dataset.native_size), is_training=False, augment=False, on_device=False
-    )
+    size = native_size(cfg.dataset)
+    transform = build_transform(inputs, native_size=size, is_training=False, augment=False, on_device=False)
     if cfg.images:
         root = Path(str(cfg.images))
         if not root.exists():

@@ -136,3 +136,26 @@ def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 4,
                 pixels = np.clip(colours[c] + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def write_cifar(root: Path, name: str, per_file: int = 6) -> dict:
+    """Batch files exactly as torchvision's CIFAR classes read them (pickled dicts of uint8 rows)."""
+    cifar100 = name == "cifar100"
+    folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    files = ["train", "test"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    written = {}
+    for file in files:
+        data = rng.integers(0, 256, (per_file, 3 * 32 * 32), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 100 if cifar100 else 10, per_file)]
+        entry = {"data": data, ("fine_labels" if cifar100 else "labels"): labels}
+        (folder / file).write_bytes(pickle.dumps(entry))
+        written[file] = (data, labels)
+    meta_name, key, count = ("meta", "fine_label_names", 100) if cifar100 else ("batches.meta", "label_names", 10)
+    (folder / meta_name).write_bytes(pickle.dumps({key: [f"class{i}" for i in range(count)]}))
+    return written

@@ -1,7 +1,6 @@
 """Data loaders offline (CIFAR on-disk format, ImageFolder, local weights) and every bad input."""
 
 import os
-import pickle
 import random
 import shutil
 import urllib.error
@@ -11,10 +10,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cli_helpers import SMOKE, compose_config
+from cli_helpers import SMOKE, compose_config, write_cifar
 from PIL import Image
 
-from data import DatasetError, build_datasets
+from data import DatasetError, build_datasets, input_transform
 from engine.errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
 from engine.models.build import build_model
 from engine.run.checkpoint import load_checkpoint
@@ -27,25 +26,6 @@ DATA_CONFIG = {
     "interpolation": "bicubic",
     "crop_pct": 0.9,
 }
-
-
-def write_cifar(root: Path, name: str, per_file: int = 6) -> dict[str, np.ndarray]:
-    """Batch files exactly as torchvision's CIFAR classes read them (pickled dicts of uint8 rows)."""
-    cifar100 = name == "cifar100"
-    folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    files = ["train", "test"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    written = {}
-    for file in files:
-        data = rng.integers(0, 256, (per_file, 3 * 32 * 32), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 100 if cifar100 else 10, per_file)]
-        entry = {"data": data, ("fine_labels" if cifar100 else "labels"): labels}
-        (folder / file).write_bytes(pickle.dumps(entry))
-        written[file] = (data, labels)
-    meta_name, key, count = ("meta", "fine_label_names", 100) if cifar100 else ("batches.meta", "label_names", 10)
-    (folder / meta_name).write_bytes(pickle.dumps({key: [f"class{i}" for i in range(count)]}))
-    return written
 
 
 @pytest.fixture
@@ -105,10 +85,13 @@ def make_image_tree(root: Path, classes=("cat", "dog"), per_class: int = 3) -> N
 def test_image_folders(tmp_path, dataset):
     make_image_tree(tmp_path)
     cfg = compose_config(f"dataset={dataset}", f"dataset.root={tmp_path}").dataset
-    splits = build_datasets(cfg, dict(DATA_CONFIG, input_size=(3, 224, 224)))
+    data_config = dict(DATA_CONFIG, input_size=(3, 224, 224))
+    splits = build_datasets(cfg, data_config)
     assert len(splits["train"]) == 6 and splits["val"].classes == ["cat", "dog"]
     image, label = splits["val"][4]
-    assert image.shape == (3, 224, 224) and label == 1
+    # 40 px images (their size read from the folder): shipped as they are, resized to 224 on the device
+    assert image.shape == (3, 40, 40) and image.dtype == torch.uint8 and label == 1
+    assert input_transform(cfg, data_config)(image[None]).shape == (1, 3, 224, 224)
 
 
 def test_imagefolder_uses_test_split_when_no_val(tmp_path):
@@ -183,6 +166,9 @@ def test_pretrained_without_network_says_use_a_file(monkeypatch):
 
     monkeypatch.setattr(builder, "load_pretrained", offline)
     cfg = compose_config("model=vit_tiny_test", "model.pretrained=true")
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub .* model.pretrained_file=PATH"):
+        build_model(cfg.model, cfg.tome, 10)  # offline: said at once, nothing asked of the hub
+    monkeypatch.setattr("engine.models.build.hub_reachable", lambda: True)  # the hub answers, the download fails
     with pytest.raises(UserError, match="could not fetch pretrained weights .* model.pretrained_file=PATH"):
         build_model(cfg.model, cfg.tome, 10)
 

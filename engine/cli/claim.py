@@ -42,6 +42,13 @@ def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
                 regtome.r_from_config(value)
             except ValueError as err:
                 return f"{key}={str(value).replace(' ', '')}: {err}"
+        if key == "runtime.compile":
+            from ..run.compile import compile_mode
+
+            try:
+                compile_mode(value)
+            except UserError as err:
+                return str(err)
         if key == "tome.flops" and value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
             return f"tome.flops={value}: a fraction of the unmerged model's GFLOPs in (0, 1], e.g. tome.flops=0.5"
         if key == "benchmark.r":

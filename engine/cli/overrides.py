@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data import DatasetError, count_classes
+
+from ..errors import UserError
 from ..run.checkpoint import check_same_architecture, load_checkpoint
 from .compat import saved_config
 
@@ -50,8 +53,24 @@ def config_from_checkpoint(
     effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
     if overrides_group(overrides, "model"):
         check_same_architecture(saved.model, effective.model, cfg.ckpt)
+    if overrides_group(overrides, "dataset"):
+        check_same_classes(saved, effective, cfg.ckpt)
     rebuilt = cfg.copy()
     with open_dict(rebuilt):  # the saved groups replace the composed ones whole
         rebuilt.model, rebuilt.dataset, rebuilt.tome = effective.model, effective.dataset, effective.tome
     weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
     return rebuilt, weights, checkpoint.get("classes")
+
+
+def check_same_classes(saved: DictConfig, effective: DictConfig, path: Any) -> None:
+    """A checkpoint's head has one output per class of the data set it was trained on: refuse another count."""
+    trained = saved.dataset.get("num_classes")
+    try:
+        wanted = count_classes(effective.dataset)
+    except DatasetError:
+        return  # a folder without train/: its classes are mapped onto the checkpoint's by name
+    if trained and int(trained) != wanted:
+        raise UserError(
+            f"checkpoint {path} has {trained} classes, the data set ({effective.dataset.name}) {wanted}; "
+            f"evaluate it on a data set with its {trained} classes (drop the dataset override)"
+        )

@@ -16,6 +16,7 @@ from timm.data import resolve_model_data_config
 import regtome
 
 from ..errors import UserError
+from .hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ def register_argument(name: str) -> str:
 def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """timm.create_model from the model group (weights from the hub or model.pretrained_file)."""
     name = model_cfg["name"]
+    hub_spelled = name.startswith(("hf-hub:", "hf_hub:", "timm/"))
+    if not timm.is_model(name) and "/" in name and not hub_spelled:
+        raise UserError(
+            f"model.name={name} looks like a Hugging Face hub id: set model.source=transformers "
+            "(or use a model=hf_* preset); model.source=timm takes timm names such as vit_small_patch16_224"
+        )
     if not timm.is_model(name):
         raise UserError(
             f"unknown model {name!r}; list ViTs with: python -c \"import timm; print(timm.list_models('vit_*'))\""
@@ -95,6 +102,11 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
             raise UserError(f"model.pretrained_file {pretrained_file} does not exist; give a .pth/.safetensors file")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
     pretrained = bool(model_cfg.get("pretrained") or pretrained_file)
+    if pretrained and not pretrained_file and not hub_reachable():
+        raise UserError(
+            f"cannot reach the Hugging Face hub for {name}'s pretrained weights (offline): set "
+            "model.pretrained_file=PATH (.pth/.safetensors), or model.pretrained=false for random weights"
+        )
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, ConnectionError) as err:
@@ -119,6 +131,17 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
             f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
             "VisionTransformer, and model.kwargs must be arguments it takes"
         ) from err
+
+
+def has_weights(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether the model group loads trained weights: the hub (model.pretrained), a file (timm) or a
+    save_pretrained folder (transformers)."""
+    return bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_file") or model_cfg.get("pretrained_dir"))
+
+
+WEIGHTS_HINT = (
+    "ckpt=PATH, model.pretrained=true, model.pretrained_file=PATH (timm) or model.pretrained_dir=DIR (transformers)"
+)
 
 
 def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
@@ -179,16 +202,16 @@ def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Map
     else:
         config = resolve_model_data_config(model)
     config["input_size"] = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
-    pretrained = bool(
-        model_cfg.get("pretrained") or model_cfg.get("pretrained_file") or model_cfg.get("pretrained_dir")
-    )
-    if not pretrained and dataset_cfg.get("mean") is not None:
+    if not has_weights(model_cfg) and dataset_cfg.get("mean") is not None:
         config["mean"], config["std"] = tuple(dataset_cfg["mean"]), tuple(dataset_cfg["std"])
     return config
 
 
 def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
-    """Say once when the cap (half the mergeable tokens per block) lowers the requested r."""
+    """Say once when the cap (`regtome.capped_r`) lowers the r that tome.r asked for. A FLOP budget
+    (tome.flops) chose its r with the cap counted: nothing to say then."""
+    if cfg.tome.get("flops") is not None:
+        return
     size = int(cfg.model.img_size)
     param = next(model.parameters())
     with torch.no_grad(), regtome.options(model, trace_source=False):
@@ -201,11 +224,12 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     if applied != requested:
         capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
         log.warning(
-            "tome.r=%s is beyond the cap (half the mergeable tokens) in %d of %d blocks (first: block %d); "
-            "applied r per block: %s",
+            "tome.r=%s is beyond the cap (at most half of the mergeable tokens; under protect=apart fewer) "
+            "in %d of %d blocks (first: block %d of %d); applied r per block: %s",
             _compact(model.r),
             len(capped),
             len(applied),
-            capped[0],
+            capped[0] + 1,
+            len(applied),
             applied,
         )

@@ -14,8 +14,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
+from .hub import hub_reachable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -43,21 +45,59 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
+def check_hub_id(name: str) -> None:
+    """A timm model name under model.source=transformers is one line naming the right source."""
+    import timm
+
+    if "/" not in name and timm.is_model(name):
+        raise UserError(
+            f"model.name={name} is a timm model: set model.source=timm (model.source=transformers takes "
+            "a Hugging Face hub id such as facebook/dinov2-with-registers-small, or a model=hf_* preset)"
+        )
+
+
+def _config(model_cfg: Mapping[str, Any], source: str, offline: bool) -> Any:
+    """The transformers config: the preset's own architecture for random weights, else the hub's or the folder's."""
+    from transformers import AutoConfig
+
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    architecture = model_cfg.get("architecture")
+    pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_dir"))
+    if architecture and not pretrained:
+        spec = dict(OmegaConf.to_container(architecture) if isinstance(architecture, DictConfig) else architecture)
+        return AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=offline, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(_unreachable(source, err, offline)) from err
+
+
+def _unreachable(source: str, err: BaseException, offline: bool) -> str:
+    if offline:
+        return (
+            f"cannot reach the Hugging Face hub for {source} (offline, and not in the local cache): set "
+            "model.pretrained_dir=DIR (a folder written by save_pretrained), or model.pretrained=false for a "
+            "preset's architecture with random weights"
+        )
+    return (
+        f"cannot read {source} from the Hugging Face hub ({_first_line(err)}); check model.name, or set "
+        "model.pretrained_dir=DIR (a folder written by save_pretrained)"
+    )
+
+
 def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """The classifier of model.name / model.pretrained_dir with `num_classes` outputs, in the attention
-    implementation model.attn_implementation (sdpa by default)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    implementation model.attn_implementation (sdpa by default). model.pretrained=false builds the preset's
+    `model.architecture` with random weights, without the hub."""
+    from transformers import AutoModel, AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
+    check_hub_id(str(model_cfg["name"]))
     source = _source(model_cfg)
     pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_dir"))
-    try:
-        config = AutoConfig.from_pretrained(source, **dict(model_cfg.get("kwargs") or {}))
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot read the transformers config of {source} ({_first_line(err)}); without network, "
-            "set model.pretrained_dir=DIR (a folder written by save_pretrained)"
-        ) from err
+    local = bool(model_cfg.get("pretrained_dir")) or (not pretrained and bool(model_cfg.get("architecture")))
+    offline = not local and not hub_reachable()
+    config = _config(model_cfg, source, offline)
     config.num_labels = num_classes
     if not pretrained:  # random weights: built at the configured input size
         vision = getattr(config, "vision_config", config)
@@ -68,28 +108,29 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
     auto = AutoModelForImageClassification if classification else AutoModel
     try:
         if pretrained:
-            model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=True)
+            model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=True, local_files_only=offline)
         else:
             model = auto.from_config(config)
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"could not load {source} ({_first_line(err)}); without network, set model.pretrained_dir=DIR"
-        ) from err
+        raise UserError(_unreachable(source, err, offline)) from err
     if hasattr(config, "vision_config"):  # SigLIP: the attention implementation of the vision tower
         model.config.vision_config._attn_implementation = implementation
     return model if classification else HFClassifier(model, num_classes)
 
 
 def transformers_data_config(model_cfg: Mapping[str, Any], img_size: int) -> dict[str, Any]:
-    """mean/std of the model's image processor when it can be read (hub or pretrained_dir), else ImageNet's."""
+    """mean/std of the model's image processor when it can be read (a pretrained_dir, or the hub for
+    pretrained weights), else ImageNet's."""
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    try:
-        from transformers import AutoImageProcessor
+    folder = model_cfg.get("pretrained_dir")
+    if folder or (model_cfg.get("pretrained") and hub_reachable()):
+        try:
+            from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(_source(model_cfg))
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-    except Exception:  # no processor saved, no network: ImageNet's statistics
-        pass
+            processor = AutoImageProcessor.from_pretrained(_source(model_cfg), local_files_only=bool(folder))
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        except Exception:  # no processor saved: ImageNet's statistics
+            pass
     return {
         "input_size": (3, img_size, img_size),
         "mean": mean,

@@ -58,8 +58,10 @@ def draw_grid(
     attn_block: int,
     path: Path,
     title: str = "",
+    depth: int = 0,
 ) -> np.ndarray:
-    """Save the grid PNG and return it as an (H, W, 3) uint8 array. attention: (heads, P, N)."""
+    """Save the grid PNG and return it as an (H, W, 3) uint8 array. attention: (heads, P, N). Blocks are
+    0-based indices (as visualize.blocks); titles count them from 1 of `depth`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,14 +78,14 @@ def draw_grid(
         axes[row, 0].set_title(f"protect={mode}", fontsize=7)
         for col, block in enumerate(blocks, start=1):
             axes[row, col].imshow(by_block[block])
-            axes[row, col].set_title(f"block {block}: {tokens[mode][block]} tokens", fontsize=7)
+            axes[row, col].set_title(f"after block {block + 1} of {depth}: {tokens[mode][block]} tokens", fontsize=7)
     side = int(round(attention.shape[-1] ** 0.5))
     for i, name in enumerate(names):
         row = len(maps) + i
         high = float(attention[:, i].max())  # one colour scale per row: heads compare directly
         for head in range(num_heads):
             shown = axes[row, head].imshow(attention[head, i].reshape(side, -1), cmap="inferno", vmin=0, vmax=high)
-            axes[row, head].set_title(f"{name} h{head}", fontsize=6)
+            axes[row, head].set_title(f"{name}, head {head + 1}", fontsize=6)
         # the colour bar sits in the row's next free cell, or just right of the last head when there is none
         host = axes[row, num_heads] if cols > num_heads else axes[row, num_heads - 1]
         cax = host.inset_axes([0.05, 0.1, 0.08, 0.8] if cols > num_heads else [1.03, 0.1, 0.05, 0.8])
@@ -91,8 +93,8 @@ def draw_grid(
         bar.ax.tick_params(labelsize=5)
         bar.set_label("attention", fontsize=5)
     fig.suptitle(
-        f"{title}\nrows 1-{len(maps)}: merged tokens; below: attention over patches at block {attn_block} "
-        f"({attention_note})",
+        f"{title}\nrows 1-{len(maps)}: merged tokens; below: attention over the patches in block {attn_block + 1} "
+        f"of {depth}, one panel per head ({attention_note})",
         fontsize=7,
     )
     fig.subplots_adjust(left=0.02, right=0.95, top=1 - 0.75 / rows, bottom=0.02, hspace=0.35, wspace=0.1)

@@ -65,10 +65,21 @@ def configure_threads(threads: Optional[int]) -> int:
 
 def loader_workers(num_workers: Optional[int]) -> int:
     """runtime.num_workers, or by default the cores this process may use (at most 4)."""
+    cores = available_cores()
     if num_workers is None:
-        return min(MAX_DEFAULT_WORKERS, available_cores())
+        return min(MAX_DEFAULT_WORKERS, cores)
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
         raise UserError(f"runtime.num_workers must be null or an int >= 0, got {num_workers!r}")
+    if num_workers > cores and "workers" not in _said:
+        _said.add("workers")
+        log.warning(
+            "runtime.num_workers=%d but this process may use %d core%s: the workers will wait on each other "
+            "(runtime.num_workers=null starts %d)",
+            num_workers,
+            cores,
+            "s" * (cores != 1),
+            min(MAX_DEFAULT_WORKERS, cores),
+        )
     return num_workers
 
 

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
@@ -29,14 +26,15 @@ from data.images import load_images
 
 from ..cli.overrides import config_from_checkpoint
 from ..errors import UserError
-from ..models.build import logits_of, model_label
+from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
+from ..report.parity import TOLERANCE, Runner, parity, reference_outputs, run_exported, time_runtimes
 from ..run.results import write_results
 from ..run.session import open_session
+from ..training.stop import ctrl_c_after_this
 
 log = logging.getLogger(__name__)
 FORMATS = {"onnx": "model.onnx", "torch_export": "model.pt2"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-TOLERANCE = 1e-4  # logits within this of PyTorch's count as equal
 
 
 class Exportable(nn.Module):
@@ -56,7 +54,13 @@ class Exportable(nn.Module):
 def export_graph(
     module: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool, opset: int
 ) -> None:
-    """Write `module` traced on `example` to `path` as ONNX or a torch.export program."""
+    """Write `module` traced on `example` to `path` as ONNX or a torch.export program. A Ctrl-C waits for the
+    trace to end (an interrupt inside torch's tracer can crash the process)."""
+    with ctrl_c_after_this():
+        _export(module, example, path, fmt, dynamic_batch, opset)
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool, opset: int) -> None:
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     try:
         if fmt == "onnx":
@@ -92,87 +96,6 @@ def export_graph(
         ) from err
 
 
-class Runner:
-    """Runs an exported file: onnxruntime for ONNX, the loaded program for torch.export."""
-
-    def __init__(self, path: Path, fmt: str, threads: int) -> None:
-        self.fmt = fmt
-        if fmt == "onnx":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        else:
-            self.program = torch.export.load(str(path)).module()
-
-    def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
-        if self.fmt == "onnx":
-            return self.session.run(None, {"images": images.numpy()})
-        with torch.no_grad():
-            out = self.program(images)
-        return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
-
-
-def parity(reference: tuple[np.ndarray, np.ndarray], exported: list[np.ndarray]) -> dict[str, Any]:
-    """Per-sample max |logit difference|, the fraction within TOLERANCE, top-1 agreement, and for every
-    sample that differs whether its merge decisions differ (near-tie) or only the arithmetic (defect)."""
-    ref_logits, ref_map = reference
-    logits, token_map = exported[0], exported[1] if len(exported) > 1 else None
-    diff = np.abs(logits.astype(np.float64) - ref_logits.astype(np.float64)).max(axis=1)
-    agree = logits.argmax(1) == ref_logits.argmax(1)
-    differing = np.flatnonzero((diff > TOLERANCE) | ~agree)
-    same_decisions = (token_map == ref_map).all(axis=1) if token_map is not None else np.ones(len(diff), bool)
-    samples = [
-        {
-            "index": int(i),
-            "max_abs_diff": float(diff[i]),
-            "top1_agrees": bool(agree[i]),
-            "cause": "arithmetic (defect)" if same_decisions[i] else "merge decision (near-tie)",
-        }
-        for i in differing
-    ]
-    return {
-        "samples": len(diff),
-        "max_abs_diff": float(diff.max()),
-        "median_abs_diff": float(np.median(diff)),
-        "within_tolerance": float((diff <= TOLERANCE).mean()),
-        "tolerance": TOLERANCE,
-        "top1_agreement": float(agree.mean()),
-        "near_ties": sum(s["cause"].startswith("merge") for s in samples),
-        "defects": sum(s["cause"].startswith("arith") for s in samples),
-        "differing": samples,
-    }
-
-
-def reference_outputs(module: Exportable, images: torch.Tensor, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    outs = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            out = module(images[start : start + batch])
-            outs.append(out if isinstance(out, tuple) else (out, torch.zeros(len(out), 1, dtype=torch.long)))
-    return (torch.cat([o[0] for o in outs]).float().numpy(), torch.cat([o[1] for o in outs]).numpy())
-
-
-def run_exported(runner: Runner, images: torch.Tensor, batch: int) -> list[np.ndarray]:
-    parts = [runner(images[start : start + batch]) for start in range(0, len(images), batch)]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
-def time_runtimes(runners: dict[str, Runner], images: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per batch of each runner, interleaved (each repeat runs every case in turn)."""
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner(images)
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, runner in runners.items():
-            start = time.perf_counter()
-            runner(images)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def check_export_config(export: DictConfig) -> tuple[str, Optional[int], torch.dtype]:
     if export.format not in FORMATS:
         raise UserError(f"export.format={export.format}: choose one of {', '.join(FORMATS)}")
@@ -187,27 +110,51 @@ def check_export_config(export: DictConfig) -> tuple[str, Optional[int], torch.d
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     fmt, fixed_batch, dtype = check_export_config(cfg.export)
     cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
-    if weights is None and not (cfg.model.pretrained or cfg.model.pretrained_file or cfg.model.get("pretrained_dir")):
-        raise UserError("task=export needs weights: ckpt=PATH, model.pretrained=true or model.pretrained_file=PATH")
+    if weights is None and not has_weights(cfg.model):
+        raise UserError(f"task=export needs weights: {WEIGHTS_HINT}")
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, distributed=False)
     model = session.model.cpu().eval().to(dtype)
-    images = torch.stack(
-        [
-            t
-            for _, t, _ in load_images(
-                cfg, session.inputs, saved_classes or class_names(cfg.dataset), int(cfg.export.samples)
-            )
-        ]
-    ).to(dtype)
-    merged = Exportable(model).eval()
-    example_batch = fixed_batch or 2
+    classes = saved_classes or class_names(cfg.dataset)
+    images = torch.stack([t for _, t, _ in load_images(cfg, session.inputs, classes, int(cfg.export.samples))])
     path = run_dir / FORMATS[fmt]
-    export_graph(merged, images[:example_batch], path, fmt, fixed_batch is None, int(cfg.export.opset))
-    threads = max(1, torch.get_num_threads())
-    batch = fixed_batch or 8
+    try:
+        record = export_and_check(cfg, model, images.to(dtype), path, fmt, fixed_batch, dtype)
+    except BaseException:  # refused, failed or interrupted (Ctrl-C): no export file without its parity report
+        for leftover in (path, run_dir / "unmerged.onnx"):
+            leftover.unlink(missing_ok=True)
+        raise
+    write_results(run_dir, record)
+    log.info(
+        "exported %s (r=%s, protect=%s) to %s; top-1 agreement %.2f%%, %.1f%% of samples within %.0e",
+        record["model"],
+        record["r"],
+        record["protect"],
+        path,
+        100 * record["parity"]["top1_agreement"],
+        100 * record["parity"]["within_tolerance"],
+        TOLERANCE,
+    )
+    print(f"wrote {path} and {run_dir / 'results.json'}")
+    return record
+
+
+def export_and_check(
+    cfg: DictConfig,
+    model: nn.Module,
+    images: torch.Tensor,
+    path: Path,
+    fmt: str,
+    fixed_batch: Optional[int],
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Write the export, compare it with PyTorch on `images` (refused below export.min_agreement), time it
+    when asked; returns the record for results.json."""
+    merged = Exportable(model).eval()
+    log.info("exporting %s (r=%s, protect=%s) as %s to %s", model_label(cfg.model), model.r, model.protect, fmt, path)
+    export_graph(merged, images[: fixed_batch or 2], path, fmt, fixed_batch is None, int(cfg.export.opset))
+    threads, batch = max(1, torch.get_num_threads()), fixed_batch or 8
     report = parity(reference_outputs(merged, images, batch), run_exported(Runner(path, fmt, threads), images, batch))
     if report["top1_agreement"] < float(cfg.export.min_agreement):
-        path.unlink(missing_ok=True)
         raise UserError(
             f"export refused: top-1 agreement with PyTorch is {100 * report['top1_agreement']:.2f}% on "
             f"{report['samples']} images, below export.min_agreement={cfg.export.min_agreement} "
@@ -216,19 +163,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         )
     record = export_record(cfg, model, fmt, fixed_batch, dtype, report)
     if cfg.export.benchmark:
-        record["benchmark"] = benchmark_exports(model, merged, path, fmt, images, cfg, run_dir, threads)
-    write_results(run_dir, record)
-    log.info(
-        "exported %s (r=%s, protect=%s) to %s; top-1 agreement %.2f%%, %.1f%% of samples within %.0e",
-        record["model"],
-        record["r"],
-        record["protect"],
-        path,
-        100 * report["top1_agreement"],
-        100 * report["within_tolerance"],
-        TOLERANCE,
-    )
-    print(f"wrote {path} and {run_dir / 'results.json'}")
+        record["benchmark"] = benchmark_exports(model, merged, path, fmt, images, cfg, path.parent, threads)
     return record
 
 

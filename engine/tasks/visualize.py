@@ -29,7 +29,7 @@ from data import class_names, count_classes
 from data.images import load_images
 
 from ..cli.overrides import config_from_checkpoint
-from ..models.build import logits_of, model_label
+from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
 from ..report.figures import draw_feature_panels, draw_grid, merge_map, patch_groups
 from ..run.session import open_session
 
@@ -116,10 +116,10 @@ class Plan:
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
-    random_weights = weights is None and not (cfg.model.pretrained or cfg.model.pretrained_file)
+    random_weights = weights is None and not has_weights(cfg.model)
     if random_weights:
         log.warning(
-            "showing a model with random weights (no ckpt=PATH, model.pretrained or model.pretrained_file): "
+            f"showing a model with random weights (none of {WEIGHTS_HINT}): "
             "the merges and attention maps say nothing about a trained model"
         )
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, trace_source=True, distributed=False)
@@ -170,15 +170,23 @@ def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int
     maps, tokens, groups = merge_maps(model, batch, picture, plan.blocks, plan.modes)
     attention, names, note = prefix_rows(model, batch, plan.attn_block)
     summary.setdefault("prefix_tokens", names)
-    caption = (
-        f"true: {_label(plan.classes, target)}, predicted: {_label(plan.classes, predicted)} "
-        f"(p={float(probabilities[predicted]):.2f})"
-    )
+    caption = f"predicted: {_label(plan.classes, predicted)} (p={float(probabilities[predicted]):.2f})"
+    if target is not None:  # images= files have no label
+        caption = f"true: {_label(plan.classes, target)}, {caption}"
     title = f"{name}: {caption}\n{summary['model']}, r={summary['r']}, protect={model.protect}" + (
         " (random weights)" if summary["random_weights"] else ""
     )
     pixels = draw_grid(
-        picture, maps, tokens, attention, names, note, plan.attn_block, plan.run_dir / f"{name}.png", title=title
+        picture,
+        maps,
+        tokens,
+        attention,
+        names,
+        note,
+        plan.attn_block,
+        plan.run_dir / f"{name}.png",
+        title=title,
+        depth=model.regtome_num_blocks,
     )
     if plan.dense_features:
         draw_dense_features(
@@ -193,7 +201,7 @@ def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int
         "tokens": tokens,
         "groups": groups,
         "size": list(pixels.shape[:2]),
-        "true": _label(plan.classes, target),
+        "true": None if target is None else _label(plan.classes, target),
         "predicted": _label(plan.classes, predicted),
         "probability": float(probabilities[predicted]),
     }

@@ -1,0 +1,142 @@
+"""Ctrl-C as a terminal sends it: SIGINT to the whole process group of a real `main.py`, loader workers
+included, with SIGINT at its default disposition (a process a script starts in the background inherits
+SIGINT ignored, and Python then installs no KeyboardInterrupt handler: that would hide the bug)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from cli_helpers import ROOT, write_image_folder
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+MOVED = r"\| *[1-9][0-9]*/[0-9]+ \["  # a progress bar past its first step: the loader's workers are running
+CPU = ["runtime.device=cpu", "model=vit_tiny_test", "tome.r=2", "seed=0"]
+
+
+class Terminal:
+    """`python main.py ARGS` in its own process group, as a shell in a terminal starts it."""
+
+    def __init__(self, args: list[str], cwd) -> None:
+        self.output = ""
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while chunk := os.read(self.process.stdout.fileno(), 4096):
+            self.output += chunk.decode(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        """Until `text` is printed. (A SIGINT in the very milliseconds a DataLoader forks its workers is lost by
+        the main process, so the tests wait for a progress bar that has moved, as a person would.)"""
+        deadline = time.time() + timeout
+        while not re.search(text, self.output):
+            assert self.process.poll() is None, f"ended before {text!r}:\n{self.output[-3000:]}"
+            assert time.time() < deadline, f"no {text!r} in {timeout} s:\n{self.output[-3000:]}"
+            time.sleep(0.05)
+
+    def ctrl_c(self, timeout: float = 120) -> tuple[int, list[str]]:
+        """SIGINT to the whole group (the main process and its loader workers); the exit code and the lines."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        code = self.process.wait(timeout)
+        self.reader.join(5)
+        lines = [line for line in self.output.replace("\r", "\n").splitlines() if line.strip()]
+        return code, lines
+
+
+def said_once(lines: list[str], text: str) -> str:
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines), "\n".join(lines[-40:])
+    matches = [line for line in lines if text in line]
+    assert len(matches) == 1, "\n".join(lines[-40:])
+    return matches[0]
+
+
+def test_ctrl_c_in_training_saves_and_prints_the_resume_command(tmp_path):
+    folder = write_image_folder(tmp_path / "images", {"train": 150, "val": 8}, size=32)
+    run = tmp_path / "run"
+    args = [
+        "task=train",
+        *CPU,
+        "dataset=imagefolder",
+        f"dataset.root={folder}",
+        "runtime.num_workers=2",
+        "trainer.batch_size=4",
+        "trainer.epochs=3",
+        "trainer.warmup_epochs=0",
+        f"hydra.run.dir={run}",
+    ]
+    terminal = Terminal(args, tmp_path)
+    terminal.wait_for(MOVED)
+    code, lines = terminal.ctrl_c()
+    assert code == 128 + signal.SIGINT
+    line = said_once(lines, "stopped by SIGINT")
+    assert line.startswith("stopped by SIGINT at epoch 1 step ")  # numbered as the progress bar numbers it
+    assert line.endswith(f"continue with: python main.py task=train hydra.run.dir={run} trainer.resume=true")
+    assert (run / "checkpoints" / "last.pt").exists() and not list(run.rglob("*.tmp"))
+    assert not (run / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from cli_helpers import SMOKE, run_main
+
+    work = tmp_path_factory.mktemp("interrupt")
+    run_main("task=train", *SMOKE, "trainer.epochs=1", f"hydra.run.dir={work / 'run'}", cwd=work)
+    return work / "run" / "checkpoints" / "best.pt"
+
+
+@pytest.mark.parametrize("task", ["eval", "export"])
+def test_ctrl_c_elsewhere_is_one_line_and_leaves_no_run_folder(tmp_path, checkpoint, task):
+    """eval (loader workers on) and export (mid-trace): exit 130, one line, no run folder, no partial file."""
+    if task == "eval":
+        args = [
+            "task=eval",
+            f"ckpt={checkpoint}",
+            "runtime.device=cpu",
+            "dataset=synthetic",
+            "dataset.val_size=40000",
+            "runtime.eval_batch_size=8",
+            "runtime.num_workers=2",
+        ]
+        marker = MOVED
+    else:
+        args = ["task=export", f"ckpt={checkpoint}", "runtime.device=cpu", "export.samples=8"]
+        marker = "exporting "
+    terminal = Terminal(args, tmp_path)
+    terminal.wait_for(marker)
+    code, lines = terminal.ctrl_c()
+    assert code == 128 + signal.SIGINT, "\n".join(lines[-30:])
+    assert said_once(lines, "interrupted by Ctrl-C (SIGINT)").endswith("nothing was kept")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_ctrl_c_in_a_sweep_stops_it_with_one_line(tmp_path, checkpoint):
+    args = [
+        "-m",
+        "task=eval",
+        f"ckpt={checkpoint}",
+        "runtime.device=cpu",
+        "dataset=synthetic",
+        "dataset.val_size=40000",
+        "runtime.eval_batch_size=8",
+        "runtime.num_workers=0",
+        "tome.r=0,2",
+    ]
+    terminal = Terminal(args, tmp_path)
+    terminal.wait_for(MOVED)
+    code, lines = terminal.ctrl_c()
+    assert code == 128 + signal.SIGINT
+    said_once(lines, "interrupted by Ctrl-C (SIGINT)")
+    assert not [p for p in (tmp_path / "multirun").rglob("results.json")]  # the sweep stopped in its first job
