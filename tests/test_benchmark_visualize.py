@@ -157,3 +157,49 @@ def test_visualize_titles_true_and_predicted_class_and_draws_colour_bars(tmp_pat
     assert info["true"].startswith("pattern_") and info["predicted"].startswith("pattern_")
     assert f"true: {info['true']}, predicted: {info['predicted']}" in titles[0]
     assert len(bars) == len(summary["prefix_tokens"]) == 5  # one colour bar per attention row (colours = numbers)
+
+
+def test_visualize_names_heads_and_blocks_as_people_count_them_and_no_label_it_lacks(tmp_path, monkeypatch):
+    """Panels say 'head 1' .. 'head H' and 'after block 2 of 2'; an images= file has no label, so no 'true:'."""
+    import matplotlib.axes
+    import matplotlib.figure
+    from PIL import Image as PILImage
+
+    titles, suptitles = [], []
+    real_title, real_suptitle = matplotlib.axes.Axes.set_title, matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_title",
+        lambda self, text, *a, **k: titles.append(text) or real_title(self, text, *a, **k),
+    )
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "suptitle",
+        lambda self, text, **k: suptitles.append(text) or real_suptitle(self, text, **k),
+    )
+    photo = tmp_path / "photo.png"
+    PILImage.new("RGB", (32, 32), (200, 100, 50)).save(photo)
+    summary = _visualize(tmp_path, f"images={photo}", "visualize.dense_features=false")
+    assert summary["images"]["photo"]["true"] is None
+    assert "true:" not in suptitles[0] and "predicted:" in suptitles[0]
+    assert "class, head 1" in titles and "class, head 2" in titles and not any(" h0" in t for t in titles)
+    assert any(t.startswith("after block 2 of 2:") for t in titles) and not any(t.startswith("block ") for t in titles)
+
+
+def test_a_busy_machine_is_seen_before_timing(tmp_path):
+    import subprocess
+    import sys
+
+    from engine.report.timing import busy_processes, machine_note
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        busy = busy_processes()
+        note = machine_note()
+    finally:
+        spinner.kill()
+    assert any(f"({spinner.pid})" in entry for entry in busy)
+    assert note is not None and "timings may be unreliable" in note and str(spinner.pid) in note

@@ -97,29 +97,34 @@ def checkpoint(tmp_path_factory):
     return work / "run" / "checkpoints" / "best.pt"
 
 
-@pytest.mark.parametrize("task", ["eval", "export"])
-def test_ctrl_c_elsewhere_is_one_line_and_leaves_no_run_folder(tmp_path, checkpoint, task):
-    """eval (loader workers on) and export (mid-trace): exit 130, one line, no run folder, no partial file."""
-    if task == "eval":
-        args = [
-            "task=eval",
-            f"ckpt={checkpoint}",
-            "runtime.device=cpu",
-            "dataset=synthetic",
-            "dataset.val_size=40000",
-            "runtime.eval_batch_size=8",
-            "runtime.num_workers=2",
-        ]
-        marker = MOVED
-    else:
-        args = ["task=export", f"ckpt={checkpoint}", "runtime.device=cpu", "export.samples=8"]
-        marker = "exporting "
-    terminal = Terminal(args, tmp_path)
+ELSEWHERE = {  # task: its command-line keys after ckpt=, what shows it is running, whether it keeps files
+    "eval": (
+        ["dataset=synthetic", "dataset.val_size=40000", "runtime.eval_batch_size=8", "runtime.num_workers=2"],
+        MOVED,
+        False,
+    ),
+    "export": (["export.samples=8"], "exporting ", False),
+    "benchmark": (["benchmark.repeats=2000", "benchmark.loader=false"], MOVED, False),
+    "visualize": (["visualize.num_samples=60", "visualize.blocks=[0,1]"], MOVED, True),
+}
+
+
+@pytest.mark.parametrize("task", list(ELSEWHERE))
+def test_ctrl_c_in_any_other_task_is_one_line_and_keeps_only_what_was_written(tmp_path, checkpoint, task):
+    """eval (loader workers on), export (mid-trace), benchmark, visualize: exit 130, one line, no traceback;
+    a task that had written nothing leaves no run folder; visualize keeps the grids it drew."""
+    keys, marker, keeps = ELSEWHERE[task]
+    source = [f"ckpt={checkpoint}"] if task != "benchmark" else ["model=vit_tiny_test", "dataset=synthetic"]
+    terminal = Terminal([f"task={task}", *source, "runtime.device=cpu", *keys], tmp_path)
     terminal.wait_for(marker)
     code, lines = terminal.ctrl_c()
     assert code == 128 + signal.SIGINT, "\n".join(lines[-30:])
-    assert said_once(lines, "interrupted by Ctrl-C (SIGINT)").endswith("nothing was kept")
-    assert not (tmp_path / "outputs").exists()
+    line = said_once(lines, "interrupted by Ctrl-C (SIGINT)")
+    if keeps:
+        (run,) = (tmp_path / "outputs" / task).glob("*/*")
+        assert line.endswith(f"what it had written is in {run}") and list(run.glob("sample_0.png"))
+    else:
+        assert line.endswith("nothing was kept") and not (tmp_path / "outputs").exists()
 
 
 def test_ctrl_c_in_a_sweep_stops_it_with_one_line(tmp_path, checkpoint):

@@ -229,3 +229,21 @@ def test_checkpoint_labels_name_the_run_folder_or_the_file():
     labels = {group_label({"checkpoint": f"/x/snapshots/seed{i}_epoch6.pt"}, keys) for i in (0, 1)}
     assert labels == {"checkpoint=seed0_epoch6", "checkpoint=seed1_epoch6"}
     assert group_label({"checkpoint": "pooled"}, keys) == "checkpoint=pooled"
+
+
+def test_the_paired_figure_names_each_schedule_once(sweep, tmp_path, monkeypatch):
+    """Two modes at r=0 sit on one point (both equal the baseline): one label there, not 'r=0r=0'."""
+    import matplotlib.axes
+
+    from engine.report.sweep_plots import plot_paired
+
+    folder, _ = sweep
+    rows = collect(folder)
+    pooled = add_paired(rows, "protect", baseline="prefix")
+    labels = []
+    real = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "annotate", lambda self, text, *a, **k: labels.append(text) or real(self, text, *a, **k)
+    )
+    plot_paired(rows + pooled, "protect", tmp_path / "paired.png", "prefix")
+    assert sorted(labels) == ["r=0", "r=4", "r=[4,-1.0]"]

@@ -155,7 +155,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     finally:
         writer.close()
     (run_dir / "visualize.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
-    log.info("wrote %d grids to %s", len(images), run_dir)
+    log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, plan.summary["r"], model.protect)
     return plan.summary
 
 
