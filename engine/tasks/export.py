@@ -56,7 +56,7 @@ def export_graph(
 ) -> None:
     """Write `module` traced on `example` to `path` as ONNX or a torch.export program. A Ctrl-C waits for the
     trace to end (an interrupt inside torch's tracer can crash the process)."""
-    with ctrl_c_after_this():
+    with ctrl_c_after_this(f"the {fmt} trace (up to a few minutes)"):
         _export(module, example, path, fmt, dynamic_batch, opset)
 
 

@@ -60,10 +60,10 @@ def stop_requested(stop: GracefulStop, device: torch.device, info: DistInfo) -> 
 
 
 @contextmanager
-def ctrl_c_after_this() -> Iterator[None]:
+def ctrl_c_after_this(what: str) -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for work that must not be
     cut in the middle (tracing a model for export: an interrupt inside torch's tracer can crash the process).
-    A second Ctrl-C stops at once."""
+    The first Ctrl-C is answered at once with one line (the block can take minutes); a second stops at once."""
     asked: list[int] = []
 
     def hold(signum: int, frame: Any) -> None:
@@ -72,6 +72,8 @@ def ctrl_c_after_this() -> Iterator[None]:
             sys.stderr.flush()
             os._exit(128 + signum)
         asked.append(signum)
+        sys.stderr.write(f"\nCtrl-C: stopping when {what} ends (Ctrl-C again stops at once)\n")
+        sys.stderr.flush()
 
     previous = signal.signal(signal.SIGINT, hold)
     try:
