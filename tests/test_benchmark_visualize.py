@@ -155,7 +155,7 @@ def test_visualize_titles_true_and_predicted_class_and_draws_colour_bars(tmp_pat
     summary = _visualize(tmp_path, "visualize.num_samples=1", "visualize.dense_features=false")
     info = summary["images"]["sample_0"]
     assert info["true"].startswith("pattern_") and info["predicted"].startswith("pattern_")
-    assert f"true: {info['true']}, predicted: {info['predicted']}" in titles[0]
+    assert f"true: {info['true']}, predicted: {info['predicted']}" in " ".join(titles[0].split())
     assert len(bars) == len(summary["prefix_tokens"]) == 5  # one colour bar per attention row (colours = numbers)
 
 
@@ -203,3 +203,30 @@ def test_a_busy_machine_is_seen_before_timing(tmp_path):
         spinner.kill()
     assert any(f"({spinner.pid})" in entry for entry in busy)
     assert note is not None and "timings may be unreliable" in note and str(spinner.pid) in note
+
+
+def test_figure_titles_fit_their_figure(tmp_path, monkeypatch):
+    """A long title is wrapped to the figure's width, never clipped at its edges (drawn and measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from engine.report.figures import fit_title
+
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda self, *a, **k: saved.append(self) or real_savefig(self, *a, **k)
+    )
+    _visualize(tmp_path, "visualize.num_samples=1", "visualize.dense_features=false", "visualize.blocks=[0]")
+    long = "a model name that is rather long-" * 6 + "\nrows 1-3: merged tokens; below: attention over the patches " * 2
+    fig = plt.figure(figsize=(3 * CELL_PX / 100, 2))
+    fig.suptitle(fit_title(long, 3 * CELL_PX / 100), fontsize=7)
+    saved.append(fig)
+    for figure in saved:
+        figure.canvas.draw()
+        box = figure._suptitle.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= figure.bbox.width and box.y1 <= figure.bbox.height, figure._suptitle.get_text()
+    assert fit_title(long, 3 * CELL_PX / 100).split() == long.split()  # wrapped, not cut

@@ -3,12 +3,20 @@ attention, and dense features as PCA colours. Pure drawing: arrays in, PNG files
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
+
+
+def fit_title(text: str, width_inches: float, fontsize: float = 7) -> str:
+    """Wrap each line of `text` so that it fits a figure `width_inches` wide (matplotlib clips a suptitle
+    at the figure's edges). An average character is about 0.55 of the font size wide."""
+    per_line = max(20, int(width_inches * 72 / (0.55 * fontsize)) - 2)
+    return "\n".join(part for line in text.split("\n") for part in textwrap.wrap(line, per_line) or [""])
 
 
 def patch_groups(source: torch.Tensor, num_prefix: int) -> np.ndarray:
@@ -78,7 +86,7 @@ def draw_grid(
         axes[row, 0].set_title(f"protect={mode}", fontsize=7)
         for col, block in enumerate(blocks, start=1):
             axes[row, col].imshow(by_block[block])
-            axes[row, col].set_title(f"after block {block + 1} of {depth}: {tokens[mode][block]} tokens", fontsize=7)
+            axes[row, col].set_title(f"after block {block + 1} of {depth}:\n{tokens[mode][block]} tokens", fontsize=7)
     side = int(round(attention.shape[-1] ** 0.5))
     for i, name in enumerate(names):
         row = len(maps) + i
@@ -92,12 +100,15 @@ def draw_grid(
         bar = fig.colorbar(shown, cax=cax)
         bar.ax.tick_params(labelsize=5)
         bar.set_label("attention", fontsize=5)
-    fig.suptitle(
+    suptitle = fit_title(
         f"{title}\nrows 1-{len(maps)}: merged tokens; below: attention over the patches in block {attn_block + 1} "
         f"of {depth}, one panel per head ({attention_note})",
-        fontsize=7,
+        cols * CELL_PX / 100,
     )
-    fig.subplots_adjust(left=0.02, right=0.95, top=1 - 0.75 / rows, bottom=0.02, hspace=0.35, wspace=0.1)
+    height = rows * CELL_PX / 100
+    fig.suptitle(suptitle, fontsize=7, y=1 - 0.06 / height, va="top")
+    title_inches = 0.06 + 0.14 * (suptitle.count("\n") + 1) + 0.32  # its lines, then the first row's two-line titles
+    fig.subplots_adjust(left=0.02, right=0.95, top=1 - title_inches / height, bottom=0.02, hspace=0.35, wspace=0.1)
     fig.savefig(path)
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -139,7 +150,7 @@ def draw_feature_panels(
         ax.imshow(image, interpolation="nearest")
         ax.set_title(label, fontsize=7)
         ax.axis("off")
-    fig.suptitle(title, fontsize=7)
+    fig.suptitle(fit_title(title, 3 * CELL_PX / 100), fontsize=7)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.7, bottom=0.02, wspace=0.05)
     fig.savefig(path)
     plt.close(fig)
