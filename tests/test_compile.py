@@ -116,3 +116,18 @@ def test_the_cpu_benchmark_is_sized_for_minutes_unless_told_otherwise():
     told = settings(compose_config("task=benchmark", "benchmark.r=[0,8]"), ["benchmark.r=[0,8]"], torch.device("cpu"))
     assert list(told.r) == [0, 8] and list(told.batch_sizes) == [1, 8]  # the command line wins, key by key
     assert list(settings(cfg, [], torch.device("cuda")).batch_sizes) == [1, 8, 64]  # CUDA: the config as it is
+
+
+def test_compiled_training_under_amp_matches_eager_amp(tmp_path):
+    """runtime.compile with runtime.amp=bf16 (the CPU's autocast): the compiled steps run the same bf16 ops."""
+    common = [*SMOKE, "runtime.amp=bf16", "trainer.epochs=1", "trainer.max_steps_per_epoch=3"]
+    for name, compile_as in (("eager", "false"), ("compiled", "true")):
+        torch._dynamo.utils.counters.clear()
+        run_main(
+            "task=train", *common, f"runtime.compile={compile_as}", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path
+        )
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == (name == "compiled")
+    a = load_checkpoint(tmp_path / "eager" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")
+    assert a["config"]["runtime"]["amp"] == b["config"]["runtime"]["amp"] == "bf16"
+    assert max_weight_difference(a["model"], b["model"]) <= 1e-5

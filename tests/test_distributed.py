@@ -13,8 +13,8 @@ from engine.run.checkpoint import load_checkpoint
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*overrides: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def torchrun(*overrides: str, cwd, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra_env or {})}
     env.pop("REGTOME_RUN_ID", None)
     result = subprocess.run(
         [*TORCHRUN, str(ROOT / "main.py"), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
@@ -58,15 +58,19 @@ def test_only_rank_zero_writes(ddp_run):
 
 
 def test_ddp_eval_counts_every_sample_once(ddp_run):
+    """Compiled on both ranks (runtime.compile under torchrun; aot_eager, see test_compile.py) against one
+    eager process: the same samples, the same predictions."""
     ckpt = ddp_run / "single" / "checkpoints" / "last.pt"
     torchrun(
         "task=eval",
         f"ckpt={ckpt}",
         "runtime.device=cpu",
         "runtime.num_workers=0",
+        "runtime.compile=true",
         "trainer.batch_size=8",
         f"hydra.run.dir={ddp_run / 'eval_ddp'}",
         cwd=ddp_run,
+        extra_env={"REGTOME_COMPILE_BACKEND": "aot_eager"},
     )
     run_main(
         "task=eval",
@@ -81,7 +85,26 @@ def test_ddp_eval_counts_every_sample_once(ddp_run):
     assert ddp["metrics"]["samples"] == single["metrics"]["samples"] == 63  # 63 = 32 + 31: uneven shards
     assert ddp["top1"] == single["top1"] and ddp["top5"] == single["top5"]
     assert ddp["metrics"]["loss"] == pytest.approx(single["metrics"]["loss"], rel=1e-6)
-    assert ddp["world_size"] == 2
+    assert ddp["world_size"] == 2 and ddp["compile"] == "default" and single["compile"] is None
+
+
+def test_compiled_ddp_training_matches_eager_ddp(ddp_run):
+    """runtime.compile under torchrun: DDP-wrapped, then compiled; the steps change nothing but the speed."""
+    (eager_dir,) = list((ddp_run / "outputs").glob("train/*/*"))
+    common = [*SMOKE, "trainer.epochs=2", "dataset.train_size=64", "dataset.val_size=63", "trainer.batch_size=8"]
+    compiled_dir = ddp_run / "compiled"
+    torchrun(
+        "task=train",
+        *common,
+        "runtime.compile=true",
+        f"hydra.run.dir={compiled_dir}",
+        cwd=ddp_run,
+        extra_env={"REGTOME_COMPILE_BACKEND": "aot_eager"},
+    )
+    compiled = load_checkpoint(compiled_dir / "checkpoints" / "last.pt")
+    eager = load_checkpoint(eager_dir / "checkpoints" / "last.pt")
+    assert not any(key.startswith(("_orig_mod.", "module.")) for key in compiled["model"])  # the plain module
+    assert max_weight_difference(compiled["model"], eager["model"]) <= 1e-5
 
 
 def test_slurm_launcher_preset_composes():
