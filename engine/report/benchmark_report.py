@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
-import textwrap
 from pathlib import Path
 from typing import Any
+
+from .figures import fit_title
 
 TABLE = (
     "| mode | run | r | batch | images/s | latency ms (p90) | speedup | vs eager unpatched | GFLOPs | "
@@ -51,7 +52,8 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.4), dpi=100, squeeze=False)
+    width = 5.5 * len(modes)  # inches: one 5.5-inch panel per mode
+    fig, axes = plt.subplots(1, len(modes), figsize=(width, 4.4), dpi=100, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         mode_rows = [r for r in rows if r["mode"] == mode]
         labels = list(dict.fromkeys(r["r"] for r in mode_rows))
@@ -76,7 +78,7 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
         f"{meta['model']} ({meta['registers']} registers, protect={meta['protect']}) on {meta['device']}, "
         f"{meta['dtype']}, compile {meta['compile']}"
     )
-    fig.suptitle("\n".join(textwrap.wrap(title, width=int(18 * len(modes) + 40))), fontsize=9)
+    fig.suptitle(fit_title(title, width, fontsize=9), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

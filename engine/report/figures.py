@@ -1,5 +1,6 @@
 """The pictures of task=visualize: merged-token maps (as in the ToMe paper), the grid of maps and prefix-token
-attention, and dense features as PCA colours. Pure drawing: arrays in, PNG files out."""
+attention, and dense features as PCA colours; and `fit_title`, which every figure's title goes through.
+Pure drawing: arrays in, PNG files out."""
 
 from __future__ import annotations
 
