@@ -7,9 +7,11 @@ folder, Hydra composes the config, and `engine.tasks.TASKS` names the module tha
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -18,7 +20,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from engine.cli import claim
-from engine.errors import TrainingInterrupted, UserError
+from engine.errors import RunStopped, TrainingInterrupted, UserError, one_line
+from engine.run.console import log_ending, survive_closed_console
 from engine.run.folder_claim import discard_new_folder
 from engine.tasks import runner
 
@@ -37,15 +40,19 @@ def main(cfg: DictConfig) -> None:
         claim.claim_job_folder(run_dir, cfg)
         runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))
     except (UserError, DatasetError, MissingMandatoryValue) as err:
-        claim.report_error(err)
+        log_ending(claim.report_error(err))
         claim.release()
         discard_new_folder(run_dir, created)
         sys.exit(2)
-    except TrainingInterrupted as err:
+    except RunStopped as err:  # interrupted (last.pt saved) or a checkpoint that could not be written
         print(err, file=sys.stderr)
+        log_ending(str(err), logging.WARNING if isinstance(err, TrainingInterrupted) else logging.ERROR)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops cleanly by itself)
         interrupted = True
+    except Exception as err:  # a bug: Hydra prints the traceback; main.log keeps it, and says so last
+        log_ending(f"{traceback.format_exc().rstrip()}\ncrashed: {type(err).__name__}: {one_line(err)}")
+        raise
     finally:
         claim.release()
         cleanup()
@@ -54,7 +61,9 @@ def main(cfg: DictConfig) -> None:
         gc.collect()  # loader workers shut down in order, not killed mid-transfer at exit
         discard_new_folder(run_dir, created)
         kept = f"what it had written is in {run_dir}" if run_dir.exists() else "nothing was kept"
-        print(f"interrupted by Ctrl-C (SIGINT) during task={cfg.task}; {kept}", file=sys.stderr)
+        line = f"interrupted by Ctrl-C (SIGINT) during task={cfg.task}; {kept}"
+        print(line, file=sys.stderr)
+        log_ending(line, logging.WARNING)
         sys.exit(128 + signal.SIGINT)
 
 
@@ -81,4 +90,6 @@ def run_cli(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    survive_closed_console()  # `| tee` killed by Ctrl-C, a closed terminal: writes fail, the run goes on
+    logging.raiseExceptions = False  # a full disk under main.log is said once, not as a traceback per line
     run_cli(sys.argv[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections import Counter
@@ -15,6 +16,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from .synthetic import SyntheticPatterns
 from .transforms import SMALL_IMAGES, ResizeNormalize, build_transform, device_transform
 
+log = logging.getLogger(__name__)
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")
 DEFAULT_NATIVE_SIZE = 224  # an image folder's size when none can be read
 FOLDERS = ("imagefolder", "imagenet")  # data sets read from class folders
@@ -31,7 +33,30 @@ def load_image(path: str) -> Image.Image:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"cannot read image {path} ({err}); delete or replace the file") from err
+        raise DatasetError(
+            f"cannot read image {path} ({err}); delete or replace the file, or set dataset.skip_unreadable=true"
+        ) from err
+
+
+class ImageFolderOrSkip(tvd.ImageFolder):
+    """ImageFolder whose unreadable images stop the run naming the file, or with dataset.skip_unreadable=true
+    are skipped: the next readable image of the folder takes the sample's place (batches keep their size),
+    and each skip is one log line with the count so far."""
+
+    def __init__(self, *args: Any, skip_unreadable: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_unreadable, self.skipped = skip_unreadable, 0
+
+    def __getitem__(self, index: int) -> Any:
+        for offset in range(len(self)):
+            try:
+                return super().__getitem__((index + offset) % len(self))
+            except DatasetError as err:
+                if not self.skip_unreadable:
+                    raise
+                self.skipped += 1
+                log.warning("skipped (dataset.skip_unreadable=true, %d so far in this process): %s", self.skipped, err)
+        raise DatasetError(f"no image of {self.root} can be read; check the folder")
 
 
 def _cifar(cfg: Mapping[str, Any], train: bool, transform: Callable) -> Dataset:
@@ -109,7 +134,8 @@ def _image_folder(
         if not os.path.isdir(folder):
             continue
         try:
-            dataset = tvd.ImageFolder(folder, transform=transform, loader=load_image)
+            skip = bool(cfg.get("skip_unreadable", False))
+            dataset = ImageFolderOrSkip(folder, transform=transform, loader=load_image, skip_unreadable=skip)
         except FileNotFoundError as err:
             raise DatasetError(f"{folder} holds no class folders with images ({err})") from err
         if classes is not None and dataset.classes != list(classes):
@@ -125,8 +151,11 @@ def _relabel(dataset: tvd.ImageFolder, classes: list[str], folder: str) -> None:
     unknown = [c for c in dataset.classes if c not in classes]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        known = ", ".join(classes[:10]) + (f" and {len(classes) - 10} more" if len(classes) > 10 else "")
         raise DatasetError(
-            f"{folder} holds classes the model was not trained on ({shown}); remove them or add them to train/"
+            f"{folder} holds classes the model was not trained on ({shown}); it knows {len(classes)} classes "
+            f"({known}): evaluate on a folder of those only (a subset of them works), or, for a new training, "
+            "add the others to train/"
         )
     index = {name: i for i, name in enumerate(classes)}
     own = dataset.classes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,13 +13,20 @@ from PIL import Image
 from .datasets import DatasetError, build_datasets, native_size
 from .transforms import build_transform
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def load_images(
-    cfg: DictConfig, inputs: dict[str, Any], classes: Optional[list[str]], count: int
+    cfg: DictConfig,
+    inputs: dict[str, Any],
+    classes: Optional[list[str]],
+    count: int,
+    folder_limit_key: Optional[str] = None,
 ) -> list[tuple[str, torch.Tensor, Optional[int]]]:
-    """(name, image tensor, true label or None) for images=PATH (file or folder) or the data set's val split."""
+    """(name, image tensor, true label or None) for images=PATH (file or folder) or the data set's val split:
+    `count` samples of the split; of a folder, all of its images, or the first `count` when
+    `folder_limit_key` (the config key that sets `count`) is given."""
     size = native_size(cfg.dataset)
     transform = build_transform(inputs, native_size=size, is_training=False, augment=False, on_device=False)
     if cfg.images:
@@ -28,6 +36,18 @@ def load_images(
         files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
+        if folder_limit_key and len(files) > count:
+            log.info(
+                "images=%s: the first %d of its %d images (%s=%d; %s=%d draws them all)",
+                root,
+                count,
+                len(files),
+                folder_limit_key,
+                count,
+                folder_limit_key,
+                len(files),
+            )
+            files = files[:count]
         out = []
         for file in files:
             try:

@@ -19,12 +19,26 @@ class NonFiniteLoss(UserError):
     """The training loss became NaN or inf; nothing was saved from that step."""
 
 
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; last.pt holds the state to resume from. Exit code 128 + signal."""
+class RunStopped(Exception):
+    """A training run ended early with its message ready (printed as it is) and its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TrainingInterrupted(RunStopped):
+    """SIGTERM/SIGINT/SIGHUP arrived; last.pt holds the state to resume from. Exit code 128 + signal."""
 
     def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
+        super().__init__(message, 128 + signum)
+
+
+class SaveFailed(RunStopped):
+    """A checkpoint could not be written (full disk, read-only or vanished folder); the previous one is intact."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 1)
 
 
 def one_line(err: BaseException) -> str:

@@ -51,7 +51,7 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted(tmp_path, monk
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert str(stopped.value) == (
         f"stopped by SIGTERM at epoch 1 step 5; state saved in {interrupted / 'checkpoints' / 'last.pt'}; "
-        f"continue with: python main.py task=train hydra.run.dir={interrupted} trainer.resume=true"
+        f"continue with: {sys.executable} main.py task=train hydra.run.dir={interrupted} trainer.resume=true"
     )
     checkpoint = load_checkpoint(interrupted / "checkpoints" / "last.pt")
     assert (checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]) == (0, 5)

@@ -83,7 +83,7 @@ def test_ctrl_c_in_training_saves_and_prints_the_resume_command(tmp_path):
     assert code == 128 + signal.SIGINT
     line = said_once(lines, "stopped by SIGINT")
     assert line.startswith("stopped by SIGINT at epoch 1 step ")  # numbered as the progress bar numbers it
-    assert line.endswith(f"continue with: python main.py task=train hydra.run.dir={run} trainer.resume=true")
+    assert line.endswith(f"continue with: {sys.executable} main.py task=train hydra.run.dir={run} trainer.resume=true")
     assert (run / "checkpoints" / "last.pt").exists() and not list(run.rglob("*.tmp"))
     assert not (run / ".lock").exists()
 

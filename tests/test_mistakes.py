@@ -170,6 +170,7 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
         )
     )
     assert line.startswith(f"error: cannot read image {bad}") and "delete or replace the file" in line
+    assert not (tmp_path / "outputs").exists()  # found before a step was trained: no run folder is left
 
 
 def test_visualize_without_weights_says_it_shows_random_weights(tmp_path):

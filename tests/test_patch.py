@@ -316,6 +316,17 @@ def test_named_timm_models(name, num_prefix):
     assert model.num_prefix_tokens == num_prefix and torch.isfinite(merged).all()
     expected = expected_token_counts(num_prefix + model.patch_embed.num_patches, num_prefix, [16] * len(model.blocks))
     assert model.regtome_tokens == expected
+    # the default, apart: what it promises whatever merges rounding picks among near-identical registers
+    # (timm starts them near zero): the class token alone, no register with a patch, sizes sum to the slots
+    source = regtome.last_forward(model).source[0]
+    num_class = regtome.prefix_layout(model).num_class
+    holds_prefix, holds_patches = source[:, :num_prefix].sum(-1), source[:, num_prefix:].sum(-1)
+    assert not ((holds_prefix > 0) & (holds_patches > 0)).any(), "a prefix token merged with a patch"
+    assert torch.equal(source[:num_class], torch.eye(source.shape[-1])[:num_class])
+    assert model.regtome_size.sum() == source.shape[-1]
+    # protect="prefix": every prefix token at its slot, size 1
+    with torch.no_grad(), regtome.options(model, protect="prefix"):
+        model(images)
     assert torch.equal(model.regtome_size[:, :num_prefix], torch.ones(1, num_prefix, 1))
 
 

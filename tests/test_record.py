@@ -75,7 +75,7 @@ def test_a_second_process_is_refused_while_the_first_trains(tmp_path, folder):
     assert "tome.r=8" not in (run_dir / "main.log").read_text()
     # the resume command the CLI printed works as printed, and appends to the record instead of rewriting it
     command = err.split("continue with: ")[1].split()
-    assert command[:3] == ["python", "main.py", "task=train"]
+    assert command[:3] == [sys.executable, "main.py", "task=train"]  # the interpreter that ran it (a venv's)
     import torch
 
     done = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["epoch"]

@@ -67,7 +67,7 @@ class Claim:
     folder: Optional[Path] = None
     created: bool = False
     lock: Optional[RunLock] = None
-    mode: str = "new"  # new | resume | overwrite
+    mode: str = "new"  # new | resume | overwrite | restart
 
 
 CLAIM = Claim()  # the claim of this process (main.py's single run)
@@ -99,7 +99,8 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     created = not folder.exists()
     lock = RunLock(folder).acquire()  # first: a second process is told who holds the folder
     try:
-        mode = check_folder(folder, checked.cfg.task, bool(trainer.resume), bool(trainer.overwrite))
+        given = any(arg.startswith("hydra.run.dir=") for arg in argv)
+        mode = check_folder(folder, checked.cfg.task, bool(trainer.resume), bool(trainer.overwrite), given)
     except UserError:
         lock.release()
         discard_new_folder(folder, created)
@@ -107,6 +108,8 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     CLAIM.folder, CLAIM.created, CLAIM.lock, CLAIM.mode = folder, created, lock, mode
     if mode == "overwrite":
         move_aside(folder)
+    if mode == "restart":
+        move_aside(folder, "no checkpoint to lose: what the run that stopped before its first save left in")
     hydra_argv.append(f"hydra.run.dir={folder}")  # exactly the folder that was checked and locked
     if mode == "resume":
         hydra_argv.append("hydra.output_subdir=null")  # the run's .hydra/ keeps the config it started with
@@ -165,5 +168,8 @@ def _saved_config(path: str) -> Optional[dict[str, Any]]:
         return None
 
 
-def report_error(err: BaseException) -> None:
-    print(f"error: {one_line(err)}", file=sys.stderr)
+def report_error(err: BaseException) -> str:
+    """Print the one-line error on stderr; returns the line (for the run's main.log)."""
+    line = f"error: {one_line(err)}"
+    print(line, file=sys.stderr)
+    return line

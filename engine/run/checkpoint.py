@@ -69,11 +69,14 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _reason(err: Exception) -> str:
-    """The informative line of a torch.load error (torch wraps it in paragraphs of general advice)."""
+    """The first sentence, whole, of the informative line of a torch.load error (torch wraps it in paragraphs
+    of general advice); a type name where that sentence is too long to quote on one line."""
     boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     specific = [line for line in lines if not line.startswith(boilerplate)]
-    return (specific or lines or [type(err).__name__])[0][:200]
+    first = (specific or lines or [""])[0]
+    sentence = first.split(". ", 1)[0].rstrip(".")
+    return sentence if 0 < len(sentence) <= 240 else type(err).__name__
 
 
 def _architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,8 +161,14 @@ def restore_training(
     return dict(checkpoint["state"])
 
 
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # what only a resume reads: last.pt's alone
+
+
 def save_training(checkpoint: Mapping[str, Any], folder: Path, best: bool) -> None:
-    """last.pt always, best.pt too when this state is the best so far (both written atomically)."""
+    """last.pt always, best.pt too when this state is the best so far (both written atomically).
+
+    best.pt holds what a best checkpoint is for (weights, EMA, config, state and metrics, classes): the
+    optimizer state would triple its size, and a run resumes from last.pt only."""
     atomic_save(checkpoint, folder / "last.pt")
     if best:
-        atomic_save(checkpoint, folder / "best.pt")
+        atomic_save({k: v for k, v in checkpoint.items() if k not in RESUME_ONLY}, folder / "best.pt")

@@ -24,8 +24,10 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
-RECORD_FILES = (".hydra/config.yaml", "results.json", "checkpoints/last.pt", "checkpoints/best.pt")
+RESULT_FILES = ("results.json", "checkpoints/last.pt", "checkpoints/best.pt")  # what a run must not lose
+RECORD_FILES = (".hydra/config.yaml", *RESULT_FILES)
 HYDRA_FILES = {".hydra", "main.log", LOCK_NAME}
+STARTED_FILES = HYDRA_FILES | {"tensorboard"}  # what a run writes before its first result
 
 
 def holds_run(folder: Path) -> list[str]:
@@ -124,22 +126,39 @@ class RunLock:
         )
 
 
-def check_folder(folder: Path, task: str, resume: bool, overwrite: bool) -> str:
-    """What a command may do in `folder` before anything is written: 'new', 'resume' or 'overwrite'.
+def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir_given: bool = True) -> str:
+    """What a command may do in `folder` before anything is written: 'new', 'resume', 'overwrite' or
+    'restart' (the folder holds only the log and config of a run that ended before its first checkpoint or
+    result: nothing that could be lost, so its files are moved aside and the command starts there).
 
     Raises UserError (nothing written) when the folder holds another run's record and the command
-    neither resumes it nor overwrites it, or when a resume finds nothing to resume.
+    neither resumes it nor overwrites it, or when a resume finds nothing to resume; each error names
+    the way out.
     """
     record = holds_run(folder)
     if task == "train" and resume:
-        if not (folder / "checkpoints" / "last.pt").exists():
+        last = folder / "checkpoints" / "last.pt"
+        if last.exists():
+            return "resume"
+        if not run_dir_given:
             raise UserError(
-                f"trainer.resume=true but {folder / 'checkpoints' / 'last.pt'} does not exist; pass "
-                "hydra.run.dir=RUN_DIR of the run to continue (the folder was left as it is)"
+                "trainer.resume=true needs the folder of the run to continue: add hydra.run.dir=RUN "
+                "(the run folder its log names, e.g. outputs/train/...)"
             )
-        return "resume"
+        if not record:
+            raise UserError(
+                f"trainer.resume=true but {last} does not exist: {folder} holds no run (the folder was left as it "
+                "is); pass hydra.run.dir=RUN of the run to continue"
+            )
+        raise UserError(
+            f"trainer.resume=true but {last} does not exist: the run in {folder} stopped before its first "
+            "checkpoint, so there is nothing to continue; train it anew with the same command without "
+            f"trainer.resume=true (its old files are kept in {folder / 'previous'}/)"
+        )
     if not record:
         return "new"
+    if not set(record) & set(RESULT_FILES):
+        return "restart"
     if task == "train" and overwrite:
         return "overwrite"
     what = ", ".join(record)
@@ -154,14 +173,15 @@ def check_folder(folder: Path, task: str, resume: bool, overwrite: bool) -> str:
     )
 
 
-def move_aside(folder: Path) -> Path:
-    """Move every file of the run in `folder` into folder/previous/<time>/ (trainer.overwrite=true)."""
+def move_aside(folder: Path, why: str = "trainer.overwrite=true: the run that was in") -> Path:
+    """Move every file of the run in `folder` into folder/previous/<time>/ (trainer.overwrite=true, or a
+    folder whose run ended before its first checkpoint)."""
     target = folder / "previous" / time.strftime("%Y-%m-%d_%H-%M-%S")
     target.mkdir(parents=True)
     for entry in folder.iterdir():
         if entry.name not in ("previous", LOCK_NAME):
             shutil.move(str(entry), str(target / entry.name))
-    log.warning("trainer.overwrite=true: the run that was in %s is now in %s", folder, target)
+    log.warning("%s %s is now in %s", why, folder, target)
     return target
 
 
@@ -183,7 +203,8 @@ def discard_new_folder(folder: Path, created: bool) -> None:
     if not folder.is_dir():
         return
     (folder / LOCK_NAME).unlink(missing_ok=True)
-    if not {p.name for p in folder.iterdir()} <= HYDRA_FILES:
+    names = {p.name for p in folder.iterdir()}
+    if not (names <= HYDRA_FILES or (created and names <= STARTED_FILES)):
         return  # a run's files are there: keep everything
     if not created:  # the user's own (empty) folder: remove only what this command wrote
         shutil.rmtree(folder / ".hydra", ignore_errors=True)

@@ -10,21 +10,26 @@ weights as an uninterrupted one, whatever the number of loader workers. The loop
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from data import DatasetError
+
 from ..cli.compat import saved_config
 from ..cli.overrides import apply_overrides
-from ..errors import TrainingInterrupted, UserError
+from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
 from ..run.checkpoint import load_checkpoint, save_training, training_checkpoint
 from ..run.distributed import DistInfo, barrier
 from ..run.folder_claim import append_resume
@@ -56,8 +61,16 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
     resumed.trainer.resume = True
     if int(os.environ.get("RANK", "0")) == 0:
         kept = [o for o in overrides if o.lstrip("+~").split(".", 1)[0] in ("trainer", "runtime")]
-        append_resume(run_dir, kept, checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"])
+        epoch, step = checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]
+        append_resume(run_dir, kept, epoch, step)
+        log.info("resumed from epoch %d step %d of %s", epoch + 1, step, last)
     return resumed, checkpoint
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`, with the interpreter that runs this one (a venv's
+    python, not whatever `python` is on the PATH)."""
+    return f"{sys.executable} main.py task=train hydra.run.dir={run_dir} trainer.resume=true"
 
 
 def save(run: TrainRun, best: bool) -> None:
@@ -67,8 +80,32 @@ def save(run: TrainRun, best: bool) -> None:
         checkpoint = training_checkpoint(
             run.session.model, run.opt, asdict(run.state), config, rng_state(), run.classes
         )
-        save_training(checkpoint, run.ckpt_dir, best)
+        try:
+            save_training(checkpoint, run.ckpt_dir, best)
+        except OSError as err:
+            raise save_failed(run, err) from None
     barrier(run.session.info)
+
+
+def save_failed(run: TrainRun, err: OSError) -> SaveFailed:
+    """One line for a checkpoint that could not be written: why, what is intact, and how to go on."""
+    why = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the folder is read-only",
+        errno.EACCES: "the folder is not writable",
+        errno.ENOENT: "the folder no longer exists",
+    }.get(err.errno or 0, f"{err.strerror or err}")
+    last = run.ckpt_dir / "last.pt"
+    try:  # memory-mapped: only the small state is read
+        saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["state"]
+        intact = f"the previous {last} ({saved['epoch']} epochs and {saved['step_in_epoch']} steps trained) is intact"
+    except Exception:  # none yet, or unreadable
+        intact = f"no earlier {last} to keep"
+    return SaveFailed(
+        f"error: could not save a checkpoint in {run.ckpt_dir}: {why} ([Errno {err.errno}]); {intact}; "
+        f"once it can be written again, continue with: {resume_command(run.run_dir)}"
+    )
 
 
 def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
@@ -80,28 +117,44 @@ def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
         stop.signum,
         (
             f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1} step {state.step_in_epoch}; "
-            f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: "
-            f"python main.py task=train hydra.run.dir={run.run_dir} trainer.resume=true"
+            f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: {resume_command(run.run_dir)}"
         ),
+    )
+
+
+def unreadable_data(run: TrainRun, err: DatasetError) -> DatasetError:
+    """An image that cannot be read, met mid-epoch (ImageNet has some): what was trained is saved first
+    (one process; under torchrun the other ranks cannot join the save), and the error says how to go on."""
+    state = run.state
+    if run.session.info.enabled or state.num_updates == 0:
+        return err
+    save(run, best=False)
+    return DatasetError(
+        f"{one_line(err)}; state saved in {run.ckpt_dir / 'last.pt'} (epoch {state.epoch + 1} step "
+        f"{state.step_in_epoch}); after replacing the file, or with dataset.skip_unreadable=true, continue with: "
+        f"{resume_command(run.run_dir)}"
     )
 
 
 def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[SummaryWriter]) -> dict[str, Any]:
     """One epoch: train, validate when due, checkpoint; returns the epoch's metrics."""
     started, state, session, tc = time.perf_counter(), run.state, run.session, run.cfg.trainer
-    rate = train_one_epoch(
-        run.model,
-        epoch_loader(run, epoch),
-        session.prepare,
-        run.opt,
-        state,
-        session.device,
-        session.info,
-        stop,
-        tc.max_steps_per_epoch,
-        writer,
-        tc.log_every,
-    )
+    try:
+        rate = train_one_epoch(
+            run.model,
+            epoch_loader(run, epoch),
+            session.prepare,
+            run.opt,
+            state,
+            session.device,
+            session.info,
+            stop,
+            tc.max_steps_per_epoch,
+            writer,
+            tc.log_every,
+        )
+    except DatasetError as err:
+        raise unreadable_data(run, err) from None
     state.epoch_sums = global_sums(state.epoch_sums, session.device, session.info)
     if stop.signum is not None:
         raise interrupted(run, stop)
@@ -139,10 +192,9 @@ def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> dict[str, Any]:
             if tc.stop_after_epochs and done >= tc.stop_after_epochs and state.epoch < tc.epochs:
                 if run.session.info.is_main:
                     log.info(
-                        "stopping after %d epochs (trainer.stop_after_epochs); continue with: python main.py "
-                        "task=train hydra.run.dir=%s trainer.resume=true",
+                        "stopping after %d epochs (trainer.stop_after_epochs); continue with: %s",
                         done,
-                        run.run_dir,
+                        resume_command(run.run_dir),
                     )
                 break
     return metrics

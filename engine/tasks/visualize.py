@@ -125,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, trace_source=True, distributed=False)
     model = session.model.eval()
     classes = saved_classes or class_names(cfg.dataset)
-    images = load_images(cfg, session.inputs, classes, cfg.visualize.num_samples)
+    images = load_images(cfg, session.inputs, classes, cfg.visualize.num_samples, "visualize.num_samples")
     depth = model.regtome_num_blocks
     plan = Plan(
         model=model,

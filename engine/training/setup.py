@@ -17,7 +17,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from data import EpochSeeded, ResumableSampler, build_datasets, class_names, count_classes
 from data.workers import ignore_interrupts
@@ -68,8 +68,8 @@ def check_trainer_config(cfg: DictConfig) -> None:
             raise UserError(f"trainer.{key} must be an int >= 1, got {value!r}")
     if not tc.lr > 0:
         raise UserError(f"trainer.lr must be > 0, got {tc.lr!r}")
-    for key in ("max_steps_per_epoch", "stop_after_epochs"):
-        if tc[key] is not None and tc[key] < 1:
+    for key in ("max_steps_per_epoch", "max_val_steps", "stop_after_epochs"):
+        if tc.get(key) is not None and tc[key] < 1:
             raise UserError(f"trainer.{key} must be null or >= 1, got {tc[key]!r}")
     if tc.warmup_epochs < 0 or tc.mixup < 0 or tc.cutmix < 0 or tc.weight_decay < 0:
         raise UserError("trainer.warmup_epochs, mixup, cutmix and weight_decay must be >= 0")
@@ -156,14 +156,15 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     model = session.runner(model) if session.compile else model
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
         state.epoch_sums = empty_sums()
-    val_loader = eval_loader(splits["val"], session.eval_batch_size, session.workers, info)
+    val_set = bounded(splits["val"], tc.get("max_val_steps"), session.eval_batch_size * info.world_size)
+    val_loader = eval_loader(val_set, session.eval_batch_size, session.workers, info)
     if info.is_main:
         log.info(
             "training %s on %s (%d train / %d val images) on %s, %s, %d epochs, r=%s, protect=%s; run folder %s",
             model_label(cfg.model),
             cfg.dataset.name,
             len(train_set),
-            len(splits["val"]),
+            len(val_set),
             session.device,
             str(session.dtype or "fp32").replace("torch.", ""),
             tc.epochs,
@@ -185,6 +186,13 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
         classes=classes,
         drop_last=drop_last,
     )
+
+
+def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Dataset:
+    """The first `max_steps` batches' worth of `dataset` (trainer.max_val_steps: a smoke run's validation)."""
+    if not max_steps or max_steps * global_batch >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    return Subset(dataset, range(max_steps * global_batch))
 
 
 def updates_per_epoch(samples: int, tc: DictConfig) -> int:

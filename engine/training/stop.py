@@ -15,13 +15,16 @@ from ..run.distributed import DistInfo, all_reduce_sum
 
 
 class GracefulStop:
-    """Turn SIGTERM/SIGINT into a request that the loop honours after the current optimizer step.
+    """Turn SIGTERM/SIGINT/SIGHUP into a request that the loop honours after the current optimizer step.
 
     A second Ctrl-C (SIGINT) stops at once, with one line: last.pt then holds the state of the last save
-    (checkpoints are written atomically, so it is whole)."""
+    (checkpoints are written atomically, so it is whole). SIGHUP (a closed terminal, a dropped ssh session)
+    stops as SIGTERM does, unless it is ignored (`nohup`): then the run goes on, as nohup asks."""
 
     # SIGUSR2: submitit's warning before a SLURM time limit (it then requeues the job)
-    SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR2") if hasattr(signal, name)
+    )
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -29,6 +32,8 @@ class GracefulStop:
 
     def __enter__(self) -> "GracefulStop":
         for signum in self.SIGNALS:
+            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # nohup: the user asked the run to outlive its terminal
             self._previous[signum] = signal.signal(signum, self._request)
         return self
 

@@ -1,0 +1,75 @@
+"""A run outlives its console, and its folder says how it ended.
+
+`survive_closed_console`: `python main.py ... | tee run.log` and Ctrl-C kill tee first (the terminal signals
+the whole foreground group), a closed terminal or a dropped ssh session leaves a tty that answers EIO, and a
+SLURM job's output file can vanish. A failed write to stdout or stderr then must not end the run before it
+saves: the streams are wrapped so that such a write is dropped, and the file descriptor is pointed at
+/dev/null so that later writes (tqdm, logging, C code, the interpreter's flush at exit) succeed silently.
+
+`log_ending`: the line that says how a run ended (stopped, refused, crashed) goes to main.log too, written
+directly so that a full disk cannot turn it into a logging traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+
+class _SurvivingStream:
+    """A text stream whose writes and flushes never raise because the reader went away."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):  # EPIPE (reader gone), EIO (tty closed), ValueError (closed)
+                self._go_quiet()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._go_quiet()
+
+    def _go_quiet(self) -> None:
+        """Point the descriptor at /dev/null: what is still buffered, and every later write, goes nowhere."""
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...: the real stream's
+        return getattr(self._stream, name)
+
+
+def survive_closed_console() -> None:
+    """Wrap sys.stdout and sys.stderr (once, before logging and progress bars take them)."""
+    if not isinstance(sys.stdout, _SurvivingStream):
+        sys.stdout = _SurvivingStream(sys.stdout)  # type: ignore[assignment]
+    if not isinstance(sys.stderr, _SurvivingStream):
+        sys.stderr = _SurvivingStream(sys.stderr)  # type: ignore[assignment]
+
+
+def log_ending(message: str, level: int = logging.ERROR) -> None:
+    """Append `message` (the run's ending: stopped, refused, crashed) to main.log, the files the root logger
+    writes to, in their format, without printing it again on the console (it was printed there already)."""
+    record = logging.getLogger("main").makeRecord("main", level, __file__, 0, message.rstrip("\n"), None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.stream is not None:
+            try:
+                handler.stream.write(handler.format(record) + "\n")
+                handler.stream.flush()
+            except (OSError, ValueError):  # a full or vanished disk: the console line is all there is
+                pass

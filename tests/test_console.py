@@ -1,0 +1,120 @@
+"""A run outlives its console: Ctrl-C through `| tee` (tee dies first), SIGHUP from a closed terminal, and
+`nohup`. Real processes in their own process group, with the signals a terminal sends."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import ROOT, write_image_folder
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)"),
+]
+MOVED = r"\| *[1-9][0-9]*/[0-9]+ \["  # a progress bar past its first step: the loader's workers are running
+DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE)
+
+
+def train_args(tmp_path: Path, run: Path, epochs: int = 3, steps: int = 0) -> list[str]:
+    folder = write_image_folder(tmp_path / "images", {"train": 150, "val": 8}, size=32)
+    return [
+        "task=train",
+        "runtime.device=cpu",
+        "model=vit_tiny_test",
+        "tome.r=2",
+        "seed=0",
+        "dataset=imagefolder",
+        f"dataset.root={folder}",
+        "runtime.num_workers=2",
+        "trainer.batch_size=4",
+        f"trainer.epochs={epochs}",
+        "trainer.warmup_epochs=0",
+        f"hydra.run.dir={run}",
+        *([f"trainer.max_steps_per_epoch={steps}", "trainer.max_val_steps=1"] if steps else []),
+    ]
+
+
+def as_a_shell_starts_it(ignore: tuple[int, ...] = ()) -> None:
+    """A terminal's child: default dispositions (pytest's workers may ignore some), `ignore`d ones as nohup."""
+    for signum in DEFAULT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN if signum in ignore else signal.SIG_DFL)
+
+
+def wait_for(pattern: str, read, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not re.search(pattern, read()):
+        assert process.poll() is None, f"ended before {pattern!r}:\n{read()[-3000:]}"
+        assert time.time() < deadline, f"no {pattern!r} in {timeout} s:\n{read()[-3000:]}"
+        time.sleep(0.05)
+
+
+def last_line(path: Path) -> str:
+    """main.log's last line, without the logging prefix ('[time][logger][LEVEL] - ')."""
+    line = [line for line in path.read_text().splitlines() if line.strip()][-1]
+    return re.sub(r"^\[[^]]*\]\[[^]]*\]\[[A-Z]+\] - ", "", line)
+
+
+def test_ctrl_c_through_tee_saves_and_logs_the_resume_command(tmp_path):
+    """`python main.py ... 2>&1 | tee run.log`, Ctrl-C: the terminal signals the group, tee dies first and the
+    run's next write meets a closed pipe. The run still saves last.pt, and main.log says how to go on."""
+    run, tee_log = tmp_path / "run", tmp_path / "run.log"
+    main = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *train_args(tmp_path, run)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: (os.setpgid(0, 0), as_a_shell_starts_it()),  # its own group, as a shell's job
+    )
+    tee = subprocess.Popen(
+        ["tee", str(tee_log)],
+        stdin=main.stdout,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: (os.setpgid(0, main.pid), as_a_shell_starts_it()),  # the same foreground group
+    )
+    main.stdout.close()  # only tee reads the pipe: once tee is gone, a write to it fails (EPIPE)
+    wait_for(MOVED, lambda: tee_log.read_text() if tee_log.exists() else "", main)
+    os.killpg(main.pid, signal.SIGINT)
+    assert tee.wait(60) == -signal.SIGINT  # tee died of it, as in a terminal
+    code = main.wait(120)
+    assert code == 128 + signal.SIGINT, (run / "main.log").read_text()[-3000:]
+    assert (run / "checkpoints" / "last.pt").exists() and not list(run.rglob("*.tmp"))
+    assert not (run / ".lock").exists()
+    ending = last_line(run / "main.log")
+    assert re.search(r"stopped by SIGINT at epoch 1 step \d+; state saved in ", ending), ending
+    assert ending.endswith(
+        f"continue with: {sys.executable} main.py task=train hydra.run.dir={run} trainer.resume=true"
+    )
+    assert "Traceback" not in (run / "main.log").read_text()
+
+
+def test_sighup_saves_and_stops_as_sigterm_does_and_nohup_goes_on(tmp_path):
+    """A closed terminal (SIGHUP to the run): last.pt saved, exit 129, main.log says so. Under nohup (SIGHUP
+    ignored) the same signal changes nothing: the run finishes."""
+    hung_up, nohup = tmp_path / "hup", tmp_path / "nohup"
+    logs = {run: open(tmp_path / f"{run.name}.out", "w") for run in (hung_up, nohup)}
+    processes = {}
+    for run, steps, ignore in ((hung_up, 0, ()), (nohup, 20, (signal.SIGHUP,))):
+        processes[run] = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), *train_args(tmp_path, run, 1 if steps else 3, steps)],
+            cwd=tmp_path,
+            stdout=logs[run],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda ignore=ignore: as_a_shell_starts_it(ignore),
+        )
+    for run, process in processes.items():
+        wait_for(MOVED, (tmp_path / f"{run.name}.out").read_text, process)
+        os.kill(process.pid, signal.SIGHUP)
+    codes = {run: process.wait(180) for run, process in processes.items()}
+    for log in logs.values():
+        log.close()
+    assert codes[hung_up] == 128 + signal.SIGHUP, (tmp_path / "hup.out").read_text()[-3000:]
+    assert (hung_up / "checkpoints" / "last.pt").exists()
+    assert last_line(hung_up / "main.log").startswith("stopped by SIGHUP at epoch 1 step ")
+    assert codes[nohup] == 0, (tmp_path / "nohup.out").read_text()[-3000:]
+    assert last_line(nohup / "main.log").startswith("done: ")

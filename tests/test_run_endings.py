@@ -1,0 +1,231 @@
+"""How a run ends is in its folder: main.log's last line says it (done, stopped, refused, crashed, a full
+disk); a folder whose run never reached a checkpoint never refuses both ways; an unreadable image found
+mid-epoch keeps what was trained, or is skipped when asked; smoke runs are bounded by their keys."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import sys
+
+import pytest
+import torch
+from cli_helpers import SMOKE, results, run_main, write_image_folder
+
+from engine.run import checkpoint as checkpoint_module
+from engine.run.checkpoint import _reason
+
+CPU = ["runtime.device=cpu", "runtime.num_workers=0"]
+
+
+def last_line(path) -> str:
+    """main.log's last line, without the logging prefix ('[time][logger][LEVEL] - ')."""
+    line = [line for line in path.read_text().splitlines() if line.strip()][-1]
+    return re.sub(r"^\[[^]]*\]\[[^]]*\]\[[A-Z]+\] - ", "", line)
+
+
+def error_line(result) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("endings")
+    run_main("task=train", *SMOKE, "trainer.epochs=2", f"hydra.run.dir={work / 'run'}", cwd=work)
+    return work, work / "run"
+
+
+def test_done_is_the_last_line_and_a_resume_says_where_it_resumed(two_epochs):
+    work, run = two_epochs
+    assert last_line(run / "main.log").startswith("done: ")
+    run_main("task=train", *SMOKE, "trainer.resume=true", "trainer.epochs=3", f"hydra.run.dir={run}", cwd=work)
+    log = (run / "main.log").read_text()
+    assert f"resumed from epoch 3 step 0 of {run / 'checkpoints' / 'last.pt'}" in log
+    assert last_line(run / "main.log").startswith("done: ")
+
+
+def test_a_refusal_inside_a_kept_folder_is_its_last_line(two_epochs):
+    work, run = two_epochs
+    result = run_main(
+        "task=train", *SMOKE, "trainer.resume=true", "trainer.lr=-1", f"hydra.run.dir={run}", cwd=work, check=False
+    )
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith("error: trainer.lr must be > 0") and last_line(run / "main.log") == line
+
+
+def test_a_crash_leaves_its_traceback_and_a_last_line_in_main_log(tmp_path, monkeypatch):
+    from engine.training import loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a loss")
+
+    monkeypatch.setattr(loop, "train_step", broken)
+    run = tmp_path / "run"
+    result = run_main("task=train", *SMOKE, "trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    log = (run / "main.log").read_text()
+    assert "Traceback (most recent call last)" in log and 'raise RuntimeError("a bug in a loss")' in log
+    assert last_line(run / "main.log") == "crashed: RuntimeError: a bug in a loss"
+
+
+def test_a_folder_without_a_checkpoint_never_refuses_both_ways(tmp_path):
+    """What a run that ended before its first checkpoint leaves (.hydra, main.log, tensorboard/): resume names
+    the way out, a new training starts there and keeps the old files in previous/."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("task: train\n")
+    (run / "main.log").write_text("[..][INFO] - training ...\n")
+    (run / "tensorboard").mkdir()
+    resumed = run_main("task=train", *SMOKE, "trainer.resume=true", f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+    assert resumed.returncode == 2
+    line = error_line(resumed)
+    assert "stopped before its first checkpoint" in line and "without trainer.resume=true" in line
+    run_main("task=train", *SMOKE, "trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    (previous,) = (run / "previous").iterdir()
+    assert (previous / "main.log").read_text() == "[..][INFO] - training ...\n"
+    assert results(run)["epochs"] == 1
+
+
+def test_resume_without_a_run_folder_says_it_needs_one(tmp_path):
+    result = run_main("task=train", *SMOKE, "trainer.resume=true", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith("error: trainer.resume=true needs the folder of the run to continue: add hydra.run.dir=")
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("code,why", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the folder is read-only")])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(tmp_path, monkeypatch, code, why):
+    """The disk fills up (or the folder turns read-only) after epoch 1: torch's writer fails half-way."""
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # epoch 1 wrote last.pt and best.pt; epoch 2's write fails part-way
+            f.write(b"PK\x03\x04 partial")
+            raise OSError(code, "simulated")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    run = tmp_path / "run"
+    result = run_main("task=train", *SMOKE, "trainer.epochs=3", f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+    monkeypatch.undo()
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = error_line(result)
+    last = run / "checkpoints" / "last.pt"
+    assert line == (
+        f"error: could not save a checkpoint in {run / 'checkpoints'}: {why} ([Errno {code}]); the previous {last} "
+        f"(1 epochs and 0 steps trained) is intact; once it can be written again, continue with: "
+        f"{sys.executable} main.py task=train hydra.run.dir={run} trainer.resume=true"
+    )
+    assert last_line(run / "main.log") == line
+    assert torch.load(last, weights_only=True)["state"]["epoch"] == 1
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_best_pt_holds_what_a_best_checkpoint_is_for(two_epochs):
+    _, run = two_epochs
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "config", "state", "classes"} <= set(best) and "optimizer" in last
+    assert not {"optimizer", "scheduler", "scaler", "rng"} & set(best)
+    for name, tensor in best["model"].items():
+        assert torch.equal(tensor, last["model"][name]) or best["state"]["epoch"] < last["state"]["epoch"]
+
+
+def _images_in_epoch_order(folder, n: int) -> list:
+    """The files of train/ in the order epoch 1 reads them (DistributedSampler, seed 0, one process)."""
+    files = sorted((folder / "train").glob("*/*.png"), key=lambda p: (p.parent.name, p.name))
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    return [files[i] for i in torch.randperm(n, generator=generator).tolist()]
+
+
+def _unreadable_run(tmp_path, *extra):
+    folder = write_image_folder(tmp_path / "images", {"train": 4, "val": 2})
+    bad = _images_in_epoch_order(folder, 16)[-1]  # the last batch of epoch 1: three batches train first
+    bad.write_bytes(b"not a png")
+    run = tmp_path / "run"
+    args = [
+        "task=train",
+        *[o for o in SMOKE if not o.startswith("dataset")],
+        "dataset=imagefolder",
+        f"dataset.root={folder}",
+        "dataset.native_size=32",
+        "trainer.batch_size=4",
+        "trainer.epochs=1",
+        f"hydra.run.dir={run}",
+        *extra,
+    ]
+    return run, bad, run_main(*args, cwd=tmp_path, check=False)
+
+
+def test_an_unreadable_image_mid_epoch_keeps_what_was_trained_and_names_the_file(tmp_path):
+    run, bad, result = _unreadable_run(tmp_path)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith(f"error: cannot read image {bad}") and "dataset.skip_unreadable=true" in line
+    assert f"state saved in {run / 'checkpoints' / 'last.pt'} (epoch 1 step 3)" in line
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step_in_epoch"] == 3
+    assert last_line(run / "main.log") == line
+
+
+def test_skip_unreadable_skips_and_counts_in_the_log(tmp_path):
+    run, bad, result = _unreadable_run(tmp_path, "dataset.skip_unreadable=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = [line for line in (run / "main.log").read_text().splitlines() if "skipped (" in line]
+    assert len(skipped) == 1 and "1 so far" in skipped[0] and str(bad) in skipped[0]
+    assert results(run)["history"][0]["epoch"] == 1
+
+
+def test_max_val_steps_bounds_validation(tmp_path):
+    run = tmp_path / "run"
+    run_main(
+        "task=train",
+        *SMOKE,
+        "trainer.epochs=1",
+        "dataset.val_size=100",
+        "runtime.eval_batch_size=8",
+        "trainer.max_val_steps=2",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert results(run)["history"][0]["val_samples"] == 16
+    bad = run_main("task=train", *SMOKE, "trainer.max_val_steps=0", cwd=tmp_path, check=False)
+    assert error_line(bad) == "error: trainer.max_val_steps must be null or >= 1, got 0"
+
+
+def test_visualize_num_samples_bounds_a_folder_and_says_so(two_epochs, tmp_path):
+    _, run = two_epochs
+    folder = write_image_folder(tmp_path / "images", {"val": 3}, num_classes=1) / "val" / "class_0"
+    out = tmp_path / "vis"
+    result = run_main(
+        "task=visualize",
+        f"ckpt={run / 'checkpoints' / 'best.pt'}",
+        *CPU,
+        f"images={folder}",
+        "visualize.num_samples=2",
+        "visualize.blocks=[0]",
+        "visualize.dense_features=false",
+        "visualize.compare_protect=false",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert f"images={folder}: the first 2 of its 3 images (visualize.num_samples=2;" in result.stdout
+    assert sorted(p.name for p in out.glob("*.png") if p.stem in ("0", "1", "2")) == ["0.png", "1.png"]
+    assert len(json.loads((out / "visualize.json").read_text())["images"]) == 2
+
+
+def test_a_torch_load_error_is_quoted_by_its_first_sentence_whole():
+    long = RuntimeError(
+        "Weights only load failed. Check the documentation of torch.load.\n"
+        "PytorchStreamReader failed reading zip archive: failed finding central directory. More text that "
+        "goes on about what might have happened."
+    )
+    assert _reason(long) == "PytorchStreamReader failed reading zip archive: failed finding central directory"
+    assert _reason(RuntimeError("x" * 500)) == "RuntimeError"  # too long to quote: its type
