@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from cli_helpers import ROOT
 
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -39,3 +40,19 @@ def test_every_relative_link_and_image_path_works():
             elif anchor and page.suffix == ".md" and anchor not in anchors(page.read_text()):
                 broken.append(f"{doc.name}: {target} (no such heading)")
     assert not broken, broken
+
+
+@pytest.mark.slow  # collects the whole suite: one pytest start-up per command
+def test_the_pytest_commands_of_contributing_work():
+    """Each `python -m pytest ...` command CONTRIBUTING.md gives is accepted as given (collected, not run)."""
+    import shlex
+    import subprocess
+    import sys
+
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    commands = re.findall(r"`\.venv/bin/python (-m pytest[^`]*)`", text)
+    assert len(commands) >= 3, commands  # the fast tier, one test, one file
+    for command in commands:
+        args = [sys.executable, *shlex.split(command), "--collect-only", "-p", "no:cacheprovider"]
+        result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"

@@ -34,7 +34,7 @@ from ..run.session import open_session
 
 log = logging.getLogger(__name__)
 # benchmark.quick: what a CPU run times unless the command line says otherwise (minutes, not an hour)
-QUICK = {"r": [0, 16], "batch_sizes": [1, 8], "repeats": 3, "iters": 3, "dense": False}
+QUICK = {"r": [0, 16], "batch_sizes": [1, 8], "repeats": 3, "iters": 2, "warmup": 1, "dense": False}
 
 
 def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> DictConfig:
