@@ -23,7 +23,7 @@ from engine.cli import claim
 from engine.errors import RunStopped, TrainingInterrupted, UserError, one_line
 from engine.run.console import log_ending, survive_closed_console
 from engine.run.folder_claim import discard_new_folder
-from engine.tasks import runner
+from engine.task_table import runner
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

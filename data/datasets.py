@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from typing import Any, Callable, Mapping, Optional
 
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
@@ -112,10 +113,8 @@ def _root(cfg: Mapping[str, Any]) -> str:
 
 def _missing(cfg: Mapping[str, Any], key: str) -> bool:
     """True for a mandatory config value ('???') that was not given."""
-    is_missing = getattr(cfg, "_get_node", None)
-    if is_missing is not None:
-        node = cfg._get_node(key)
-        return node is not None and node._is_missing()
+    if isinstance(cfg, DictConfig):
+        return key in cfg.keys() and OmegaConf.is_missing(cfg, key)
     return cfg.get(key) == "???"
 
 

@@ -41,6 +41,11 @@ class SaveFailed(RunStopped):
         super().__init__(message, 1)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an upstream library's error (at most 200 characters), to quote inside ours."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line.
 

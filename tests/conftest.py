@@ -31,3 +31,12 @@ def make_vit(variant: str = "class_reg4", seed: int = 0, **overrides) -> VisionT
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def pytest_configure(config) -> None:
+    """One torch thread per test worker: pytest-xdist runs one worker per core, and tiny models run slower
+    when two workers each spread their small kernels over both cores."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

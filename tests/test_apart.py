@@ -132,6 +132,7 @@ def assert_kinds_never_mix(model, images, num_class, num_register):
 
 
 @pytest.mark.parametrize("weights", ["random", "trained"])
+@pytest.mark.slow
 def test_no_token_holds_a_register_and_a_patch_at_any_r(weights, images):
     model = make_vit("class_reg4") if weights == "random" else _trained_vit()
     regtome.patch.timm(model, protect="apart", trace_source=True)
@@ -182,6 +183,7 @@ def test_identical_registers_collapse_first():
     assert (after1.size[after1.kind == REGISTER] == 4).all()
 
 
+@pytest.mark.slow
 def test_each_image_gets_what_it_gets_alone(images):
     model = regtome.patch.timm(_trained_vit(), r=(12, -1.0), protect="apart")
     with torch.no_grad():
@@ -259,6 +261,7 @@ def test_merged_registers_keep_the_identity_rotation_on_dinov3():
     assert (regtome.last_forward(model).register_tokens[:, -1] < 4).any()  # some registers merged
 
 
+@pytest.mark.slow
 def test_flops_and_token_counts_follow_the_apart_cap(images):
     model = regtome.patch.timm(make_vit("class_reg4"), protect="apart")
     for r in (4, 16, 30, (32, -1.0), [40, 20, 10, 5]):
@@ -276,6 +279,7 @@ def test_flops_and_token_counts_follow_the_apart_cap(images):
     assert regtome.schedule_gflops(model, r, (3, 32, 32)) <= fraction * regtome.schedule_gflops(model, 0, (3, 32, 32))
 
 
+@pytest.mark.slow
 def test_apart_compiles_to_one_graph(images):
     model = regtome.patch.timm(make_vit("class_reg4"), r=(8, -1.0), protect="apart")
     explanation = torch._dynamo.explain(model)(images)
@@ -294,6 +298,7 @@ def test_apart_is_listed_and_accepted_by_options(images):
             pass
 
 
+@pytest.mark.slow
 def test_merged_prefix_attention_against_a_brute_force_on_the_traced_tokens():
     """merged=True: each prefix slot's row is its holder's softmax row (with log(size)), spread evenly over
     the patches of each key token; at r=0 it is the unmerged map."""

@@ -13,6 +13,7 @@ from engine.report.figures import CELL_PX, grid_shape, merge_map, patch_groups
 from engine.tasks import visualize
 
 
+@pytest.mark.slow
 def test_benchmark_task_writes_csv_md_png(tmp_path):
     run_main(
         "task=benchmark",
@@ -42,14 +43,22 @@ def test_benchmark_task_writes_csv_md_png(tmp_path):
     record = json.loads((tmp_path / "results.json").read_text())
     loader = record["loader"]
     assert loader["images_per_s_per_worker"] > 0 and loader["num_workers"] == 2 and not loader["resized_on_device"]
-    assert {r["data_bound"] for r in record["rows"] if r["mode"] == "train"} <= {True, False}
+    supply = loader["images_per_s_per_worker"] * loader["num_workers"]
+    for row in (r for r in record["rows"] if r["mode"] == "train"):  # data-bound: the loader is the slower
+        assert row["data_bound"] == (supply < row["images_per_s"])
     target = record["target_speedup"]
-    assert target["target_speedup"] == 1.01 and target["tried"] and (target["r"] is None or target["speedup"] >= 1.01)
+    assert target["target_speedup"] == 1.01 and target["tried"]
+    reached = [t for t in target["tried"] if t["speedup"] >= 1.01]
+    assert reached[:1] == target["tried"][-1:] if target["r"] is not None else not reached  # stops at the first
+    if target["r"] is not None:
+        assert (target["r"], target["speedup"]) == (reached[0]["r"], reached[0]["speedup"])
     markdown = (tmp_path / "benchmark.md").read_text()
     assert "| data-bound |" in markdown and "images/s per worker" in markdown and "target speedup 1.01x" in markdown
+    unpatched = {(r["mode"], r["batch_size"]): r for r in rows if r["r"] == "unpatched"}
     for row in rows:
         assert float(row["images_per_s"]) > 0 and float(row["peak_memory_mb"]) > 0
-        assert float(row["of_ideal"]) == pytest.approx(float(row["speedup"]) / float(row["flop_speedup"]), rel=1e-6)
+        base = unpatched[(row["mode"], row["batch_size"])]  # FLOP-ideal: the unpatched GFLOPs over the row's
+        assert float(row["flop_speedup"]) == pytest.approx(float(base["gflops"]) / float(row["gflops"]), rel=1e-2)
         assert row["device"].startswith("cpu") and row["dtype"] == "fp32" and row["torch"] and row["timm"]
     gflops = {r["r"]: float(r["gflops"]) for r in rows}
     assert gflops["unpatched"] == gflops["0"] > gflops["2"] > gflops["(2,-1.0)"]
@@ -98,6 +107,7 @@ def _visualize(tmp_path, *overrides):
     return visualize.run(cfg, tmp_path, overrides=list(overrides))
 
 
+@pytest.mark.slow
 def test_visualize_dataset_samples(tmp_path):
     summary = _visualize(tmp_path)
     assert sorted(summary["images"]) == ["sample_0", "sample_1"]
@@ -114,6 +124,7 @@ def test_visualize_dataset_samples(tmp_path):
     assert json.loads((tmp_path / "visualize.json").read_text())["attn_block"] == 1
 
 
+@pytest.mark.slow
 def test_visualize_image_folder_and_protect_ablation(tmp_path):
     folder = tmp_path / "pictures"
     folder.mkdir()
@@ -122,7 +133,7 @@ def test_visualize_image_folder_and_protect_ablation(tmp_path):
         Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(folder / f"{name}.jpg")
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    summary = _visualize(out, f"images={folder}", "tome.r=8")
+    summary = _visualize(out, f"images={folder}", "tome.r=8", "visualize.num_samples=3")
     assert sorted(summary["images"]) == ["a", "b", "c"]
     info = summary["images"]["a"]
     # r=8 on 16 patches + 5 prefix tokens: protect=prefix keeps 5 tokens out of the matching (21 -> 13 -> 9),
@@ -186,6 +197,7 @@ def test_visualize_names_heads_and_blocks_as_people_count_them_and_no_label_it_l
     assert any(t.startswith("after block 2 of 2:") for t in titles) and not any(t.startswith("block ") for t in titles)
 
 
+@pytest.mark.slow
 def test_a_busy_machine_is_seen_before_timing(tmp_path):
     import subprocess
     import sys
@@ -205,6 +217,7 @@ def test_a_busy_machine_is_seen_before_timing(tmp_path):
     assert note is not None and "timings may be unreliable" in note and str(spinner.pid) in note
 
 
+@pytest.mark.slow
 def test_figure_titles_fit_their_figure(tmp_path, monkeypatch):
     """A long title is wrapped to the figure's width, never clipped at its edges (drawn and measured)."""
     import matplotlib

@@ -90,6 +90,7 @@ def trained(tmp_path_factory):
     return work, run_dir
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_everything(trained):
     _, run_dir = trained
     record = results(run_dir)
@@ -121,6 +122,7 @@ def test_training_learns_and_writes_everything(trained):
     assert (run_dir / ".hydra" / "config.yaml").exists()  # the composed config is saved with the run
 
 
+@pytest.mark.slow
 def test_eval_rebuilds_the_model_from_the_checkpoint_at_any_r(trained):
     work, run_dir = trained
     ckpt = run_dir / "checkpoints" / "best.pt"
@@ -158,6 +160,7 @@ def test_resume_continues_the_run(trained, tmp_path):
     assert record["history"][:2] == results(run_dir)["history"]
 
 
+@pytest.mark.slow
 def test_multirun_sweep_and_report(trained):
     work, run_dir = trained
     sweep = work / "sweep"
@@ -226,6 +229,7 @@ def test_unknown_config_choice_is_one_line(tmp_path, args, message):
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.slow
 def test_original_table_script_composes_and_runs_end_to_end(tmp_path):
     """On the CPU it runs with a tiny model on synthetic data; on a GPU, as is, the real recipe."""
     import subprocess
@@ -255,6 +259,7 @@ def test_original_table_script_composes_and_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+@pytest.mark.slow
 def test_gpu_check_without_cuda_is_one_line_and_exit_2(tmp_path):
     out = tmp_path / "gpu_check"
     result = subprocess.run(

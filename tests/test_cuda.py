@@ -176,7 +176,6 @@ def test_patched_forward_never_waits_for_the_gpu(protect):
 
 
 def test_transformers_forward_never_waits_for_the_gpu():
-    pytest.importorskip("transformers")
     from test_transformers import build
 
     model = regtome.patch.transformers(build("dinov3").cuda(), r=(8, -1.0), protect="apart")

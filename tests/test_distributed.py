@@ -13,11 +13,13 @@ from engine.run.checkpoint import load_checkpoint
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*overrides: str, cwd, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+def torchrun(*overrides: str, cwd, aot_eager: bool = False) -> subprocess.CompletedProcess:
+    """main.py on 2 processes; with `aot_eager`, torch.compile on that backend (tests/aot_eager.py)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("REGTOME_RUN_ID", None)
+    script = [str(ROOT / "tests" / "aot_eager.py"), str(ROOT / "main.py")] if aot_eager else [str(ROOT / "main.py")]
     result = subprocess.run(
-        [*TORCHRUN, str(ROOT / "main.py"), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [*TORCHRUN, *script, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -33,6 +35,7 @@ def ddp_run(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(ddp_run):
     (ddp_dir,) = list((ddp_run / "outputs").glob("train/*/*"))  # one shared run directory
     ddp = load_checkpoint(ddp_dir / "checkpoints" / "last.pt")
@@ -44,6 +47,7 @@ def test_two_processes_match_one_with_the_same_global_batch(ddp_run):
     assert a[-1]["val_samples"] == 63 and a[-1]["val_top1"] == pytest.approx(b[-1]["val_top1"])
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(ddp_run):
     (ddp_dir,) = list((ddp_run / "outputs").glob("train/*/*"))
     files = sorted(str(p.relative_to(ddp_dir)) for p in ddp_dir.rglob("*") if p.is_file())
@@ -57,6 +61,7 @@ def test_only_rank_zero_writes(ddp_run):
     ]
 
 
+@pytest.mark.slow
 def test_ddp_eval_counts_every_sample_once(ddp_run):
     """Compiled on both ranks (runtime.compile under torchrun; aot_eager, see test_compile.py) against one
     eager process: the same samples, the same predictions."""
@@ -70,7 +75,7 @@ def test_ddp_eval_counts_every_sample_once(ddp_run):
         "trainer.batch_size=8",
         f"hydra.run.dir={ddp_run / 'eval_ddp'}",
         cwd=ddp_run,
-        extra_env={"REGTOME_COMPILE_BACKEND": "aot_eager"},
+        aot_eager=True,
     )
     run_main(
         "task=eval",
@@ -88,6 +93,7 @@ def test_ddp_eval_counts_every_sample_once(ddp_run):
     assert ddp["world_size"] == 2 and ddp["compile"] == "default" and single["compile"] is None
 
 
+@pytest.mark.slow
 def test_compiled_ddp_training_matches_eager_ddp(ddp_run):
     """runtime.compile under torchrun: DDP-wrapped, then compiled; the steps change nothing but the speed."""
     (eager_dir,) = list((ddp_run / "outputs").glob("train/*/*"))
@@ -99,7 +105,7 @@ def test_compiled_ddp_training_matches_eager_ddp(ddp_run):
         "runtime.compile=true",
         f"hydra.run.dir={compiled_dir}",
         cwd=ddp_run,
-        extra_env={"REGTOME_COMPILE_BACKEND": "aot_eager"},
+        aot_eager=True,
     )
     compiled = load_checkpoint(compiled_dir / "checkpoints" / "last.pt")
     eager = load_checkpoint(eager_dir / "checkpoints" / "last.pt")
@@ -123,6 +129,7 @@ def test_slurm_launcher_preset_composes():
     assert launcher.timeout_min > 0 and launcher.max_num_timeout > 0  # requeued on time-out
 
 
+@pytest.mark.slow
 def test_slurm_dry_run_renders_the_job():
     result = subprocess.run(
         [
@@ -163,6 +170,7 @@ def test_slurm_job_ids_name_the_run_dir():
     assert out.stdout.strip() == "slurm-4242"  # every task, and the job after a requeue, find the same run
 
 
+@pytest.mark.slow
 def test_requeued_slurm_job_resumes(tmp_path, monkeypatch):
     from engine.tasks import train
 

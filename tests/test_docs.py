@@ -42,7 +42,7 @@ def test_every_relative_link_and_image_path_works():
     assert not broken, broken
 
 
-@pytest.mark.slow  # collects the whole suite: one pytest start-up per command
+@pytest.mark.slow  # one pytest start-up per command
 def test_the_pytest_commands_of_contributing_work():
     """Each `python -m pytest ...` command CONTRIBUTING.md gives is accepted as given (collected, not run)."""
     import shlex
@@ -52,7 +52,56 @@ def test_the_pytest_commands_of_contributing_work():
     text = (ROOT / "CONTRIBUTING.md").read_text()
     commands = re.findall(r"`\.venv/bin/python (-m pytest[^`]*)`", text)
     assert len(commands) >= 3, commands  # the fast tier, one test, one file
-    for command in commands:
-        args = [sys.executable, *shlex.split(command), "--collect-only", "-p", "no:cacheprovider"]
+    for command in commands:  # collected in this process (-n0), the whole suite's collection left to CI
+        words = shlex.split(command)
+        where = [] if any(w.startswith("tests/") for w in words) else ["tests/test_docs.py"]
+        args = [sys.executable, *words, *where, "--collect-only", "-n0", "-p", "no:cacheprovider"]
         result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+
+
+def config_keys() -> set[str]:
+    """Every key the config files define: the top-level ones and each group's (`group.key`), leaves and
+    nested mappings alike (experiment presets only set other groups' keys; hydra/ is Hydra's)."""
+    import yaml
+
+    def walk(node: dict, prefix: str) -> set[str]:
+        keys = set()
+        for key, value in node.items():
+            if key == "defaults":
+                continue
+            keys.add(f"{prefix}{key}")
+            if isinstance(value, dict) and key not in ("kwargs", "architecture"):  # free-form mappings
+                keys |= walk(value, f"{prefix}{key}.")
+        return keys
+
+    configs = ROOT / "configs"
+    keys = walk({k: v for k, v in yaml.safe_load((configs / "config.yaml").read_text()).items() if k != "hydra"}, "")
+    for path in configs.glob("*/*.yaml"):
+        if path.parent.name not in ("experiment", "hydra"):
+            keys |= walk(yaml.safe_load(path.read_text()) or {}, f"{path.parent.name}.")
+    return keys
+
+
+def reference_keys() -> set[str]:
+    """The keys docs/cli.md's configuration reference names: `group.key`, then bare names of the same group."""
+    text = (ROOT / "docs" / "cli.md").read_text()
+    table = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    keys = set()
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        prefix = ""
+        for name in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            if "." in name:
+                prefix = name.rsplit(".", 1)[0] + "."
+                keys.add(name)
+            else:
+                keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_the_configuration_reference_names_every_key_and_only_keys():
+    configs, documented = config_keys(), reference_keys()
+    assert not configs - documented, f"keys missing from docs/cli.md's reference: {sorted(configs - documented)}"
+    assert not documented - configs, f"docs/cli.md names keys no config has: {sorted(documented - configs)}"

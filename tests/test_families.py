@@ -260,6 +260,7 @@ def test_registers_setting_reaches_eva_models():
 
 
 @pytest.mark.parametrize("family", ["dinov3", "siglip_map"])
+@pytest.mark.slow
 def test_family_compiles_to_one_graph(family):
     """Eva's rotary blocks and attention pooling trace like timm's Block: one graph, no breaks."""
     model = regtome.patch.timm(build(family, depth=2), r=(4, -1.0))

@@ -29,6 +29,7 @@ def signal_at_update(monkeypatch, update: int, signum: int = signal.SIGTERM) -> 
     monkeypatch.setattr(loop, "optimizer_step", step)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
     """Real images through 2 loader workers with augmentation (crop + flip): resume is still exact."""
     folder = write_image_folder(tmp_path / "images", {"train": 48, "val": 8})
@@ -69,6 +70,7 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted(tmp_path, monk
         assert epoch_a == pytest.approx(epoch_b, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_k_epochs_is_exact(tmp_path):
     """EMA, mixup/cutmix (numpy RNG), drop path (torch RNG) and the schedule all restored."""
     common = [
@@ -123,6 +125,7 @@ atomic_save({"version": torch.tensor(2)}, path)
 """
 
 
+@pytest.mark.slow
 def test_killed_while_saving_leaves_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     result = subprocess.run(

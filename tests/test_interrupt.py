@@ -63,6 +63,7 @@ def said_once(lines: list[str], text: str) -> str:
     return matches[0]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_training_saves_and_prints_the_resume_command(tmp_path):
     folder = write_image_folder(tmp_path / "images", {"train": 150, "val": 8}, size=32)
     run = tmp_path / "run"
@@ -110,6 +111,7 @@ ELSEWHERE = {  # task: its command-line keys after ckpt=, what shows it is runni
 
 
 @pytest.mark.parametrize("task", list(ELSEWHERE))
+@pytest.mark.slow
 def test_ctrl_c_in_any_other_task_is_one_line_and_keeps_only_what_was_written(tmp_path, checkpoint, task):
     """eval (loader workers on), export (mid-trace), benchmark, visualize: exit 130, one line, no traceback;
     a task that had written nothing leaves no run folder; visualize keeps the grids it drew."""
@@ -129,6 +131,7 @@ def test_ctrl_c_in_any_other_task_is_one_line_and_keeps_only_what_was_written(tm
         assert line.endswith("nothing was kept") and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_sweep_stops_it_with_one_line(tmp_path, checkpoint):
     args = [
         "-m",

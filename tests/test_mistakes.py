@@ -30,6 +30,7 @@ def folder_bytes(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_training_into_a_used_folder_is_refused_and_overwrite_keeps_the_old_run(trained):
     work, run_dir, _ = trained
     before = folder_bytes(run_dir)
@@ -173,6 +174,7 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
     assert not (tmp_path / "outputs").exists()  # found before a step was trained: no run folder is left
 
 
+@pytest.mark.slow
 def test_visualize_without_weights_says_it_shows_random_weights(tmp_path):
     image = write_image_folder(tmp_path / "images", {"val": 1}, num_classes=1) / "val" / "class_0" / "0.png"
     result = run_main(
@@ -196,6 +198,7 @@ def test_fp16_on_the_cpu_warns_that_it_is_slow():
     assert amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_recorded_protect_keeps_prefix_and_says_so(trained, tmp_path):
     """Releases before the protect option trained with prefix: such a checkpoint keeps it (the new default
     is apart), and one log line says so; a recorded mode is kept as it is, without a word."""

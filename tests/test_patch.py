@@ -140,6 +140,7 @@ def test_proportional_attention_matches_explicit_softmax(fused):
     torch.testing.assert_close(keys, k.mean(dim=1))
 
 
+@pytest.mark.slow
 def test_autocast_bf16_keeps_sizes_fp32_and_stays_close(images):
     model = regtome.patch.timm(make_vit("gap_reg4"), r=8, protect="prefix")
     with torch.no_grad():
@@ -301,6 +302,7 @@ def test_patching_twice_updates_options():
         ("vit_small_patch14_reg4_dinov2", 5),
     ],
 )
+@pytest.mark.slow
 def test_named_timm_models(name, num_prefix):
     import timm
 
@@ -331,6 +333,7 @@ def test_named_timm_models(name, num_prefix):
 
 
 @pytest.mark.parametrize("options", [dict(r=4), dict(r=(4, -1.0), protect="class"), dict(r=[4, 2], prop_attn=False)])
+@pytest.mark.slow
 def test_torch_compile_traces_the_patched_forward_without_graph_breaks(options, images):
     """One graph: no .item()/.cpu() or value-dependent Python branches in the merge (what CUDA graphs need)."""
     model = regtome.patch.timm(make_vit("class_reg4"), **options)

@@ -36,6 +36,7 @@ def offline_cifar(monkeypatch):
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
 
 
+@pytest.mark.slow
 def test_the_quick_start_runs_line_by_line(tmp_path: Path, offline_cifar):
     lines = quick_start()
     assert [line[0] for line in lines] == ["task=train", "task=train", "task=train", "task=eval", "task=export"]

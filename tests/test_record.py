@@ -43,6 +43,7 @@ def start(args: list[str], cwd) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_while_the_first_trains(tmp_path, folder):
     run_dir = tmp_path / "run"
     first = start(
@@ -162,6 +163,7 @@ def test_every_suggested_key_is_a_key(tmp_path):
         assert has_key(cfg, suggestion), suggestion
 
 
+@pytest.mark.slow
 def test_model_kwargs_take_any_timm_argument_with_or_without_plus(tmp_path):
     for spelling in ("model.kwargs.depth=3", "+model.kwargs.depth=3"):
         run_dir = tmp_path / ("plus" if spelling.startswith("+") else "plain")
@@ -209,6 +211,7 @@ def test_a_val_folder_missing_a_class_keeps_the_train_labels(tmp_path, folder):
     assert sorted(set(splits["val"].targets)) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_eval_of_a_checkpoint_against_other_classes_is_refused(tmp_path, folder):
     import shutil
 
@@ -261,6 +264,7 @@ def test_warmup_covering_the_run_is_said(tmp_path):
     assert "trainer.warmup_epochs=3 covers the whole run" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_defaults_fit_the_cores_this_process_may_use(tmp_path):
     """Pinned to one core (as under taskset, SLURM or a container quota): one torch thread, one loader
     worker, no DataLoader warning about too many workers, and no CUDA warning for runtime.device=cpu."""

@@ -115,6 +115,7 @@ def test_paired_report_against_hand_computation(sweep):
         assert row["delta_top1"] == pytest.approx(100 * (run.mean() - base.mean()))
 
 
+@pytest.mark.slow
 def test_sweep_report_script_writes_paired_report_beside_the_plain_one(sweep):
     folder, truth = sweep
     script = [sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(folder)]
@@ -180,12 +181,12 @@ def test_paired_key_that_was_not_swept_is_refused(sweep):
 
 def test_register_fates_against_a_hand_traced_case():
     """Brute force: follow every register through the source matrices of a tiny model, block by block."""
+    import torch
     from conftest import make_vit
 
     import regtome
     from engine.report.register_fate import register_fates
 
-    torch = pytest.importorskip("torch")
     model = regtome.patch.timm(make_vit("class_reg4"), r=24, protect="class", trace_source=True)
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     loader = [(images[:3], None), (images[3:], None)]
@@ -209,12 +210,12 @@ def test_register_fates_against_a_hand_traced_case():
 
 
 def test_register_fates_under_apart_never_reach_a_patch():
+    import torch
     from conftest import make_vit
 
     import regtome
     from engine.report.register_fate import register_fates
 
-    torch = pytest.importorskip("torch")
     model = regtome.patch.timm(make_vit("class_reg4"), r=24, trace_source=True)
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     summary = register_fates(model, [(images, None)], torch.device("cpu"), protect="apart")

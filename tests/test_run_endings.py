@@ -39,6 +39,7 @@ def two_epochs(tmp_path_factory):
     return work, work / "run"
 
 
+@pytest.mark.slow
 def test_done_is_the_last_line_and_a_resume_says_where_it_resumed(two_epochs):
     work, run = two_epochs
     assert last_line(run / "main.log").startswith("done: ")
@@ -183,6 +184,7 @@ def test_skip_unreadable_skips_and_counts_in_the_log(tmp_path):
     assert results(run)["history"][0]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_max_val_steps_bounds_validation(tmp_path):
     run = tmp_path / "run"
     run_main(
@@ -200,6 +202,7 @@ def test_max_val_steps_bounds_validation(tmp_path):
     assert error_line(bad) == "error: trainer.max_val_steps must be null or >= 1, got 0"
 
 
+@pytest.mark.slow
 def test_visualize_num_samples_bounds_a_folder_and_says_so(two_epochs, tmp_path):
     _, run = two_epochs
     folder = write_image_folder(tmp_path / "images", {"val": 3}, num_classes=1) / "val" / "class_0"

@@ -155,6 +155,7 @@ def test_model_build_errors_blame_weights_only_when_weights_were_loaded(monkeypa
         build_model(cfg.model, cfg.tome, 4)
 
 
+@pytest.mark.slow
 def test_only_the_library_is_installed_and_it_has_one_version(tmp_path):
     """pip install -e . puts `regtome` in the environment and nothing named `engine` or `data`."""
     import subprocess

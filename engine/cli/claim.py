@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError, one_line
 from ..run.folder_claim import RunLock, check_folder, discard_new_folder, move_aside
-from ..tasks import TASKS
+from ..task_table import TASKS
 from .command_line import GROUP_HINTS, check_command_line, run_dir_of
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
-from ..tasks import TASKS
+from ..task_table import TASKS
 from .compat import RENAMED
 
 FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
@@ -104,23 +104,29 @@ def first_value(override: Any) -> str:
     return f"{prefix}{override.key_or_group}={value}"
 
 
+def _plain(cfg: Any) -> Any:
+    """The config as plain dicts, interpolations and '???' values left as written (nothing is resolved)."""
+    return OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+
+
 def has_key(cfg: DictConfig, key: str) -> bool:
-    node: Any = cfg
+    node: Any = _plain(cfg)
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node.keys():  # `in node` is False for a '???' value
+        if not isinstance(node, dict) or part not in node:
             return False
-        node = node._get_node(part)
+        node = node[part]
     return True
 
 
 def leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
-    if not isinstance(cfg, DictConfig):
+    node = _plain(cfg)
+    if not isinstance(node, dict):
         return [prefix]
     keys = []
-    for name in cfg.keys():
+    for name, value in node.items():
         if prefix == "" and name == "hydra":
             continue
-        keys += leaf_keys(cfg._get_node(name), f"{prefix}.{name}" if prefix else str(name))
+        keys += leaf_keys(value, f"{prefix}.{name}" if prefix else str(name))
     return keys
 
 

@@ -15,7 +15,7 @@ from timm.data import resolve_model_data_config
 
 import regtome
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .hub import hub_reachable
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,11 @@ def r_option(value: Any, key: str = "tome.r") -> Any:
     try:
         return regtome.r_from_config(value)
     except ValueError as err:
-        raise UserError(f"{key}={_compact(value)}: {err}") from err
+        raise UserError(f"{key}={compact(value)}: {err}") from err
 
 
-def _compact(value: Any) -> str:
+def compact(value: Any) -> str:
+    """An r schedule as one word for a log line: (16, -1.0) -> '(16,-1.0)'."""
     return str(value).replace(" ", "")
 
 
@@ -52,8 +53,9 @@ def model_label(model_cfg: Mapping[str, Any]) -> str:
     """A name for what is built: timm's name (or 'hf-' and the hub id), plus the architecture settings
     the config changes.
 
-    'vit_small_patch16_224' with patch 4, depth 9, width 192, 4 registers at 32 px ->
-    'vit_small_patch16_224-patch4-depth9-dim192-heads3-reg4-32px'.
+    The kwargs come in the order the config gives them, then the registers, then the size when it is not
+    the model's own: 'vit_small_patch16_224' with kwargs patch_size 4, embed_dim 192, depth 9, num_heads 3
+    and 4 registers at 32 px -> 'vit_small_patch16_224-patch4-dim192-depth9-heads3-reg4-32px'.
     """
     name = str(model_cfg["name"])
     kwargs = dict(model_cfg.get("kwargs") or {})
@@ -68,10 +70,6 @@ def model_label(model_cfg: Mapping[str, Any]) -> str:
     if not default_size or int(model_cfg["img_size"]) != default_size[-1]:
         parts.append(f"{model_cfg['img_size']}px")
     return "-".join(parts)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def register_argument(name: str) -> str:
@@ -113,18 +111,18 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
         if not pretrained:
             raise
         raise UserError(
-            f"could not fetch pretrained weights for {name} ({_first_line(err)}); "
+            f"could not fetch pretrained weights for {name} ({first_line(err)}); "
             "without network, set model.pretrained_file=PATH"
         ) from err
     except RuntimeError as err:
         if not pretrained:  # not a weights problem: report what timm said
             raise UserError(
-                f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({_first_line(err)}); check model.kwargs"
+                f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({first_line(err)}); check model.kwargs"
             ) from err
         registers = kwargs.get(register_argument(name), "its")
         raise UserError(
             f"pretrained weights do not fit {name} with {registers} registers "
-            f"({_first_line(err)}); set model.registers=null"
+            f"({first_line(err)}); set model.registers=null"
         ) from err
     except TypeError as err:  # e.g. a CNN has no img_size / reg_tokens
         raise UserError(
@@ -175,7 +173,7 @@ def build_model(
         reached = regtome.schedule_gflops(model, r, (3, size, size)) / regtome.schedule_gflops(
             model, 0, (3, size, size)
         )
-        log.info("tome.flops=%s: r=%s (%.3f of the unmerged model's GFLOPs)", fraction, _compact(r), reached)
+        log.info("tome.flops=%s: r=%s (%.3f of the unmerged model's GFLOPs)", fraction, compact(r), reached)
     return model
 
 
@@ -226,7 +224,7 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
         log.warning(
             "tome.r=%s is beyond the cap (at most half of the mergeable tokens; under protect=apart fewer) "
             "in %d of %d blocks (first: block %d of %d); applied r per block: %s",
-            _compact(model.r),
+            compact(model.r),
             len(capped),
             len(applied),
             capped[0] + 1,

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .hub import hub_reachable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -39,10 +39,6 @@ def _source(model_cfg: Mapping[str, Any]) -> str:
     if folder and not os.path.isdir(str(folder)):
         raise UserError(f"model.pretrained_dir {folder} does not exist; give a folder written by save_pretrained")
     return str(folder) if folder else str(model_cfg["name"])
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def check_hub_id(name: str) -> None:
@@ -80,7 +76,7 @@ def _unreachable(source: str, err: BaseException, offline: bool) -> str:
             "preset's architecture with random weights"
         )
     return (
-        f"cannot read {source} from the Hugging Face hub ({_first_line(err)}); check model.name, or set "
+        f"cannot read {source} from the Hugging Face hub ({first_line(err)}); check model.name, or set "
         "model.pretrained_dir=DIR (a folder written by save_pretrained)"
     )
 

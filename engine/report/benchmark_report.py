@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .figures import fit_title
+from .pyplot import pyplot
 
 TABLE = (
     "| mode | run | r | batch | images/s | latency ms (p90) | speedup | vs eager unpatched | GFLOPs | "
@@ -46,10 +47,7 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[
 
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     width = 5.5 * len(modes)  # inches: one 5.5-inch panel per mode

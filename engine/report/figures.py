@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .pyplot import pyplot
+
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
 
 
@@ -71,10 +73,7 @@ def draw_grid(
 ) -> np.ndarray:
     """Save the grid PNG and return it as an (H, W, 3) uint8 array. attention: (heads, P, N). Blocks are
     0-based indices (as visualize.blocks); titles count them from 1 of `depth`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     blocks = sorted(next(iter(maps.values())))
     num_heads = attention.shape[0]
@@ -139,10 +138,7 @@ def draw_feature_panels(
     picture: np.ndarray, dense: torch.Tensor, merged: torch.Tensor, tokens: int, path: Path, title: str
 ) -> None:
     """Image | (C, H, W) features at r=0 | merged and put back on the grid, in one PCA colour basis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     images = pca_rgb(dense, merged)
     fig, axes = plt.subplots(1, 3, figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.45), dpi=100)

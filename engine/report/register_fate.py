@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 
 import regtome
 
+from .pyplot import pyplot
+
 FATES = ("alone", "with_registers", "with_patches")
 
 
@@ -71,10 +73,7 @@ def register_fates(
 
 
 def plot_fates(summary: dict[str, Any], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fractions = summary["fractions_per_block"]
     blocks = list(range(len(fractions["alone"])))

@@ -1,6 +1,6 @@
 """Sweep reports: one row per run (results.json), swept settings told apart, paired comparisons.
 
-Used by scripts/sweep_report.py; the statistics live in engine/stats.py.
+Used by scripts/sweep_report.py; the statistics live in engine/report/stats.py.
 """
 
 from __future__ import annotations

@@ -6,15 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .labels import group_label, short_label, swept_keys
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from .pyplot import pyplot
 
 
 def _title(rows: list[dict[str, Any]]) -> str:
@@ -33,7 +25,7 @@ def _point_label(row: dict[str, Any], with_r: bool = True) -> str:
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     """Top-1 against images/s: one line per combination of swept settings, r written at each point."""
-    plt = _plt()
+    plt = pyplot()
     keys = swept_keys(rows)
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -64,7 +56,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
 
 def plot_paired(rows: list[dict[str, Any]], key: str, path: Path, baseline: str) -> None:
     """Delta top-1 with its 95% interval against GFLOPs, one series per compared value and checkpoint."""
-    plt = _plt()
+    plt = pyplot()
     compared = [r for r in rows if r.get("delta_top1") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     series: dict[str, list[dict[str, Any]]] = {}

@@ -10,30 +10,12 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
+from .atomic import atomic_write
 
 
 def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`.
-
-    A process killed at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """torch.save through `atomic_write`: a killed process or a full disk leaves the old file or the new one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -62,16 +62,10 @@ def check_compile(value: Any, device: torch.device) -> Optional[str]:
 
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
-    """torch.compile(model) with static shapes (each batch size compiles its own kernels).
-
-    REGTOME_COMPILE_BACKEND picks another torch.compile backend (the tests use aot_eager: the same tracing
-    and autograd, without generating kernels, which takes minutes on a CPU)."""
+    """torch.compile(model) with static shapes (each batch size compiles its own kernels)."""
     import torch
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
-    backend = os.environ.get("REGTOME_COMPILE_BACKEND", "inductor")
-    if backend != "inductor":  # modes are inductor's
-        return torch.compile(model, backend=backend, dynamic=False)
     return torch.compile(model, mode=mode, dynamic=False)
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import regtome
 
 from ..models.build import model_label
+from .atomic import atomic_write
 from .runtime import device_name, dtype_name
 
 
@@ -76,9 +77,4 @@ def run_record(
 
 
 def write_results(run_dir: str | os.PathLike, record: Mapping[str, Any], name: str = "results.json") -> Path:
-    path = Path(run_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(run_dir) / name, lambda f: f.write(json.dumps(record, indent=2, default=str) + "\n"), True)

@@ -35,10 +35,10 @@ from ..run.distributed import DistInfo, barrier
 from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import rng_state
+from ..training.evaluation import evaluate
 from ..training.loop import empty_sums, global_sums, train_one_epoch
 from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader
 from ..training.stop import GracefulStop
-from .evaluate import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from data.workers import ignore_interrupts
 
 from ..cli.compat import upgrade_config
 from ..errors import UserError
-from ..models.build import model_label
+from ..models.build import compact, model_label
 from ..run.checkpoint import check_same_architecture, load_checkpoint, restore_training
 from ..run.runtime import autocast, set_rng_state
 from ..run.session import Session, open_session
-from ..tasks.evaluate import eval_loader
+from .evaluation import eval_loader
 from .loop import Optimization, TrainState, empty_sums
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
             session.device,
             str(session.dtype or "fp32").replace("torch.", ""),
             tc.epochs,
-            _compact(session.model.r),
+            compact(session.model.r),
             session.model.protect,
             run_dir,
         )
@@ -215,10 +215,6 @@ def restored_state(model: nn.Module, opt: Optimization, checkpoint: dict, run_di
     set_rng_state(checkpoint["rng"])
     opt.scheduler.step_update(num_updates=saved["num_updates"])
     return TrainState(**saved)
-
-
-def _compact(value: object) -> str:
-    return str(value).replace(" ", "")
 
 
 def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:

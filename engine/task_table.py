@@ -1,0 +1,53 @@
+"""`TASKS`: the one table from a task's name (``python main.py task=NAME``) to its module in `engine/tasks/`
+and what it reads; main.py dispatches through it and the command-line checks read it. It sits above no
+layer: importing it loads no torch, and a task's module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    module: str  # holds run(cfg, run_dir, overrides)
+    summary: str
+    reads_ckpt: bool = False  # ckpt=PATH: the checkpoint's model, dataset and tome groups are used
+    reads_images: bool = False  # images=PATH: an image file or a folder instead of the data set's val split
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("train", "engine.tasks.train", "train (and validate) a model; checkpoints and results.json"),
+        Task(
+            "eval",
+            "engine.tasks.evaluate",
+            "accuracy and images/s of a checkpoint or of pretrained weights",
+            reads_ckpt=True,
+        ),
+        Task("benchmark", "engine.tasks.benchmark", "speed of merging against the unpatched model, on random input"),
+        Task(
+            "visualize",
+            "engine.tasks.visualize",
+            "what merging merges and what the prefix tokens attend to",
+            reads_ckpt=True,
+            reads_images=True,
+        ),
+        Task(
+            "export",
+            "engine.tasks.export",
+            "ONNX or torch.export, checked against PyTorch on real images",
+            reads_ckpt=True,
+            reads_images=True,
+        ),
+    )
+}
+
+
+def runner(name: str) -> Callable[..., Any]:
+    """The `run` function of task `name` (its module is imported now)."""
+    return importlib.import_module(TASKS[name].module).run
