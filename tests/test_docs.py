@@ -57,7 +57,8 @@ def test_the_pytest_commands_of_contributing_work():
         where = [] if any(w.startswith("tests/") for w in words) else ["tests/test_docs.py"]
         args = [sys.executable, *words, *where, "--collect-only", "-n0", "-p", "no:cacheprovider"]
         result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        # 0: collected; 5: nothing here to collect (-m cuda on test_docs.py); 4 would be a usage error
+        assert result.returncode in (0, 5), f"{command}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
 
 
 def config_keys() -> set[str]:
