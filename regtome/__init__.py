@@ -6,32 +6,25 @@ keeps register tokens out of patch tokens.
     regtome.patch.timm(model, r=16)
 
 Where each concern lives: `kinds` and `layout` (token kinds, the prefix, the per-block prefix rule),
-`protection` (what each protection mode means), `schedule` (r per block and the cap), `merge` (the
-matching), `tokens` (what travels with the sequence), `blocks` / `hf_blocks` / `attention` / `rope`
-(the blocks with a merge inside), `forward` (the merging loop), `pooling`, `record` (what a pass
-did), `checks` (option checks), `patch/` (`base`: the patched-model contract; `timm`, `hf`: the two
-sources; `api`: options, last_forward, trace, dense features), `prefix` (prefix-token attention
-maps), `flops` / `budget` (analytic FLOPs, r from a FLOP budget).
+`protection` (what each protection mode means), `options` (the patch options: names, defaults, checks),
+`schedule` (r per block and the cap), `merge` (the matching), `tokens` (what travels with the sequence),
+`blocks` / `hf_blocks` / `attention` / `rope` (the blocks with a merge inside), `forward` (the merging
+loop), `pooling`, `record` (what a pass did), `parts` (what RegToMe reads of a model, patched or not),
+`flops` / `budget` (analytic FLOPs, r from a FLOP budget), and `patch/` on top of them (`base`: the
+patched-model contract; `timm`, `hf`: the two sources; `api`: options, last_forward, trace, dense features;
+`prefix`: prefix-token attention maps). Nothing outside `patch/` imports it.
 """
 
 from . import patch
 from .budget import r_for_flops, schedule_gflops
-from .flops import vit_flops
+from .flops import TokenCounts, token_counts, vit_flops
 from .kinds import CLASS, PATCH, REGISTER
 from .layout import PrefixLayout
 from .merge import bipartite_soft_matching, merge_source, merge_wavg
-from .patch.api import (
-    dense_features,
-    forward_with_token_map,
-    input_size,
-    last_forward,
-    options,
-    patch_grid,
-    prefix_layout,
-    trace,
-)
-from .patch.base import is_patched, remove_patch
-from .prefix import prefix_attention
+from .parts import input_size, is_patched, patch_grid, prefix_layout
+from .patch.api import dense_features, forward_with_token_map, last_forward, options, trace
+from .patch.base import remove_patch
+from .patch.prefix import prefix_attention
 from .protection import DEFAULT_PROTECT, PROTECT_MODES, Protection, protection
 from .record import BlockTrace, ForwardRecord
 from .schedule import capped_r, parse_r, r_from_config
@@ -66,6 +59,8 @@ __all__ = [
     "merge_wavg",
     "merge_source",
     "vit_flops",
+    "token_counts",
+    "TokenCounts",
     "r_for_flops",
     "schedule_gflops",
 ]

@@ -29,6 +29,14 @@ def size_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return size.log().transpose(1, 2)[:, None].to(dtype)
 
 
+def attention_logits(
+    q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(B, heads, T, T) logits of timm's unfused attention: q k^T * scale, plus an additive bias (log(size))."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    return logits if bias is None else logits + bias
+
+
 def project_qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """timm's q, k (normed) and v, each (B, heads, T, head_dim)."""
     B, N, _ = x.shape
@@ -67,10 +75,7 @@ def _attend(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias
-    return attn.attn_drop(logits.softmax(dim=-1)) @ v
+    return attn.attn_drop(attention_logits(q, k, attn.scale, bias).softmax(dim=-1)) @ v
 
 
 def _output(attn: nn.Module, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch.nn as nn
 
 from .flops import grid_tokens, simulate_tokens, token_flops
-from .patch.api import model_parts
+from .parts import model_parts
 from .schedule import RSchedule
 
 # The schedules searched: ToMe's (r, inflection) family. Inflection 0 is a constant r in every block,

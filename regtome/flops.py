@@ -5,12 +5,14 @@ every linear layer of every block (QKV, output projection, MLP, gates) times the
 the attention logits and values, attention pooling, and the head. LayerNorms, softmax, rotary
 embeddings and the matching itself are left out (under 1% for ViT-S).
 
-Token counts come from `simulate_tokens`, which follows the patched forward (tested against the
+Token counts come from `count_tokens`, which follows the patched forward (tested against the
 model's own record): in sequential blocks the MLP sees the merged tokens; in parallel blocks
 (`regtome.blocks.MERGES_AFTER_BLOCK`) the whole block sees the tokens it received.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch.nn as nn
 from timm.layers.diff_attention import DiffAttention
@@ -18,7 +20,7 @@ from timm.models.vision_transformer import DiffParallelScalingBlock
 
 from .blocks import MERGES_AFTER_BLOCK, block_attentions
 from .layout import prefix_schedule
-from .patch.api import current_options, model_parts
+from .parts import current_options, model_parts
 from .protection import protection
 from .schedule import RSchedule, capped_r, parse_r
 
@@ -29,12 +31,23 @@ def grid_tokens(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     return (input_size[1] // proj.stride[0]) * (input_size[2] // proj.stride[1])
 
 
-def simulate_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, int]) -> tuple[list[int], list[int]]:
-    """Tokens entering attention and the MLP of each block at schedule r, without running the model.
+class TokenCounts(NamedTuple):
+    """What a forward pass at some r does to the token count, block by block (one image)."""
+
+    attention: list[int]  # tokens entering each block's attention
+    mlp: list[int]  # tokens each block's MLP sees
+    after: list[int]  # tokens leaving each block (`ForwardRecord.tokens`)
+    r: list[int]  # tokens merged in each block: the requested r, capped (`ForwardRecord.r`)
+    r_requested: list[int]  # `ForwardRecord.r_requested`
+
+
+def count_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, int]) -> TokenCounts:
+    """The token counts of a forward at schedule r and the model's other options, without running it.
 
     Follows the patched forward through the same rule (`regtome.layout.prefix_schedule`, the cap of
     `regtome.schedule.capped_r`): prefix groups join at class_layer / register_layer, the protected
-    tokens never merge, and parallel blocks merge after the block.
+    tokens never merge, and parallel blocks merge after the block. The tests hold it to the record of
+    real forward passes.
     """
     parts, options = model_parts(model), current_options(model)
     depth = len(parts.blocks)
@@ -43,14 +56,28 @@ def simulate_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, 
         layout, protection(options["protect"]), options["class_layer"], options["register_layer"], depth
     )
     tokens = grid_tokens(model, input_size)
-    attn_tokens, mlp_tokens = [], []
-    for block, r_i, prefix in zip(parts.blocks, parse_r(depth, r), prefixes):
+    counts = TokenCounts([], [], [], [], parse_r(depth, r))
+    for block, r_i, prefix in zip(parts.blocks, counts.r_requested, prefixes):
         tokens += layout.num_class * prefix.class_enters + layout.num_register * prefix.registers_enter
-        attn_tokens.append(tokens)
-        merged = tokens - capped_r(r_i, tokens, prefix.num_protected, prefix.num_register if prefix.apart else None)
-        mlp_tokens.append(tokens if isinstance(block, MERGES_AFTER_BLOCK) else merged)
-        tokens = merged
-    return attn_tokens, mlp_tokens
+        counts.attention.append(tokens)
+        applied = capped_r(r_i, tokens, prefix.num_protected, prefix.num_register if prefix.apart else None)
+        counts.mlp.append(tokens if isinstance(block, MERGES_AFTER_BLOCK) else tokens - applied)
+        counts.r.append(applied)
+        tokens -= applied
+        counts.after.append(tokens)
+    return counts
+
+
+def token_counts(model: nn.Module, input_size: Optional[tuple[int, int, int]] = None) -> TokenCounts:
+    """`count_tokens` at the model's own r (0 for an unpatched model) and its input size by default."""
+    size = model_parts(model).input_size if input_size is None else input_size
+    return count_tokens(model, current_options(model)["r"], size)
+
+
+def simulate_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+    """Tokens entering attention and the MLP of each block at schedule r (see `count_tokens`)."""
+    counts = count_tokens(model, r, input_size)
+    return counts.attention, counts.mlp
 
 
 def _linear_macs(module: nn.Module) -> int:

@@ -110,6 +110,13 @@ def merge_tokens(tokens: Tokens, keys: Optional[torch.Tensor], r: int, prefix: B
     return Tokens(x, size, kind, merge_source(merge, tokens.source), position, owner)
 
 
+def slot_owner(source: torch.Tensor) -> torch.Tensor:
+    """(B, T, N) sources -> (B, N): the token that holds each slot of the full sequence (each slot is in
+    exactly one token; a slot that has not entered yet reads 0). The same map the forward tracks as
+    `ForwardRecord.owner`, here read off traced sources."""
+    return source.argmax(dim=1)
+
+
 def unmerge_to_grid(x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """(B, T, C) merged tokens -> (B, N, C) on the model's full sequence: every slot takes the
     features of the token that holds it (zeros for a prefix slot that has not entered yet)."""

@@ -161,3 +161,26 @@ def test_r_for_flops_refuses_what_merging_cannot_reach():
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         regtome.r_for_flops(model, 1.5)
     assert regtome.r_for_flops(model, 1.0) == 0
+
+
+@pytest.mark.parametrize("protect", ["apart", "prefix", "class"])
+@pytest.mark.parametrize("family", ["dinov3", "reg4_map", "diff_parallel", "rope_mixed"])
+def test_token_counts_are_what_the_forward_records(family, protect):
+    """regtome.token_counts (what the CLI reports, counted without a forward) against real passes, at r
+    below, at and past the cap and with late prefix tokens."""
+    from test_families import build, images_for
+
+    model = build(family)
+    has_registers = regtome.prefix_layout(model).num_register > 0
+    regtome.patch.timm(model, protect=protect)
+    images = images_for(model)
+    late = dict(register_layer=1) if has_registers else dict(class_layer=1)
+    for options in (dict(r=3), dict(r=(40, -1.0)), dict(r=[2, 9, 30], **late)):
+        with torch.no_grad(), regtome.options(model, **options):
+            model(images)
+            record, counts = regtome.last_forward(model), regtome.token_counts(model)
+        assert (counts.after, counts.r, counts.r_requested) == (
+            list(record.tokens),
+            list(record.r),
+            list(record.r_requested),
+        ), (family, protect, options)

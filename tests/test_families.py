@@ -100,9 +100,12 @@ def test_family_gradients_and_training_mode(family):
     assert not unused
 
 
-def test_attention_pooling_weighs_merged_tokens_by_size():
-    """'map' pooling: the latent query's logits get log(size), against a softmax written out here."""
-    model = regtome.patch.timm(build("siglip_map"), r=6)
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_attention_pooling_weighs_merged_tokens_by_size(prop_attn):
+    """'map' pooling: the latent query's logits get log(size), against a softmax written out here; also with
+    prop_attn=False (an option of the blocks' attention): a pool summarizes the patches, so it counts a
+    merged token as the patches it holds, as average pooling weighs it by its size."""
+    model = regtome.patch.timm(build("siglip_map"), r=6, prop_attn=prop_attn)
     images = images_for(model)
     with torch.no_grad():
         features = model.forward_features(images)

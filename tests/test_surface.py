@@ -92,7 +92,7 @@ def test_the_engine_uses_only_the_librarys_surface():
     import ast
     from pathlib import Path
 
-    from regtome.checks import OPTIONS
+    from regtome.options import OPTIONS
 
     root = Path(__file__).resolve().parents[1]
     for path in [*root.glob("engine/*.py"), *root.glob("scripts/*.py"), root / "main.py"]:
@@ -180,3 +180,19 @@ def test_the_default_protection_is_apart_everywhere():
     assert regtome.DEFAULT_PROTECT == "apart" and regtome.DEFAULT_PROTECT in regtome.PROTECT_MODES
     assert regtome.patch.timm(make_vit("class_reg4")).protect == regtome.DEFAULT_PROTECT
     assert OmegaConf.load(ROOT / "configs" / "tome" / "default.yaml").protect == regtome.DEFAULT_PROTECT
+
+
+def test_the_core_never_imports_the_patch_layer():
+    """regtome/*.py (the core) imports nothing of regtome/patch/: the patch layer sits on top of it."""
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[1] / "regtome"
+    for path in sorted(core.glob("*.py")):
+        if path.name == "__init__.py":  # the package's entry re-exports the patch layer's names
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert not module.lstrip(".").startswith("patch"), f"{path.name} imports {module}"
+                assert not module.startswith("regtome.patch"), f"{path.name} imports {module}"

@@ -245,6 +245,10 @@ def test_options_record_and_removal_through_a_classification_model():
             model(images())
         assert regtome.last_forward(model).r == (8, 8, 8) and model.vit.protect == "class"
     assert model.r == 4 and model.vit.protect == regtome.DEFAULT_PROTECT == "apart"
+    # the record's read-only views are the same on both sources, through the classifier too
+    record = regtome.last_forward(model)
+    assert model.regtome_size is record.size and model.regtome_source is record.source is None
+    assert model.regtome_tokens == list(record.tokens) and model.vit.regtome_tokens == model.regtome_tokens
     model.r = (6, -1.0)
     assert model.vit.r == (6, -1.0)
     assert regtome.vit_flops(model, (3, 32, 32)) < regtome.schedule_gflops(model, 0, (3, 32, 32))

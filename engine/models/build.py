@@ -211,14 +211,8 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     if cfg.tome.get("flops") is not None:
         return
     size = int(cfg.model.img_size)
-    param = next(model.parameters())
-    with torch.no_grad(), regtome.options(model, trace_source=False):
-        was_training = model.training
-        model.eval()
-        regtome.trace(model, torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype), blocks=[])
-        model.train(was_training)
-    requested = list(regtome.last_forward(model).r_requested)
-    applied = list(regtome.last_forward(model).r)
+    counts = regtome.token_counts(model, (3, size, size))
+    requested, applied = counts.r_requested, counts.r
     if applied != requested:
         capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
         log.warning(

@@ -20,22 +20,14 @@ from .runtime import device_name, dtype_name
 
 
 def merge_summary(model: nn.Module, img_size: int) -> dict[str, Any]:
-    """GFLOPs per image, tokens left and r applied in each block: one pass of one image at the model's
-    own options, not whatever its last forward happened to be."""
-    gflops = regtome.vit_flops(model, (3, img_size, img_size))
-    param = next(model.parameters())
-    was_training = model.training
-    with torch.no_grad():
-        model.eval()
-        record = regtome.trace(
-            model, torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype), blocks=[]
-        )
-        model.train(was_training)
+    """GFLOPs per image, tokens left and r applied in each block at the model's own options (counted, not
+    whatever its last forward happened to be)."""
+    counts = regtome.token_counts(model, (3, img_size, img_size))
     return {
-        "gflops": gflops,
-        "tokens_per_block": list(record.tokens),
-        "r_per_block": list(record.r),
-        "r_requested_per_block": list(record.r_requested),
+        "gflops": regtome.vit_flops(model, (3, img_size, img_size)),
+        "tokens_per_block": counts.after,
+        "r_per_block": counts.r,
+        "r_requested_per_block": counts.r_requested,
     }
 
 

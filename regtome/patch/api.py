@@ -1,71 +1,21 @@
 """The public functions on a patched model: `options`, `last_forward`, `trace`, `dense_features`,
-`forward_with_token_map`, and what a model is made of (`model_parts`, `prefix_layout`, `input_size`,
-`patch_grid`). They work through the `PatchedModel` contract only, the same for timm and transformers.
+`forward_with_token_map`. They work through the `PatchedModel` contract only, the same for timm and
+transformers; what a model is made of (`prefix_layout`, `input_size`, `patch_grid`) is `regtome.parts`.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
-from ..checks import OPTIONS, model_options
-from ..layout import PrefixLayout
-from ..protection import DEFAULT_PROTECT
+from ..options import OPTIONS
+from ..parts import patch_grid, require_patched
 from ..record import ForwardRecord
 from ..tokens import unmerge_to_grid
-from .base import is_patched, require_patched, validate
-from .timm import timm_parts
-
-
-class ModelParts(NamedTuple):
-    """What the FLOP count and the layout read of a model."""
-
-    blocks: list[nn.Module]
-    layout: PrefixLayout
-    patch_conv: nn.Conv2d
-    input_size: tuple[int, int, int]
-
-
-def model_parts(model: nn.Module) -> ModelParts:
-    """The parts of a patched model (its hooks), or of an unpatched timm VisionTransformer / Eva."""
-    if is_patched(model):
-        return ModelParts(
-            model.regtome_blocks(), model.regtome_layout(), model.regtome_patch_conv(), model.regtome_input_size()
-        )
-    return ModelParts(*timm_parts(model))
-
-
-def current_options(model: nn.Module) -> dict[str, Any]:
-    """The patch options of a patched model; r=0 and the defaults for an unpatched one."""
-    if is_patched(model):
-        return model_options(model)
-    return {
-        "r": 0,
-        "prop_attn": True,
-        "trace_source": False,
-        "protect": DEFAULT_PROTECT,
-        "class_layer": 0,
-        "register_layer": 0,
-    }
-
-
-def prefix_layout(model: nn.Module) -> PrefixLayout:
-    """The prefix (class/distillation and register tokens) of a patched model or of a timm ViT."""
-    return model_parts(model).layout
-
-
-def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model was built for."""
-    return model_parts(model).input_size
-
-
-def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
-    """The patch grid (rows, columns) of a (height, width) image."""
-    stride = model_parts(model).patch_conv.stride
-    return height // stride[0], width // stride[1]
+from .base import validate
 
 
 @contextmanager
@@ -106,13 +56,21 @@ def last_forward(model: nn.Module) -> ForwardRecord:
     return model.regtome_record
 
 
+def check_block(model: nn.Module, block: int, name: str) -> int:
+    """`block` as an index in [0, depth) (negative ones count from the end); ValueError naming `name`."""
+    depth = model.regtome_num_blocks
+    if not -depth <= block < depth:
+        raise ValueError(f"{name} must be in [{-depth}, {depth - 1}], got {block}")
+    return block % depth
+
+
 def _blocks(model: nn.Module, blocks: Optional[Iterable[int]]) -> list[int]:
     depth = model.regtome_num_blocks
     wanted = list(range(depth)) if blocks is None else [int(b) for b in blocks]
     bad = [b for b in wanted if not -depth <= b < depth]
     if bad:
         raise ValueError(f"blocks must be in [{-depth}, {depth - 1}], got {bad}")
-    return [b % depth for b in wanted]
+    return [check_block(model, b, "blocks") for b in wanted]
 
 
 def trace(model: nn.Module, images: torch.Tensor, blocks: Optional[Iterable[int]] = None) -> ForwardRecord:

@@ -23,9 +23,10 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from ..checks import OPTIONS, check_options, model_options
 from ..forward import BlockForward, run_blocks
 from ..layout import PrefixLayout, prefix_schedule
+from ..options import OPTIONS, PatchOptions, check_options, model_options
+from ..parts import is_patched, original_class
 from ..protection import protection
 from ..record import ForwardRecord
 from ..schedule import RSchedule
@@ -94,6 +95,19 @@ class PatchedModel:
     def regtome_num_blocks(self) -> int:
         return len(self.regtome_blocks())
 
+    # Read-only views of the last record, kept for code written against the first release.
+    @property
+    def regtome_size(self) -> Optional[torch.Tensor]:
+        return None if self.regtome_record is None else self.regtome_record.size
+
+    @property
+    def regtome_source(self) -> Optional[torch.Tensor]:
+        return None if self.regtome_record is None else self.regtome_record.source
+
+    @property
+    def regtome_tokens(self) -> list[int]:
+        return [] if self.regtome_record is None else list(self.regtome_record.tokens)
+
     def regtome_features(
         self,
         images: torch.Tensor,
@@ -149,32 +163,14 @@ def patched_class(mixin: type, cls: type) -> type:
     return _PATCHED_CLASSES[key]
 
 
-def is_patched(model: Any) -> bool:
-    """True for a model patched by `regtome.patch.timm` or `regtome.patch.transformers`."""
-    return getattr(type(model), "_regtome_base", None) is not None
-
-
-def original_class(model: nn.Module) -> type:
-    """The model's class before the patch (its own class when it is not patched)."""
-    return getattr(type(model), "_regtome_base", None) or type(model)
-
-
-def require_patched(model: Any, what: str) -> None:
-    if not is_patched(model):
-        raise TypeError(
-            f"{what} needs a model patched with regtome.patch.timm or regtome.patch.transformers, "
-            f"got {type(model).__name__}"
-        )
-
-
 def validate(model: Any) -> list[int]:
     """The model's options checked (ValueError naming the bad one); returns r per block."""
     return check_options(model_options(model), model.regtome_layout(), model.regtome_num_blocks)
 
 
-def set_options(model: nn.Module, options: dict[str, Any]) -> None:
+def set_options(model: nn.Module, options: PatchOptions) -> None:
     """Set the options of a freshly patched model; undo the patch and raise if one is invalid."""
-    for name, value in options.items():
+    for name, value in options.as_dict().items():
         setattr(model, name, value)
     try:
         validate(model)

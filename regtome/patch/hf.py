@@ -30,12 +30,13 @@ from transformers.models.vit.modeling_vit import ViTModel
 
 from ..hf_blocks import ATTENTION_IMPLEMENTATIONS, LAYERS, hf_layer_forward
 from ..layout import PrefixLayout
-from ..protection import DEFAULT_PROTECT
+from ..options import DEFAULTS, OPTIONS, PatchOptions
+from ..parts import original_class
 from ..record import ForwardRecord
 from ..rope import rope_table
 from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
-from .base import Embedded, PatchedModel, original_class, patched_class, set_options
+from .base import Embedded, PatchedModel, patched_class, set_options
 
 # The attribute that holds the base model inside each classification model transformers ships
 # (and `backbone`, for a model of one's own around a base model).
@@ -208,16 +209,7 @@ def _delegated(name: str) -> property:
     return property(get, set_)
 
 
-for _name in (
-    "r",
-    "prop_attn",
-    "trace_source",
-    "protect",
-    "class_layer",
-    "register_layer",
-    "regtome_record",
-    "regtome_track_owner",
-):
+for _name in (*OPTIONS, "regtome_record", "regtome_track_owner", "regtome_size", "regtome_source", "regtome_tokens"):
     setattr(RegToMeWrapper, _name, _delegated(_name))
 
 
@@ -249,12 +241,12 @@ def check_model(model: nn.Module) -> tuple[nn.Module, Optional[str]]:
 
 def transformers(
     model: nn.Module,
-    r: RSchedule = 0,
-    prop_attn: bool = True,
-    trace_source: bool = False,
-    protect: str = DEFAULT_PROTECT,
-    class_layer: int = 0,
-    register_layer: int = 0,
+    r: RSchedule = DEFAULTS.r,
+    prop_attn: bool = DEFAULTS.prop_attn,
+    trace_source: bool = DEFAULTS.trace_source,
+    protect: str = DEFAULTS.protect,
+    class_layer: int = DEFAULTS.class_layer,
+    register_layer: int = DEFAULTS.register_layer,
 ) -> nn.Module:
     """Patch a transformers vision model in place for register-aware token merging and return it.
 
@@ -268,15 +260,5 @@ def transformers(
         wrapper = patched_class(RegToMeWrapper, original_class(model))
         setattr(wrapper, "_regtome_inner", inner_name)  # noqa: B010  (a class attribute of the patched class)
         model.__class__ = wrapper
-    set_options(
-        model,
-        dict(
-            r=r,
-            prop_attn=prop_attn,
-            trace_source=trace_source,
-            protect=protect,
-            class_layer=class_layer,
-            register_layer=register_layer,
-        ),
-    )
+    set_options(model, PatchOptions(r, prop_attn, trace_source, protect, class_layer, register_layer))
     return model

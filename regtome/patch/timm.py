@@ -19,35 +19,15 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..blocks import merging_block_forward
 from ..layout import PrefixLayout
+from ..options import DEFAULTS, PatchOptions
+from ..parts import original_class, timm_input_size, timm_layout
 from ..pooling import attention_pool_bias, kinds_scattered, leading_unpooled, pooled, size_weighted_pool
-from ..protection import DEFAULT_PROTECT
 from ..record import ForwardRecord
 from ..rope import timm_rope_table
 from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
-from .base import Embedded, PatchedModel, original_class, patched_class, set_options, validate
-from .timm_support import SUPPORTED_MODELS, check_model
-
-
-def timm_layout(model: nn.Module) -> PrefixLayout:
-    """The prefix of a timm VisionTransformer / Eva: `reg_token` holds the registers (DINOv3's storage tokens)."""
-    reg_token = getattr(model, "reg_token", None)
-    num_register = 0 if reg_token is None else int(reg_token.shape[1])
-    return PrefixLayout(num_class=model.num_prefix_tokens - num_register, num_register=num_register)
-
-
-def timm_input_size(model: nn.Module) -> tuple[int, int, int]:
-    return (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-
-
-def timm_parts(model: nn.Module) -> tuple[list[nn.Module], PrefixLayout, nn.Conv2d, tuple[int, int, int]]:
-    """Blocks, layout, patch convolution and input size of a timm model (TypeError for anything else)."""
-    if not isinstance(model, SUPPORTED_MODELS):
-        raise TypeError(
-            f"expected a timm VisionTransformer or Eva, or a model patched by regtome.patch.timm or "
-            f"regtome.patch.transformers; got {type(model).__name__}"
-        )
-    return list(model.blocks), timm_layout(model), model.patch_embed.proj, timm_input_size(model)
+from .base import Embedded, PatchedModel, patched_class, set_options, validate
+from .timm_support import check_model
 
 
 def embed(model: nn.Module, images: torch.Tensor, depth: int) -> Embedded:
@@ -230,19 +210,6 @@ class RegToMeVisionTransformer(PatchedModel):
             return self.attn_pool(x, attn_mask=attention_pool_bias(record, x.dtype, keep))
         return size_weighted_pool(x, size, pool_type or self.global_pool, keep)
 
-    # Read-only views of the last record, kept for code written against the first release.
-    @property
-    def regtome_size(self) -> Optional[torch.Tensor]:
-        return None if self.regtome_record is None else self.regtome_record.size
-
-    @property
-    def regtome_source(self) -> Optional[torch.Tensor]:
-        return None if self.regtome_record is None else self.regtome_record.source
-
-    @property
-    def regtome_tokens(self) -> list[int]:
-        return [] if self.regtome_record is None else list(self.regtome_record.tokens)
-
 
 def _sliced(record: ForwardRecord, start: int) -> ForwardRecord:
     """The record's sizes and kinds from token `start` on (what a pool over the sliced tokens needs)."""
@@ -256,12 +223,12 @@ def _refuse_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
 
 def timm(
     model: VisionTransformer,
-    r: RSchedule = 0,
-    prop_attn: bool = True,
-    trace_source: bool = False,
-    protect: str = DEFAULT_PROTECT,
-    class_layer: int = 0,
-    register_layer: int = 0,
+    r: RSchedule = DEFAULTS.r,
+    prop_attn: bool = DEFAULTS.prop_attn,
+    trace_source: bool = DEFAULTS.trace_source,
+    protect: str = DEFAULTS.protect,
+    class_layer: int = DEFAULTS.class_layer,
+    register_layer: int = DEFAULTS.register_layer,
 ) -> VisionTransformer:
     """Patch `model` in place for register-aware token merging and return it.
 
@@ -281,15 +248,5 @@ def timm(
     """
     check_model(model)
     model.__class__ = patched_class(RegToMeVisionTransformer, original_class(model))
-    set_options(
-        model,
-        dict(
-            r=r,
-            prop_attn=prop_attn,
-            trace_source=trace_source,
-            protect=protect,
-            class_layer=class_layer,
-            register_layer=register_layer,
-        ),
-    )
+    set_options(model, PatchOptions(r, prop_attn, trace_source, protect, class_layer, register_layer))
     return model

@@ -1,16 +1,36 @@
-"""Checks of the patch options: every value is validated before a forward pass uses it."""
+"""The patch options, defined once: their names, defaults and checks. Both patch functions take their
+defaults from `PatchOptions`, `regtome.options` and the record read `OPTIONS`, and every value is validated
+by `check_options` before a forward pass uses it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch.nn as nn
 
 from .layout import PrefixLayout
-from .protection import protection
-from .schedule import parse_r
+from .protection import DEFAULT_PROTECT, protection
+from .schedule import RSchedule, parse_r
 
-OPTIONS = ("r", "prop_attn", "trace_source", "protect", "class_layer", "register_layer")
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """What `regtome.patch.timm` / `regtome.patch.transformers` take, with their defaults (see there)."""
+
+    r: RSchedule = 0
+    prop_attn: bool = True
+    trace_source: bool = False
+    protect: str = DEFAULT_PROTECT
+    class_layer: int = 0
+    register_layer: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in OPTIONS}
+
+
+OPTIONS = tuple(field.name for field in fields(PatchOptions))
+DEFAULTS = PatchOptions()
 
 
 def check_options(options: dict[str, Any], layout: PrefixLayout, depth: int) -> list[int]:

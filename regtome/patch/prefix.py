@@ -10,11 +10,12 @@ from timm.layers import Attention
 from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 
-from .attention import project_qkv, rotary_qkv
-from .layout import prefix_names
-from .patch.api import options, trace
-from .patch.base import require_patched
-from .rope import initial_positions, rope_for_tokens
+from ..attention import attention_logits, project_qkv, rotary_qkv, size_bias
+from ..layout import prefix_names
+from ..parts import require_patched
+from ..rope import initial_positions, rope_for_tokens
+from ..tokens import slot_owner
+from .api import check_block, options, trace
 
 
 def _queries_and_keys(
@@ -34,10 +35,7 @@ def _queries_and_keys(
 
 def _check_block(model: nn.Module, block: int) -> int:
     require_patched(model, "regtome.prefix_attention")
-    depth = model.regtome_num_blocks
-    if not -depth <= block < depth:
-        raise ValueError(f"block must be in [{-depth}, {depth - 1}], got {block}")
-    block = block % depth
+    block = check_block(model, block, "block")
     target = model.regtome_blocks()[block]
     attn = getattr(target, "attn", None)
     if type(target) not in (Block, EvaBlock) or type(attn) is not Attention and not hasattr(attn, "rotate_half"):
@@ -81,7 +79,7 @@ def prefix_attention(
     x = captured["x"]
     positions = initial_positions(x.shape[0], len(names), x.shape[1] - len(names), x.device)
     q, k = _queries_and_keys(model, block, x, images, positions)
-    weights = ((q * target.attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+    weights = attention_logits(q, k, target.attn.scale).float().softmax(dim=-1)
     return weights[:, :, : len(names), len(names) :], names
 
 
@@ -92,12 +90,12 @@ def _merged_prefix_attention(model: nn.Module, images: torch.Tensor, block: int)
     names = _names(model, block)
     p = len(names)
     q, k = _queries_and_keys(model, block, target.norm1(state.x), images, state.position)
-    logits = ((q * target.attn.scale) @ k.transpose(-2, -1)).float()
-    if model.prop_attn and any(record.r):
-        logits = logits + state.size.log().transpose(1, 2)[:, None]
+    logits = attention_logits(q, k, target.attn.scale).float()
+    if model.prop_attn and any(record.r):  # proportional attention, as the model applies it
+        logits = logits + size_bias(state.size, logits.dtype)
     weights = logits.softmax(dim=-1)  # (B, heads, T, T)
     assert state.source is not None  # regtome.trace traces sources
-    holder = state.source.argmax(dim=1)  # (B, N): the token holding each slot of the full sequence
+    holder = slot_owner(state.source)  # (B, N): the token holding each slot of the full sequence
     full = model.regtome_layout().num_prefix
     prefix_holders = holder[:, full - p : full]  # the prefix slots present at `block`
     rows = weights.gather(2, prefix_holders[:, None, :, None].expand(-1, weights.shape[1], -1, weights.shape[-1]))
