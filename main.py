@@ -1,7 +1,7 @@
 """RegToMe research CLI: python main.py task=train|eval|benchmark|visualize|export [overrides]. See README.md.
 
 This file only composes and dispatches: `engine.cli.claim` checks the command line and claims the run
-folder, Hydra composes the config, and `engine.tasks.TASKS` names the module that runs the task.
+folder, Hydra composes the config, and `engine.task_table.TASKS` names the module that runs the task.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def _image_folder(
         if not os.path.isdir(folder):
             continue
         try:
-            skip = bool(cfg.get("skip_unreadable", False))
+            skip = split == "train" and bool(cfg.get("skip_unreadable", False))  # evaluation counts every image
             dataset = ImageFolderOrSkip(folder, transform=transform, loader=load_image, skip_unreadable=skip)
         except FileNotFoundError as err:
             raise DatasetError(f"{folder} holds no class folders with images ({err})") from err

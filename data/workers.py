@@ -16,9 +16,12 @@ from typing import Optional
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """A DataLoader `worker_init_fn`: SIGINT ignored, and no traceback for a connection the main process
-    closed while it stopped (a worker's thread that hands tensors over then loses its peer: not an error)."""
+    """A DataLoader `worker_init_fn`: SIGINT and SIGHUP (a closed terminal signals the whole job) ignored,
+    and no traceback for a connection the main process closed while it stopped (a worker's thread that hands
+    tensors over then loses its peer: not an error)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sys.excepthook = _quiet_when_the_main_process_left
 
 

@@ -107,9 +107,10 @@ def test_sighup_saves_and_stops_as_sigterm_does_and_nohup_goes_on(tmp_path):
             start_new_session=True,
             preexec_fn=lambda ignore=ignore: as_a_shell_starts_it(ignore),
         )
-    for run, process in processes.items():
+    for run, process in processes.items():  # the terminal closes: SIGHUP to the whole job, workers included
         wait_for(MOVED, (tmp_path / f"{run.name}.out").read_text, process)
-        os.kill(process.pid, signal.SIGHUP)
+        assert process.poll() is None, f"{run.name} ended before the hang-up"
+        os.killpg(process.pid, signal.SIGHUP)
     codes = {run: process.wait(180) for run, process in processes.items()}
     for log in logs.values():
         log.close()

@@ -171,7 +171,6 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
         )
     )
     assert line.startswith(f"error: cannot read image {bad}") and "delete or replace the file" in line
-    assert not (tmp_path / "outputs").exists()  # found before a step was trained: no run folder is left
 
 
 @pytest.mark.slow

@@ -120,8 +120,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(
     line = error_line(result)
     last = run / "checkpoints" / "last.pt"
     assert line == (
-        f"error: could not save a checkpoint in {run / 'checkpoints'}: {why} ([Errno {code}]); the previous {last} "
-        f"(1 epochs and 0 steps trained) is intact; once it can be written again, continue with: "
+        f"error: could not save a checkpoint in {run / 'checkpoints'}: {why} ([Errno {code}]); {last} "
+        f"(epoch 2 step 0) is intact; once it can be written again, continue with: "
         f"{sys.executable} main.py task=train hydra.run.dir={run} trainer.resume=true"
     )
     assert last_line(run / "main.log") == line
@@ -174,6 +174,24 @@ def test_an_unreadable_image_mid_epoch_keeps_what_was_trained_and_names_the_file
     assert f"state saved in {run / 'checkpoints' / 'last.pt'} (epoch 1 step 3)" in line
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step_in_epoch"] == 3
     assert last_line(run / "main.log") == line
+    # the resume command it printed, with dataset.skip_unreadable=true, finishes the epoch past the file
+    command = line.split("continue with: ")[1].split(" (add ")[0].split()
+    resumed = run_main(*command[2:], "dataset.skip_unreadable=true", cwd=tmp_path)
+    log = (run / "main.log").read_text()
+    assert resumed.returncode == 0 and "resumed from epoch 1 step 3 of" in log and f"{bad}" in log.split("resumed")[-1]
+    assert results(run)["epochs"] == 1 and last_line(run / "main.log").startswith("done: ")
+
+
+def test_a_folder_with_other_files_than_a_started_run_is_still_refused(tmp_path):
+    """Only a folder holding nothing but a started run's config, log and scalars is taken over: a visualize
+    folder (its figures) is refused as a folder that holds a run."""
+    run = tmp_path / "vis"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("task: visualize\n")
+    (run / "sample_0.png").write_bytes(b"a figure")
+    result = run_main("task=train", *SMOKE, f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "already holds a run" in error_line(result)
+    assert (run / "sample_0.png").read_bytes() == b"a figure" and not (run / "previous").exists()
 
 
 def test_skip_unreadable_skips_and_counts_in_the_log(tmp_path):
@@ -232,3 +250,24 @@ def test_a_torch_load_error_is_quoted_by_its_first_sentence_whole():
     )
     assert _reason(long) == "PytorchStreamReader failed reading zip archive: failed finding central directory"
     assert _reason(RuntimeError("x" * 500)) == "RuntimeError"  # too long to quote: its type
+
+
+def test_a_console_that_went_away_is_dropped_and_nothing_else_is():
+    """The stream wrapper: a closed pipe makes writes vanish (its descriptor then points at /dev/null); a
+    character the console's encoding lacks is still an error, as without the wrapper."""
+    import io
+    import os
+
+    from engine.run.console import _SurvivingStream
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (tee) is gone
+    stream = _SurvivingStream(open(write_end, "w", buffering=1))
+    assert stream.write("progress\n") == len("progress\n") and stream.gone
+    stream.write("more\n")
+    stream.flush()  # nothing raises: the descriptor now writes to /dev/null
+    assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull) or not os.path.exists("/proc/self/fd")
+    ascii_console = _SurvivingStream(io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
+    with pytest.raises(UnicodeEncodeError):
+        ascii_console.write("caf\u00e9")
+    assert not ascii_console.gone

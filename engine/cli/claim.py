@@ -99,8 +99,13 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     created = not folder.exists()
     lock = RunLock(folder).acquire()  # first: a second process is told who holds the folder
     try:
-        given = any(arg.startswith("hydra.run.dir=") for arg in argv)
-        mode = check_folder(folder, checked.cfg.task, bool(trainer.resume), bool(trainer.overwrite), given)
+        mode = check_folder(
+            folder,
+            checked.cfg.task,
+            resume=bool(trainer.resume),
+            overwrite=bool(trainer.overwrite),
+            run_dir_given=any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in argv),
+        )
     except UserError:
         lock.release()
         discard_new_folder(folder, created)
@@ -109,7 +114,9 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     if mode == "overwrite":
         move_aside(folder)
     if mode == "restart":
-        move_aside(folder, "no checkpoint to lose: what the run that stopped before its first save left in")
+        move_aside(
+            folder, "{folder} held a run that stopped before its first checkpoint; its files are now in {target}"
+        )
     hydra_argv.append(f"hydra.run.dir={folder}")  # exactly the folder that was checked and locked
     if mode == "resume":
         hydra_argv.append("hydra.output_subdir=null")  # the run's .hydra/ keeps the config it started with

@@ -12,10 +12,20 @@ directly so that a full disk cannot turn it into a logging traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, Iterable, TextIO
+
+READER_GONE = {errno.EPIPE, errno.EIO, errno.ENXIO}  # a closed pipe, a hung-up or vanished terminal
+
+
+def _reader_gone(err: Exception) -> bool:
+    """True for the errors of a console that went away (not, say, a character the encoding lacks)."""
+    if isinstance(err, OSError):
+        return err.errno in READER_GONE
+    return type(err) is ValueError and "closed file" in str(err)
 
 
 class _SurvivingStream:
@@ -29,15 +39,23 @@ class _SurvivingStream:
         if not self.gone:
             try:
                 return self._stream.write(text)
-            except (OSError, ValueError):  # EPIPE (reader gone), EIO (tty closed), ValueError (closed)
+            except (OSError, ValueError) as err:
+                if not _reader_gone(err):
+                    raise
                 self._go_quiet()
         return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
         if not self.gone:
             try:
                 self._stream.flush()
-            except (OSError, ValueError):
+            except (OSError, ValueError) as err:
+                if not _reader_gone(err):
+                    raise
                 self._go_quiet()
 
     def _go_quiet(self) -> None:
@@ -55,10 +73,11 @@ class _SurvivingStream:
 
 
 def survive_closed_console() -> None:
-    """Wrap sys.stdout and sys.stderr (once, before logging and progress bars take them)."""
-    if not isinstance(sys.stdout, _SurvivingStream):
+    """Wrap sys.stdout and sys.stderr (once, before logging and progress bars take them); a stream that is
+    None (started with `>&-`) stays None, as Python has it."""
+    if sys.stdout is not None and not isinstance(sys.stdout, _SurvivingStream):
         sys.stdout = _SurvivingStream(sys.stdout)  # type: ignore[assignment]
-    if not isinstance(sys.stderr, _SurvivingStream):
+    if sys.stderr is not None and not isinstance(sys.stderr, _SurvivingStream):
         sys.stderr = _SurvivingStream(sys.stderr)  # type: ignore[assignment]
 
 

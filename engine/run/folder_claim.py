@@ -150,6 +150,12 @@ def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir
                 f"trainer.resume=true but {last} does not exist: {folder} holds no run (the folder was left as it "
                 "is); pass hydra.run.dir=RUN of the run to continue"
             )
+        if set(record) & set(RESULT_FILES):
+            raise UserError(
+                f"trainer.resume=true but {last} does not exist: {folder} holds a run ({', '.join(record)}) with "
+                "no state to continue from; train into another folder (drop hydra.run.dir), or "
+                f"trainer.overwrite=true to move it to {folder / 'previous'}/ and train a new run there"
+            )
         raise UserError(
             f"trainer.resume=true but {last} does not exist: the run in {folder} stopped before its first "
             "checkpoint, so there is nothing to continue; train it anew with the same command without "
@@ -157,8 +163,8 @@ def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir
         )
     if not record:
         return "new"
-    if not set(record) & set(RESULT_FILES):
-        return "restart"
+    if {p.name for p in folder.iterdir()} <= STARTED_FILES | {"previous"}:
+        return "restart"  # only the config, log and scalars of a run that ended before its first checkpoint
     if task == "train" and overwrite:
         return "overwrite"
     what = ", ".join(record)
@@ -173,15 +179,17 @@ def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir
     )
 
 
-def move_aside(folder: Path, why: str = "trainer.overwrite=true: the run that was in") -> Path:
+def move_aside(
+    folder: Path, said: str = "trainer.overwrite=true: the run that was in {folder} is now in {target}"
+) -> Path:
     """Move every file of the run in `folder` into folder/previous/<time>/ (trainer.overwrite=true, or a
-    folder whose run ended before its first checkpoint)."""
+    folder whose run ended before its first checkpoint) and log `said` with the two folders filled in."""
     target = folder / "previous" / time.strftime("%Y-%m-%d_%H-%M-%S")
     target.mkdir(parents=True)
     for entry in folder.iterdir():
         if entry.name not in ("previous", LOCK_NAME):
             shutil.move(str(entry), str(target / entry.name))
-    log.warning("%s %s is now in %s", why, folder, target)
+    log.warning(said.format(folder=folder, target=target))
     return target
 
 
@@ -203,8 +211,7 @@ def discard_new_folder(folder: Path, created: bool) -> None:
     if not folder.is_dir():
         return
     (folder / LOCK_NAME).unlink(missing_ok=True)
-    names = {p.name for p in folder.iterdir()}
-    if not (names <= HYDRA_FILES or (created and names <= STARTED_FILES)):
+    if not {p.name for p in folder.iterdir()} <= HYDRA_FILES:
         return  # a run's files are there: keep everything
     if not created:  # the user's own (empty) folder: remove only what this command wrote
         shutil.rmtree(folder / ".hydra", ignore_errors=True)

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[dict]]:
     """With trainer.resume=true (or in a SLURM job requeued after a preemption or time-out), continue
     from run_dir's last.pt under its saved config; `trainer.*` and `runtime.*` keys given on this
-    command line replace the saved ones, and resumes.yaml records them."""
+    command line replace the saved ones (and `dataset.skip_unreadable`: an unreadable image met mid-run), and
+    resumes.yaml records them."""
     last = run_dir / "checkpoints" / "last.pt"
     requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()
     if not (cfg.trainer.resume or requeued):
@@ -59,12 +60,20 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
     saved = saved_config(checkpoint, last)
     resumed = apply_overrides(saved, cfg, overrides, groups=("trainer", "runtime"))
     resumed.trainer.resume = True
+    skip = [o for o in overrides if o.lstrip("+~").startswith("dataset.skip_unreadable=")]
+    if skip:
+        resumed = OmegaConf.merge(resumed, {"dataset": {"skip_unreadable": bool(cfg.dataset.skip_unreadable)}})
     if int(os.environ.get("RANK", "0")) == 0:
-        kept = [o for o in overrides if o.lstrip("+~").split(".", 1)[0] in ("trainer", "runtime")]
-        epoch, step = checkpoint["state"]["epoch"], checkpoint["state"]["step_in_epoch"]
-        append_resume(run_dir, kept, epoch, step)
-        log.info("resumed from epoch %d step %d of %s", epoch + 1, step, last)
+        kept = [o for o in overrides if o.lstrip("+~").split(".", 1)[0] in ("trainer", "runtime")] + skip
+        state = checkpoint["state"]
+        append_resume(run_dir, kept, state["epoch"], state["step_in_epoch"])
+        log.info("resumed from %s of %s", position(state["epoch"], state["step_in_epoch"]), last)
     return resumed, checkpoint
+
+
+def position(epochs_done: int, step_in_epoch: int) -> str:
+    """Where a run stands, numbered as its progress bar numbers it: 'epoch 2 step 5'."""
+    return f"epoch {epochs_done + 1} step {step_in_epoch}"
 
 
 def resume_command(run_dir: Path) -> str:
@@ -99,7 +108,7 @@ def save_failed(run: TrainRun, err: OSError) -> SaveFailed:
     last = run.ckpt_dir / "last.pt"
     try:  # memory-mapped: only the small state is read
         saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["state"]
-        intact = f"the previous {last} ({saved['epoch']} epochs and {saved['step_in_epoch']} steps trained) is intact"
+        intact = f"{last} ({position(saved['epoch'], saved['step_in_epoch'])}) is intact"
     except Exception:  # none yet, or unreadable
         intact = f"no earlier {last} to keep"
     return SaveFailed(
@@ -116,23 +125,25 @@ def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
     return TrainingInterrupted(
         stop.signum,
         (
-            f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1} step {state.step_in_epoch}; "
+            f"stopped by {signal.Signals(stop.signum).name} at {position(state.epoch, state.step_in_epoch)}; "
             f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: {resume_command(run.run_dir)}"
         ),
     )
 
 
 def unreadable_data(run: TrainRun, err: DatasetError) -> DatasetError:
-    """An image that cannot be read, met mid-epoch (ImageNet has some): what was trained is saved first
-    (one process; under torchrun the other ranks cannot join the save), and the error says how to go on."""
+    """An image that cannot be read, met in training or validation (ImageNet has some): what was trained is
+    saved first, and the error says how to go on. Not saved: under torchrun (the other ranks cannot join the
+    save), before the first update, or inside a gradient-accumulation window (its gradients would be lost)."""
     state = run.state
-    if run.session.info.enabled or state.num_updates == 0:
+    aligned = state.step_in_epoch % run.cfg.trainer.accum_steps == 0
+    if run.session.info.enabled or state.num_updates == 0 or not aligned:
         return err
     save(run, best=False)
     return DatasetError(
-        f"{one_line(err)}; state saved in {run.ckpt_dir / 'last.pt'} (epoch {state.epoch + 1} step "
-        f"{state.step_in_epoch}); after replacing the file, or with dataset.skip_unreadable=true, continue with: "
-        f"{resume_command(run.run_dir)}"
+        f"{one_line(err)}; state saved in {run.ckpt_dir / 'last.pt'} ({position(state.epoch, state.step_in_epoch)}); "
+        f"after replacing the file, continue with: {resume_command(run.run_dir)} (add dataset.skip_unreadable=true "
+        "to skip such training images instead)"
     )
 
 
@@ -168,9 +179,18 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
     if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
         eval_model = run.eval_model
-        val = evaluate(
-            eval_model, run.val_loader, session.device, session.dtype, session.info, prepare=session.prepare, desc="val"
-        )
+        try:
+            val = evaluate(
+                eval_model,
+                run.val_loader,
+                session.device,
+                session.dtype,
+                session.info,
+                prepare=session.prepare,
+                desc="val",
+            )
+        except DatasetError as err:  # the epoch is trained: keep it
+            raise unreadable_data(run, err) from None
         metrics |= {f"val_{k}": v for k, v in val.items()}
     metrics["seconds"] = time.perf_counter() - started
     state.history.append(metrics)
@@ -180,24 +200,20 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     return metrics
 
 
-def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> dict[str, Any]:
-    """The epochs still to train (all of them, or the rest after a resume); returns the last metrics."""
+def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> tuple[dict[str, Any], int]:
+    """The epochs still to train (all of them, or the rest after a resume, or trainer.stop_after_epochs of
+    them); returns the last metrics and the epochs this call trained."""
     state, tc = run.state, run.cfg.trainer
     metrics: dict[str, Any] = state.history[-1] if state.history else {}
+    done = 0
     with GracefulStop() as stop:
         for done, epoch in enumerate(range(state.epoch, tc.epochs), start=1):
             metrics = train_epoch(run, epoch, stop, writer)
             if run.session.info.is_main:
                 _log_epoch(writer, metrics, tc.epochs)
             if tc.stop_after_epochs and done >= tc.stop_after_epochs and state.epoch < tc.epochs:
-                if run.session.info.is_main:
-                    log.info(
-                        "stopping after %d epochs (trainer.stop_after_epochs); continue with: %s",
-                        done,
-                        resume_command(run.run_dir),
-                    )
                 break
-    return metrics
+    return metrics, done
 
 
 @contextmanager
@@ -217,12 +233,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     check_trainer_config(cfg)
     training = build_run(cfg, run_dir, checkpoint)
     with tensorboard(run_dir, training.session.info) as writer:
-        metrics = fit(training, writer)
-    return finish(training, metrics)
+        metrics, trained = fit(training, writer)
+    return finish(training, metrics, trained)
 
 
-def finish(run: TrainRun, metrics: dict[str, Any]) -> dict[str, Any]:
-    """results.json of the run (rank 0) and the closing line."""
+def finish(run: TrainRun, metrics: dict[str, Any], trained: int) -> dict[str, Any]:
+    """results.json of the run (rank 0) and the closing line: done, or where trainer.stop_after_epochs
+    stopped it and how to go on (the last line of main.log either way)."""
     state, session = run.state, run.session
     record = run_record(
         run.cfg,
@@ -243,6 +260,12 @@ def finish(run: TrainRun, metrics: dict[str, Any]) -> dict[str, Any]:
         write_results(run.run_dir, record)
         best = f"best val top-1 {state.best_top1:.2f}" if state.best_top1 >= 0 else "no validation yet"
         log.info("done: %s; run folder %s", best, run.run_dir)
+        if state.epoch < run.cfg.trainer.epochs:  # trainer.stop_after_epochs: the run goes on later
+            log.info(
+                "stopping after %d epochs (trainer.stop_after_epochs); continue with: %s",
+                trained,
+                resume_command(run.run_dir),
+            )
     return record
 
 

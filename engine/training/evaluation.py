@@ -21,7 +21,6 @@ from ..run.distributed import DistInfo, all_reduce_sum
 from ..run.runtime import autocast, synchronize
 
 log = logging.getLogger(__name__)
-PREDICTION_COLUMNS = ("index", "target", "pred", "correct", "prob")
 
 
 def shard(dataset: Dataset, info: DistInfo) -> Dataset:

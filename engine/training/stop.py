@@ -3,6 +3,7 @@ once (`GracefulStop`); any other work at the end of a block that must not be cut
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -11,6 +12,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from ..run.console import log_ending
 from ..run.distributed import DistInfo, all_reduce_sum
 
 
@@ -39,8 +41,10 @@ class GracefulStop:
 
     def _request(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            sys.stderr.write("\nstopped at once by a second Ctrl-C; checkpoints/last.pt holds the last save\n")
+            line = "stopped at once by a second Ctrl-C; checkpoints/last.pt holds the last save"
+            sys.stderr.write(f"\n{line}\n")
             sys.stderr.flush()
+            log_ending(line, logging.WARNING)
             os._exit(128 + signum)
         self.signum = signum
 
