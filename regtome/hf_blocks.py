@@ -11,7 +11,6 @@ the keys (before any rotation) averaged over heads as the metric, as for timm.
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -28,6 +27,7 @@ from .attention import size_bias
 from .layout import BlockPrefix
 from .rope import rope_for_tokens, rotate
 from .tokens import Tokens, merge_tokens
+from .upstream_hf import attn_implementation, eager_attention
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -73,8 +73,7 @@ def hf_attention(
     keys = k.mean(dim=1) if return_keys else None
     if rope is not None:  # transformers rotates the two halves of each head
         q, k = rotate(q, rope, half=True), rotate(k, rope, half=True)
-    eager = sys.modules[type(attn).__module__].eager_attention_forward  # the modeling file's own
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation(attn.config), eager_attention(attn))
     dropout = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0))
     scaling = getattr(attn, "scaling", getattr(attn, "scale", None))
     out, _ = attend(attn, q, k, v, bias, dropout=dropout if attn.training else 0.0, scaling=scaling)

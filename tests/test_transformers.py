@@ -336,3 +336,29 @@ def test_cli_preset_with_local_weights_trains_evaluates_and_visualizes(tmp_path)
         cwd=tmp_path,
     )
     assert (tmp_path / "vis" / "sample_0.png").exists() and (tmp_path / "vis" / "sample_0_features.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_the_cli_builder_sets_the_attention_implementation_of_every_module(implementation):
+    """model.attn_implementation reaches every module through transformers' public argument."""
+    from cli_helpers import ROOT
+    from omegaconf import OmegaConf
+
+    from engine.models.transformers import create_transformers_model
+    from regtome.upstream_hf import attn_implementation
+
+    preset = OmegaConf.load(ROOT / "configs" / "model" / "hf_dinov2_reg4_small.yaml")
+    cfg = OmegaConf.merge(
+        {"pretrained_dir": None, "kwargs": {}},
+        preset,
+        {"img_size": 32, "pretrained": False},
+        {"attn_implementation": implementation},
+    )
+    model = create_transformers_model(cfg, 10)
+    configs = {
+        attn_implementation(m.config)
+        for m in model.modules()
+        if hasattr(getattr(m, "config", None), "_attn_implementation")
+    }
+    assert configs == {implementation}

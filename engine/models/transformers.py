@@ -99,18 +99,21 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
         vision = getattr(config, "vision_config", config)
         vision.image_size = int(model_cfg["img_size"])
     implementation = model_cfg.get("attn_implementation") or "sdpa"
-    config._attn_implementation = implementation
     classification = type(config) in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
     auto = AutoModelForImageClassification if classification else AutoModel
     try:
         if pretrained:
-            model = auto.from_pretrained(source, config=config, ignore_mismatched_sizes=True, local_files_only=offline)
+            model = auto.from_pretrained(
+                source,
+                config=config,
+                attn_implementation=implementation,
+                ignore_mismatched_sizes=True,
+                local_files_only=offline,
+            )
         else:
-            model = auto.from_config(config)
+            model = auto.from_config(config, attn_implementation=implementation)
     except (OSError, ValueError) as err:
         raise UserError(_unreachable(source, err, offline)) from err
-    if hasattr(config, "vision_config"):  # SigLIP: the attention implementation of the vision tower
-        model.config.vision_config._attn_implementation = implementation
     return model if classification else HFClassifier(model, num_classes)
 
 

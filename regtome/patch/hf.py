@@ -36,6 +36,7 @@ from ..record import ForwardRecord
 from ..rope import rope_table
 from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
+from ..upstream_hf import attn_implementation
 from .base import Embedded, PatchedModel, patched_class, set_options
 
 # The attribute that holds the base model inside each classification model transformers ships
@@ -225,7 +226,7 @@ def check_model(model: nn.Module) -> tuple[nn.Module, Optional[str]]:
             f"regtome.patch.transformers supports {supported} and their classification models, "
             f"got {type(model).__name__}"
         )
-    implementation = base.config._attn_implementation
+    implementation = attn_implementation(base.config)
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise TypeError(
             f"attn_implementation={implementation!r} cannot take proportional attention's log(size) "

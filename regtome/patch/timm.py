@@ -13,7 +13,6 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.models._features import feature_take_indices
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
@@ -26,6 +25,7 @@ from ..record import ForwardRecord
 from ..rope import timm_rope_table
 from ..schedule import RSchedule
 from ..tokens import unmerge_to_grid
+from ..upstream_timm import feature_take_indices, position_embed
 from .base import Embedded, PatchedModel, patched_class, set_options, validate
 from .timm_support import check_model
 
@@ -34,8 +34,8 @@ def embed(model: nn.Module, images: torch.Tensor, depth: int) -> Embedded:
     """timm's steps before the blocks: the full sequence [prefix | patches], and for RoPE models the
     rotary table of each block (`regtome.rope`; 'mixed' RoPE has one per block)."""
     if not isinstance(model, Eva):
-        return Embedded(model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))))
-    x, rope = model._pos_embed(model.patch_embed(images))
+        return Embedded(model.norm_pre(model.patch_drop(position_embed(model, model.patch_embed(images)))))
+    x, rope = position_embed(model, model.patch_embed(images))
     if rope is None:
         return Embedded(model.norm_pre(x))
     table = timm_rope_table(rope)
