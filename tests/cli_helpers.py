@@ -100,6 +100,14 @@ def _run_main_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(["main.py", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line a refused or failed run printed, with no traceback beside it."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
 def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 

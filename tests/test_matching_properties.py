@@ -42,6 +42,15 @@ def token_sets(draw):
     return metric, kind, num_protected, num_registers, r
 
 
+def matching(case, apart: bool):
+    """The (merge, unmerge) of `case`, with kinds (apart) or without (prefix, class), and the r it must apply."""
+    metric, kind, num_protected, num_registers, r = case
+    merge, unmerge = bipartite_soft_matching(
+        metric, r, num_protected, kind=kind if apart else None, num_registers=num_registers
+    )
+    return merge, unmerge, capped_r(r, metric.shape[1], num_protected, num_registers if apart else None)
+
+
 def groups(merge, batch: int, num_tokens: int) -> torch.Tensor:
     """(B, T_out, T): which input tokens each output token holds."""
     identity = torch.eye(num_tokens)[None].expand(batch, -1, -1).contiguous()
@@ -51,12 +60,9 @@ def groups(merge, batch: int, num_tokens: int) -> torch.Tensor:
 @EXAMPLES
 @given(token_sets(), st.booleans())
 def test_every_input_token_lands_once_and_protected_tokens_stay_alone(case, apart):
-    metric, kind, num_protected, num_registers, r = case
+    metric, kind, num_protected, _, _ = case
     batch, num_tokens, _ = metric.shape
-    merge, unmerge = bipartite_soft_matching(
-        metric, r, num_protected, kind=kind if apart else None, num_registers=num_registers
-    )
-    expected_r = capped_r(r, num_tokens, num_protected, num_registers if apart else None)
+    merge, _, expected_r = matching(case, apart)
     held = groups(merge, batch, num_tokens)
     assert held.shape == (batch, num_tokens - expected_r, num_tokens)  # r capped, never past the cap
     assert torch.equal(held.sum(dim=1), torch.ones(batch, num_tokens))  # each input token in one output
@@ -73,11 +79,9 @@ def test_every_input_token_lands_once_and_protected_tokens_stay_alone(case, apar
 @EXAMPLES
 @given(token_sets(), st.booleans())
 def test_unmerge_gives_each_input_token_the_value_of_its_output_token(case, apart):
-    metric, kind, num_protected, num_registers, r = case
+    metric = case[0]
     batch, num_tokens, channels = metric.shape
-    merge, unmerge = bipartite_soft_matching(
-        metric, r, num_protected, kind=kind if apart else None, num_registers=num_registers
-    )
+    merge, unmerge, _ = matching(case, apart)
     merged = merge(metric, mode="mean")
     restored = unmerge(merged)
     assert restored.shape == metric.shape

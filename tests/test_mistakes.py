@@ -5,17 +5,14 @@ import json
 
 import pytest
 import torch
-from cli_helpers import SMOKE, results, run_main, write_image_folder
+from cli_helpers import SMOKE, error_line, results, run_main, write_image_folder
 
 CPU = ["runtime.device=cpu", "runtime.num_workers=0"]
 
 
 def one_line_error(result) -> str:
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
+    return error_line(result)
 
 
 @pytest.fixture(scope="module")

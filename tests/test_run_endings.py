@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from cli_helpers import SMOKE, results, run_main, write_image_folder
+from cli_helpers import SMOKE, error_line, results, run_main, write_image_folder
 
 from engine.run import checkpoint as checkpoint_module
 from engine.run.checkpoint import _reason
@@ -23,13 +23,6 @@ def last_line(path) -> str:
     """main.log's last line, without the logging prefix ('[time][logger][LEVEL] - ')."""
     line = [line for line in path.read_text().splitlines() if line.strip()][-1]
     return re.sub(r"^\[[^]]*\]\[[^]]*\]\[[A-Z]+\] - ", "", line)
-
-
-def error_line(result) -> str:
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ merge decisions sample by sample, time it against the unmerged export."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +78,3 @@ def reference_outputs(module: nn.Module, images: torch.Tensor, batch: int) -> tu
 def run_exported(runner: Runner, images: torch.Tensor, batch: int) -> list[np.ndarray]:
     parts = [runner(images[start : start + batch]) for start in range(0, len(images), batch)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
-def time_runtimes(runners: dict[str, Runner], images: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per batch of each runner, interleaved (each repeat runs every case in turn)."""
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner(images)
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, runner in runners.items():
-            start = time.perf_counter()
-            runner(images)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}

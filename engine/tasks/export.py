@@ -27,7 +27,8 @@ from data.images import load_images
 from ..cli.overrides import config_from_checkpoint
 from ..errors import UserError
 from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
-from ..report.parity import TOLERANCE, Runner, parity, reference_outputs, run_exported, time_runtimes
+from ..report.parity import TOLERANCE, Runner, parity, reference_outputs, run_exported
+from ..report.timing import interleaved_seconds
 from ..run.results import write_results
 from ..run.session import open_session
 from ..training.stop import ctrl_c_after_this
@@ -211,7 +212,8 @@ def benchmark_exports(
     export_graph(baseline, images[:2], unmerged_path, fmt, True, int(cfg.export.opset))
     inputs = images[:batch] if len(images) >= batch else images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch]
     runners = {"unmerged": Runner(unmerged_path, fmt, threads), "merged": Runner(path, fmt, threads)}
-    seconds = time_runtimes(runners, inputs, int(cfg.export.repeats))
+    calls = {name: (lambda runner=runner: runner(inputs)) for name, runner in runners.items()}  # one batch each
+    seconds = interleaved_seconds(calls, torch.device("cpu"), warmup=2, repeats=int(cfg.export.repeats), iters=1)
     size = regtome.input_size(model)
     ideal = regtome.schedule_gflops(model, 0, size) / regtome.vit_flops(model, size)
     speedup = seconds["unmerged"] / seconds["merged"]
