@@ -4,9 +4,10 @@
   folder claimed (`claim`), old configs read in today's names (`compat`), a checkpoint's config
   rebuilt with this command line's keys (`overrides`).
 - `run/`: what every task runs inside: the session (device, precision, processes, the model), the
-  runtime settings, torchrun, checkpoints, the run folder's name and lock, results.json.
+  runtime settings, torchrun, checkpoints, the run folder's name and lock, results.json, files written
+  whole (`atomic`), a console that may go away and main.log's ending line (`console`).
 - `models/`: models built from the `model` and `tome` config groups (timm and transformers).
-- `training/`: the training loop, its set-up, and stopping on signals.
-- `tasks/`: one module per task (`TASKS` maps each name to its module).
+- `training/`: the training loop, the evaluation loop, their set-up, and stopping on signals.
+- `task_table`: `TASKS`, each task's name to its module in `tasks/` (one module per task).
 - `report/`: sweep reports and paired statistics, fair timing, loader timing, register fates.
 """

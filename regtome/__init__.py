@@ -6,7 +6,7 @@ keeps register tokens out of patch tokens.
     regtome.patch.timm(model, r=16)
 
 Where each concern lives: `kinds` and `layout` (token kinds, the prefix, the per-block prefix rule),
-`protection` (what each protection mode means), `options` (the patch options: names, defaults, checks),
+`protection` (what each protection mode means), `patch_options` (the patch options: names, defaults, checks),
 `schedule` (r per block and the cap), `merge` (the matching), `tokens` (what travels with the sequence),
 `blocks` / `hf_blocks` / `attention` / `rope` (the blocks with a merge inside), `forward` (the merging
 loop), `pooling`, `record` (what a pass did), `parts` (what RegToMe reads of a model, patched or not),
@@ -64,4 +64,4 @@ __all__ = [
     "r_for_flops",
     "schedule_gflops",
 ]
-__version__ = "0.4.0"
+__version__ = "0.5.0"

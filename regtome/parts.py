@@ -13,7 +13,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from .layout import PrefixLayout
-from .options import DEFAULTS, model_options
+from .patch_options import DEFAULTS, model_options
 
 TIMM_MODELS = (VisionTransformer, Eva)
 

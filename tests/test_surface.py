@@ -92,7 +92,7 @@ def test_the_engine_uses_only_the_librarys_surface():
     import ast
     from pathlib import Path
 
-    from regtome.options import OPTIONS
+    from regtome.patch_options import OPTIONS
 
     root = Path(__file__).resolve().parents[1]
     for path in [*root.glob("engine/*.py"), *root.glob("scripts/*.py"), root / "main.py"]:
@@ -192,7 +192,17 @@ def test_the_core_never_imports_the_patch_layer():
         if path.name == "__init__.py":  # the package's entry re-exports the patch layer's names
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
+            if isinstance(node, ast.ImportFrom):  # from .patch import x, from . import patch, from regtome.patch ...
                 module = "." * node.level + (node.module or "")
-                assert not module.lstrip(".").startswith("patch"), f"{path.name} imports {module}"
-                assert not module.startswith("regtome.patch"), f"{path.name} imports {module}"
+                names = [f"{module}.{alias.name}" for alias in node.names] if node.module is None else [module]
+                for name in names:
+                    assert not imports_patch(name.lstrip(".")), f"{path.name} imports {name}"
+            if isinstance(node, ast.Import):  # import regtome.patch
+                for alias in node.names:
+                    assert not imports_patch(alias.name), f"{path.name} imports {alias.name}"
+
+
+def imports_patch(module: str) -> bool:
+    """True for regtome.patch and its modules ('patch', 'patch.api', 'regtome.patch.base'; not 'patch_options')."""
+    parts = module.split(".")
+    return parts[:1] == ["patch"] or parts[:2] == ["regtome", "patch"]

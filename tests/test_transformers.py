@@ -267,6 +267,24 @@ def test_flops_follow_the_token_counts():
     assert regtome.schedule_gflops(model, r, (3, 32, 32)) <= fraction * regtome.schedule_gflops(model, 0, (3, 32, 32))
 
 
+@pytest.mark.parametrize("protect", ["apart", "prefix"])
+@pytest.mark.parametrize("name", ["dinov2_reg", "dinov3", "vit_classifier"])
+def test_token_counts_are_what_the_forward_records(name, protect):
+    """regtome.token_counts (what the CLI's results.json reports) against real passes of transformers models."""
+    model = regtome.patch.transformers(build(name), protect=protect)
+    has_registers = regtome.prefix_layout(model).num_register > 0
+    late = dict(register_layer=1) if has_registers else dict(class_layer=1)
+    for options in (dict(r=3), dict(r=(40, -1.0)), dict(r=[2, 9, 30], **late)):
+        with torch.no_grad(), regtome.options(model, **options):
+            model(images())
+            record, counts = regtome.last_forward(model), regtome.token_counts(model, (3, 32, 32))
+        assert (counts.after, counts.r, counts.r_requested) == (
+            list(record.tokens),
+            list(record.r),
+            list(record.r_requested),
+        ), (name, protect, options)
+
+
 @pytest.mark.parametrize("name", ["dinov2_reg", "dinov3", "siglip"])
 @pytest.mark.slow
 def test_compiles_to_one_graph(name):

@@ -1,5 +1,5 @@
-"""An export checked against PyTorch: run it (onnxruntime or the torch.export program), compare the logits and
-merge decisions sample by sample, time it against the unmerged export."""
+"""An export checked against PyTorch: run it (onnxruntime or the torch.export program) and compare the logits
+and merge decisions sample by sample (timing it against the unmerged export is `timing.interleaved_seconds`)."""
 
 from __future__ import annotations
 

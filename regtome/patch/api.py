@@ -11,8 +11,16 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..options import OPTIONS
-from ..parts import patch_grid, require_patched
+from ..parts import (  # noqa: F401  (model_parts ... input_size: their earlier home, kept for old imports)
+    ModelParts,
+    current_options,
+    input_size,
+    model_parts,
+    patch_grid,
+    prefix_layout,
+    require_patched,
+)
+from ..patch_options import OPTIONS
 from ..record import ForwardRecord
 from ..tokens import unmerge_to_grid
 from .base import validate
@@ -70,7 +78,7 @@ def _blocks(model: nn.Module, blocks: Optional[Iterable[int]]) -> list[int]:
     bad = [b for b in wanted if not -depth <= b < depth]
     if bad:
         raise ValueError(f"blocks must be in [{-depth}, {depth - 1}], got {bad}")
-    return [check_block(model, b, "blocks") for b in wanted]
+    return [b % depth for b in wanted]
 
 
 def trace(model: nn.Module, images: torch.Tensor, blocks: Optional[Iterable[int]] = None) -> ForwardRecord:

@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from ..forward import BlockForward, run_blocks
 from ..layout import PrefixLayout, prefix_schedule
-from ..options import OPTIONS, PatchOptions, check_options, model_options
-from ..parts import is_patched, original_class
+from ..parts import is_patched, original_class, require_patched  # noqa: F401  (require_patched: old imports)
+from ..patch_options import OPTIONS, PatchOptions, check_options, model_options
 from ..protection import protection
 from ..record import ForwardRecord
 from ..schedule import RSchedule

@@ -30,8 +30,8 @@ from transformers.models.vit.modeling_vit import ViTModel
 
 from ..hf_blocks import ATTENTION_IMPLEMENTATIONS, LAYERS, hf_layer_forward
 from ..layout import PrefixLayout
-from ..options import DEFAULTS, OPTIONS, PatchOptions
 from ..parts import original_class
+from ..patch_options import DEFAULTS, OPTIONS, PatchOptions
 from ..record import ForwardRecord
 from ..rope import rope_table
 from ..schedule import RSchedule

@@ -18,8 +18,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..blocks import merging_block_forward
 from ..layout import PrefixLayout
-from ..options import DEFAULTS, PatchOptions
 from ..parts import original_class, timm_input_size, timm_layout
+from ..patch_options import DEFAULTS, PatchOptions
 from ..pooling import attention_pool_bias, kinds_scattered, leading_unpooled, pooled, size_weighted_pool
 from ..record import ForwardRecord
 from ..rope import timm_rope_table

@@ -1,6 +1,6 @@
 """The patch options, defined once: their names, defaults and checks. Both patch functions take their
-defaults from `PatchOptions`, `regtome.options` and the record read `OPTIONS`, and every value is validated
-by `check_options` before a forward pass uses it."""
+defaults from `PatchOptions`; the `regtome.options` context manager and the record read `OPTIONS`; every
+value is validated by `check_options` before a forward pass uses it."""
 
 from __future__ import annotations
 
