@@ -9,5 +9,6 @@
 - `models/`: models built from the `model` and `tome` config groups (timm and transformers).
 - `training/`: the training loop, the evaluation loop, their set-up, and stopping on signals.
 - `task_table`: `TASKS`, each task's name to its module in `tasks/` (one module per task).
-- `report/`: sweep reports and paired statistics, fair timing, loader timing, register fates.
+- `measure/`: fair timing, what merging buys, the training loader per worker, an export's parity.
+- `report/`: sweep reports and paired statistics, the benchmark's files, figures, register fates.
 """

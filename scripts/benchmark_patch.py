@@ -10,7 +10,7 @@
         (--model: a hub id or a save_pretrained folder; --random: its config with random weights)
 
 Each r schedule shares the unpatched model's weights; all cases are interleaved in one process
-after warm-up (the same measurement as `task=benchmark`: `engine.report.speed`). 'speedup' is against
+after warm-up (the same measurement as `task=benchmark`: `engine.measure.speed`). 'speedup' is against
 the unpatched model run the same way (eager or compiled), 'vs eager' against the eager unpatched model;
 'ideal' is the FLOP ratio (unpatched GFLOPs / merged GFLOPs); 'of ideal' is the speedup divided by it;
 latency is the median (and 90th percentile) of single calls; warm-up includes compilation.
@@ -30,8 +30,8 @@ import torch
 import regtome
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
+from engine.measure.speed import Timing, benchmark_rows
 from engine.models.build import register_argument
-from engine.report.speed import Timing, benchmark_rows
 from engine.run.compile import why_not_compile
 from engine.run.runtime import AMP_DTYPES, configure_threads, device_name
 

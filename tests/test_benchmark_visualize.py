@@ -202,7 +202,7 @@ def test_a_busy_machine_is_seen_before_timing(tmp_path):
     import subprocess
     import sys
 
-    from engine.report.timing import busy_processes, machine_note
+    from engine.measure.timing import busy_processes, machine_note
 
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -89,7 +89,7 @@ def test_a_new_schedule_compiles_once(images):
 
 @pytest.mark.slow
 def test_the_benchmark_times_eager_and_compiled_side_by_side_with_latency():
-    from engine.report.speed import Timing, benchmark_rows
+    from engine.measure.speed import Timing, benchmark_rows
 
     merged = regtome.patch.timm(make_vit("class_reg4"), r=2)
     baseline = regtome.remove_patch(make_vit("class_reg4"))

@@ -1,5 +1,5 @@
 """task=benchmark: what merging buys on this machine. Images/s and latency (inference, training step, dense
-features), eager and compiled, peak memory, GFLOPs, the training loader per worker (`engine.report.speed`).
+features), eager and compiled, peak memory, GFLOPs, the training loader per worker (`engine.measure.speed`).
 
 On a CPU the defaults are sized to finish in a few minutes (`benchmark.quick`: two schedules, batch 1 and 8);
 keys given on the command line win. Before timing, the machine is checked: a busy one is said in the
@@ -23,11 +23,11 @@ from data import count_classes
 
 from ..cli.overrides import override_keys
 from ..errors import UserError
+from ..measure.loader_timing import data_bound_notes, time_train_loader
+from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label
+from ..measure.timing import interleaved_seconds, machine_note
 from ..models.build import model_label, r_option
 from ..report.benchmark_report import write_outputs
-from ..report.loader_timing import data_bound_notes, time_train_loader
-from ..report.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label
-from ..report.timing import interleaved_seconds, machine_note
 from ..run.results import write_results
 from ..run.runtime import device_name, dtype_name
 from ..run.session import open_session

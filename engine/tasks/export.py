@@ -26,9 +26,9 @@ from data.images import load_images
 
 from ..cli.overrides import config_from_checkpoint
 from ..errors import UserError
+from ..measure.parity import TOLERANCE, Runner, parity, reference_outputs, run_exported
+from ..measure.timing import interleaved_seconds
 from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
-from ..report.parity import TOLERANCE, Runner, parity, reference_outputs, run_exported
-from ..report.timing import interleaved_seconds
 from ..run.results import write_results
 from ..run.session import open_session
 from ..training.stop import ctrl_c_after_this
