@@ -19,15 +19,22 @@ def override_keys(overrides: Iterable[str]) -> list[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
+def overridable(key: str, groups: Iterable[str]) -> bool:
+    """True for a key of one of `groups` ('trainer' takes 'trainer.lr'), or one named in it whole."""
+    groups = tuple(groups)
+    return key.split(".", 1)[0] in groups or key in groups
+
+
 def apply_overrides(
     saved: DictConfig, current: DictConfig, overrides: Iterable[str], groups: Iterable[str]
 ) -> DictConfig:
-    """`saved`, with the keys of `groups` that the command line set taken from `current`."""
+    """`saved`, with the keys the command line set taken from `current` where they are `overridable` by
+    `groups` (group names, or single keys such as 'dataset.skip_unreadable')."""
     result = saved.copy()
     groups = tuple(groups)
     for key in override_keys(overrides):
         group = key.split(".", 1)[0]
-        if group not in groups:
+        if not overridable(key, groups):
             continue
         if key == group:  # a group switch (dataset=cifar100) replaces the whole group
             OmegaConf.update(result, group, OmegaConf.select(current, group), merge=False, force_add=True)

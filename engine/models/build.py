@@ -98,9 +98,8 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
     if pretrained_file:
         if not os.path.isfile(pretrained_file):
             raise UserError(f"model.pretrained_file {pretrained_file} does not exist; give a .pth/.safetensors file")
-        kwargs["pretrained_cfg_overlay"] = dict(
-            file=str(pretrained_file), custom_load=False
-        )  # a state dict, not an .npz
+        # a state dict (.pth/.safetensors), not the .npz some pretrained configs name: no custom loader
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file), custom_load=False)
     pretrained = bool(model_cfg.get("pretrained") or pretrained_file)
     if pretrained and not pretrained_file and not hub_reachable():
         raise UserError(

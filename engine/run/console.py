@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import sys
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 READER_GONE = {errno.EPIPE, errno.EIO, errno.ENXIO}  # a closed pipe, a hung-up or vanished terminal
 
@@ -36,13 +36,7 @@ class _SurvivingStream:
         self.gone = False
 
     def write(self, text: str) -> int:
-        if not self.gone:
-            try:
-                return self._stream.write(text)
-            except (OSError, ValueError) as err:
-                if not _reader_gone(err):
-                    raise
-                self._go_quiet()
+        self._unless_gone(self._stream.write, text)
         return len(text)
 
     def writelines(self, lines: Iterable[str]) -> None:
@@ -50,13 +44,18 @@ class _SurvivingStream:
             self.write(line)
 
     def flush(self) -> None:
-        if not self.gone:
-            try:
-                self._stream.flush()
-            except (OSError, ValueError) as err:
-                if not _reader_gone(err):
-                    raise
-                self._go_quiet()
+        self._unless_gone(self._stream.flush)
+
+    def _unless_gone(self, call: Callable[..., Any], *args: Any) -> None:
+        """`call(*args)` on the real stream while its reader is there; once it is gone, nothing."""
+        if self.gone:
+            return
+        try:
+            call(*args)
+        except (OSError, ValueError) as err:
+            if not _reader_gone(err):
+                raise
+            self._go_quiet()
 
     def _go_quiet(self) -> None:
         """Point the descriptor at /dev/null: what is still buffered, and every later write, goes nowhere."""

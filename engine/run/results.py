@@ -69,4 +69,5 @@ def run_record(
 
 
 def write_results(run_dir: str | os.PathLike, record: Mapping[str, Any], name: str = "results.json") -> Path:
-    return atomic_write(Path(run_dir) / name, lambda f: f.write(json.dumps(record, indent=2, default=str) + "\n"), True)
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    return atomic_write(Path(run_dir) / name, lambda f: f.write(text), text=True)

@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data import DatasetError
 
 from ..cli.compat import saved_config
-from ..cli.overrides import apply_overrides
+from ..cli.overrides import apply_overrides, overridable, override_keys
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
 from ..run.checkpoint import load_checkpoint, save_training, training_checkpoint
 from ..run.distributed import DistInfo, barrier
@@ -41,13 +41,15 @@ from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_lo
 from ..training.stop import GracefulStop
 
 log = logging.getLogger(__name__)
+# What a resume may change: how it trains and where it runs, and whether unreadable images are skipped (an
+# unreadable image met mid-run); everything else is the saved run's.
+RESUME_OVERRIDES = ("trainer", "runtime", "dataset.skip_unreadable")
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[dict]]:
     """With trainer.resume=true (or in a SLURM job requeued after a preemption or time-out), continue
     from run_dir's last.pt under its saved config; `trainer.*` and `runtime.*` keys given on this
-    command line replace the saved ones (and `dataset.skip_unreadable`: an unreadable image met mid-run), and
-    resumes.yaml records them."""
+    command line replace the saved ones (`RESUME_OVERRIDES`), and resumes.yaml records them."""
     last = run_dir / "checkpoints" / "last.pt"
     requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()
     if not (cfg.trainer.resume or requeued):
@@ -58,13 +60,10 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
         )
     checkpoint = load_checkpoint(last)
     saved = saved_config(checkpoint, last)
-    resumed = apply_overrides(saved, cfg, overrides, groups=("trainer", "runtime"))
+    resumed = apply_overrides(saved, cfg, overrides, groups=RESUME_OVERRIDES)
     resumed.trainer.resume = True
-    skip = [o for o in overrides if o.lstrip("+~").startswith("dataset.skip_unreadable=")]
-    if skip:
-        resumed = OmegaConf.merge(resumed, {"dataset": {"skip_unreadable": bool(cfg.dataset.skip_unreadable)}})
     if int(os.environ.get("RANK", "0")) == 0:
-        kept = [o for o in overrides if o.lstrip("+~").split(".", 1)[0] in ("trainer", "runtime")] + skip
+        kept = [o for o, key in zip(overrides, override_keys(overrides)) if overridable(key, RESUME_OVERRIDES)]
         state = checkpoint["state"]
         append_resume(run_dir, kept, state["epoch"], state["step_in_epoch"])
         log.info("resumed from %s of %s", position(state["epoch"], state["step_in_epoch"]), last)

@@ -6,11 +6,11 @@ import torch.nn as nn
 from timm.layers import Attention, AttentionPoolLatent, AttentionRope
 from timm.layers.diff_attention import DiffAttention
 from timm.models.eva import Eva, EvaAttention
-from timm.models.vision_transformer import VisionTransformer
 
 from ..blocks import BLOCK_FORWARDS, block_attentions
+from ..parts import TIMM_MODELS
 
-SUPPORTED_MODELS = (VisionTransformer, Eva)
+SUPPORTED_MODELS = TIMM_MODELS  # the classes `regtome.parts` reads unpatched are the ones that patch
 SELF_ATTENTIONS = (Attention, DiffAttention, EvaAttention, AttentionRope)
 
 
