@@ -20,14 +20,14 @@ from .budget import r_for_flops, schedule_gflops
 from .flops import TokenCounts, token_counts, vit_flops
 from .kinds import CLASS, PATCH, REGISTER
 from .layout import PrefixLayout
-from .merge import bipartite_soft_matching, merge_source, merge_wavg
+from .merge import bipartite_soft_matching, capped_r, merge_source, merge_wavg
 from .parts import input_size, is_patched, patch_grid, prefix_layout
 from .patch.api import dense_features, forward_with_token_map, last_forward, options, trace
 from .patch.base import remove_patch
 from .patch.prefix import prefix_attention
 from .protection import DEFAULT_PROTECT, PROTECT_MODES, Protection, protection
 from .record import BlockTrace, ForwardRecord
-from .schedule import capped_r, parse_r, r_from_config
+from .schedule import parse_r, r_from_config
 
 __all__ = [
     "patch",

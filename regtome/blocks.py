@@ -32,8 +32,9 @@ from timm.models.vision_transformer import (
 from .attention import attention_with_keys, call_observing_keys, rope_attention_with_keys, size_bias
 from .forward import BlockForward
 from .layout import BlockPrefix
+from .merge import merge_tokens
 from .rope import rope_for_tokens
-from .tokens import Tokens, merge_tokens
+from .tokens import Tokens
 
 
 def _bias(tokens: Tokens, prop_attn: bool) -> Optional[torch.Tensor]:

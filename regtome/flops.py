@@ -20,9 +20,10 @@ from timm.models.vision_transformer import DiffParallelScalingBlock
 
 from .blocks import MERGES_AFTER_BLOCK, block_attentions
 from .layout import prefix_schedule
+from .merge import capped_r
 from .parts import current_options, model_parts
 from .protection import protection
-from .schedule import RSchedule, capped_r, parse_r
+from .schedule import RSchedule, parse_r
 
 
 def grid_tokens(model: nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -45,7 +46,7 @@ def count_tokens(model: nn.Module, r: RSchedule, input_size: tuple[int, int, int
     """The token counts of a forward at schedule r and the model's other options, without running it.
 
     Follows the patched forward through the same rule (`regtome.layout.prefix_schedule`, the cap of
-    `regtome.schedule.capped_r`): prefix groups join at class_layer / register_layer, the protected
+    `regtome.merge.capped_r`): prefix groups join at class_layer / register_layer, the protected
     tokens never merge, and parallel blocks merge after the block. The tests hold it to the record of
     real forward passes.
     """

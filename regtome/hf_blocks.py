@@ -25,8 +25,9 @@ from transformers.models.vit.modeling_vit import ViTLayer
 
 from .attention import size_bias
 from .layout import BlockPrefix
+from .merge import merge_tokens
 from .rope import rope_for_tokens, rotate
-from .tokens import Tokens, merge_tokens
+from .tokens import Tokens
 from .upstream_hf import attn_implementation, eager_attention
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")

@@ -1,11 +1,13 @@
-"""Bipartite soft matching (ToMe) that leaves the first `num_protected` tokens alone.
+"""A block's merge, top to bottom: `merge_tokens` (what a block calls between attention and MLP) asks
+`bipartite_soft_matching` (ToMe's, leaving the first `num_protected` tokens alone) for the r best pairs,
+at most `capped_r` of them, and merges sizes, kinds, positions, sources and owners alike.
 
 The token layout is ``[protected | mergeable]``. The protected tokens (class, distillation and,
 under protect="prefix", register tokens) are never merged and nothing is merged into them: they
 keep their positions. After a merge the layout is ``[protected | unmerged A tokens | B tokens]``.
 
 With `kind` (protect="apart"), a token may merge only with a token of its own kind: edges between
-kinds get a similarity of -inf, and the cap (`regtome.schedule.capped_r`) leaves enough same-kind
+kinds get a similarity of -inf, and the cap (`capped_r`, below) leaves enough same-kind
 pairs in every image, so the r best pairs are all same-kind.
 """
 
@@ -16,9 +18,32 @@ from typing import Callable, Optional
 
 import torch
 
-from .schedule import capped_r
+from .layout import BlockPrefix
+from .tokens import Tokens
 
 MergeFn = Callable[..., torch.Tensor]
+
+
+def merge_tokens(tokens: Tokens, keys: Optional[torch.Tensor], r: int, prefix: BlockPrefix) -> Tokens:
+    """Merge the r most similar mergeable tokens (by `keys`) under the block's prefix rule.
+
+    Sizes add up, kinds and positions are those of the destination token (a merge never mixes
+    kinds under protect="apart"), sources add up, owners follow their token."""
+    if r <= 0 or keys is None:
+        return tokens
+    merge, unmerge = bipartite_soft_matching(
+        keys, r, prefix.num_protected, kind=tokens.kind if prefix.apart else None, num_registers=prefix.num_register
+    )
+    x, size = merge_wavg(merge, tokens.x, tokens.size)
+    kind = merge(tokens.kind[..., None], mode="keep")[..., 0]
+    position = None if tokens.position is None else merge(tokens.position[..., None], mode="keep")[..., 0]
+    owner = None
+    if tokens.owner is not None:
+        batch, new_count = x.shape[:2]
+        went_to = unmerge(torch.arange(new_count, device=x.device)[None, :, None].expand(batch, -1, 1))[..., 0]
+        went_to = torch.cat([went_to, went_to.new_full((batch, 1), new_count)], dim=1)  # the not-entered slot
+        owner = went_to.gather(1, tokens.owner)
+    return Tokens(x, size, kind, merge_source(merge, tokens.source), position, owner)
 
 
 def _identity(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -40,7 +65,7 @@ def bipartite_soft_matching(
         num_protected: the first `num_protected` tokens are never merged.
         kind: optional (B, T) token kinds (`regtome.layout`): tokens merge only within their kind.
         num_registers: with `kind`, at most how many mergeable tokens are not patches (the cap
-            keeps every merge within a kind; see `regtome.schedule.capped_r`).
+            keeps every merge within a kind; see `capped_r`, below).
 
     The mergeable tokens alternate between sets A (even) and B (odd). Each A token picks its most
     similar B token by cosine similarity; the r A tokens with the highest such similarity merge.
@@ -109,6 +134,24 @@ def bipartite_soft_matching(
         return out.view(batch, num_tokens, channels)
 
     return merge, unmerge
+
+
+def capped_r(r: int, num_tokens: int, num_protected: int, apart_registers: Optional[int] = None) -> int:
+    """The most tokens one block can merge: r, capped so that every merge is a legal one.
+
+    Set A holds ceil(m/2) of the m mergeable tokens and set B the rest; at most m // 2 merge.
+    With ``apart_registers=R`` (protect="apart": at most R of the mergeable tokens are registers,
+    which merge only with registers) the cap is ``min(m // 2, ceil(m/2) - R)`` while
+    ``m // 2 > R``, else 0. Why that is safe at any r: at least m - R tokens are patches; at most
+    m // 2 of them sit in B, so at least ceil(m/2) - R patches sit in A, and at least m // 2 - R >= 1
+    patches sit in B, so each of those A patches has a patch to merge with. Registers merging with
+    registers only add to that. The matching takes its r best same-kind pairs, never another pair.
+    """
+    mergeable = num_tokens - num_protected
+    cap = mergeable // 2
+    if apart_registers:
+        cap = min(cap, (mergeable + 1) // 2 - apart_registers) if mergeable // 2 > apart_registers else 0
+    return max(0, min(r, cap))
 
 
 def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""How many tokens each block merges: the r schedule, the per-block cap, and r from a config file.
+"""How many tokens each block merges: the r schedule, and r from a config file (the per-block cap is the
+matching's: `regtome.merge.capped_r`).
 
 In Python an r is an int (same r in every block), a tuple ``(r, inflection)`` as in ToMe, or a
 list with one int per block. Config files (YAML, JSON, Hydra) have no tuples: `r_from_config`
@@ -7,7 +8,9 @@ is the one place that reads them, and it refuses a value that could mean two thi
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
+
+from .merge import capped_r  # noqa: F401  (its old import path; the cap belongs to the matching)
 
 RSchedule = Union[int, tuple, Sequence[int]]
 
@@ -97,21 +100,3 @@ def r_from_config(value: Any) -> RSchedule:
             raise ValueError(f"r must be >= 0, got {value}; for ToMe's schedule write [r,inflection] such as [16,-1.0]")
         return value
     raise ValueError(f"r must be an int, [r, inflection] or a list of ints per block, got {value!r}")
-
-
-def capped_r(r: int, num_tokens: int, num_protected: int, apart_registers: Optional[int] = None) -> int:
-    """The most tokens one block can merge: r, capped so that every merge is a legal one.
-
-    Set A holds ceil(m/2) of the m mergeable tokens and set B the rest; at most m // 2 merge.
-    With ``apart_registers=R`` (protect="apart": at most R of the mergeable tokens are registers,
-    which merge only with registers) the cap is ``min(m // 2, ceil(m/2) - R)`` while
-    ``m // 2 > R``, else 0. Why that is safe at any r: at least m - R tokens are patches; at most
-    m // 2 of them sit in B, so at least ceil(m/2) - R patches sit in A, and at least m // 2 - R >= 1
-    patches sit in B, so each of those A patches has a patch to merge with. Registers merging with
-    registers only add to that. The matching takes its r best same-kind pairs, never another pair.
-    """
-    mergeable = num_tokens - num_protected
-    cap = mergeable // 2
-    if apart_registers:
-        cap = min(cap, (mergeable + 1) // 2 - apart_registers) if mergeable // 2 > apart_registers else 0
-    return max(0, min(r, cap))

@@ -12,8 +12,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .layout import BlockPrefix
-from .merge import bipartite_soft_matching, merge_source, merge_wavg
 from .rope import NO_POSITION, initial_positions
 
 
@@ -86,28 +84,6 @@ def insert_prefix(tokens: Tokens, new_x: torch.Tensor, kind: int, first_slot: in
         else spliced(tokens.position, tokens.position.new_full((batch, count), NO_POSITION)),
         owner=owner,
     )
-
-
-def merge_tokens(tokens: Tokens, keys: Optional[torch.Tensor], r: int, prefix: BlockPrefix) -> Tokens:
-    """Merge the r most similar mergeable tokens (by `keys`) under the block's prefix rule.
-
-    Sizes add up, kinds and positions are those of the destination token (a merge never mixes
-    kinds under protect="apart"), sources add up, owners follow their token."""
-    if r <= 0 or keys is None:
-        return tokens
-    merge, unmerge = bipartite_soft_matching(
-        keys, r, prefix.num_protected, kind=tokens.kind if prefix.apart else None, num_registers=prefix.num_register
-    )
-    x, size = merge_wavg(merge, tokens.x, tokens.size)
-    kind = merge(tokens.kind[..., None], mode="keep")[..., 0]
-    position = None if tokens.position is None else merge(tokens.position[..., None], mode="keep")[..., 0]
-    owner = None
-    if tokens.owner is not None:
-        batch, new_count = x.shape[:2]
-        went_to = unmerge(torch.arange(new_count, device=x.device)[None, :, None].expand(batch, -1, 1))[..., 0]
-        went_to = torch.cat([went_to, went_to.new_full((batch, 1), new_count)], dim=1)  # the not-entered slot
-        owner = went_to.gather(1, tokens.owner)
-    return Tokens(x, size, kind, merge_source(merge, tokens.source), position, owner)
 
 
 def slot_owner(source: torch.Tensor) -> torch.Tensor:

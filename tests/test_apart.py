@@ -15,8 +15,7 @@ from test_families import build, images_for
 
 import regtome
 from regtome.layout import CLASS, PATCH, REGISTER
-from regtome.merge import bipartite_soft_matching
-from regtome.schedule import capped_r
+from regtome.merge import bipartite_soft_matching, capped_r
 
 WITH_REGISTERS = ["dinov3", "rope_reg_gap", "reg4_map", "diff_attention", "diff_parallel"]
 

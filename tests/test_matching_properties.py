@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regtome.layout import CLASS, PATCH, REGISTER
-from regtome.merge import bipartite_soft_matching, merge_wavg
-from regtome.schedule import capped_r
+from regtome.merge import bipartite_soft_matching, capped_r, merge_wavg
 
 EXAMPLES = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 

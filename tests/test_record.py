@@ -143,12 +143,42 @@ def test_each_job_of_a_sweep_in_one_process_locks_its_own_folder(tmp_path):
             "weights use trainer.init_from=PATH",
         ),
         (["tome.flops=0.5", "tome.r=4"], "error: tome.r and tome.flops both given"),
+        (["tome.r=null"], "error: tome.r is null: set tome.r=INT (or tome.flops=FRACTION"),
+        (["tome.flops=1.5"], "error: tome.flops=1.5: a fraction of the unmerged model's GFLOPs in (0, 1]"),
     ],
 )
 def test_keys_are_checked_before_anything_is_written(tmp_path, args, message):
     line = one_line_error(run_main("task=train", *SMOKE, *args, cwd=tmp_path, check=False))
     assert line.startswith(message), line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_rule_for_r_and_flops_on_the_command_line_in_a_file_and_in_the_builder(tmp_path):
+    """A config file that sets both (here an experiment file) meets the same rule as the command line."""
+    from engine.errors import UserError
+    from engine.models.build import tome_options
+    from engine.models.tome_group import merge_amount
+
+    import functools
+    import shutil
+
+    from engine.cli.claim import check_values
+    from engine.cli.command_line import check_command_line
+
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    (configs / "experiment" / "both.yaml").write_text("# @package _global_\ntome:\n  flops: 0.5\n")
+    with pytest.raises(UserError) as from_file:
+        check_command_line(["experiment=both"], configs, functools.partial(check_values, configs=configs))
+    assert str(from_file.value).startswith("tome.r and tome.flops both given (tome.r=8, tome.flops=0.5)")
+    for tome in ({"r": 8, "flops": 0.5}, {"r": None, "flops": None}, {"r": None, "flops": 2}):
+        with pytest.raises(UserError) as from_rule:
+            merge_amount(tome)
+        with pytest.raises(UserError) as from_builder:
+            tome_options({**tome, "prop_attn": True, "protect": "apart"})
+        assert str(from_rule.value) == str(from_builder.value)
+    assert merge_amount({"r": None, "flops": 0.5}) == (None, 0.5)
+    assert tome_options({"r": None, "flops": 0.5, "prop_attn": True, "protect": "apart"})["r"] == 0
 
 
 def test_every_suggested_key_is_a_key(tmp_path):

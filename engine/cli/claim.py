@@ -18,6 +18,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError, one_line
+from ..models.tome_group import check_flops, compact, r_option
 from ..run.folder_claim import RunLock, check_folder, discard_new_folder, move_aside
 from ..task_table import TASKS
 from .command_line import GROUP_HINTS, check_command_line, run_dir_of
@@ -25,7 +26,7 @@ from .command_line import GROUP_HINTS, check_command_line, run_dir_of
 
 def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
     """The first problem with the values given for `key` (every value of a sweep), or None."""
-    if key in ("tome.protect", "tome.r", "benchmark.r"):
+    if key == "tome.protect":
         import regtome  # torch: only for the keys that need the library's rules
     folder = configs / key
     for value in values:
@@ -37,26 +38,20 @@ def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
                 return f"unknown {key} {value!r}; choose one of {', '.join(options)}{GROUP_HINTS.get(key, '')}"
         if key == "tome.protect" and value not in regtome.PROTECT_MODES:
             return f"tome.protect={value}: choose one of {', '.join(regtome.PROTECT_MODES)}"
-        if key == "tome.r" and value is not None:
-            try:
-                regtome.r_from_config(value)
-            except ValueError as err:
-                return f"{key}={str(value).replace(' ', '')}: {err}"
-        if key == "runtime.compile":
-            from ..run.compile import compile_mode
+        try:
+            if key == "tome.r" and value is not None:
+                r_option(value)
+            if key == "tome.flops":
+                check_flops(value)
+            if key == "benchmark.r":
+                for r in value if isinstance(value, list) else [value]:
+                    r_option(r, f"{key} entry {compact(r)}")
+            if key == "runtime.compile":
+                from ..run.compile import compile_mode
 
-            try:
                 compile_mode(value)
-            except UserError as err:
-                return str(err)
-        if key == "tome.flops" and value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
-            return f"tome.flops={value}: a fraction of the unmerged model's GFLOPs in (0, 1], e.g. tome.flops=0.5"
-        if key == "benchmark.r":
-            for r in value if isinstance(value, list) else [value]:
-                try:
-                    regtome.r_from_config(r)
-                except ValueError as err:
-                    return f"{key} entry {str(r).replace(' ', '')}: {err}"
+        except UserError as err:
+            return str(err)
     return None
 
 

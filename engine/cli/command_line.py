@@ -16,6 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
+from ..models.tome_group import merge_amount
 from ..task_table import TASKS
 from .compat import RENAMED
 
@@ -183,17 +184,11 @@ def check_command_line(argv: list[str], configs: Path, check_values: Any) -> Che
     _, hydra_args = check_keys(overrides, configs)
     given = {o.key_or_group: o for o in overrides if not o.is_delete()}
     flops = given.get("tome.flops")
-    if flops is not None and "tome.r" in given and str(flops.value()) != "None":
-        raise UserError("tome.r and tome.flops both given: tome.flops chooses r from a FLOP budget; drop one of them")
     if flops is not None and "tome.r" not in given and str(flops.value()) != "None":
         hydra_args.append("tome.r=null")  # the budget replaces the default r
     composed_args = [first_value(o) if not o.is_delete() else o.input_line for o in _parse(hydra_args)]
     cfg = _compose(configs, composed_args)
-    if cfg.tome.get("flops") is not None and cfg.tome.get("r") is not None:
-        raise UserError(
-            f"tome.r={cfg.tome.r} and tome.flops={cfg.tome.flops} are both set (in a config file); "
-            "tome.flops chooses r from a FLOP budget: set tome.r=null, or drop tome.flops"
-        )
+    merge_amount(cfg.tome)  # tome.r or tome.flops, never both
     if cfg.task == "train" and cfg.get("ckpt"):
         *others, last = [name for name, task in TASKS.items() if task.reads_ckpt]
         readers = f"{', '.join(others)} and {last}"

@@ -17,31 +17,17 @@ import regtome
 
 from ..errors import UserError, first_line
 from .hub import hub_reachable
+from .tome_group import compact, merge_amount, r_option
 
 log = logging.getLogger(__name__)
-
-
-def r_option(value: Any, key: str = "tome.r") -> Any:
-    """An r from the config as regtome takes it (`regtome.r_from_config` holds the one rule)."""
-    try:
-        return regtome.r_from_config(value)
-    except ValueError as err:
-        raise UserError(f"{key}={compact(value)}: {err}") from err
-
-
-def compact(value: Any) -> str:
-    """An r schedule as one word for a log line: (16, -1.0) -> '(16,-1.0)'."""
-    return str(value).replace(" ", "")
 
 
 def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The tome group as regtome.patch keyword arguments (r is 0 until tome.flops chooses it)."""
     tome = OmegaConf.to_container(tome_cfg, resolve=True) if isinstance(tome_cfg, DictConfig) else dict(tome_cfg)
-    r = 0 if tome.get("flops") is not None else tome["r"]
-    if r is None:
-        raise UserError("tome.r is null: set tome.r=INT (or tome.flops=FRACTION to choose r from a FLOP budget)")
+    r, fraction = merge_amount(tome)
     return dict(
-        r=r_option(r),
+        r=0 if fraction is not None else r_option(r),
         prop_attn=bool(tome["prop_attn"]),
         protect=tome["protect"],
         class_layer=int(tome.get("class_layer", 0)),
@@ -153,6 +139,7 @@ def build_model(
     """The model group's model (timm, or Hugging Face transformers with model.source=transformers),
     patched with the tome group's options; tome.flops chooses r from a FLOP budget."""
     options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
+    _, fraction = merge_amount(tome_cfg)
     if is_transformers(model_cfg):
         from .transformers import create_transformers_model
 
@@ -163,11 +150,10 @@ def build_model(
         patch(model, trace_source=trace_source, **options)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot apply RegToMe to {model_cfg['name']}: {err}") from err
-    fraction = tome_cfg.get("flops")
     if fraction is not None:  # r from a FLOP budget (tome.flops), instead of tome.r
         size = int(model_cfg["img_size"])
         try:
-            r = regtome.r_for_flops(model, float(fraction), (3, size, size))
+            r = regtome.r_for_flops(model, fraction, (3, size, size))
         except ValueError as err:
             raise UserError(f"tome.flops={fraction}: {err}") from err
         patch(model, trace_source=trace_source, **(options | {"r": r}))

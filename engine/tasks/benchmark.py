@@ -26,7 +26,8 @@ from ..errors import UserError
 from ..measure.loader_timing import data_bound_notes, time_train_loader
 from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label
 from ..measure.timing import interleaved_seconds, machine_note
-from ..models.build import model_label, r_option
+from ..models.build import model_label
+from ..models.tome_group import compact, r_option
 from ..report.benchmark_report import write_outputs
 from ..run.results import write_results
 from ..run.runtime import device_name, dtype_name
@@ -111,7 +112,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     session = open_session(cfg, count_classes(cfg.dataset), distributed=False)
     merged, device, dtype = session.model, session.device, session.dtype
     bench = settings(cfg, overrides, device)
-    schedules = [r_option(r, "benchmark.r entry") for r in OmegaConf.to_container(bench.r, resolve=True)]
+    schedules = [r_option(r, f"benchmark.r entry {compact(r)}") for r in OmegaConf.to_container(bench.r, resolve=True)]
     for r in schedules:
         try:
             with regtome.options(merged, r=r):  # checks r against the model: fail before timing anything

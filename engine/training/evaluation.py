@@ -23,6 +23,12 @@ from ..run.runtime import autocast, synchronize
 log = logging.getLogger(__name__)
 
 
+def top_classes(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """(B, min(k, classes)) class indices, highest logit first: the one accuracy rule of training, validation
+    and evaluation (column 0 is the prediction; top-k counts a target anywhere in the row)."""
+    return logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+
+
 def shard(dataset: Dataset, info: DistInfo) -> Dataset:
     """Rank r gets samples r, r + W, r + 2W, ...: no padding, so nothing is counted twice."""
     return Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset
@@ -100,7 +106,7 @@ def _run_batches(
         else:
             first_of_shape[tuple(images.shape)] = (len(images), time.perf_counter() - start)
         logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top5 = top_classes(logits)
         hits = top5 == targets[:, None]
         totals += torch.stack(
             [

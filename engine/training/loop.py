@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..errors import NonFiniteLoss
 from ..models.build import logits_of
 from ..run.distributed import DistInfo, all_reduce_sum
+from .evaluation import top_classes
 from .stop import GracefulStop, stop_requested
 
 Batch = Callable[[torch.Tensor], torch.Tensor]
@@ -133,7 +134,7 @@ def train_step(
         optimizer_step(model, opt, state)
     sums, batch = state.epoch_sums, len(hard_targets)
     sums["loss"] += loss_value * batch
-    sums["correct"] += (logits.argmax(-1) == hard_targets).sum().item()
+    sums["correct"] += (top_classes(logits.detach(), k=1)[:, 0] == hard_targets).sum().item()
     sums["samples"] += batch
     state.step_in_epoch += 1
     return loss_value

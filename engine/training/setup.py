@@ -24,7 +24,8 @@ from data.workers import ignore_interrupts
 
 from ..cli.compat import upgrade_config
 from ..errors import UserError
-from ..models.build import compact, model_label
+from ..models.build import model_label
+from ..models.tome_group import compact
 from ..run.checkpoint import check_same_architecture, load_checkpoint, restore_training
 from ..run.runtime import autocast, set_rng_state
 from ..run.session import Session, open_session
