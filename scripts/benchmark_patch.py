@@ -1,4 +1,4 @@
-"""Throughput and latency of RegToMe against the unpatched timm model, eager and compiled, from one run.
+"""The library's speed in one command: RegToMe against the unpatched model, random weights and input, as flags.
 
     python scripts/benchmark_patch.py --registers 4        # ViT-S/16, 224, 4 registers, batch 8
     python scripts/benchmark_patch.py --registers 4 --batch 1 --r "[16]" --compile default   # + compiled rows
@@ -9,106 +9,84 @@
     python scripts/benchmark_patch.py --source transformers --model facebook/dinov2-with-registers-small
         (--model: a hub id or a save_pretrained folder; --random: its config with random weights)
 
-Each r schedule shares the unpatched model's weights; all cases are interleaved in one process
-after warm-up (the same measurement as `task=benchmark`: `engine.measure.speed`). 'speedup' is against
-the unpatched model run the same way (eager or compiled), 'vs eager' against the eager unpatched model;
-'ideal' is the FLOP ratio (unpatched GFLOPs / merged GFLOPs); 'of ideal' is the speedup divided by it;
-latency is the median (and 90th percentile) of single calls; warm-up includes compilation.
+A thin entry: the flags become `python main.py task=benchmark ...` overrides (printed first) and that
+command runs, so the measurement, the table (benchmark.md, printed at the end), benchmark.csv/.png and
+results.json are task=benchmark's (`engine.measure.speed`). Keys after the flags go to it as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import copy
+import json
+import os
+import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-import timm
-import torch
-
-import regtome
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
-from engine.measure.speed import Timing, benchmark_rows
-from engine.models.build import register_argument
-from engine.run.compile import why_not_compile
-from engine.run.runtime import AMP_DTYPES, configure_threads, device_name
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
+def config_r(r: Any) -> Any:
+    """A Python r (a tuple is ToMe's (r, inflection)) as the config writes it: (16, -1) -> [16, -1.0]."""
+    return [r[0], float(r[1])] if isinstance(r, tuple) else r
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The task=benchmark command line these flags mean."""
+    schedules = json.dumps([config_r(r) for r in ast.literal_eval(args.r)]).replace(" ", "")
+    out = [
+        "task=benchmark",
+        "dataset=synthetic",
+        "tome.r=0",
+        f"benchmark.r={schedules}",
+        f"benchmark.batch_sizes=[{args.batch}]",
+    ]
+    out += [f"benchmark.{key}={value}" for key, value in (("repeats", args.repeats), ("iters", args.iters))]
+    out += ["benchmark.warmup=2", f"benchmark.train_step={str(args.train).lower()}", "benchmark.dense=false"]
+    out += ["benchmark.loader=false", "benchmark.quick=false", f"benchmark.protect=[{args.protect}]"]
+    out += [f"runtime.device={args.device}", f"runtime.amp={args.amp}", f"runtime.compile={args.compile or 'false'}"]
+    out += [f"runtime.threads={args.threads if args.threads is not None else 'null'}", f"model.name={args.model}"]
+    out += ["model.drop_path=0.0", f"model.registers={args.registers if args.registers is not None else 'null'}"]
+    if args.source == "transformers":
+        folder = os.path.isdir(args.model) and not args.random
+        out += ["model.source=transformers", f"model.img_size={args.img_size or 224}"]
+        out += [f"model.pretrained={str(not args.random and not folder).lower()}"]
+        out += [f"model.pretrained_dir={args.model}"] if folder else []
+    else:
+        import timm  # the model's own input size unless --img-size says otherwise
+
+        size = args.img_size or timm.get_pretrained_cfg_value(args.model, "input_size")[-1]
+        out += ["model.source=timm", f"model.img_size={size}", "model.pretrained=false"]
+    return out + args.extra
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--source", choices=["timm", "transformers"], default="timm")
     parser.add_argument("--random", action="store_true", help="transformers: the config only, random weights")
-    parser.add_argument("--img-size", type=int, default=224, help="transformers: input size")
+    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own; 224)")
     parser.add_argument("--registers", type=int, default=None, help="register tokens (default: the model's own)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default="off")
     parser.add_argument("--r", default="[8, 13, 16, (16, -1.0)]", help="python list of schedules")
-    parser.add_argument(
-        "--protect",
-        default=regtome.DEFAULT_PROTECT,
-        help=f"comma-separated protection modes, each timed (default {regtome.DEFAULT_PROTECT})",
-    )
+    parser.add_argument("--protect", default="apart", help="comma-separated protection modes, each timed")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2)
-    parser.add_argument(
-        "--compile",
-        default=None,
-        help="also time torch.compile'd models in this mode "
-        "(default, reduce-overhead, max-autotune; CUDA adds reduce-overhead rows at batch 1)",
-    )
+    parser.add_argument("--compile", default=None, help="also time torch.compile'd models in this mode")
     parser.add_argument("--train", action="store_true", help="also time the training step (forward, backward, AdamW)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the usable cores)")
-    args = parser.parse_args()
+    parser.add_argument("extra", nargs="*", help="more task=benchmark overrides (key=value)")
+    return parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    configure_threads(args.threads)
-    if args.compile:
-        reason = why_not_compile(device)
-        if reason:
-            sys.exit(f"error: --compile: {reason}")
-    if args.source == "transformers":
-        from transformers import AutoConfig, AutoModel
 
-        config = AutoConfig.from_pretrained(args.model)
-        config.image_size = args.img_size
-        baseline = (
-            AutoModel.from_config(config) if args.random else AutoModel.from_pretrained(args.model, config=config)
-        )
-        patch = regtome.patch.transformers
-    else:
-        kwargs = {} if args.registers is None else {register_argument(args.model): args.registers}
-        baseline, patch = timm.create_model(args.model, **kwargs), regtome.patch.timm
-    baseline = baseline.to(device).eval()
-    merged = patch(copy.deepcopy(baseline))
-    protects = args.protect.split(",")
-    schedules = [
-        r if protects == [merged.protect] else {"r": r, "protect": protect}
-        for r in ast.literal_eval(args.r)
-        for protect in protects
-    ]
-    timing = Timing(warmup=2, repeats=args.repeats, iters=args.iters, train_step=args.train, compile=args.compile)
-    rows = benchmark_rows(baseline, merged, schedules, [args.batch], timing, device, AMP_DTYPES[args.amp])
-
-    name = device_name(device)
-    registers = regtome.prefix_layout(merged).num_register
-    print(
-        f"{args.model} reg={registers} | device {name} | batch {args.batch} | amp {args.amp} "
-        f"| torch {torch.__version__}"
-    )
-    print(
-        f"{'mode':>9} {'run':>11} {'r':>14} {'img/s':>8} {'ms':>7} {'p90 ms':>7} {'GFLOPs':>6} {'speedup':>8} "
-        f"{'vs eager':>8} {'ideal':>6} {'of ideal':>8} {'warm-up s':>9}"
-    )
-    for row in rows:
-        print(
-            f"{row['mode']:>9} {row['execution']:>11} {row['r']:>14} {row['images_per_s']:8.1f} "
-            f"{row['latency_ms']:7.1f} {row['latency_p90_ms']:7.1f} {row['gflops']:6.2f} {row['speedup']:7.2f}x "
-            f"{row['speedup_vs_eager']:7.2f}x {row['flop_speedup']:5.2f}x {row['of_ideal']:7.0%} {row['warmup_s']:9.1f}"
-        )
+def main() -> None:
+    command = [sys.executable, str(ROOT / "main.py"), *overrides(parse_args(sys.argv[1:]))]
+    print("running:", shlex.join(command), flush=True)
+    os.execv(sys.executable, command)
 
 
 if __name__ == "__main__":

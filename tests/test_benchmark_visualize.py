@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import compose_config, run_main
+from cli_helpers import ROOT, compose_config, run_main
 from PIL import Image
 
 from engine.report.figures import CELL_PX, grid_shape, merge_map, patch_groups
@@ -64,6 +64,25 @@ def test_benchmark_task_writes_csv_md_png(tmp_path):
     assert gflops["unpatched"] == gflops["0"] > gflops["2"] > gflops["(2,-1.0)"]
     assert Image.open(tmp_path / "benchmark.png").size == (1650, 440)  # three panels of 5.5 x 4.4 inches at 100 dpi
     assert "FLOP-ideal" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_benchmark_patch_script_is_task_benchmark_with_each_protection_mode(tmp_path):
+    """scripts/benchmark_patch.py only spells a task=benchmark command; --protect times each r under each mode."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_patch", ROOT / "scripts" / "benchmark_patch.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    flags = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--registers", "2", "--batch", "1"]
+    flags += ["--r", "[2, (2, -1)]", "--protect", "apart,prefix", "--repeats", "1", "--iters", "1"]
+    args = script.overrides(script.parse_args([*flags, f"hydra.run.dir={tmp_path}"]))
+    assert "benchmark.r=[2,[2,-1.0]]" in args and "benchmark.protect=[apart,prefix]" in args
+    run_main(*args, cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
+    assert [row["r"] for row in rows] == ["unpatched", "2 apart", "2 prefix", "(2,-1.0) apart", "(2,-1.0) prefix"]
+    assert {row["mode"] for row in rows} == {"inference"} and {row["registers"] for row in rows} == {"2"}
+    gflops = {row["r"]: float(row["gflops"]) for row in rows}
+    assert gflops["2 prefix"] < gflops["2 apart"] < gflops["unpatched"]  # apart keeps registers out of patches' merges
 
 
 def test_patch_groups_and_merge_map_on_a_hand_made_source():

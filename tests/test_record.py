@@ -155,15 +155,14 @@ def test_keys_are_checked_before_anything_is_written(tmp_path, args, message):
 
 def test_one_rule_for_r_and_flops_on_the_command_line_in_a_file_and_in_the_builder(tmp_path):
     """A config file that sets both (here an experiment file) meets the same rule as the command line."""
-    from engine.errors import UserError
-    from engine.models.build import tome_options
-    from engine.models.tome_group import merge_amount
-
     import functools
     import shutil
 
     from engine.cli.claim import check_values
     from engine.cli.command_line import check_command_line
+    from engine.errors import UserError
+    from engine.models.build import tome_options
+    from engine.models.tome_group import merge_amount
 
     configs = tmp_path / "configs"
     shutil.copytree(ROOT / "configs", configs)

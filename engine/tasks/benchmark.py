@@ -53,6 +53,28 @@ def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> Dic
     return bench
 
 
+def benchmark_schedules(bench: DictConfig, merged: nn.Module) -> list[Any]:
+    """Each benchmark.r entry, or with benchmark.protect each entry under each mode ({"r": r, "protect": mode}),
+    checked against the model before anything is timed."""
+    protects = list(bench.get("protect") or [merged.protect])
+    unknown = [mode for mode in protects if mode not in regtome.PROTECT_MODES]
+    if unknown:
+        raise UserError(
+            f"benchmark.protect: {unknown[0]!r} is not a mode; choose among {', '.join(regtome.PROTECT_MODES)}"
+        )
+    schedules = []
+    for r in OmegaConf.to_container(bench.r, resolve=True):
+        name = f"benchmark.r entry {compact(r)}"
+        r = r_option(r, name)
+        try:
+            with regtome.options(merged, r=r):  # checks r against the model: fail before timing anything
+                pass
+        except ValueError as err:
+            raise UserError(f"{name}: {err}") from err
+        schedules += [r] if protects == [merged.protect] else [{"r": r, "protect": mode} for mode in protects]
+    return schedules
+
+
 def schedule_for_speedup(
     baseline: nn.Module,
     merged: nn.Module,
@@ -112,13 +134,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     session = open_session(cfg, count_classes(cfg.dataset), distributed=False)
     merged, device, dtype = session.model, session.device, session.dtype
     bench = settings(cfg, overrides, device)
-    schedules = [r_option(r, f"benchmark.r entry {compact(r)}") for r in OmegaConf.to_container(bench.r, resolve=True)]
-    for r in schedules:
-        try:
-            with regtome.options(merged, r=r):  # checks r against the model: fail before timing anything
-                pass
-        except ValueError as err:
-            raise UserError(f"benchmark.r entry {r}: {err}") from err
+    schedules = benchmark_schedules(bench, merged)
     busy = machine_note()
     if busy:
         log.warning(busy)
