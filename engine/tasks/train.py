@@ -16,10 +16,10 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +31,7 @@ from ..cli.compat import saved_config
 from ..cli.overrides import apply_overrides, overridable, override_keys
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
 from ..run.checkpoint import load_checkpoint, save_training, training_checkpoint
-from ..run.distributed import DistInfo, barrier
+from ..run.distributed import barrier
 from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import rng_state
@@ -215,23 +215,13 @@ def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> tuple[dict[str, Any],
     return metrics, done
 
 
-@contextmanager
-def tensorboard(run_dir: Path, info: DistInfo) -> Iterator[Optional[SummaryWriter]]:
-    """Rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)."""
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if info.is_main else None
-    try:
-        yield writer
-    finally:
-        if writer is not None:
-            writer.close()
-
-
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
     cfg, checkpoint = resumed_config(cfg, run_dir, overrides)
     check_trainer_config(cfg)
     training = build_run(cfg, run_dir, checkpoint)
-    with tensorboard(run_dir, training.session.info) as writer:
+    # rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)
+    with SummaryWriter(str(run_dir / "tensorboard")) if training.session.info.is_main else nullcontext() as writer:
         metrics, trained = fit(training, writer)
     return finish(training, metrics, trained)
 
