@@ -28,6 +28,7 @@ from .patch.prefix import prefix_attention
 from .protection import DEFAULT_PROTECT, PROTECT_MODES, Protection, protection
 from .record import BlockTrace, ForwardRecord
 from .schedule import parse_r, r_from_config
+from .tokens import slot_owner
 
 __all__ = [
     "patch",
@@ -58,6 +59,7 @@ __all__ = [
     "bipartite_soft_matching",
     "merge_wavg",
     "merge_source",
+    "slot_owner",
     "vit_flops",
     "token_counts",
     "TokenCounts",

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import regtome
+
 from .pyplot import pyplot
 
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
@@ -28,8 +30,7 @@ def patch_groups(source: torch.Tensor, num_prefix: int) -> np.ndarray:
     Labels are renumbered 0..G-1 in order of first appearance; G is the number of output tokens
     that hold patches.
     """
-    patch_columns = source[:, num_prefix:]
-    owners = patch_columns.float().argmax(dim=0).cpu().numpy()  # each patch is in exactly one row
+    owners = regtome.slot_owner(source[None].float())[0, num_prefix:].cpu().numpy()
     _, labels = np.unique(owners, return_inverse=True)
     return labels
 

@@ -49,9 +49,9 @@ def register_fates(
         schedule = list(record.r_requested)
         for block in range(depth):
             source = record.blocks[block].source  # (B, T, N)
+            owner = regtome.slot_owner(source)  # (B, N): the output token that holds each slot
             for j in range(layout.num_register):
-                column = source[:, :, nc + j]  # (B, T): which output token holds register j
-                row = column.argmax(dim=1)
+                row = owner[:, nc + j]  # the token that holds register j
                 holder = source[torch.arange(len(row)), row]  # (B, N)
                 patches = holder[:, p:].sum(dim=1)
                 registers = holder[:, nc:p].sum(dim=1)
