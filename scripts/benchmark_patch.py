@@ -29,36 +29,49 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def config_r(r: Any) -> Any:
-    """A Python r (a tuple is ToMe's (r, inflection)) as the config writes it: (16, -1) -> [16, -1.0]."""
-    return [r[0], float(r[1])] if isinstance(r, tuple) else r
+    """A Python r as the config writes it: a tuple is ToMe's (r, inflection) pair, (16, -1) -> [16, -1.0]; a
+    two-entry per-block list gets a trailing 0 ([16, 1] -> [16, 1, 0], the same schedule) so that the config
+    cannot read it as a pair."""
+    if isinstance(r, tuple):
+        return [r[0], float(r[1])]
+    return r + [0] if isinstance(r, list) and len(r) == 2 else r
+
+
+def quoted(value: str) -> str:
+    """A string value for Hydra, quoted: a path with ',', '=' or '(' stays one value."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def native_size(name: str) -> int:
+    """A timm model's own input size (224 where timm has none registered, e.g. an hf-hub: name)."""
+    import timm
+
+    try:
+        return int(timm.get_pretrained_cfg_value(name, "input_size")[-1])
+    except (RuntimeError, TypeError, KeyError):
+        return 224
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
     """The task=benchmark command line these flags mean."""
     schedules = json.dumps([config_r(r) for r in ast.literal_eval(args.r)]).replace(" ", "")
-    out = [
-        "task=benchmark",
-        "dataset=synthetic",
-        "tome.r=0",
-        f"benchmark.r={schedules}",
-        f"benchmark.batch_sizes=[{args.batch}]",
-    ]
-    out += [f"benchmark.{key}={value}" for key, value in (("repeats", args.repeats), ("iters", args.iters))]
-    out += ["benchmark.warmup=2", f"benchmark.train_step={str(args.train).lower()}", "benchmark.dense=false"]
-    out += ["benchmark.loader=false", "benchmark.quick=false", f"benchmark.protect=[{args.protect}]"]
+    out = ["task=benchmark", "dataset=synthetic", "tome.r=0", f"benchmark.r={schedules}"]
+    out += [f"benchmark.batch_sizes=[{args.batch}]", f"benchmark.repeats={args.repeats}"]
+    out += [f"benchmark.iters={args.iters}", "benchmark.warmup=2", f"benchmark.train_step={str(args.train).lower()}"]
+    out += ["benchmark.dense=false", "benchmark.loader=false", "benchmark.quick=false"]
+    out += [f"benchmark.protect=[{args.protect}]"] if args.protect else []
     out += [f"runtime.device={args.device}", f"runtime.amp={args.amp}", f"runtime.compile={args.compile or 'false'}"]
-    out += [f"runtime.threads={args.threads if args.threads is not None else 'null'}", f"model.name={args.model}"]
-    out += ["model.drop_path=0.0", f"model.registers={args.registers if args.registers is not None else 'null'}"]
+    out += [f"runtime.threads={args.threads if args.threads is not None else 'null'}", "model.drop_path=0.0"]
+    out += [f"model.name={quoted(args.model)}"]
+    out += [f"model.registers={args.registers if args.registers is not None else 'null'}"]
     if args.source == "transformers":
         folder = os.path.isdir(args.model) and not args.random
         out += ["model.source=transformers", f"model.img_size={args.img_size or 224}"]
         out += [f"model.pretrained={str(not args.random and not folder).lower()}"]
-        out += [f"model.pretrained_dir={args.model}"] if folder else []
+        out += [f"model.pretrained_dir={quoted(args.model)}"] if folder else []
     else:
-        import timm  # the model's own input size unless --img-size says otherwise
-
-        size = args.img_size or timm.get_pretrained_cfg_value(args.model, "input_size")[-1]
-        out += ["model.source=timm", f"model.img_size={size}", "model.pretrained=false"]
+        out += ["model.source=timm", f"model.img_size={args.img_size or native_size(args.model)}"]
+        out += ["model.pretrained=false"]
     return out + args.extra
 
 
@@ -70,10 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own; 224)")
     parser.add_argument("--registers", type=int, default=None, help="register tokens (default: the model's own)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default="off")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    parser.add_argument("--amp", default="off", help="off, bf16, fp16 or auto (runtime.amp)")
     parser.add_argument("--r", default="[8, 13, 16, (16, -1.0)]", help="python list of schedules")
-    parser.add_argument("--protect", default="apart", help="comma-separated protection modes, each timed")
+    parser.add_argument(
+        "--protect", default=None, help="comma-separated protection modes, each timed (default: tome.protect's)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--compile", default=None, help="also time torch.compile'd models in this mode")

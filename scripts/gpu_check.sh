@@ -33,16 +33,17 @@ timeout "$LIMIT" "$PY" -m pytest -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT
 
 step "library benchmark, eager (fp16, batch 64): apart and prefix"
 run benchmark_patch.txt "$PY" scripts/benchmark_patch.py --registers 4 --device cuda --batch 64 --amp fp16 \
-    --r "[16, (16, -1.0)]" --protect apart,prefix
+    --r "[16, (16, -1.0)]" --protect apart,prefix hydra.run.dir="$OUT/benchmark_patch"
 for model in vit_small_patch16_dinov3 vit_base_patch16_siglip_224; do
-    run "benchmark_patch_$model.txt" "$PY" scripts/benchmark_patch.py --model "$model" --device cuda --batch 64 --amp fp16
+    run "benchmark_patch_$model.txt" "$PY" scripts/benchmark_patch.py --model "$model" --device cuda --batch 64 --amp fp16 \
+        hydra.run.dir="$OUT/benchmark_patch_$model"
 done
 
 step "compiled rows (inductor): fp16 batch 1 (+ CUDA graphs), 64, 256; bf16 batch 64"
 for spec in "fp16 1" "fp16 64" "fp16 256" "bf16 64"; do
     set -- $spec
     run "compiled_$1_b$2.txt" "$PY" scripts/benchmark_patch.py --registers 4 --device cuda --amp "$1" --batch "$2" \
-        --r "[16]" --compile default --repeats 7 --iters 5
+        --r "[16]" --compile default --repeats 7 --iters 5 hydra.run.dir="$OUT/compiled_$1_b$2"
 done
 
 step "generated 32 px image folder"

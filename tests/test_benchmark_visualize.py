@@ -66,13 +66,18 @@ def test_benchmark_task_writes_csv_md_png(tmp_path):
     assert "FLOP-ideal" in (tmp_path / "benchmark.md").read_text()
 
 
-def test_benchmark_patch_script_is_task_benchmark_with_each_protection_mode(tmp_path):
-    """scripts/benchmark_patch.py only spells a task=benchmark command; --protect times each r under each mode."""
+def _benchmark_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchmark_patch", ROOT / "scripts" / "benchmark_patch.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_benchmark_patch_script_is_task_benchmark_with_each_protection_mode(tmp_path):
+    """scripts/benchmark_patch.py only spells a task=benchmark command; --protect times each r under each mode."""
+    script = _benchmark_script()
     flags = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--registers", "2", "--batch", "1"]
     flags += ["--r", "[2, (2, -1)]", "--protect", "apart,prefix", "--repeats", "1", "--iters", "1"]
     args = script.overrides(script.parse_args([*flags, f"hydra.run.dir={tmp_path}"]))
@@ -80,9 +85,47 @@ def test_benchmark_patch_script_is_task_benchmark_with_each_protection_mode(tmp_
     run_main(*args, cwd=tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
     assert [row["r"] for row in rows] == ["unpatched", "2 apart", "2 prefix", "(2,-1.0) apart", "(2,-1.0) prefix"]
+    assert [row["protect"] for row in rows] == ["apart", "apart", "prefix", "apart", "prefix"]
     assert {row["mode"] for row in rows} == {"inference"} and {row["registers"] for row in rows} == {"2"}
     gflops = {row["r"]: float(row["gflops"]) for row in rows}
     assert gflops["2 prefix"] < gflops["2 apart"] < gflops["unpatched"]  # apart keeps registers out of patches' merges
+    assert json.loads((tmp_path / "results.json").read_text())["protect"] == "apart,prefix"
+
+
+def test_benchmark_schedules_take_one_entry_or_a_list():
+    import timm
+    from omegaconf import OmegaConf
+
+    import regtome
+    from engine.tasks.benchmark import benchmark_schedules
+
+    model = regtome.patch.timm(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, reg_tokens=2))
+    one = OmegaConf.create({"r": 2, "protect": "prefix"})  # a scalar r and a single mode, as a user may write them
+    assert benchmark_schedules(one, model) == [{"r": 2, "protect": "prefix"}]
+    assert benchmark_schedules(OmegaConf.create({"r": [2, [2, -1.0]], "protect": None}), model) == [2, (2, -1.0)]
+    both = OmegaConf.create({"r": [2], "protect": ["apart", "class"]})
+    assert benchmark_schedules(both, model) == [{"r": 2, "protect": "apart"}, {"r": 2, "protect": "class"}]
+
+
+def test_benchmark_patch_flags_map_onto_the_config():
+    script = _benchmark_script()
+
+    def mapped(*flags: str) -> dict[str, str]:
+        return dict(arg.split("=", 1) for arg in script.overrides(script.parse_args(list(flags))))
+
+    default = mapped()
+    assert default["model.img_size"] == "224" and default["model.pretrained"] == "false"
+    assert "benchmark.protect" not in default  # tome.protect's mode, as the task's default
+    assert mapped("--model", "vit_small_patch14_dinov2")["model.img_size"] == "518"  # the model's own size
+    assert mapped("--model", "hf-hub:someone/model")["model.img_size"] == "224"  # no timm config: 224
+    assert mapped("--r", "[[16, 0], (16, -1), 8]")["benchmark.r"] == "[[16,0,0],[16,-1.0],8]"  # never a pair
+    hub = mapped("--source", "transformers", "--model", "facebook/dinov2-with-registers-small", "--img-size", "64")
+    assert hub["model.pretrained"] == "true" and hub["model.img_size"] == "64" and "model.pretrained_dir" not in hub
+    folder = ROOT / "configs"  # any folder stands for a save_pretrained one
+    local = mapped("--source", "transformers", "--model", str(folder))
+    assert local["model.pretrained_dir"] == f"'{folder}'" and local["model.pretrained"] == "false"
+    assert "model.pretrained_dir" not in mapped("--source", "transformers", "--model", str(folder), "--random")
+    assert mapped("tome.protect=prefix")["tome.protect"] == "prefix"  # extra keys pass through
 
 
 def test_patch_groups_and_merge_map_on_a_hand_made_source():

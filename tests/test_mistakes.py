@@ -133,6 +133,8 @@ def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path
         (["task=train", "trainer.lr=-1"], "trainer.lr must be > 0, got -1"),
         (["task=train", "trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
         (["task=benchmark", "benchmark.r=[-1]"], "benchmark.r entry -1: r must be >= 0"),
+        (["task=benchmark", "benchmark.protect=[apart,bogus]"], "benchmark.protect=bogus: choose modes among"),
+        (["task=benchmark", "benchmark.protect=bogus"], "benchmark.protect=bogus: choose modes among"),
         (
             ["task=train", "tome.r=[16,-1]"],
             "tome.r=[16,-1]: [16,-1] is not a schedule: a per-block list holds ints >= 0; "

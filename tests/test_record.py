@@ -154,7 +154,8 @@ def test_keys_are_checked_before_anything_is_written(tmp_path, args, message):
 
 
 def test_one_rule_for_r_and_flops_on_the_command_line_in_a_file_and_in_the_builder(tmp_path):
-    """A config file that sets both (here an experiment file) meets the same rule as the command line."""
+    """tome.r or tome.flops, never both: refused for a config file and for a sweep before any job; the builder
+    applies the same rule (one function) to a config it is handed."""
     import functools
     import shutil
 
@@ -162,22 +163,38 @@ def test_one_rule_for_r_and_flops_on_the_command_line_in_a_file_and_in_the_build
     from engine.cli.command_line import check_command_line
     from engine.errors import UserError
     from engine.models.build import tome_options
-    from engine.models.tome_group import merge_amount
 
     configs = tmp_path / "configs"
     shutil.copytree(ROOT / "configs", configs)
     (configs / "experiment" / "both.yaml").write_text("# @package _global_\ntome:\n  flops: 0.5\n")
-    with pytest.raises(UserError) as from_file:
-        check_command_line(["experiment=both"], configs, functools.partial(check_values, configs=configs))
-    assert str(from_file.value).startswith("tome.r and tome.flops both given (tome.r=8, tome.flops=0.5)")
-    for tome in ({"r": 8, "flops": 0.5}, {"r": None, "flops": None}, {"r": None, "flops": 2}):
-        with pytest.raises(UserError) as from_rule:
-            merge_amount(tome)
-        with pytest.raises(UserError) as from_builder:
-            tome_options({**tome, "prop_attn": True, "protect": "apart"})
-        assert str(from_rule.value) == str(from_builder.value)
-    assert merge_amount({"r": None, "flops": 0.5}) == (None, 0.5)
-    assert tome_options({"r": None, "flops": 0.5, "prop_attn": True, "protect": "apart"})["r"] == 0
+    check = functools.partial(check_values, configs=configs)
+    with pytest.raises(UserError, match=r"^tome.r=8 and tome.flops=0.5 are both set \(in a config file\)"):
+        check_command_line(["experiment=both"], configs, check)
+    with pytest.raises(UserError, match="^tome.r and tome.flops both given"):  # any job of the sweep would fail
+        check_command_line(["-m", "tome.flops=null,0.5", "tome.r=8"], configs, check)
+    assert "tome.r=null" in check_command_line(["tome.flops=0.5"], configs, check).argv
+    assert "tome.flops=null" in check_command_line(["experiment=both", "tome.r=4"], configs, check).argv
+    options = {"prop_attn": True, "protect": "apart"}
+    with pytest.raises(UserError, match="are both set"):
+        tome_options({"r": 8, "flops": 0.5, **options})
+    with pytest.raises(UserError, match="^tome.r is null"):
+        tome_options({"r": None, "flops": None, **options})
+    assert tome_options({"r": None, "flops": 0.5, **options})["r"] == 0  # the budget chooses r later
+    assert tome_options({"r": [16, -1.0], "flops": None, **options})["r"] == (16, -1.0)
+
+
+def test_an_r_given_to_a_checkpoint_trained_with_a_flop_budget_is_the_r_that_runs(tmp_path):
+    smoke = [arg for arg in SMOKE if not arg.startswith("tome.r=")]
+    train = tmp_path / "train"
+    run_main("task=train", *smoke, "tome.flops=0.9", "trainer.epochs=1", f"hydra.run.dir={train}", cwd=tmp_path)
+    budget = json.loads((train / "results.json").read_text())
+    assert budget["flops_fraction"] == 0.9 and budget["r"] != 2
+    for r, folder in ((2, "r2"), (None, "budget")):
+        given = [f"tome.r={r}"] if r is not None else []
+        ckpt = f"ckpt={train / 'checkpoints' / 'best.pt'}"
+        run_main("task=eval", *smoke, ckpt, *given, f"hydra.run.dir={tmp_path / folder}", cwd=tmp_path)
+        record = json.loads((tmp_path / folder / "results.json").read_text())
+        assert (record["r"], record["flops_fraction"]) == ((2, None) if r else (budget["r"], 0.9))
 
 
 def test_every_suggested_key_is_a_key(tmp_path):

@@ -26,7 +26,7 @@ from .command_line import GROUP_HINTS, check_command_line, run_dir_of
 
 def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
     """The first problem with the values given for `key` (every value of a sweep), or None."""
-    if key == "tome.protect":
+    if key in ("tome.protect", "benchmark.protect"):
         import regtome  # torch: only for the keys that need the library's rules
     folder = configs / key
     for value in values:
@@ -38,6 +38,10 @@ def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
                 return f"unknown {key} {value!r}; choose one of {', '.join(options)}{GROUP_HINTS.get(key, '')}"
         if key == "tome.protect" and value not in regtome.PROTECT_MODES:
             return f"tome.protect={value}: choose one of {', '.join(regtome.PROTECT_MODES)}"
+        modes = value if isinstance(value, list) else [value] if value is not None else []
+        if key == "benchmark.protect" and any(mode not in regtome.PROTECT_MODES for mode in modes):
+            bad = next(mode for mode in modes if mode not in regtome.PROTECT_MODES)
+            return f"benchmark.protect={bad}: choose modes among {', '.join(regtome.PROTECT_MODES)}"
         try:
             if key == "tome.r" and value is not None:
                 r_option(value)

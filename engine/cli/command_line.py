@@ -184,8 +184,12 @@ def check_command_line(argv: list[str], configs: Path, check_values: Any) -> Che
     _, hydra_args = check_keys(overrides, configs)
     given = {o.key_or_group: o for o in overrides if not o.is_delete()}
     flops = given.get("tome.flops")
+    if flops is not None and "tome.r" in given and str(flops.value()) != "None":
+        raise UserError("tome.r and tome.flops both given: tome.flops chooses r from a FLOP budget; drop one of them")
     if flops is not None and "tome.r" not in given and str(flops.value()) != "None":
         hydra_args.append("tome.r=null")  # the budget replaces the default r
+    if "tome.r" in given and flops is None:
+        hydra_args.append("tome.flops=null")  # an r given replaces a budget (a checkpoint's saved tome.flops)
     composed_args = [first_value(o) if not o.is_delete() else o.input_line for o in _parse(hydra_args)]
     cfg = _compose(configs, composed_args)
     merge_amount(cfg.tome)  # tome.r or tome.flops, never both

@@ -200,14 +200,17 @@ def benchmark_rows(
     timing: Timing,
     device: torch.device,
     dtype: Any,
+    size: Optional[tuple[int, int, int]] = None,
 ) -> list[dict[str, Any]]:
     """A row per mode, execution, schedule and batch size: images/s, latency, speedups against the unpatched
-    model run the same way (`speedup`) and run eagerly (`speedup_vs_eager`), GFLOPs and the FLOP-ideal."""
-    size = regtome.input_size(merged)
+    model run the same way (`speedup`) and run eagerly (`speedup_vs_eager`), GFLOPs and the FLOP-ideal (and
+    the protection mode, when schedules name theirs). `size`: the (C, H, W) timed (default: the model's own)."""
+    size = size or regtome.input_size(merged)
     gflops = {BASELINE: regtome.schedule_gflops(merged, 0, size)}  # the unpatched model's count
     for r in schedules:
         with _schedule(merged, r):
             gflops[schedule_label(r)] = regtome.vit_flops(merged, size)
+    protects = {schedule_label(r): r["protect"] for r in schedules if isinstance(r, dict) and "protect" in r}
     modes = ["inference"] + ["train"] * timing.train_step
     modes += ["dense"] * (timing.dense and hasattr(merged, "forward_intermediates"))
     execs = executions(baseline, merged, timing, device)
@@ -224,5 +227,7 @@ def benchmark_rows(
                 for key, times in calls.items():
                     base = statistics.median(calls[(key[0], BASELINE)])
                     row = _row(mode, batch, key, times, base, eager_base, gflops, warm[key])
+                    if protects:  # modes compared (benchmark.protect): each row names its own
+                        row["protect"] = protects.get(key[1], merged.protect)
                     rows.append(row | {"peak_memory_mb": peak_memory_mb(device, cases[key])})
     return rows

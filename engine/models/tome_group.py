@@ -26,19 +26,20 @@ def r_option(value: Any, name: Optional[str] = None) -> Any:
 
 def check_flops(value: Any) -> None:
     """tome.flops is null or a fraction of the unmerged model's GFLOPs in (0, 1]."""
-    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
+    if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
         raise UserError(f"tome.flops={value}: a fraction of the unmerged model's GFLOPs in (0, 1], e.g. tome.flops=0.5")
 
 
 def merge_amount(tome: Mapping[str, Any]) -> tuple[Any, Optional[float]]:
     """(r, None) when tome.r says how much to merge, (None, fraction) when tome.flops does; a UserError when
-    both or neither are set."""
+    both or neither are set. (The command line spells this for its own keys: a tome.flops given sets tome.r=null,
+    a tome.r given sets tome.flops=null, both given is refused before this is read.)"""
     r, flops = tome.get("r"), tome.get("flops")
     check_flops(flops)
     if flops is not None and r is not None:
         raise UserError(
-            f"tome.r and tome.flops both given (tome.r={compact(r)}, tome.flops={flops}): tome.flops chooses r from "
-            "a FLOP budget; drop one of them (in a config file: set tome.r=null, or drop tome.flops)"
+            f"tome.r={compact(r)} and tome.flops={flops} are both set (in a config file); "
+            "tome.flops chooses r from a FLOP budget: set tome.r=null, or drop tome.flops"
         )
     if flops is None and r is None:
         raise UserError("tome.r is null: set tome.r=INT (or tome.flops=FRACTION to choose r from a FLOP budget)")

@@ -26,11 +26,11 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row)) + list(meta)
+    columns = list(dict.fromkeys([*(k for row in rows for k in row), *meta]))
     with open(run_dir / "benchmark.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(row | meta for row in rows)
+        writer.writerows(meta | row for row in rows)  # a row's own protection mode wins over the run's
     header = ", ".join(f"{k} {v}" for k, v in meta.items())
     lines = [f"# RegToMe benchmark\n\n{header}\n", TABLE, "|" + "---|" * TABLE.count(" | ") + "---|"]
     lines += [_line(row) for row in rows]
@@ -45,6 +45,11 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[
     plot(rows, meta, run_dir / "benchmark.png")
 
 
+def _schedule(row: dict[str, Any]) -> str:
+    """A row's r without its protection mode ('16 apart' -> '16'): the x axis when modes are compared."""
+    return row["r"].removesuffix(f" {row['protect']}") if row.get("protect") else row["r"]
+
+
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed."""
     plt = pyplot()
@@ -54,20 +59,25 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(modes), figsize=(width, 4.4), dpi=100, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         mode_rows = [r for r in rows if r["mode"] == mode]
-        labels = list(dict.fromkeys(r["r"] for r in mode_rows))
-        ideal = [next(r["flop_speedup"] for r in mode_rows if r["r"] == label) for label in labels]
-        ax.plot(labels, ideal, "k--", label="FLOP-ideal")
-        for execution in dict.fromkeys(r["execution"] for r in mode_rows):
-            for batch in sorted({r["batch_size"] for r in mode_rows if r["execution"] == execution}):
-                line = {
-                    r["r"]: r["speedup"] for r in mode_rows if r["execution"] == execution and r["batch_size"] == batch
-                }
-                ax.plot(
-                    list(line),
-                    list(line.values()),
-                    "o-" if execution == "eager" else "s:",
-                    label=f"{execution}, batch {batch}",
-                )
+        protects = list(dict.fromkeys(r.get("protect") for r in mode_rows if r["r"] != "unpatched")) or [None]
+        for i, protect in enumerate(protects):
+            named = f" ({protect})" if len(protects) > 1 else ""
+            rows_of = [r for r in mode_rows if r.get("protect") == protect or r["r"] == "unpatched"]
+            ideal = {_schedule(r): r["flop_speedup"] for r in rows_of}
+            ax.plot(list(ideal), list(ideal.values()), "k--" if i == 0 else "k-.", label=f"FLOP-ideal{named}")
+            for execution in dict.fromkeys(r["execution"] for r in rows_of):
+                for batch in sorted({r["batch_size"] for r in rows_of if r["execution"] == execution}):
+                    line = {
+                        _schedule(r): r["speedup"]
+                        for r in rows_of
+                        if r["execution"] == execution and r["batch_size"] == batch
+                    }
+                    ax.plot(
+                        list(line),
+                        list(line.values()),
+                        "o-" if execution == "eager" else "s:",
+                        label=f"{execution}, batch {batch}{named}",
+                    )
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set(title=mode, xlabel="r schedule", ylabel="speedup over the unpatched model")
         ax.tick_params(axis="x", labelsize=8)

@@ -53,25 +53,31 @@ def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> Dic
     return bench
 
 
+def as_list(value: Any) -> list[Any]:
+    """A config value that may be one entry or a list of them, as a list."""
+    value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def benchmark_schedules(bench: DictConfig, merged: nn.Module) -> list[Any]:
     """Each benchmark.r entry, or with benchmark.protect each entry under each mode ({"r": r, "protect": mode}),
     checked against the model before anything is timed."""
-    protects = list(bench.get("protect") or [merged.protect])
+    protects = as_list(bench.get("protect") or merged.protect)
     unknown = [mode for mode in protects if mode not in regtome.PROTECT_MODES]
     if unknown:
-        raise UserError(
-            f"benchmark.protect: {unknown[0]!r} is not a mode; choose among {', '.join(regtome.PROTECT_MODES)}"
-        )
+        raise UserError(f"benchmark.protect={unknown[0]}: choose modes among {', '.join(regtome.PROTECT_MODES)}")
     schedules = []
-    for r in OmegaConf.to_container(bench.r, resolve=True):
+    for r in as_list(bench.r):
         name = f"benchmark.r entry {compact(r)}"
         r = r_option(r, name)
-        try:
-            with regtome.options(merged, r=r):  # checks r against the model: fail before timing anything
-                pass
-        except ValueError as err:
-            raise UserError(f"{name}: {err}") from err
-        schedules += [r] if protects == [merged.protect] else [{"r": r, "protect": mode} for mode in protects]
+        own = [r] if protects == [merged.protect] else [{"r": r, "protect": mode} for mode in protects]
+        for schedule in own:
+            try:
+                with regtome.options(merged, **(schedule if isinstance(schedule, dict) else {"r": r})):
+                    pass  # checks r against the model (under each mode): fail before timing anything
+            except ValueError as err:
+                raise UserError(f"{name}: {err}") from err
+        schedules += own
     return schedules
 
 
@@ -83,6 +89,7 @@ def schedule_for_speedup(
     bench: Timing,
     device: torch.device,
     dtype,
+    size: tuple[int, int, int],
     tries: int = 6,
 ) -> dict[str, Any]:
     """The least merging whose measured inference speedup reaches `target` on this device.
@@ -90,7 +97,6 @@ def schedule_for_speedup(
     Starts at the FLOP budget 1/target (`regtome.r_for_flops`; no schedule reaches a speedup with
     fewer FLOPs saved, short of overheads vanishing) and lowers the budget by 0.05 until it is reached.
     """
-    size = regtome.input_size(merged)
     images = torch.randn(batch, *size, device=device)
     baseline.eval()
     merged.eval()
@@ -147,12 +153,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
         dense=bench.dense,
         compile=session.compile,
     )
-    rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing, device, dtype)
-    target = speed_target(bench, baseline, merged, timing, device, dtype)
+    size = (3, int(cfg.model.img_size), int(cfg.model.img_size))  # as configured (a hub config may say another)
+    rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing, device, dtype, size)
+    target = speed_target(bench, baseline, merged, timing, device, dtype, size)
     meta = {
         "model": model_label(cfg.model),
         "registers": regtome.prefix_layout(merged).num_register,
-        "protect": merged.protect,
+        "protect": ",".join(as_list(bench.get("protect") or merged.protect)),  # the modes timed
         "img_size": cfg.model.img_size,
         "device": device_name(device),
         "dtype": dtype_name(dtype),
@@ -181,15 +188,21 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
 
 
 def speed_target(
-    bench: DictConfig, baseline: nn.Module, merged: nn.Module, timing: Timing, device: torch.device, dtype: Any
+    bench: DictConfig,
+    baseline: nn.Module,
+    merged: nn.Module,
+    timing: Timing,
+    device: torch.device,
+    dtype: Any,
+    size: tuple[int, int, int],
 ) -> Any:
-    """benchmark.target_speedup: the least merging that reaches it (None when not asked)."""
+    """benchmark.target_speedup: the least merging that reaches it under tome.protect (None when not asked)."""
     if bench.target_speedup is None:
         return None
     if not bench.target_speedup > 1:
         raise UserError(f"benchmark.target_speedup must be > 1, got {bench.target_speedup}")
     return schedule_for_speedup(
-        baseline, merged, float(bench.target_speedup), max(bench.batch_sizes), timing, device, dtype
+        baseline, merged, float(bench.target_speedup), max(bench.batch_sizes), timing, device, dtype, size
     )
 
 

@@ -134,7 +134,7 @@ def train_step(
         optimizer_step(model, opt, state)
     sums, batch = state.epoch_sums, len(hard_targets)
     sums["loss"] += loss_value * batch
-    sums["correct"] += (top_classes(logits.detach(), k=1)[:, 0] == hard_targets).sum().item()
+    sums["correct"] += (top_classes(logits.detach().float(), k=1)[:, 0] == hard_targets).sum().item()
     sums["samples"] += batch
     state.step_in_epoch += 1
     return loss_value
