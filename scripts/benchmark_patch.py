@@ -20,6 +20,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -30,15 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def config_r(r: Any) -> Any:
     """A Python r as the config writes it: a tuple is ToMe's (r, inflection) pair, (16, -1) -> [16, -1.0]; a
-    two-entry per-block list gets a trailing 0 ([16, 1] -> [16, 1, 0], the same schedule) so that the config
-    cannot read it as a pair."""
+    two-entry per-block list ending in 0 or 1 gets a trailing 0 ([16, 1] -> [16, 1, 0], the same schedule) so
+    that the config cannot read it as a pair."""
     if isinstance(r, tuple):
         return [r[0], float(r[1])]
-    return r + [0] if isinstance(r, list) and len(r) == 2 else r
+    return r + [0] if isinstance(r, list) and len(r) == 2 and r[1] in (0, 1) else r
 
 
 def quoted(value: str) -> str:
-    """A string value for Hydra, quoted: a path with ',', '=' or '(' stays one value."""
+    """A string value for Hydra, quoted where it must be: a path with ',', '=' or '(' stays one value."""
+    if re.fullmatch(r"[\w./:+-]+", value):
+        return value
     return "'" + value.replace("'", "\\'") + "'"
 
 

@@ -85,7 +85,7 @@ def test_benchmark_patch_script_is_task_benchmark_with_each_protection_mode(tmp_
     run_main(*args, cwd=tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
     assert [row["r"] for row in rows] == ["unpatched", "2 apart", "2 prefix", "(2,-1.0) apart", "(2,-1.0) prefix"]
-    assert [row["protect"] for row in rows] == ["apart", "apart", "prefix", "apart", "prefix"]
+    assert [row["protect"] for row in rows] == ["", "apart", "prefix", "apart", "prefix"]  # unpatched: none
     assert {row["mode"] for row in rows} == {"inference"} and {row["registers"] for row in rows} == {"2"}
     gflops = {row["r"]: float(row["gflops"]) for row in rows}
     assert gflops["2 prefix"] < gflops["2 apart"] < gflops["unpatched"]  # apart keeps registers out of patches' merges
@@ -107,6 +107,27 @@ def test_benchmark_schedules_take_one_entry_or_a_list():
     assert benchmark_schedules(both, model) == [{"r": 2, "protect": "apart"}, {"r": 2, "protect": "class"}]
 
 
+def test_benchmark_rows_time_and_count_at_the_size_asked():
+    """task=benchmark times at model.img_size even where the model was built for another (a hub config's)."""
+    import timm
+
+    import regtome
+    from engine.measure.speed import Timing, benchmark_rows
+
+    baseline = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, reg_tokens=2, dynamic_img_size=True)
+    merged = regtome.patch.timm(
+        timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, reg_tokens=2, dynamic_img_size=True)
+    )
+    timing = Timing(warmup=0, repeats=1, iters=1, train_step=False)
+    rows = benchmark_rows(baseline, merged, [2], [1], timing, torch.device("cpu"), None, size=(3, 64, 64))
+    gflops = {row["r"]: row["gflops"] for row in rows}
+    with regtome.options(merged, r=2):
+        assert gflops["2"] == pytest.approx(regtome.vit_flops(merged, (3, 64, 64)))
+    assert gflops["unpatched"] == pytest.approx(regtome.schedule_gflops(merged, 0, (3, 64, 64)))
+    assert gflops["unpatched"] > regtome.schedule_gflops(merged, 0, (3, 32, 32))
+    assert regtome.last_forward(merged).tokens[0] == 64 + 3 - 2  # a 64 px pass ran: 8 x 8 patches, 3 prefix, r=2
+
+
 def test_benchmark_patch_flags_map_onto_the_config():
     script = _benchmark_script()
 
@@ -123,7 +144,8 @@ def test_benchmark_patch_flags_map_onto_the_config():
     assert hub["model.pretrained"] == "true" and hub["model.img_size"] == "64" and "model.pretrained_dir" not in hub
     folder = ROOT / "configs"  # any folder stands for a save_pretrained one
     local = mapped("--source", "transformers", "--model", str(folder))
-    assert local["model.pretrained_dir"] == f"'{folder}'" and local["model.pretrained"] == "false"
+    assert local["model.pretrained_dir"] == script.quoted(str(folder)) and local["model.pretrained"] == "false"
+    assert script.quoted("/data/a,b=(c)") == "'/data/a,b=(c)'" and script.quoted("vit_small") == "vit_small"
     assert "model.pretrained_dir" not in mapped("--source", "transformers", "--model", str(folder), "--random")
     assert mapped("tome.protect=prefix")["tome.protect"] == "prefix"  # extra keys pass through
 

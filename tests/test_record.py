@@ -183,6 +183,7 @@ def test_one_rule_for_r_and_flops_on_the_command_line_in_a_file_and_in_the_build
     assert tome_options({"r": [16, -1.0], "flops": None, **options})["r"] == (16, -1.0)
 
 
+@pytest.mark.slow
 def test_an_r_given_to_a_checkpoint_trained_with_a_flop_budget_is_the_r_that_runs(tmp_path):
     smoke = [arg for arg in SMOKE if not arg.startswith("tome.r=")]
     train = tmp_path / "train"

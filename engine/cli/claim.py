@@ -38,10 +38,12 @@ def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
                 return f"unknown {key} {value!r}; choose one of {', '.join(options)}{GROUP_HINTS.get(key, '')}"
         if key == "tome.protect" and value not in regtome.PROTECT_MODES:
             return f"tome.protect={value}: choose one of {', '.join(regtome.PROTECT_MODES)}"
-        modes = value if isinstance(value, list) else [value] if value is not None else []
-        if key == "benchmark.protect" and any(mode not in regtome.PROTECT_MODES for mode in modes):
-            bad = next(mode for mode in modes if mode not in regtome.PROTECT_MODES)
-            return f"benchmark.protect={bad}: choose modes among {', '.join(regtome.PROTECT_MODES)}"
+        if key == "benchmark.protect" and value is not None:
+            bad = [
+                mode for mode in (value if isinstance(value, list) else [value]) if mode not in regtome.PROTECT_MODES
+            ]
+            if bad:
+                return f"benchmark.protect={bad[0]}: choose modes among {', '.join(regtome.PROTECT_MODES)}"
         try:
             if key == "tome.r" and value is not None:
                 r_option(value)

@@ -3,7 +3,8 @@
 Each problem is one line (`UserError`): an unknown key names the nearest valid keys, a renamed key
 its new name, a bad value what it must be; every value of a sweep is checked, so `tome.r=4,-1,8`
 fails before its first job. What passes is handed to Hydra unchanged, except that a new key under
-a free-form group (`model.kwargs.depth=4`) is spelled `++` for it.
+a free-form group (`model.kwargs.depth=4`) is spelled `++` for it, and that a `tome.flops` given adds
+`tome.r=null` and a `tome.r` given adds `tome.flops=null` (`engine.models.tome_group`: one of them, never both).
 """
 
 from __future__ import annotations

@@ -228,6 +228,6 @@ def benchmark_rows(
                     base = statistics.median(calls[(key[0], BASELINE)])
                     row = _row(mode, batch, key, times, base, eager_base, gflops, warm[key])
                     if protects:  # modes compared (benchmark.protect): each row names its own
-                        row["protect"] = protects.get(key[1], merged.protect)
+                        row["protect"] = protects.get(key[1])  # None for the unpatched model
                     rows.append(row | {"peak_memory_mb": peak_memory_mb(device, cases[key])})
     return rows

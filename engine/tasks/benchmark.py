@@ -153,7 +153,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
         dense=bench.dense,
         compile=session.compile,
     )
-    size = (3, int(cfg.model.img_size), int(cfg.model.img_size))  # as configured (a hub config may say another)
+    size = tuple(session.inputs["input_size"])  # model.img_size (a hub model's own config may say another)
     rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing, device, dtype, size)
     target = speed_target(bench, baseline, merged, timing, device, dtype, size)
     meta = {
