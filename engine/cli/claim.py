@@ -18,7 +18,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError, one_line
-from ..models.tome_group import check_flops, compact, r_option
+from ..models.tome_group import check_flops, compact, protect_modes, r_option
 from ..run.folder_claim import RunLock, check_folder, discard_new_folder, move_aside
 from ..task_table import TASKS
 from .command_line import GROUP_HINTS, check_command_line, run_dir_of
@@ -26,7 +26,7 @@ from .command_line import GROUP_HINTS, check_command_line, run_dir_of
 
 def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
     """The first problem with the values given for `key` (every value of a sweep), or None."""
-    if key in ("tome.protect", "benchmark.protect"):
+    if key == "tome.protect":
         import regtome  # torch: only for the keys that need the library's rules
     folder = configs / key
     for value in values:
@@ -38,13 +38,9 @@ def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
                 return f"unknown {key} {value!r}; choose one of {', '.join(options)}{GROUP_HINTS.get(key, '')}"
         if key == "tome.protect" and value not in regtome.PROTECT_MODES:
             return f"tome.protect={value}: choose one of {', '.join(regtome.PROTECT_MODES)}"
-        if key == "benchmark.protect" and value is not None:
-            bad = [
-                mode for mode in (value if isinstance(value, list) else [value]) if mode not in regtome.PROTECT_MODES
-            ]
-            if bad:
-                return f"benchmark.protect={bad[0]}: choose modes among {', '.join(regtome.PROTECT_MODES)}"
         try:
+            if key == "benchmark.protect" and value is not None:
+                protect_modes(value, key)
             if key == "tome.r" and value is not None:
                 r_option(value)
             if key == "tome.flops":

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from omegaconf import ListConfig
+
 from ..errors import UserError
 
 
@@ -44,3 +46,14 @@ def merge_amount(tome: Mapping[str, Any]) -> tuple[Any, Optional[float]]:
     if flops is None and r is None:
         raise UserError("tome.r is null: set tome.r=INT (or tome.flops=FRACTION to choose r from a FLOP budget)")
     return r, None if flops is None else float(flops)
+
+
+def protect_modes(value: Any, key: str = "benchmark.protect") -> list[str]:
+    """A protection mode or a list of them (benchmark.protect) as a list, each one checked."""
+    import regtome  # torch: only when modes are read
+
+    modes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    bad = [mode for mode in modes if mode not in regtome.PROTECT_MODES]
+    if bad:
+        raise UserError(f"{key}={bad[0]}: choose modes among {', '.join(regtome.PROTECT_MODES)}")
+    return modes

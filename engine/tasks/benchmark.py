@@ -27,7 +27,7 @@ from ..measure.loader_timing import data_bound_notes, time_train_loader
 from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label
 from ..measure.timing import interleaved_seconds, machine_note
 from ..models.build import model_label
-from ..models.tome_group import compact, r_option
+from ..models.tome_group import compact, protect_modes, r_option
 from ..report.benchmark_report import write_outputs
 from ..run.results import write_results
 from ..run.runtime import device_name, dtype_name
@@ -62,10 +62,7 @@ def as_list(value: Any) -> list[Any]:
 def benchmark_schedules(bench: DictConfig, merged: nn.Module) -> list[Any]:
     """Each benchmark.r entry, or with benchmark.protect each entry under each mode ({"r": r, "protect": mode}),
     checked against the model before anything is timed."""
-    protects = as_list(bench.get("protect") or merged.protect)
-    unknown = [mode for mode in protects if mode not in regtome.PROTECT_MODES]
-    if unknown:
-        raise UserError(f"benchmark.protect={unknown[0]}: choose modes among {', '.join(regtome.PROTECT_MODES)}")
+    protects = protect_modes(bench.get("protect") or merged.protect)
     schedules = []
     for r in as_list(bench.r):
         name = f"benchmark.r entry {compact(r)}"
@@ -159,7 +156,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     meta = {
         "model": model_label(cfg.model),
         "registers": regtome.prefix_layout(merged).num_register,
-        "protect": ",".join(as_list(bench.get("protect") or merged.protect)),  # the modes timed
+        "protect": ",".join(protect_modes(bench.get("protect") or merged.protect)),  # the modes timed
         "img_size": cfg.model.img_size,
         "device": device_name(device),
         "dtype": dtype_name(dtype),
