@@ -158,19 +158,19 @@ def test_pretrained_file_loads_local_weights(tmp_path):
         build_model(cfg.model, cfg.tome, 10)
 
 
-def test_pretrained_without_network_says_use_a_file(monkeypatch):
-    import timm.models._builder as builder
+def test_weights_in_neither_cache_nor_hub_say_where_they_were_looked_for(monkeypatch):
+    """The wording follows huggingface_hub's own offline flag (the real offline load: tests/test_offline.py)."""
+    from huggingface_hub import constants
 
-    def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    from engine.models.hub import not_found
 
-    monkeypatch.setattr(builder, "load_pretrained", offline)
-    cfg = compose_config("model=vit_tiny_test", "model.pretrained=true")
-    with pytest.raises(UserError, match="cannot reach the Hugging Face hub .* model.pretrained_file=PATH"):
-        build_model(cfg.model, cfg.tome, 10)  # offline: said at once, nothing asked of the hub
-    monkeypatch.setattr("engine.models.build.hub_reachable", lambda: True)  # the hub answers, the download fails
-    with pytest.raises(UserError, match="could not fetch pretrained weights .* model.pretrained_file=PATH"):
-        build_model(cfg.model, cfg.tome, 10)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/cache/hub")
+    err = OSError("We couldn't connect to 'https://huggingface.co'")
+    for flag, looked in ((True, "HF_HUB_OFFLINE is set"), (False, "nor fetched from the hub (We couldn't connect")):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", flag)
+        line = not_found("weights of m (timm/m)", err, "set model.pretrained_file=PATH")
+        assert line.startswith("weights of m (timm/m): ") and "the Hugging Face cache (/cache/hub)" in line
+        assert looked in line and "set model.pretrained_file=PATH, or run once where the hub is reachable" in line
 
 
 # checkpoints ---------------------------------------------------------------------------------------

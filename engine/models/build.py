@@ -16,7 +16,7 @@ from timm.data import resolve_model_data_config
 import regtome
 
 from ..errors import UserError, first_line
-from .hub import hub_reachable
+from .hub import not_found
 from .tome_group import compact, merge_amount, r_option
 
 log = logging.getLogger(__name__)
@@ -87,19 +87,19 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
         # a state dict (.pth/.safetensors), not the .npz some pretrained configs name: no custom loader
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file), custom_load=False)
     pretrained = bool(model_cfg.get("pretrained") or pretrained_file)
-    if pretrained and not pretrained_file and not hub_reachable():
-        raise UserError(
-            f"cannot reach the Hugging Face hub for {name}'s pretrained weights (offline): set "
-            "model.pretrained_file=PATH (.pth/.safetensors), or model.pretrained=false for random weights"
-        )
-    try:
+    try:  # hub weights come from the Hugging Face cache or the hub, as huggingface_hub decides (engine.models.hub)
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (OSError, ConnectionError) as err:
+    except OSError as err:  # huggingface_hub's errors are OSErrors: not cached, not reachable, no such repo
         if not pretrained:
             raise
+        if pretrained_file:
+            raise UserError(f"cannot read model.pretrained_file {pretrained_file}: {first_line(err)}") from err
         raise UserError(
-            f"could not fetch pretrained weights for {name} ({first_line(err)}); "
-            "without network, set model.pretrained_file=PATH"
+            not_found(
+                f"{name}'s pretrained weights ({pretrained_source(name)})",
+                err,
+                "set model.pretrained_file=PATH (.pth/.safetensors), model.pretrained=false for random weights",
+            )
         ) from err
     except RuntimeError as err:
         if not pretrained:  # not a weights problem: report what timm said
@@ -116,6 +116,12 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
             f"cannot apply RegToMe to {name}: building it failed ({err}); RegToMe needs a timm "
             "VisionTransformer, and model.kwargs must be arguments it takes"
         ) from err
+
+
+def pretrained_source(name: str) -> str:
+    """Where timm fetches `name`'s pretrained weights: its hub repository, else its URL."""
+    cfg = timm.models.get_pretrained_cfg(name)  # None for a hub-spelled name (hf-hub:org/name): the name says it
+    return str(cfg.hf_hub_id or cfg.url) if cfg else name
 
 
 def has_weights(model_cfg: Mapping[str, Any]) -> bool:

@@ -1,37 +1,30 @@
-"""Is the Hugging Face hub reachable? Asked once per process, in 1.5 s at most (timm's pretrained weights
-and transformers' models both come from it); HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE are honoured."""
+"""Pretrained weights and image processors from the Hugging Face hub or its cache: what a user reads when a
+file is in neither.
+
+huggingface_hub decides where a file comes from (timm and transformers both ask it): its cache
+($HF_HOME/hub, filled once on a machine with network) or the hub. Under its offline flag (HF_HUB_OFFLINE=1,
+or TRANSFORMERS_OFFLINE=1, read here as huggingface_hub reads them: its own constant) it reads the cache and
+never touches the network, so compute nodes without network load what a login node cached.
+"""
 
 from __future__ import annotations
 
-import functools
-import os
-import socket
-import threading
-from urllib.parse import urlparse
+from huggingface_hub import constants
 
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+from ..errors import first_line
 
 
-def hub_reachable() -> bool:
-    """False when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE say so, or when the hub did not answer within 1.5 s
-    (asked once per process: then nothing asks it again, no retries, no half-minute of warnings)."""
-    offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in OFFLINE_VARIABLES)
-    return not offline and _hub_answers()
+def offline() -> bool:
+    """Whether huggingface_hub runs offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
+    return bool(constants.HF_HUB_OFFLINE)
 
 
-@functools.lru_cache(maxsize=1)
-def _hub_answers(timeout: float = 1.5) -> bool:
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    answered: list[bool] = []
-
-    def probe() -> None:  # in a thread: a name lookup has no timeout of its own
-        try:
-            socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
-            answered.append(True)
-        except OSError:
-            answered.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(answered and answered[0])
+def not_found(what: str, err: BaseException, ways_out: str) -> str:
+    """One line for `what` (e.g. "vit_tiny_patch16_224's pretrained weights (timm/...)") found neither in the
+    cache nor on the hub: where it was looked for, and `ways_out` plus caching it where the hub is reachable."""
+    cache = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if offline():
+        looked = f"not in {cache}, and HF_HUB_OFFLINE is set"
+    else:
+        looked = f"neither in {cache} nor fetched from the hub ({first_line(err)})"
+    return f"{what}: {looked}; {ways_out}, or run once where the hub is reachable (that fills the cache)"

@@ -1,24 +1,27 @@
 """Hugging Face transformers models for the CLI (model.source=transformers).
 
 model.name is a hub id (facebook/dinov2-with-registers-small) and model.pretrained=true loads it from
-the hub; model.pretrained_dir=DIR loads a folder written by `save_pretrained` (machines without
-internet). The CLI trains and evaluates classifiers: transformers' own `...ForImageClassification`
+the Hugging Face cache or the hub (as huggingface_hub decides: `engine.models.hub`); model.pretrained_dir=DIR
+loads a folder written by `save_pretrained`. The image processor (mean, std, interpolation) is read from the
+same place as the weights. The CLI trains and evaluates classifiers: transformers' own `...ForImageClassification`
 where it has one (a new head when the number of classes differs), else the base model with a linear
 head on its pooler output (`HFClassifier`, e.g. DINOv3).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import UserError, first_line
-from .hub import hub_reachable
+from ..errors import UserError
+from .hub import not_found
 
+log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -52,7 +55,7 @@ def check_hub_id(name: str) -> None:
         )
 
 
-def _config(model_cfg: Mapping[str, Any], source: str, offline: bool) -> Any:
+def _config(model_cfg: Mapping[str, Any], source: str) -> Any:
     """The transformers config: the preset's own architecture for random weights, else the hub's or the folder's."""
     from transformers import AutoConfig
 
@@ -63,21 +66,17 @@ def _config(model_cfg: Mapping[str, Any], source: str, offline: bool) -> Any:
         spec = dict(OmegaConf.to_container(architecture) if isinstance(architecture, DictConfig) else architecture)
         return AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
     try:
-        return AutoConfig.from_pretrained(source, local_files_only=offline, **kwargs)
+        return AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise UserError(_unreachable(source, err, offline)) from err
+        raise UserError(_unreadable(source, err)) from err
 
 
-def _unreachable(source: str, err: BaseException, offline: bool) -> str:
-    if offline:
-        return (
-            f"cannot reach the Hugging Face hub for {source} (offline, and not in the local cache): set "
-            "model.pretrained_dir=DIR (a folder written by save_pretrained), or model.pretrained=false for a "
-            "preset's architecture with random weights"
-        )
-    return (
-        f"cannot read {source} from the Hugging Face hub ({first_line(err)}); check model.name, or set "
-        "model.pretrained_dir=DIR (a folder written by save_pretrained)"
+def _unreadable(source: str, err: BaseException) -> str:
+    return not_found(
+        f"{source}",
+        err,
+        "check model.name, set model.pretrained_dir=DIR (a folder written by save_pretrained), or "
+        "model.pretrained=false for the preset's architecture with random weights",
     )
 
 
@@ -91,9 +90,7 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
     check_hub_id(str(model_cfg["name"]))
     source = _source(model_cfg)
     pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_dir"))
-    local = bool(model_cfg.get("pretrained_dir")) or (not pretrained and bool(model_cfg.get("architecture")))
-    offline = not local and not hub_reachable()
-    config = _config(model_cfg, source, offline)
+    config = _config(model_cfg, source)
     config.num_labels = num_classes
     if not pretrained:  # random weights: built at the configured input size
         vision = getattr(config, "vision_config", config)
@@ -108,33 +105,46 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
                 config=config,
                 attn_implementation=implementation,
                 ignore_mismatched_sizes=True,
-                local_files_only=offline,
             )
         else:
             model = auto.from_config(config, attn_implementation=implementation)
     except (OSError, ValueError) as err:
-        raise UserError(_unreachable(source, err, offline)) from err
+        raise UserError(_unreadable(source, err)) from err
     return model if classification else HFClassifier(model, num_classes)
 
 
 def transformers_data_config(model_cfg: Mapping[str, Any], img_size: int) -> dict[str, Any]:
-    """mean/std of the model's image processor when it can be read (a pretrained_dir, or the hub for
-    pretrained weights), else ImageNet's."""
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    folder = model_cfg.get("pretrained_dir")
-    if folder or (model_cfg.get("pretrained") and hub_reachable()):
-        try:
-            from transformers import AutoImageProcessor
+    """mean, std and interpolation of the model's image processor, read from where its weights come from (a
+    pretrained_dir, the Hugging Face cache or the hub); ImageNet's statistics for random weights or a model
+    saved without a processor, and the log says which."""
+    processor = _image_processor(model_cfg)
+    mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
+    if processor is not None:
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        resample = getattr(processor, "resample", None)
+        if resample is not None:
+            from PIL import Image
 
-            processor = AutoImageProcessor.from_pretrained(_source(model_cfg), local_files_only=bool(folder))
-            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-        except Exception:  # no processor saved: ImageNet's statistics
-            pass
+            interpolation = Image.Resampling(resample).name.lower()
     return {
         "input_size": (3, img_size, img_size),
         "mean": mean,
         "std": std,
-        "interpolation": "bicubic",
+        "interpolation": interpolation,
         "crop_pct": 1.0,
         "crop_mode": "center",
     }
+
+
+def _image_processor(model_cfg: Mapping[str, Any]) -> Optional[Any]:
+    """The image processor saved with the model's weights, or None (said in the log) when there is none."""
+    if not (model_cfg.get("pretrained") or model_cfg.get("pretrained_dir")):
+        return None  # random weights: nothing saved to read
+    from transformers import AutoImageProcessor
+
+    source = _source(model_cfg)
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except OSError:  # no preprocessor_config.json beside the weights
+        log.warning("%s has no image processor (preprocessor_config.json): using ImageNet's mean/std", source)
+        return None

@@ -1,0 +1,95 @@
+"""Offline compute nodes: a Hugging Face cache on disk (a temporary HF_HOME laid out by hand as huggingface_hub
+lays it out: refs/main names a snapshot folder), HF_HUB_OFFLINE=1, and a child process in which any network
+attempt fails and is counted (tests/offline_child.py). Weights and image processors come from the cache, for timm
+and transformers models alike; what is in neither the cache nor the hub is one line naming what was looked for."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from cli_helpers import ROOT, compose_config, error_line
+
+CPU = ["runtime.device=cpu", "runtime.num_workers=0", "dataset=synthetic", "dataset.val_size=8"]
+TIMM_ID = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm fetches it from the hub repo timm/<name>
+TIMM = ["model=vit_tiny_test", f"model.name={TIMM_ID}", "model.pretrained=true", "tome.r=2"]
+SIGLIP = ["model=hf_siglip_base", "model.pretrained=true", "model.img_size=32", "tome.r=2"]
+
+
+def cached_snapshot(hf_home, repo_id: str):
+    """The snapshot folder of `repo_id` in HF_HOME's hub cache, where a download would have put its files."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "1" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def offline_run(tmp_path, hf_home, *overrides: str) -> dict:
+    """main.py OVERRIDES in a child process with HF_HOME=hf_home and HF_HUB_OFFLINE=1; its report."""
+    out = tmp_path / "report" / "report.json"
+    out.parent.mkdir(exist_ok=True)
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    env.pop("HF_HUB_CACHE", None)
+    command = [sys.executable, str(ROOT / "tests" / "offline_child.py"), str(out), str(tmp_path), *overrides]
+    subprocess.run(command, env=env, cwd=tmp_path, check=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["network_attempts"] == [], report["network_attempts"]  # the flag: nothing asks the network
+    return report
+
+
+@pytest.mark.slow
+def test_timm_weights_come_from_the_cache_offline(tmp_path):
+    """The weights a login node cached are loaded (not random ones), and eval runs; without them, one line."""
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    cfg = compose_config(*TIMM, *CPU)
+    kwargs = dict(cfg.model.kwargs, img_size=32, reg_tokens=4, num_classes=1000)
+    saved = {k: v.contiguous() for k, v in timm.create_model(TIMM_ID, **kwargs).state_dict().items()}
+    save_file(saved, str(cached_snapshot(tmp_path / "hf", f"timm/{TIMM_ID}") / "model.safetensors"))
+
+    report = offline_run(tmp_path, tmp_path / "hf", "task=eval", *TIMM, *CPU, f"hydra.run.dir={tmp_path / 'eval'}")
+    assert report["returncode"] == 0, report["stderr"][-3000:]
+    loaded = load_file(str(tmp_path / "report" / "weights.safetensors"))
+    body = [k for k in saved if not k.startswith("head.")]  # a 4-class head replaces the 1000-class one
+    assert body and all(torch.equal(loaded[k], saved[k]) for k in body)
+
+    missing = offline_run(tmp_path, tmp_path / "empty", "task=eval", *TIMM, *CPU)
+    line = error_line(subprocess.CompletedProcess([], missing["returncode"], "", missing["stderr"]))
+    assert missing["returncode"] == 2 and f"timm/{TIMM_ID}" in line and "HF_HUB_OFFLINE is set" in line
+    assert str(tmp_path / "empty" / "hub") in line and "model.pretrained_file=PATH" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_transformers_weights_and_image_processor_come_from_the_cache_offline(tmp_path):
+    """SigLIP's processor says mean/std 0.5 and bilinear: evaluation uses them, read from the cache with the weights."""
+    from transformers import SiglipConfig, SiglipForImageClassification, SiglipImageProcessor
+
+    snapshot = cached_snapshot(tmp_path / "hf", "google/siglip-base-patch16-224")
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = SiglipConfig(vision_config=dict(vision, image_size=32, patch_size=8), num_labels=4)
+    SiglipForImageClassification(config).save_pretrained(snapshot)
+    processor = SiglipImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2)  # PIL's bilinear
+    processor.save_pretrained(snapshot)
+
+    report = offline_run(tmp_path, tmp_path / "hf", "task=eval", *SIGLIP, *CPU, f"hydra.run.dir={tmp_path / 'eval'}")
+    assert report["returncode"] == 0, report["stderr"][-3000:]
+    assert report["mean"] == report["std"] == [0.5, 0.5, 0.5] and report["interpolation"] == "bilinear"
+
+    (snapshot / "preprocessor_config.json").unlink()  # weights without a processor: said, with what is used
+    report = offline_run(tmp_path, tmp_path / "hf", "task=eval", *SIGLIP, *CPU, f"hydra.run.dir={tmp_path / 'eval2'}")
+    assert report["returncode"] == 0, report["stderr"][-3000:]
+    assert report["mean"] == [0.485, 0.456, 0.406]
+    said = report["stdout"] + report["stderr"]
+    assert "google/siglip-base-patch16-224 has no image processor" in said and "using ImageNet's mean/std" in said
+
+    missing = offline_run(tmp_path, tmp_path / "empty", "task=eval", *SIGLIP, *CPU)
+    line = error_line(subprocess.CompletedProcess([], missing["returncode"], "", missing["stderr"]))
+    assert missing["returncode"] == 2 and "google/siglip-base-patch16-224" in line
+    assert "HF_HUB_OFFLINE is set" in line and "model.pretrained_dir=DIR" in line
