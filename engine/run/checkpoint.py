@@ -109,10 +109,11 @@ def training_checkpoint(
     opt: Any,
     state: Mapping[str, Any],
     config: Mapping[str, Any],
-    rng: Mapping[str, Any],
+    rng: list[Mapping[str, Any]],
     classes: Any = None,
 ) -> dict[str, Any]:
-    """Everything a resumed run restores: weights (and EMA), optimizer, schedule, scaler, state, RNGs, config."""
+    """Everything a resumed run restores: weights (and EMA), optimizer, schedule, scaler, state, RNGs (`rng`: each
+    rank's, in rank order; rank 0's alone under "rng" as one process saves it), config."""
     return {
         "model": model.state_dict(),
         "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
@@ -120,7 +121,8 @@ def training_checkpoint(
         "scheduler": opt.scheduler.state_dict(),
         "scaler": opt.scaler.state_dict(),
         "state": dict(state),
-        "rng": dict(rng),
+        "rng": dict(rng[0]),
+        "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,
         "config": dict(config),
         "classes": classes,
     }
@@ -143,7 +145,7 @@ def restore_training(
     return dict(checkpoint["state"])
 
 
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # what only a resume reads: last.pt's alone
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank")  # what only a resume reads: last.pt's alone
 
 
 def save_training(checkpoint: Mapping[str, Any], folder: Path, best: bool) -> None:

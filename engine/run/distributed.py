@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,15 @@ def init_distributed(use_cuda: bool) -> DistInfo:
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def gather_objects(value: Any, info: DistInfo) -> list[Any]:
+    """`value` of every rank, in rank order, on every rank ([value] for one process)."""
+    if not info.enabled:
+        return [value]
+    values: list[Any] = [None] * info.world_size
+    dist.all_gather_object(values, value)
     return values
 
 

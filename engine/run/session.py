@@ -82,6 +82,7 @@ def open_session(
         say_compiling(compile_as, device)
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = build_model(cfg.model, cfg.tome, num_classes, trace_source=trace_source)
+    seed_everything(cfg.seed + info.rank)  # every later draw (drop path, dropout, mixup) its own per rank
     if weights is not None:
         load_weights(model, weights, weights_path)
     model.to(device)

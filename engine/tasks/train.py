@@ -31,7 +31,7 @@ from ..cli.compat import saved_config
 from ..cli.overrides import apply_overrides, overridable, override_keys
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
 from ..run.checkpoint import load_checkpoint, save_training, training_checkpoint
-from ..run.distributed import barrier
+from ..run.distributed import barrier, gather_objects
 from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import rng_state
@@ -82,12 +82,11 @@ def resume_command(run_dir: Path) -> str:
 
 
 def save(run: TrainRun, best: bool) -> None:
-    """last.pt (and best.pt), written by rank 0 while the others wait."""
+    """last.pt (and best.pt), written by rank 0 while the others wait; it holds every rank's random state."""
+    rng = gather_objects(rng_state(), run.session.info)
     if run.session.info.is_main:
         config = OmegaConf.to_container(run.cfg, resolve=True)
-        checkpoint = training_checkpoint(
-            run.session.model, run.opt, asdict(run.state), config, rng_state(), run.classes
-        )
+        checkpoint = training_checkpoint(run.session.model, run.opt, asdict(run.state), config, rng, run.classes)
         try:
             save_training(checkpoint, run.ckpt_dir, best)
         except OSError as err:

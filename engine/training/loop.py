@@ -4,8 +4,9 @@ gradient accumulation, AMP through a GradScaler, Mixup, EMA and a stop that wait
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.nn as nn
@@ -119,17 +120,18 @@ def train_step(
     hard_targets = targets
     if opt.mixup is not None:
         images, targets = opt.mixup(images, targets)
-    with opt.amp_autocast():
-        logits = logits_of(model(images))
-        loss = opt.loss_fn(logits, targets)
-    loss_value = loss.item()
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(
-            f"loss is {loss_value} at epoch {state.epoch + 1} step {state.step_in_epoch + 1}; "
-            "stopped without saving, last.pt and best.pt are the last good state (lower trainer.lr "
-            "or use trainer.clip_grad)"
-        )
-    opt.scaler.scale(loss / opt.accum_steps).backward()
+    with gradients_kept_local(model, not update):
+        with opt.amp_autocast():
+            logits = logits_of(model(images))
+            loss = opt.loss_fn(logits, targets)
+        loss_value = loss.item()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"loss is {loss_value} at epoch {state.epoch + 1} step {state.step_in_epoch + 1}; "
+                "stopped without saving, last.pt and best.pt are the last good state (lower trainer.lr "
+                "or use trainer.clip_grad)"
+            )
+        opt.scaler.scale(loss / opt.accum_steps).backward()
     if update:
         optimizer_step(model, opt, state)
     sums, batch = state.epoch_sums, len(hard_targets)
@@ -138,6 +140,13 @@ def train_step(
     sums["samples"] += batch
     state.step_in_epoch += 1
     return loss_value
+
+
+def gradients_kept_local(model: nn.Module, local: bool) -> ContextManager:
+    """DDP's `no_sync` for the batches of a gradient-accumulation window before its last: their gradients add up
+    on each rank, and the last batch's backward averages the sum across ranks once per optimizer step."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    return ddp.no_sync() if local and isinstance(ddp, DistributedDataParallel) else nullcontext()
 
 
 def optimizer_step(model: nn.Module, opt: Optimization, state: TrainState) -> None:

@@ -27,7 +27,8 @@ from ..errors import UserError
 from ..models.build import model_label
 from ..models.tome_group import compact
 from ..run.checkpoint import check_same_architecture, load_checkpoint, restore_training
-from ..run.runtime import autocast, set_rng_state
+from ..run.distributed import DistInfo
+from ..run.runtime import autocast, seed_everything, set_rng_state
 from ..run.session import Session, open_session
 from .evaluation import eval_loader
 from .loop import Optimization, TrainState, empty_sums
@@ -153,6 +154,8 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
         device = session.device
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     state = TrainState() if checkpoint is None else restored_state(session.model, opt, checkpoint, run_dir, tc)
+    if checkpoint is not None:
+        restore_random_state(checkpoint, cfg.seed + state.num_updates, info)
     eval_model = opt.ema.module if opt.ema is not None else session.runner()  # never through DDP: shards differ
     model = session.runner(model) if session.compile else model
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
@@ -213,9 +216,18 @@ def restored_state(model: nn.Module, opt: Optimization, checkpoint: dict, run_di
         run_dir / "checkpoints" / "last.pt",
         same_length=checkpoint["config"]["trainer"]["epochs"] == tc.epochs,
     )
-    set_rng_state(checkpoint["rng"])
     opt.scheduler.step_update(num_updates=saved["num_updates"])
     return TrainState(**saved)
+
+
+def restore_random_state(checkpoint: dict, fresh_seed: int, info: DistInfo) -> None:
+    """Each rank continues its own random streams from the checkpoint. A run resumed on another number of ranks
+    than it saved: rank 0 continues, the others start from `fresh_seed` + rank (still their own)."""
+    saved = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
+    if len(saved) == info.world_size or info.rank == 0:
+        set_rng_state(saved[info.rank])
+    else:
+        seed_everything(fresh_seed + info.rank)
 
 
 def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
