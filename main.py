@@ -21,9 +21,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from engine.cli import claim
 from engine.errors import RunStopped, TrainingInterrupted, UserError, one_line
-from engine.run.console import log_ending, survive_closed_console
+from engine.run.console import STOP_SIGNALS, log_ending, signal_name, stop_signals_interrupt, survive_closed_console
 from engine.run.folder_claim import discard_new_folder
-from engine.task_table import runner
+from engine.task_table import TASKS, runner
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -33,60 +33,74 @@ def main(cfg: DictConfig) -> None:
     from data import DatasetError  # torch and torchvision load here, after the command line passed
     from engine.run.distributed import cleanup
 
+    stop_signals_interrupt()  # also in a sweep's or a SLURM job's process, which may not have run run_cli
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    owner = claim.owns_the_folder()  # rank 0: the only process that removes, unlocks or rewrites the folder
     created = claim.CLAIM.created if claim.CLAIM.folder is not None else True
-    interrupted = False
+    stopped_by = None
     try:
         claim.claim_job_folder(run_dir, cfg)
-        runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))
+        if owner or TASKS[cfg.task].ranks:  # a task of one process runs on rank 0 alone
+            runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))
     except (UserError, DatasetError, MissingMandatoryValue) as err:
-        log_ending(claim.report_error(err))
-        claim.release()
-        discard_new_folder(run_dir, created)
+        line = claim.report_error(err)
+        if owner:
+            log_ending(line)
+            claim.release()
+            discard_new_folder(run_dir, created)
         sys.exit(2)
     except RunStopped as err:  # interrupted (last.pt saved) or a checkpoint that could not be written
         print(err, file=sys.stderr)
         log_ending(str(err), logging.WARNING if isinstance(err, TrainingInterrupted) else logging.ERROR)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops cleanly by itself)
-        interrupted = True
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP outside a training loop (which stops by itself)
+        stopped_by = getattr(err, "signum", signal.SIGINT)
     except Exception as err:  # a bug: Hydra prints the traceback; main.log keeps it, and says so last
         log_ending(f"{traceback.format_exc().rstrip()}\ncrashed: {type(err).__name__}: {one_line(err)}")
         raise
     finally:
         claim.release()
         cleanup()
-    if interrupted:  # out of the except block: the task's frames, and its loaders, are gone
-        signal.signal(signal.SIGINT, _stop_at_once)
+    if stopped_by is not None:  # out of the except block: the task's frames, and its loaders, are gone
+        _stop_at_once_on_another_signal()
         gc.collect()  # loader workers shut down in order, not killed mid-transfer at exit
-        discard_new_folder(run_dir, created)
+        if owner:
+            discard_new_folder(run_dir, created)
         kept = f"what it had written is in {run_dir}" if run_dir.exists() else "nothing was kept"
-        line = f"interrupted by Ctrl-C (SIGINT) during task={cfg.task}; {kept}"
+        line = f"interrupted by {signal_name(stopped_by)} during task={cfg.task}; {kept}"
         print(line, file=sys.stderr)
         log_ending(line, logging.WARNING)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + stopped_by)
+
+
+def _stop_at_once_on_another_signal() -> None:
+    """While the first stop is handled: a second Ctrl-C, SIGTERM or SIGHUP stops now, still without a traceback."""
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, _stop_at_once)
 
 
 def _stop_at_once(signum: int, frame: object) -> None:
-    """A second Ctrl-C while the first is handled: stop now, still without a traceback."""
     os._exit(128 + signum)
 
 
 def run_cli(argv: list[str]) -> None:
     """Check the command line and claim the run folder, then hand over to Hydra."""
+    stop_signals_interrupt()  # from the first moment: a SIGTERM while the folder is claimed releases it
     try:
         sys.argv = [sys.argv[0], *claim.prepare(argv, CONFIGS)]
         main()
     except UserError as err:
         claim.report_error(err)
         sys.exit(2)
-    except KeyboardInterrupt:  # before a task started (Hydra setting up, a sweep launching)
-        signal.signal(signal.SIGINT, _stop_at_once)
+    except KeyboardInterrupt as err:  # before a task started (Hydra setting up, a sweep launching)
+        _stop_at_once_on_another_signal()
         claim.release()
         if claim.CLAIM.folder is not None:
             discard_new_folder(claim.CLAIM.folder, claim.CLAIM.created)
-        print("interrupted by Ctrl-C (SIGINT) before the task started; nothing was kept", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"interrupted by {signal_name(signum)} before the task started; nothing was kept", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ class SaveFailed(RunStopped):
         super().__init__(message, 1)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside a training loop: ends a task as Ctrl-C's KeyboardInterrupt does (every
+    `except KeyboardInterrupt` treats it alike), remembering which signal it was."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an upstream library's error (at most 200 characters), to quote inside ours."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

@@ -17,17 +17,19 @@ class Task:
     summary: str
     reads_ckpt: bool = False  # ckpt=PATH: the checkpoint's model, dataset and tome groups are used
     reads_images: bool = False  # images=PATH: an image file or a folder instead of the data set's val split
+    ranks: bool = False  # shares its work among torchrun's ranks; a task that does not runs on rank 0 alone
 
 
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        Task("train", "engine.tasks.train", "train (and validate) a model; checkpoints and results.json"),
+        Task("train", "engine.tasks.train", "train (and validate) a model; checkpoints and results.json", ranks=True),
         Task(
             "eval",
             "engine.tasks.evaluate",
             "accuracy and images/s of a checkpoint or of pretrained weights",
             reads_ckpt=True,
+            ranks=True,
         ),
         Task("benchmark", "engine.tasks.benchmark", "speed of merging against the unpatched model, on random input"),
         Task(

@@ -61,7 +61,7 @@ def _run_main_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProc
         dict(os.environ),
         list(sys.argv),
         torch.get_num_threads(),
-        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},
         torch.random.get_rng_state(),
     )
     root_logger = logging.getLogger()

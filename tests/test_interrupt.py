@@ -13,6 +13,8 @@ import time
 import pytest
 from cli_helpers import ROOT, write_image_folder
 
+from engine.run.console import signal_name
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
 MOVED = r"\| *[1-9][0-9]*/[0-9]+ \["  # a progress bar past its first step: the loader's workers are running
 CPU = ["runtime.device=cpu", "model=vit_tiny_test", "tome.r=2", "seed=0"]
@@ -47,9 +49,10 @@ class Terminal:
             assert time.time() < deadline, f"no {text!r} in {timeout} s:\n{self.output[-3000:]}"
             time.sleep(0.05)
 
-    def ctrl_c(self, timeout: float = 120) -> tuple[int, list[str]]:
-        """SIGINT to the whole group (the main process and its loader workers); the exit code and the lines."""
-        os.killpg(self.process.pid, signal.SIGINT)
+    def ctrl_c(self, timeout: float = 120, signum: int = signal.SIGINT) -> tuple[int, list[str]]:
+        """SIGINT (or `signum`: a scheduler's SIGTERM, a closed terminal's SIGHUP) to the whole group (the main
+        process and its loader workers); the exit code and the lines."""
+        os.killpg(self.process.pid, signum)
         code = self.process.wait(timeout)
         self.reader.join(5)
         lines = [line for line in self.output.replace("\r", "\n").splitlines() if line.strip()]
@@ -110,23 +113,37 @@ ELSEWHERE = {  # task: its command-line keys after ckpt=, what shows it is runni
 }
 
 
-@pytest.mark.parametrize("task", list(ELSEWHERE))
+SIGNALS = [  # each task meets Ctrl-C or a signal a scheduler or a closed terminal sends
+    ("eval", signal.SIGINT),
+    ("eval", signal.SIGTERM),
+    ("export", signal.SIGINT),
+    ("export", signal.SIGTERM),
+    ("benchmark", signal.SIGHUP),
+    ("visualize", signal.SIGTERM),
+]
+
+
+@pytest.mark.parametrize("task, signum", SIGNALS, ids=[f"{t}-{signal.Signals(s).name}" for t, s in SIGNALS])
 @pytest.mark.slow
-def test_ctrl_c_in_any_other_task_is_one_line_and_keeps_only_what_was_written(tmp_path, checkpoint, task):
-    """eval (loader workers on), export (mid-trace), benchmark, visualize: exit 130, one line, no traceback;
-    a task that had written nothing leaves no run folder; visualize keeps the grids it drew."""
+def test_a_signal_in_any_other_task_is_one_line_and_keeps_only_what_was_written(tmp_path, checkpoint, task, signum):
+    """eval (loader workers on), export (mid-trace), benchmark, visualize: exit 128 + signal, one line, no
+    traceback, the lock released; a task that had written nothing leaves no run folder; visualize keeps the grids
+    it drew, and its main.log ends with the line."""
     keys, marker, keeps = ELSEWHERE[task]
+    name = signal_name(signum)
     source = [f"ckpt={checkpoint}"] if task != "benchmark" else ["model=vit_tiny_test", "dataset=synthetic"]
     terminal = Terminal([f"task={task}", *source, "runtime.device=cpu", *keys], tmp_path)
     terminal.wait_for(marker)
-    code, lines = terminal.ctrl_c()
-    assert code == 128 + signal.SIGINT, "\n".join(lines[-30:])
-    line = said_once(lines, "interrupted by Ctrl-C (SIGINT)")
-    if task == "export":  # the trace holds the Ctrl-C until it ends, and says so at once
-        said_once(lines, "Ctrl-C: stopping when the onnx trace")
+    code, lines = terminal.ctrl_c(signum=signum)
+    assert code == 128 + signum, "\n".join(lines[-30:])
+    line = said_once(lines, f"interrupted by {name} during task={task}")
+    if task == "export":  # the trace holds the signal until it ends, and says so at once
+        said_once(lines, f"{name.split(' ')[0]}: stopping when the onnx trace")
     if keeps:
         (run,) = (tmp_path / "outputs" / task).glob("*/*")
         assert line.endswith(f"what it had written is in {run}") and list(run.glob("sample_0.png"))
+        assert (run / "main.log").read_text().rstrip().splitlines()[-1].endswith(line)
+        assert not (run / ".lock").exists()
     else:
         assert line.endswith("nothing was kept") and not (tmp_path / "outputs").exists()
 

@@ -83,8 +83,7 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
         os.environ.setdefault("REGTOME_RUN_ID", run_id())
     checked = check_command_line(argv, configs, functools.partial(check_values, configs=configs))
     hydra_argv = list(checked.argv)
-    rank = int(os.environ.get("RANK", "0"))
-    if rank > 0:
+    if not owns_the_folder():
         # Under torchrun only rank 0 writes: the other ranks share its run directory but leave no files.
         return hydra_argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     if checked.multirun or not checked.runs:
@@ -122,8 +121,14 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
 
 def claim_job_folder(folder: Path, cfg: DictConfig) -> None:
     """A job of a sweep (or a requeued SLURM job) locks its own folder when it starts."""
-    if CLAIM.lock is None and int(os.environ.get("RANK", "0")) == 0:
+    if CLAIM.lock is None and owns_the_folder():
         CLAIM.folder, CLAIM.lock = folder, RunLock(folder).acquire()
+
+
+def owns_the_folder() -> bool:
+    """Whether this process may write, remove or unlock the run folder: rank 0 of torchrun (or SLURM's tasks),
+    or the only process. The other ranks share its folder and leave it alone, whatever ends them."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def release() -> None:

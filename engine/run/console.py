@@ -6,6 +6,9 @@ SLURM job's output file can vanish. A failed write to stdout or stderr then must
 saves: the streams are wrapped so that such a write is dropped, and the file descriptor is pointed at
 /dev/null so that later writes (tqdm, logging, C code, the interpreter's flush at exit) succeed silently.
 
+`stop_signals_interrupt`: SIGTERM (a scheduler, `kill`) and SIGHUP (a closed terminal) end any task as Ctrl-C
+does: an `Interrupted` exception where the task is, so it releases what it holds and keeps nothing half-written.
+
 `log_ending`: the line that says how a run ended (stopped, refused, crashed) goes to main.log too, written
 directly so that a full disk cannot turn it into a logging traceback.
 """
@@ -15,8 +18,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable, Iterable, TextIO
+
+from ..errors import Interrupted
 
 READER_GONE = {errno.EPIPE, errno.EIO, errno.ENXIO}  # a closed pipe, a hung-up or vanished terminal
 
@@ -78,6 +84,29 @@ def survive_closed_console() -> None:
         sys.stdout = _SurvivingStream(sys.stdout)  # type: ignore[assignment]
     if sys.stderr is not None and not isinstance(sys.stderr, _SurvivingStream):
         sys.stderr = _SurvivingStream(sys.stderr)  # type: ignore[assignment]
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def raise_interrupted(signum: int, frame: Any) -> None:
+    """The handler `stop_signals_interrupt` installs."""
+    raise Interrupted(signum)
+
+
+def stop_signals_interrupt() -> None:
+    """SIGTERM and SIGHUP raise `Interrupted` from now on, where nothing else handles them: not a SIGHUP that
+    `nohup` ignores (the run outlives its terminal, as asked), not a handler a launcher installed (submitit's
+    in a SLURM job). A training loop handles all of them itself (engine.training.stop.GracefulStop)."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, raise_interrupted)
+
+
+def signal_name(signum: int) -> str:
+    """How the ending line names a signal: Ctrl-C (SIGINT), SIGTERM, SIGHUP."""
+    name = signal.Signals(signum).name
+    return f"Ctrl-C ({name})" if signum == signal.SIGINT else name
 
 
 def log_ending(message: str, level: int = logging.ERROR) -> None:

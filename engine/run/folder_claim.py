@@ -1,8 +1,9 @@
 """A run folder's record stays true: one owner at a time (a lock), a config written once, resumes appended.
 
-- `RunLock`: RUN/.lock holds the pid, host and SLURM job of the process working in the folder,
-  taken atomically (O_EXCL). A lock left by a dead process on this host, or by an earlier try of
-  the same SLURM job (a requeue), is taken over with a warning; a live one refuses the second process.
+- `RunLock`: RUN/.lock, an `fcntl.flock` held for the life of the process working in the folder. The kernel
+  releases it when that process ends, however it ends (SIGKILL, a crash, a requeued SLURM job), so a lock is
+  never stale and nothing is taken over; the pid and host written in the file only name the holder in the
+  message a second process gets.
 - `check_folder`: which command may start in an existing folder: a resume continues its own run,
   overwrite moves the old run aside (`previous/<time>/`), anything else is refused.
 - `append_resume`: a resume adds an entry to RUN/resumes.yaml; `.hydra/config.yaml` keeps the
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,95 +37,70 @@ def holds_run(folder: Path) -> list[str]:
     return [name for name in RECORD_FILES if (folder / name).exists()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 class RunLock:
-    """RUN/.lock, held while a process trains, evaluates or exports in RUN."""
+    """RUN/.lock, held while a process trains, evaluates or exports in RUN: an exclusive `fcntl.flock` on the
+    file, which only one process can hold and which the kernel releases when the process ends."""
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / LOCK_NAME
-        self.held = False
+        self._fd: Optional[int] = None
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise UserError naming the process that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if holder is None or not self._can_take_over(holder):
-                    raise UserError(self._refusal(holder)) from None
-                self._take_over(holder)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.describe(), f)
-            self.held = True
-            return self
-        raise UserError(f"{self.path.parent} is locked ({self.path}); another process took it first")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(self._refusal()) from None
+            if self._is_the_lock_file(fd):
+                break
+            os.close(fd)  # the holder released and removed the file between our open and our flock: again
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(self.describe()).encode())
+        self._fd = fd
+        os.register_at_fork(after_in_child=self._forget)  # loader workers must not keep the lock of a killed run
+        return self
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            holder = self._read()
-            if holder is not None and holder.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
+        """Remove the file while still holding it, then let go (a process waiting on the old file tries again)."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
 
-    def _read(self) -> Optional[dict[str, Any]]:
+    def describe(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _forget(self) -> None:
+        """In a forked child: close its copy of the descriptor (the parent holds the lock; the child never did)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _is_the_lock_file(self, fd: int) -> bool:
         try:
-            return json.loads(self.path.read_text())
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
         except FileNotFoundError:
-            return {}  # released meanwhile: try again
-        except (OSError, ValueError):
-            return None  # unreadable: never taken over silently
+            return False
 
-    def _can_take_over(self, holder: dict[str, Any]) -> bool:
-        if not holder:
-            return True
-        job = os.environ.get("SLURM_JOB_ID")
-        if job and holder.get("slurm_job") == job:
-            return True  # the same SLURM job, requeued: its earlier try is gone
-        return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
-
-    def _take_over(self, holder: dict[str, Any]) -> None:
-        if holder:
-            log.warning(
-                "taking over the lock of %s left by process %s on %s (started %s), which is gone",
-                self.path.parent,
-                holder.get("pid"),
-                holder.get("host"),
-                holder.get("started"),
-            )
-        stale = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+    def _refusal(self) -> str:
         try:
-            os.rename(self.path, stale)  # only one process wins the rename
-            stale.unlink()
-        except FileNotFoundError:
-            pass
-
-    def _refusal(self, holder: Optional[dict[str, Any]]) -> str:
-        if holder is None:
-            return f"{self.path.parent} is locked by an unreadable {self.path}; if no run uses the folder, delete it"
-        return (
-            f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
-            f"{holder.get('started')}); wait for it to finish or use another folder"
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # the holder has the lock but has not written its name yet
+            holder = {}
+        who = (
+            f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
+            if holder
+            else ("another process (starting)")
         )
+        return f"{self.path.parent} is in use by {who}; wait for it to finish or use another folder"
 
 
 def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir_given: bool = True) -> str:
@@ -210,7 +187,6 @@ def discard_new_folder(folder: Path, created: bool) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
-    (folder / LOCK_NAME).unlink(missing_ok=True)
     if not {p.name for p in folder.iterdir()} <= HYDRA_FILES:
         return  # a run's files are there: keep everything
     if not created:  # the user's own (empty) folder: remove only what this command wrote

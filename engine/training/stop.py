@@ -12,7 +12,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..run.console import log_ending
+from ..errors import Interrupted
+from ..run.console import STOP_SIGNALS, log_ending, raise_interrupted
 from ..run.distributed import DistInfo, all_reduce_sum
 
 
@@ -56,7 +57,7 @@ class GracefulStop:
         """After last.pt is safe, let a previous handler (submitit's requeue on SLURM) act too; Python's own
         Ctrl-C handler is not one (it would raise KeyboardInterrupt and print a traceback)."""
         previous = self._previous.get(self.signum) if self.signum is not None else None
-        if callable(previous) and previous is not signal.default_int_handler:
+        if callable(previous) and previous not in (signal.default_int_handler, raise_interrupted):
             previous(self.signum, None)
 
 
@@ -70,24 +71,28 @@ def stop_requested(stop: GracefulStop, device: torch.device, info: DistInfo) -> 
 
 @contextmanager
 def ctrl_c_after_this(what: str) -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for work that must not be
-    cut in the middle (tracing a model for export: an interrupt inside torch's tracer can crash the process).
-    The first Ctrl-C is answered at once with one line (the block can take minutes); a second stops at once."""
+    """Hold a Ctrl-C (SIGINT), SIGTERM or SIGHUP until the block ends, then raise KeyboardInterrupt (`Interrupted`
+    for the others): for work that must not be cut in the middle (tracing a model for export: an interrupt inside
+    torch's tracer can crash the process). The first is answered at once with one line (the block can take
+    minutes); a second stops at once. A signal that is ignored (SIGHUP under nohup) stays ignored."""
     asked: list[int] = []
 
     def hold(signum: int, frame: Any) -> None:
         if asked:
-            sys.stderr.write("\nstopped at once by a second Ctrl-C\n")
+            sys.stderr.write("\nstopped at once by a second signal\n")
             sys.stderr.flush()
             os._exit(128 + signum)
         asked.append(signum)
-        sys.stderr.write(f"\nCtrl-C: stopping when {what} ends (Ctrl-C again stops at once)\n")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        sys.stderr.write(f"\n{name}: stopping when {what} ends (Ctrl-C again stops at once)\n")
         sys.stderr.flush()
 
-    previous = signal.signal(signal.SIGINT, hold)
+    held = [s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) != signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, hold) for signum in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if asked:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt if asked[0] == signal.SIGINT else Interrupted(asked[0])

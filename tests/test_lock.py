@@ -1,0 +1,113 @@
+"""The run-folder lock is an fcntl.flock the kernel releases: real processes started at the same instant, a holder
+killed with SIGKILL, a lock file another host left, a forked child of the holder, and ranks other than 0."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from cli_helpers import ROOT, run_main
+
+from engine.errors import UserError
+from engine.run.folder_claim import LOCK_NAME, RunLock
+
+TAKE = """
+import sys, time
+from pathlib import Path
+from engine.errors import UserError
+from engine.run.folder_claim import RunLock
+folder, start, hold, fork = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "fork"
+while time.time() < start:  # every process leaves this loop at the same instant
+    pass
+try:
+    RunLock(folder).acquire()
+except UserError as err:
+    print("refused:", err, flush=True)
+    sys.exit(0)
+if fork and os.fork() == 0:
+    time.sleep(60)  # a child (a loader worker) outliving its parent for a while
+    os._exit(0)
+print("took", flush=True)
+time.sleep(hold)
+"""
+
+
+def take(folder, start: float, hold: float, fork: bool = False) -> subprocess.Popen:
+    """A process that takes the lock of `folder` at time `start` and holds it `hold` seconds."""
+    code = "import os\n" + TAKE
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-c", code, str(folder), str(start), str(hold), "fork" if fork else "-"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_line(process: subprocess.Popen) -> str:
+    line = process.stdout.readline().strip()
+    assert line, f"exited {process.wait()} without a word"
+    return line
+
+
+@pytest.mark.slow
+def test_two_processes_started_together_never_both_hold_the_folder(tmp_path):
+    """Five rounds, each on a new folder: one with a leftover lock file from an older release, another host's."""
+    for round in range(5):
+        folder = tmp_path / f"run{round}"
+        if round % 2:
+            folder.mkdir()
+            (folder / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-node", "started": "yesterday"}))
+        start = time.time() + 1.5  # both are started and spinning well before
+        processes = [take(folder, start, hold=2.0) for _ in range(2)]
+        lines = sorted(wait_for_line(p) for p in processes)
+        for p in processes:
+            p.wait(30)
+        assert lines[1] == "took" and lines[0].startswith("refused:"), lines
+        assert "in use by" in lines[0] and "delete" not in lines[0]
+        RunLock(folder).acquire().release()  # free once the winner ended
+
+
+@pytest.mark.slow
+def test_a_holder_killed_with_sigkill_leaves_a_folder_that_is_free_at_once(tmp_path):
+    """Also when the holder had forked (a loader worker still running): the child never holds the lock."""
+    holder = take(tmp_path, time.time(), hold=60, fork=True)
+    assert wait_for_line(holder) == "took"
+    with pytest.raises(UserError, match=f"in use by process {holder.pid} on "):
+        RunLock(tmp_path).acquire()
+    os.kill(holder.pid, signal.SIGKILL)  # the holder only: its child lives on
+    holder.wait(10)
+    lock = RunLock(tmp_path).acquire()  # at once: no pid to judge, no takeover
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    os.killpg(holder.pid, signal.SIGKILL)  # the orphaned child
+
+
+def test_a_rank_other_than_zero_never_removes_unlocks_or_writes_the_folder(tmp_path):
+    """Rank 0 (here: this test) holds the folder; rank 1 fails a task, and runs a task of one process."""
+    folder = tmp_path / "run"
+    lock = RunLock(folder).acquire()
+    (folder / "main.log").write_text("rank 0 is working\n")
+    try:
+        env = {"RANK": "1", "LOCAL_RANK": "1"}
+        failed = _with_env(env, "task=eval", f"ckpt={tmp_path / 'missing.pt'}", f"hydra.run.dir={folder}", cwd=tmp_path)
+        assert failed.returncode == 2 and "does not exist" in failed.stderr
+        assert (folder / "main.log").read_text() == "rank 0 is working\n" and (folder / LOCK_NAME).exists()
+        with pytest.raises(UserError, match="in use by process"):
+            RunLock(folder).acquire()  # rank 0's lock still holds
+        benchmark = _with_env(
+            env, "task=benchmark", "model=vit_tiny_test", "dataset=synthetic", f"hydra.run.dir={folder}", cwd=tmp_path
+        )
+        assert benchmark.returncode == 0 and sorted(p.name for p in folder.iterdir()) == [LOCK_NAME, "main.log"]
+    finally:
+        lock.release()
+
+
+def _with_env(env: dict, *overrides: str, cwd):
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        return run_main(*overrides, cwd=cwd, check=False)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
