@@ -93,3 +93,22 @@ def test_transformers_weights_and_image_processor_come_from_the_cache_offline(tm
     line = error_line(subprocess.CompletedProcess([], missing["returncode"], "", missing["stderr"]))
     assert missing["returncode"] == 2 and "google/siglip-base-patch16-224" in line
     assert "HF_HUB_OFFLINE is set" in line and "model.pretrained_dir=DIR" in line
+
+
+def test_a_checkpoints_weights_need_no_pretrained_weights_from_the_hub(monkeypatch, tmp_path):
+    """eval, visualize or export of a checkpoint trained from pretrained weights: the checkpoint's weights replace
+    them, so an offline node without them in its cache still runs (huggingface_hub's flag and cache, in-process)."""
+    from huggingface_hub import constants
+
+    from engine.errors import UserError
+    from engine.models.build import build_model
+    from engine.run.session import open_session
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # empty
+    cfg = compose_config(*TIMM, *CPU)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+        build_model(cfg.model, cfg.tome, 4)
+    trained = build_model(compose_config(*TIMM, *CPU, "model.pretrained=false").model, cfg.tome, 4).state_dict()
+    session = open_session(cfg, 4, weights=trained, weights_path="best.pt", distributed=False)
+    assert all(torch.equal(value, trained[key]) for key, value in session.model.state_dict().items())

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data import input_transform, resolve_native_size
 
@@ -57,6 +57,14 @@ def check_eval_batch_size(value: Any) -> int:
     return value
 
 
+def weightless(model_cfg: DictConfig) -> DictConfig:
+    """A timm model group without pretrained weights: a checkpoint's weights replace them, so they are neither
+    fetched nor looked for in the cache (a transformers model still reads its architecture from its config)."""
+    if model_cfg.get("source", "timm") != "timm":
+        return model_cfg
+    return OmegaConf.merge(model_cfg, {"pretrained": False, "pretrained_file": None})
+
+
 def open_session(
     cfg: DictConfig,
     num_classes: int,
@@ -81,7 +89,8 @@ def open_session(
     if compile_as is not None:
         say_compiling(compile_as, device)
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-    model = build_model(cfg.model, cfg.tome, num_classes, trace_source=trace_source)
+    model_cfg = cfg.model if weights is None else weightless(cfg.model)
+    model = build_model(model_cfg, cfg.tome, num_classes, trace_source=trace_source)
     seed_everything(cfg.seed + info.rank)  # every later draw (drop path, dropout, mixup) its own per rank
     if weights is not None:
         load_weights(model, weights, weights_path)
