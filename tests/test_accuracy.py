@@ -37,10 +37,15 @@ def test_top_classes_against_a_brute_force_count():
     assert top_classes(logits[:, :3]).shape == (64, 3)  # fewer classes than k
 
 
-def test_training_and_evaluation_count_tied_logits_alike():
+def test_training_and_evaluation_count_tied_logits_by_one_written_rule():
+    """Equal logits: the lower class index is the prediction, in training's running accuracy and in evaluation,
+    each checked against numpy's stable sort (a reference that is not top_classes)."""
     logits = torch.zeros(12, 4)  # every class tied
     logits[6:, 1] = logits[6:, 2] = 1.0  # two classes tied at the top
     targets = torch.tensor([0, 1, 2, 3] * 3)
+    order = np.argsort(-logits.numpy(), axis=1, kind="stable")
+    expected_top1 = 100 * float((order[:, 0] == targets.numpy()).mean())
+    assert expected_top1 == 100 * 3 / 12  # predicted 0 in rows 0-5 (targets 0 at rows 0, 4), 1 in rows 6-11 (row 9)
     model = FixedLogits(logits)
     opt = Optimization(
         optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
@@ -53,6 +58,6 @@ def test_training_and_evaluation_count_tied_logits_alike():
     train_step(model, torch.zeros(12, 3, 2, 2), targets, opt, state, update=False)
     loader = DataLoader(TensorDataset(torch.zeros(12, 3, 2, 2), targets), batch_size=12)
     metrics = evaluate(model, loader, torch.device("cpu"), None, DistInfo())
-    assert state.epoch_sums["samples"] == 12
-    assert 100 * state.epoch_sums["correct"] / 12 == metrics["top1"]
+    assert state.epoch_sums["samples"] == 12 and 100 * state.epoch_sums["correct"] / 12 == expected_top1
+    assert metrics["top1"] == expected_top1
     assert metrics["top5"] == 100.0  # 4 classes: every target is in the top 4

@@ -156,8 +156,7 @@ def test_resume_continues_the_run(trained, tmp_path):
     shutil.copytree(run_dir, copy)
     run_main("task=train", "trainer.resume=true", "trainer.epochs=3", f"hydra.run.dir={copy}", cwd=work)
     record = results(copy)
-    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
-    assert record["history"][:2] == results(run_dir)["history"]
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]  # (exactness: tests/test_fault_tolerance.py)
 
 
 @pytest.mark.slow

@@ -116,7 +116,6 @@ ELSEWHERE = {  # task: its command-line keys after ckpt=, what shows it is runni
 SIGNALS = [  # each task meets Ctrl-C or a signal a scheduler or a closed terminal sends
     ("eval", signal.SIGINT),
     ("eval", signal.SIGTERM),
-    ("export", signal.SIGINT),
     ("export", signal.SIGTERM),
     ("benchmark", signal.SIGHUP),
     ("visualize", signal.SIGTERM),

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from cli_helpers import ROOT, compose_config, error_line
+from cli_helpers import ROOT, compose_config, error_line, run_main
 
 CPU = ["runtime.device=cpu", "runtime.num_workers=0", "dataset=synthetic", "dataset.val_size=8"]
 TIMM_ID = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm fetches it from the hub repo timm/<name>
@@ -59,12 +59,6 @@ def test_timm_weights_come_from_the_cache_offline(tmp_path):
     body = [k for k in saved if not k.startswith("head.")]  # a 4-class head replaces the 1000-class one
     assert body and all(torch.equal(loaded[k], saved[k]) for k in body)
 
-    missing = offline_run(tmp_path, tmp_path / "empty", "task=eval", *TIMM, *CPU)
-    line = error_line(subprocess.CompletedProcess([], missing["returncode"], "", missing["stderr"]))
-    assert missing["returncode"] == 2 and f"timm/{TIMM_ID}" in line and "HF_HUB_OFFLINE is set" in line
-    assert str(tmp_path / "empty" / "hub") in line and "model.pretrained_file=PATH" in line
-    assert not (tmp_path / "outputs").exists()
-
 
 @pytest.mark.slow
 def test_transformers_weights_and_image_processor_come_from_the_cache_offline(tmp_path):
@@ -89,23 +83,41 @@ def test_transformers_weights_and_image_processor_come_from_the_cache_offline(tm
     said = report["stdout"] + report["stderr"]
     assert "google/siglip-base-patch16-224 has no image processor" in said and "using ImageNet's mean/std" in said
 
-    missing = offline_run(tmp_path, tmp_path / "empty", "task=eval", *SIGLIP, *CPU)
-    line = error_line(subprocess.CompletedProcess([], missing["returncode"], "", missing["stderr"]))
-    assert missing["returncode"] == 2 and "google/siglip-base-patch16-224" in line
-    assert "HF_HUB_OFFLINE is set" in line and "model.pretrained_dir=DIR" in line
 
-
-def test_a_checkpoints_weights_need_no_pretrained_weights_from_the_hub(monkeypatch, tmp_path):
-    """eval, visualize or export of a checkpoint trained from pretrained weights: the checkpoint's weights replace
-    them, so an offline node without them in its cache still runs (huggingface_hub's flag and cache, in-process)."""
+@pytest.fixture
+def offline_with_an_empty_cache(monkeypatch, tmp_path):
+    """huggingface_hub's offline flag and an empty cache, in this process (what the child processes above read
+    from HF_HUB_OFFLINE and HF_HOME at import)."""
     from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize(
+    "model, looked_for, way_out",
+    [
+        (TIMM, f"timm/{TIMM_ID}", "model.pretrained_file=PATH"),
+        (SIGLIP, "google/siglip-base-patch16-224", "model.pretrained_dir=DIR"),
+    ],
+)
+def test_weights_in_neither_cache_nor_hub_are_one_line_naming_what_was_looked_for(
+    offline_with_an_empty_cache, tmp_path, model, looked_for, way_out
+):
+    line = error_line(run_main("task=eval", *model, *CPU, cwd=tmp_path, check=False))
+    assert looked_for in line and f"not in the Hugging Face cache ({offline_with_an_empty_cache})" in line
+    assert "HF_HUB_OFFLINE is set" in line and way_out in line and "run once where the hub is reachable" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_checkpoints_weights_need_no_pretrained_weights_from_the_hub(offline_with_an_empty_cache):
+    """eval, visualize or export of a checkpoint trained from pretrained weights: the checkpoint's weights replace
+    them, so an offline node without them in its cache still runs (huggingface_hub's flag and cache, in-process)."""
     from engine.errors import UserError
     from engine.models.build import build_model
     from engine.run.session import open_session
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # empty
     cfg = compose_config(*TIMM, *CPU)
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
         build_model(cfg.model, cfg.tome, 4)

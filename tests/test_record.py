@@ -17,7 +17,7 @@ from cli_helpers import ROOT, SMOKE, results, run_main, write_image_folder
 from test_mistakes import folder_bytes, one_line_error
 
 from engine.errors import UserError
-from engine.run.folder_claim import LOCK_NAME, RunLock
+from engine.run.folder_claim import LOCK_NAME
 
 IMAGES = [o for o in SMOKE if not o.startswith(("dataset", "runtime.num_workers"))] + [
     "dataset=imagefolder",
@@ -88,28 +88,6 @@ def test_a_second_process_is_refused_while_the_first_trains(tmp_path, folder):
     assert results(run_dir)["epochs"] == done + 1
 
 
-def test_lock_taken_over_from_a_dead_process_or_the_same_slurm_job(tmp_path, caplog):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "slurm_job": None}))
-    lock = RunLock(tmp_path).acquire()
-    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert "which is gone" in caplog.text
-    lock.release()
-    assert not (tmp_path / LOCK_NAME).exists()
-    # alive elsewhere: refused; the same SLURM job requeued (even on another host): taken over
-    parent = os.getppid()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": parent, "host": socket.gethostname(), "slurm_job": "77"}))
-    with pytest.raises(UserError, match=f"in use by process {parent}"):
-        RunLock(tmp_path).acquire()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "node-a", "slurm_job": "77"}))
-    os.environ["SLURM_JOB_ID"] = "77"
-    try:
-        RunLock(tmp_path).acquire().release()
-    finally:
-        del os.environ["SLURM_JOB_ID"]
-
-
 def test_each_job_of_a_sweep_in_one_process_locks_its_own_folder(tmp_path):
     """Hydra's basic launcher runs a sweep's jobs one after another in one process: each must lock its folder."""
     from engine.cli import claim as cli
@@ -161,7 +139,6 @@ def test_one_rule_for_r_and_flops_on_the_command_line_in_a_file_and_in_the_build
 
     from engine.cli.claim import check_values
     from engine.cli.command_line import check_command_line
-    from engine.errors import UserError
     from engine.models.build import tome_options
 
     configs = tmp_path / "configs"

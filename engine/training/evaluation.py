@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 def top_classes(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
     """(B, min(k, classes)) class indices, highest logit first: the one accuracy rule of training, validation
-    and evaluation (column 0 is the prediction; top-k counts a target anywhere in the row)."""
-    return logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    and evaluation (column 0 is the prediction; top-k counts a target anywhere in the row). Equal logits rank
+    the lower class index first, on every CPU (a stable sort; topk's order among ties is unspecified)."""
+    return logits.sort(dim=-1, descending=True, stable=True).indices[:, : min(k, logits.shape[-1])]
 
 
 def shard(dataset: Dataset, info: DistInfo) -> Dataset:
