@@ -22,11 +22,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from data import EpochSeeded, ResumableSampler, build_datasets, class_names, count_classes
 from data.workers import ignore_interrupts
 
-from ..cli.compat import upgrade_config
 from ..errors import UserError
 from ..models.build import model_label
 from ..models.tome_group import compact
-from ..run.checkpoint import check_same_architecture, load_checkpoint, restore_training
+from ..run.checkpoint import check_same_architecture, read_checkpoint, restore_training
 from ..run.runtime import autocast, set_rng_state
 from ..run.session import Session, open_session
 from .evaluation import eval_loader
@@ -121,14 +120,14 @@ def build_optimization(
 
 
 def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
-    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture."""
+    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture (its EMA's when it kept
+    one, as eval reads it)."""
     path = cfg.trainer.get("init_from")
     if not path:
         return None
-    init = load_checkpoint(path)
-    saved = upgrade_config(init["config"])
-    check_same_architecture(saved["model"], OmegaConf.to_container(cfg.model, resolve=True), path)
-    return init["model"]
+    init = read_checkpoint(path)
+    check_same_architecture(init.config.model, OmegaConf.to_container(cfg.model, resolve=True), path)
+    return init.weights
 
 
 def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> TrainRun:
