@@ -205,3 +205,23 @@ def test_a_type_error_inside_visualize_is_a_bug_with_its_traceback(tmp_path, mon
     cfg = compose_config("task=visualize", *SMOKE, *overrides)
     with pytest.raises(TypeError, match="a bug in the attention maps"):
         visualize.run(cfg, tmp_path, overrides=overrides)
+
+
+@pytest.mark.parametrize("crop_pct", [0.9, None])  # None: timm's eval transform takes its default
+def test_the_preprocessing_record_is_the_transform_that_runs(crop_pct):
+    """Images above 64 px go through timm's eval transform: resize to size / crop_pct, centre crop, normalise."""
+    import math
+
+    from torchvision import transforms as T
+
+    from data import preprocessing
+    from data.transforms import build_transform
+
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3, "interpolation": "bilinear"}
+    config["crop_pct"] = crop_pct
+    record = preprocessing({"name": "imagefolder", "native_size": 224}, config)
+    steps = {type(step): step for step in build_transform(config, 224, is_training=False, augment=False).transforms}
+    assert steps[T.Resize].size == math.floor(32 / record["crop_pct"])
+    assert steps[T.Resize].interpolation.value == record["interpolation"] and record["crop_mode"] == "center"
+    assert list(steps[T.CenterCrop].size) == record["input_size"][1:]
+    assert steps[T.Normalize].mean.tolist() == record["mean"] and steps[T.Normalize].std.tolist() == record["std"]
