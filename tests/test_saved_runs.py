@@ -126,6 +126,7 @@ def test_tasks_and_training_do_not_import_the_command_line():
                     assert not (node.module or "").startswith(("cli", "engine.cli")), f"{path.name}: {node.module}"
 
 
+@pytest.mark.slow  # the budget run trains first
 def test_init_from_takes_the_weights_eval_takes(budget):
     """One rule for EMA or plain weights: trainer.init_from starts from the EMA's, as eval evaluates them."""
     from engine.training.setup import initial_weights
@@ -158,6 +159,7 @@ def folder_files(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # the budget run trains first
 def test_resuming_a_finished_run_says_so_and_changes_nothing(budget):
     work, _, run = budget
     before = {k: v for k, v in folder_files(run).items() if k != "main.log"}
