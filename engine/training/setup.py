@@ -24,8 +24,8 @@ from data.workers import ignore_interrupts
 
 from ..errors import UserError
 from ..models.build import model_label
-from ..models.tome_group import compact
 from ..run.checkpoint import check_same_architecture, read_checkpoint, restore_training
+from ..run.results import merge_record, r_that_ran
 from ..run.runtime import autocast, set_rng_state
 from ..run.session import Session, open_session
 from .evaluation import eval_loader
@@ -168,7 +168,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
             session.device,
             str(session.dtype or "fp32").replace("torch.", ""),
             tc.epochs,
-            compact(session.model.r),
+            r_that_ran(merge_record(session.model, session.inputs["input_size"])),
             session.model.protect,
             run_dir,
         )
