@@ -62,24 +62,28 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
     return resumed, saved
 
 
-def record_resume(saved: SavedRun, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
-    """A resume, once its config is checked: refused for a run with no epoch left, else said in main.log and
-    added to resumes.yaml (with the keys this command line changed), both counting epochs from 1."""
+def record_resume(saved: SavedRun, run_dir: Path, overrides: list[str]) -> None:
+    """A resume, said in main.log and added to resumes.yaml (with the keys this command line changed), both
+    counting epochs from 1 as the progress bar does."""
     epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
-    check_not_finished(epochs_done, cfg.trainer.epochs, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         kept = [o for o, key in zip(overrides, override_keys(overrides)) if overridable(key, RESUME_OVERRIDES)]
         append_resume(run_dir, kept, epoch_number(epochs_done), step)
         log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
 
 
-def check_not_finished(epochs_done: int, epochs: int, run_dir: Path) -> None:
-    """A resume of a run that trained all its epochs has nothing to do: say so, and how to train longer."""
-    if epochs_done >= epochs:
-        raise UserError(
-            f"trainer.resume=true: the run in {run_dir} finished its {epochs_done} epochs (trainer.epochs={epochs}), "
-            f"nothing to resume; to train it longer, add trainer.epochs=N with N > {epochs_done}"
-        )
+def nothing_to_resume(epochs_done: int, epochs: int, run_dir: Path) -> dict[str, Any]:
+    """A resume of a run that trained all its epochs: say so and how to train longer, and change nothing. Not
+    an error (exit 0): a script or a requeued job that resumes whatever it finds is done."""
+    log.info(
+        "the run in %s finished its %d epochs (trainer.epochs=%d): nothing to resume, nothing changed; to train "
+        "it longer, add trainer.epochs=N with N > %d",
+        run_dir,
+        epochs_done,
+        epochs,
+        epochs_done,
+    )
+    return {}
 
 
 def epoch_number(epochs_done: int) -> int:
@@ -236,8 +240,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
     cfg, saved = resumed_config(cfg, run_dir, overrides)
     check_trainer_config(cfg)
+    if saved is not None and saved.state["epoch"] >= cfg.trainer.epochs:
+        return nothing_to_resume(saved.state["epoch"], cfg.trainer.epochs, run_dir)
     if saved is not None:
-        record_resume(saved, cfg, run_dir, overrides)
+        record_resume(saved, run_dir, overrides)
     training = build_run(cfg, run_dir, saved.checkpoint if saved else None)
     # rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)
     with SummaryWriter(str(run_dir / "tensorboard")) if training.session.info.is_main else nullcontext() as writer:
