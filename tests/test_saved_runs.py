@@ -82,6 +82,8 @@ def test_every_task_records_the_r_that_ran_and_the_tokens_from_the_same_count(re
     for task in ("eval", "export", "visualize"):
         ran = {k: records[task][k] for k in ("r", "r_per_block", "tokens_per_block", "protect")}
         assert ran == {k: trained[k] for k in ran}, task
+    unmerged = records["benchmark"]["schedules"]["0"]  # benchmark.r=[0]: each timed schedule as it ran
+    assert (unmerged["r_per_block"], unmerged["tokens_per_block"]) == ([0, 0], [21, 21])  # 16 + 4 + 1, no merging
 
 
 @pytest.mark.slow

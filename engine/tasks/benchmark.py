@@ -23,7 +23,7 @@ from data import count_classes, preprocessing
 
 from ..errors import UserError
 from ..measure.loader_timing import data_bound_notes, time_train_loader
-from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label
+from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label, schedule_records
 from ..measure.timing import interleaved_seconds, machine_note
 from ..models.build import model_label
 from ..models.tome_group import compact, protect_modes, r_option
@@ -175,6 +175,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
             **meta,
             "batch_sizes": list(bench.batch_sizes),
             "preprocessing": preprocessing(cfg.dataset, session.inputs),  # of the loader timed (the rows: random)
+            "schedules": schedule_records(merged, schedules, size),  # the r each row's schedule ran, per block
             "rows": rows,
             "loader": loader,
             "target_speedup": target,
