@@ -15,7 +15,7 @@ from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from .synthetic import SyntheticPatterns
-from .transforms import SMALL_IMAGES, ResizeNormalize, build_transform, device_transform
+from .transforms import SMALL_IMAGES, ResizeNormalize, build_transform, device_transform, eval_pipeline
 
 log = logging.getLogger(__name__)
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")
@@ -218,6 +218,15 @@ def build_datasets(
         else:
             out[split] = _image_folder(cfg, split, transform, classes if classes is not None else class_names(cfg))
     return out
+
+
+def preprocessing(cfg: Mapping[str, Any], data_config: dict[str, Any]) -> dict[str, Any]:
+    """The images as they go into the model at evaluation (a training run's validation, eval, export, visualize),
+    for results.json. Synthetic patterns are generated at the input size: no resize, crop or normalisation."""
+    if cfg["name"] == "synthetic":
+        keys = ("interpolation", "mean", "std", "crop_pct", "crop_mode", "native_size")
+        return {"input_size": list(data_config["input_size"]), **dict.fromkeys(keys)}
+    return eval_pipeline(data_config, native_size(cfg))
 
 
 def input_transform(cfg: Mapping[str, Any], data_config: dict[str, Any]) -> Optional[ResizeNormalize]:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import create_transform
+from timm.data import DEFAULT_CROP_PCT, create_transform
 from torchvision import transforms as T
 
 SMALL_IMAGES = 64  # at or below this native size, random-resized crops destroy the image
@@ -54,6 +54,23 @@ def build_transform(
         crop_pct=data_config.get("crop_pct"),
         auto_augment="rand-m9-mstd0.5-inc1" if is_training and augment else None,
     )
+
+
+def eval_pipeline(data_config: dict[str, Any], native_size: int) -> dict[str, Any]:
+    """What `build_transform` does to an evaluated image, as the keys timm's validate.py prints of its data config:
+    input size, interpolation, mean, std, crop_pct and crop_mode. Small images are taken whole (crop_pct 1.0)
+    at their native size and resized to the input size."""
+    small = native_size <= SMALL_IMAGES
+    crop_pct = data_config.get("crop_pct")
+    return {
+        "input_size": list(data_config["input_size"]),
+        "interpolation": data_config.get("interpolation", "bicubic"),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+        "crop_pct": 1.0 if small else (crop_pct or DEFAULT_CROP_PCT),  # timm's eval transform: None -> its default
+        "crop_mode": "center",
+        "native_size": native_size,
+    }
 
 
 class ResizeIfNeeded:

@@ -24,7 +24,7 @@ from .merge import bipartite_soft_matching, capped_r, merge_source, merge_wavg
 from .parts import input_size, is_patched, patch_grid, prefix_layout
 from .patch.api import dense_features, forward_with_token_map, last_forward, options, trace
 from .patch.base import remove_patch
-from .patch.prefix import prefix_attention
+from .patch.prefix import prefix_attention, prefix_attention_support
 from .protection import DEFAULT_PROTECT, PROTECT_MODES, Protection, protection
 from .record import BlockTrace, ForwardRecord
 from .schedule import parse_r, r_from_config
@@ -53,6 +53,7 @@ __all__ = [
     "REGISTER",
     "CLASS",
     "prefix_attention",
+    "prefix_attention_support",
     "parse_r",
     "r_from_config",
     "capped_r",

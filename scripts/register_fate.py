@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
 from data import DatasetError, build_datasets
-from engine.cli.compat import saved_config
 from engine.errors import UserError
 from engine.models.build import model_label
 from engine.report.register_fate import plot_fates, register_fates
-from engine.run.checkpoint import load_checkpoint
+from engine.run.checkpoint import read_checkpoint
+from engine.run.results import merge_record, r_that_ran
 from engine.run.session import open_session
 
 
@@ -37,19 +37,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     try:
-        checkpoint = load_checkpoint(args.ckpt)
-        cfg = saved_config(checkpoint, args.ckpt)
+        saved = read_checkpoint(args.ckpt)
+        cfg = saved.config
         if args.root:
             cfg.dataset.root = args.root
-        cfg.tome.r = yaml.safe_load(args.r)
+        # --r replaces how the run merged: a FLOP budget it was trained with (tome.flops) no longer chooses r
+        cfg.tome.r, cfg.tome.flops, cfg.tome.protect = yaml.safe_load(args.r), None, args.protect
         cfg.runtime.device = args.device
         session = open_session(
-            cfg,
-            int(cfg.dataset.num_classes),
-            checkpoint["ema"] or checkpoint["model"],
-            args.ckpt,
-            trace_source=True,
-            distributed=False,
+            cfg, int(cfg.dataset.num_classes), saved.weights, args.ckpt, trace_source=True, distributed=False
         )
         dataset = build_datasets(cfg.dataset, session.inputs, augment=False, splits=("val",), seed=0)["val"]
     except (UserError, DatasetError, ValueError) as err:
@@ -59,14 +55,15 @@ def main() -> None:
     summary = register_fates(
         session.model, DataLoader(subset, batch_size=100), session.device, session.prepare, args.protect
     )
-    summary |= {"checkpoint": str(args.ckpt), "model": model_label(cfg.model), "r": yaml.safe_load(args.r)}
+    merge = merge_record(session.model, session.inputs["input_size"])  # the r that ran, as every task records it
+    summary |= {"checkpoint": str(args.ckpt), "model": model_label(cfg.model), **merge}
     out = args.out or args.ckpt.parent.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "register_fate.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_fates(
         summary,
         str(out / "register_fate.png"),
-        f"registers under protect={args.protect}, r={args.r}, {summary['images']} held-out images",
+        f"registers under protect={args.protect}, r={r_that_ran(merge)}, {summary['images']} held-out images",
     )
     for fate, values in summary["fractions_per_block"].items():
         print(f"{fate:>15}: " + " ".join(f"{100 * v:5.1f}%" for v in values))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,12 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
     return errors[0]
+
+
+def last_line(path) -> str:
+    """main.log's last line, without the logging prefix ('[time][logger][LEVEL] - ')."""
+    line = [line for line in path.read_text().splitlines() if line.strip()][-1]
+    return re.sub(r"^\[[^]]*\]\[[^]]*\]\[[A-Z]+\] - ", "", line)
 
 
 def results(run_dir: Path) -> dict:

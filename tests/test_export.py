@@ -85,13 +85,16 @@ def test_parity_tells_near_ties_from_arithmetic_defects():
     assert (report["near_ties"], report["defects"]) == (1, 1)
 
 
-def test_what_cannot_export_is_refused_naming_the_reason(tmp_path):
+def test_the_exporters_own_failure_is_a_bug_with_its_traceback_and_leaves_no_file(tmp_path):
+    """Not a user's mistake (nothing on the command line fixes it): the exporter's error goes up as it is."""
+
     class DataDependent(torch.nn.Module):
         def forward(self, x):
             return x * 2 if x.sum() > 0 else x  # a branch on a value: no graph for it
 
-    with pytest.raises(UserError, match="cannot export DataDependent as torch_export"):
+    with pytest.raises(Exception) as raised:
         export_graph(Exportable(DataDependent()), torch.randn(2, 3), tmp_path / "m.pt2", "torch_export", True, 18)
+    assert not isinstance(raised.value, UserError)
     assert not (tmp_path / "m.pt2").exists()
 
 

@@ -177,7 +177,7 @@ def test_an_r_given_to_a_checkpoint_trained_with_a_flop_budget_is_the_r_that_run
 
 def test_every_suggested_key_is_a_key(tmp_path):
     from engine.cli.command_line import _compose, has_key
-    from engine.cli.compat import RENAMED
+    from engine.run.compat import RENAMED
 
     cfg = _compose(ROOT / "configs", [])
     for new in RENAMED.values():

@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import errno
 import json
-import re
 import sys
 
 import pytest
 import torch
-from cli_helpers import SMOKE, error_line, results, run_main, write_image_folder
+from cli_helpers import SMOKE, error_line, last_line, results, run_main, write_image_folder
 
 from engine.run import checkpoint as checkpoint_module
 from engine.run.checkpoint import _reason
 
 CPU = ["runtime.device=cpu", "runtime.num_workers=0"]
-
-
-def last_line(path) -> str:
-    """main.log's last line, without the logging prefix ('[time][logger][LEVEL] - ')."""
-    line = [line for line in path.read_text().splitlines() if line.strip()][-1]
-    return re.sub(r"^\[[^]]*\]\[[^]]*\]\[[A-Z]+\] - ", "", line)
 
 
 @pytest.fixture(scope="module")

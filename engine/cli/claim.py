@@ -166,13 +166,10 @@ def run_name(_root_: DictConfig) -> str:
 @functools.lru_cache(maxsize=4)
 def _saved_config(path: str) -> Optional[dict[str, Any]]:
     """The config inside a checkpoint (memory-mapped: its tensors are not read), or None."""
-    import torch
-
-    from .compat import upgrade_config
+    from ..run.checkpoint import read_checkpoint  # torch: only with ckpt=
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return upgrade_config(checkpoint["config"])
+        return OmegaConf.to_container(read_checkpoint(path, mmap=True).config)
     except Exception:  # a bad checkpoint is reported by the task itself
         return None
 

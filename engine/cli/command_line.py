@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 from ..models.tome_group import merge_amount
+from ..run.compat import RENAMED
 from ..task_table import TASKS
-from .compat import RENAMED
 
 FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
 GROUP_HINTS = {

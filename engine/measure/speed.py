@@ -24,6 +24,7 @@ import regtome
 
 from ..models.build import logits_of
 from ..run.compile import compile_model
+from ..run.results import merge_record
 from ..run.runtime import autocast, synchronize
 from .timing import timed_calls
 
@@ -64,6 +65,16 @@ def _schedule(patched: Optional[nn.Module], r: Any) -> ContextManager:
     if r is None or patched is None:
         return nullcontext()
     return regtome.options(patched, **r) if isinstance(r, dict) else regtome.options(patched, r=r)
+
+
+def schedule_records(merged: nn.Module, schedules: list[Any], size: tuple[int, int, int]) -> dict[str, dict[str, Any]]:
+    """The merging each schedule runs (`merge_record` at its options: r applied per block, tokens left), by the
+    label its rows carry."""
+    records = {}
+    for r in schedules:
+        with _schedule(merged, r):
+            records[schedule_label(r)] = merge_record(merged, size)
+    return records
 
 
 # Each step calls `model` (eager or compiled) with the options of `patched` (the plain patched module

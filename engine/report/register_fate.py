@@ -35,7 +35,7 @@ def register_fates(
     nc, p = layout.num_class, layout.num_prefix
     depth = model.regtome_num_blocks
     counts = torch.zeros(depth, layout.num_register, len(FATES), dtype=torch.long)
-    images_seen, cosine_sum, schedule = 0, 0.0, None
+    images_seen, cosine_sum = 0, 0.0
     model.eval()
     for images, _ in loader:
         images = prepare(images.to(device))
@@ -46,7 +46,6 @@ def register_fates(
         cosine_sum += float((cosine.sum(dim=(1, 2)) - layout.num_register).sum()) / max(off_diagonal, 1)
         with regtome.options(model, protect=protect):
             record = regtome.trace(model, images)  # one pass, every block
-        schedule = list(record.r_requested)
         for block in range(depth):
             source = record.blocks[block].source  # (B, T, N)
             owner = regtome.slot_owner(source)  # (B, N): the output token that holds each slot
@@ -59,7 +58,6 @@ def register_fates(
                 counts[block, j] += torch.bincount(fate.cpu(), minlength=len(FATES))
         images_seen += len(images)
     return {
-        "r_per_block": schedule,
         "protect": protect,
         "images": images_seen,
         "fates": list(FATES),

@@ -1,16 +1,21 @@
-"""Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file, and a training
-run's save and restore."""
+"""Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file, a training
+run's save and restore, and the one reader of a checkpoint (`read_checkpoint`) every task and script uses."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
 from .atomic import atomic_write
+from .compat import saved_config
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive: a file that fails to load and is not one never was
 
 
 def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -18,18 +23,60 @@ def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a RegToMe checkpoint with weights_only=True: a checkpoint can never run code."""
+@dataclass(frozen=True)
+class SavedRun:
+    """What a checkpoint holds about the run that wrote it, read once (`read_checkpoint`)."""
+
+    path: Path
+    config: DictConfig  # the run's config, in today's key names
+    weights: dict[str, torch.Tensor]  # the weights to use: the EMA's when the run kept an EMA, else the model's
+    classes: Optional[list[str]]  # the label order of its head (None: an older checkpoint did not save it)
+    state: dict[str, Any]  # where its training stood: epochs done, step in the epoch, best top-1, history
+    checkpoint: dict[str, Any]  # all of it, for a resume (optimizer, schedule, scaler, RNG states)
+
+    @property
+    def trained_with(self) -> dict[str, Any]:
+        """What it was trained with, for the record of a run that uses it: epochs, data set, merging."""
+        return {
+            "epochs": self.state.get("epoch"),
+            "dataset": self.config.dataset.get("name"),
+            "tome": OmegaConf.to_container(self.config.tome, resolve=True) if "tome" in self.config else None,
+        }
+
+
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> SavedRun:
+    """The one reader of a RegToMe checkpoint: its config, weights (one rule: EMA when kept), class names and
+    training state. mmap=True maps the tensors instead of reading them (for its config or state alone)."""
+    checkpoint = load_checkpoint(path, mmap=mmap)
+    ema = checkpoint.get("ema")
+    return SavedRun(
+        path=Path(path),
+        config=saved_config(checkpoint, path),
+        weights=ema if ema is not None else checkpoint["model"],
+        classes=checkpoint.get("classes"),
+        state=dict(checkpoint.get("state") or {}),
+        checkpoint=checkpoint,
+    )
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Load a RegToMe checkpoint with weights_only=True: a checkpoint can never run code. The only torch.load
+    of a checkpoint; `read_checkpoint` is what tasks call."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass ckpt=PATH to a checkpoints/last.pt or best.pt")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch.load raises many types for a damaged file
         if _unsafe_globals(path):  # pickled callables (classes, functions): exactly what may run code
             raise CheckpointHoldsCode(
                 f"checkpoint {path} holds Python objects that weights_only loading refuses (they could run code); "
                 "re-save it with tensors and plain types only"
+            ) from err
+        if not _starts_like_a_zip(path):  # a text file, an image, random bytes: torch's reason says nothing
+            raise CorruptCheckpoint(
+                f"{path} is not a checkpoint (torch.save writes a zip archive, this file is not one); "
+                "pass ckpt=PATH to a run's checkpoints/last.pt or best.pt"
             ) from err
         raise CorruptCheckpoint(
             f"checkpoint {path} is truncated or corrupt ({_reason(err)}); use another checkpoint"
@@ -40,6 +87,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "use model.pretrained_file=PATH"
         )
     return checkpoint
+
+
+def _starts_like_a_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -19,16 +19,16 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import regtome
-from data import count_classes
+from data import count_classes, preprocessing
 
-from ..cli.overrides import override_keys
 from ..errors import UserError
 from ..measure.loader_timing import data_bound_notes, time_train_loader
-from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label
+from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label, schedule_records
 from ..measure.timing import interleaved_seconds, machine_note
 from ..models.build import model_label
 from ..models.tome_group import compact, protect_modes, r_option
 from ..report.benchmark_report import write_outputs
+from ..run.overrides import override_keys
 from ..run.results import write_results
 from ..run.runtime import device_name, dtype_name
 from ..run.session import open_session
@@ -174,6 +174,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
             "task": "benchmark",
             **meta,
             "batch_sizes": list(bench.batch_sizes),
+            "preprocessing": preprocessing(cfg.dataset, session.inputs),  # of the loader timed (the rows: random)
+            "schedules": schedule_records(merged, schedules, size),  # the r each row's schedule ran, per block
             "rows": rows,
             "loader": loader,
             "target_speedup": target,

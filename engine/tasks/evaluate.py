@@ -6,17 +6,17 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig
 
-from data import build_datasets, class_names, count_classes
+from data import build_datasets, count_classes
 
-from ..cli.overrides import config_from_checkpoint
 from ..errors import UserError
 from ..models.build import WEIGHTS_HINT, has_weights
 from ..run.atomic import atomic_write
-from ..run.results import run_record, write_results
+from ..run.overrides import config_from_checkpoint, label_order
+from ..run.results import r_that_ran, run_record, write_results
 from ..run.session import open_session
 from ..training.evaluation import eval_loader, evaluate
 
@@ -35,21 +35,13 @@ def write_predictions(path: Path, rows: list[tuple]) -> None:
     atomic_write(path, write, text=True)
 
 
-def checkpoint_classes(cfg: DictConfig, saved: Optional[list[str]]) -> Optional[list[str]]:
-    """The label order to evaluate in: the checkpoint's classes (an image folder's val/ is mapped onto
-    them, and one it lacks is refused by name), else the data set's own."""
-    if saved is None or cfg.dataset.name != "imagefolder":
-        return class_names(cfg.dataset)
-    return list(saved)
-
-
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """task=eval: accuracy and images/s of a checkpoint (rebuilt from its saved config) or of pretrained weights."""
-    cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
-    if weights is None and not has_weights(cfg.model):
+    cfg, saved = config_from_checkpoint(cfg, overrides)
+    if saved is None and not has_weights(cfg.model):
         raise UserError(f"task=eval needs weights: {WEIGHTS_HINT}")
-    classes = checkpoint_classes(cfg, saved_classes)
-    session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt)
+    classes = label_order(cfg.dataset, saved)
+    session = open_session(cfg, count_classes(cfg.dataset), saved.weights if saved else None, cfg.ckpt)
     dataset = build_datasets(
         cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed, classes=classes
     )["val"]
@@ -66,13 +58,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     )
     record = run_record(
         cfg,
-        session.model,
+        session,
         metrics,
-        session.device,
-        session.dtype,
         session.eval_batch_size,
         extra={
             "checkpoint": cfg.ckpt,
+            "trained_with": saved.trained_with if saved else None,
             "world_size": session.info.world_size,
             "predictions": "predictions.csv",
             "compile": session.compile,
@@ -87,7 +78,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             metrics["top5"],
             metrics["images_per_s"],
             record["gflops"],
-            record["r"],
+            r_that_ran(record),
             record["protect"],
             f"  compiled ({session.compile})" if session.compile else "",
             run_dir / "results.json",

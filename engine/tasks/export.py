@@ -18,18 +18,18 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import regtome
-from data import class_names, count_classes
+from data import count_classes, preprocessing
 from data.images import load_images
 
-from ..cli.overrides import config_from_checkpoint
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..measure.parity import TOLERANCE, Runner, parity, reference_outputs, run_exported
 from ..measure.timing import interleaved_seconds
 from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
-from ..run.results import write_results
+from ..run.overrides import config_from_checkpoint, label_order
+from ..run.results import merge_record, r_that_ran, write_results
 from ..run.session import open_session
 from ..training.stop import ctrl_c_after_this
 
@@ -89,12 +89,15 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, fmt: str, dyna
         else:
             program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
             torch.export.save(program, str(path))
-    except Exception as err:
+    except ImportError as err:  # what a user can fix: the exporter's packages (onnx, onnxscript) are missing
         path.unlink(missing_ok=True)
-        reason = " ".join(str(err).strip().split())[:300]
         raise UserError(
-            f"cannot export {type(module.model).__name__} as {fmt}: {type(err).__name__}: {reason}"
+            f"export.format={fmt} needs a package that is not installed ({first_line(err)}); "
+            "pip install onnx onnxscript onnxruntime, or use export.format=torch_export"
         ) from err
+    except BaseException:  # the exporter's own failure is a bug to report with its traceback: no half-written file
+        path.unlink(missing_ok=True)
+        raise
 
 
 def check_export_config(export: DictConfig) -> tuple[str, Optional[int], torch.dtype]:
@@ -110,16 +113,18 @@ def check_export_config(export: DictConfig) -> tuple[str, Optional[int], torch.d
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     fmt, fixed_batch, dtype = check_export_config(cfg.export)
-    cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
-    if weights is None and not has_weights(cfg.model):
+    cfg, saved = config_from_checkpoint(cfg, overrides)
+    if saved is None and not has_weights(cfg.model):
         raise UserError(f"task=export needs weights: {WEIGHTS_HINT}")
+    weights = saved.weights if saved else None
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, distributed=False)
     model = session.model.cpu().eval().to(dtype)
-    classes = saved_classes or class_names(cfg.dataset)
+    classes = label_order(cfg.dataset, saved)
     images = torch.stack([t for _, t, _ in load_images(cfg, session.inputs, classes, int(cfg.export.samples))])
     path = run_dir / FORMATS[fmt]
     try:
         record = export_and_check(cfg, model, images.to(dtype), path, fmt, fixed_batch, dtype)
+        record["preprocessing"] = preprocessing(cfg.dataset, session.inputs)
     except BaseException:  # refused, failed or interrupted (Ctrl-C): no export file without its parity report
         for leftover in (path, run_dir / "unmerged.onnx"):
             leftover.unlink(missing_ok=True)
@@ -128,7 +133,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     log.info(
         "exported %s (r=%s, protect=%s) to %s; top-1 agreement %.2f%%, %.1f%% of samples within %.0e",
         record["model"],
-        record["r"],
+        r_that_ran(record),
         record["protect"],
         path,
         100 * record["parity"]["top1_agreement"],
@@ -151,7 +156,8 @@ def export_and_check(
     """Write the export, compare it with PyTorch on `images` (refused below export.min_agreement), time it
     when asked; returns the record for results.json."""
     merged = Exportable(model).eval()
-    log.info("exporting %s (r=%s, protect=%s) as %s to %s", model_label(cfg.model), model.r, model.protect, fmt, path)
+    ran = r_that_ran(merge_record(model, regtome.input_size(model)))
+    log.info("exporting %s (r=%s, protect=%s) as %s to %s", model_label(cfg.model), ran, model.protect, fmt, path)
     export_graph(merged, images[: fixed_batch or 2], path, fmt, fixed_batch is None, int(cfg.export.opset))
     threads, batch = max(1, torch.get_num_threads()), fixed_batch or 8
     report = parity(reference_outputs(merged, images, batch), run_exported(Runner(path, fmt, threads), images, batch))
@@ -171,17 +177,13 @@ def export_and_check(
 def export_record(
     cfg: DictConfig, model: nn.Module, fmt: str, fixed_batch: Optional[int], dtype: torch.dtype, report: dict[str, Any]
 ) -> dict[str, Any]:
-    record = regtome.last_forward(model)
     return {
         "task": "export",
         "format": fmt,
         "file": FORMATS[fmt],
         "model": model_label(cfg.model),
         "checkpoint": cfg.get("ckpt"),
-        "r": OmegaConf.to_container(cfg.tome, resolve=True)["r"],
-        "r_per_block": list(record.r),
-        "tokens_per_block": list(record.tokens),
-        "protect": model.protect,
+        **merge_record(model, regtome.input_size(model)),
         "prop_attn": model.prop_attn,
         "opset": int(cfg.export.opset) if fmt == "onnx" else None,
         "dtype": cfg.export.dtype,

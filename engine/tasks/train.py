@@ -21,18 +21,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from data import DatasetError
 
-from ..cli.compat import saved_config
-from ..cli.overrides import apply_overrides, overridable, override_keys
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
-from ..run.checkpoint import load_checkpoint, save_training, training_checkpoint
+from ..run.checkpoint import SavedRun, load_checkpoint, read_checkpoint, save_training, training_checkpoint
 from ..run.distributed import barrier, gather_objects
 from ..run.folder_claim import append_resume
+from ..run.overrides import apply_overrides, overridable, override_keys
 from ..run.results import run_record, write_results
 from ..run.runtime import rng_state
 from ..training.evaluation import evaluate
@@ -46,10 +44,10 @@ log = logging.getLogger(__name__)
 RESUME_OVERRIDES = ("trainer", "runtime", "dataset.skip_unreadable")
 
 
-def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[dict]]:
+def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[SavedRun]]:
     """With trainer.resume=true (or in a SLURM job requeued after a preemption or time-out), continue
     from run_dir's last.pt under its saved config; `trainer.*` and `runtime.*` keys given on this
-    command line replace the saved ones (`RESUME_OVERRIDES`), and resumes.yaml records them."""
+    command line replace the saved ones (`RESUME_OVERRIDES`). Returns the config and last.pt as read."""
     last = run_dir / "checkpoints" / "last.pt"
     requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()
     if not (cfg.trainer.resume or requeued):
@@ -58,21 +56,44 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
         raise UserError(
             f"trainer.resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue"
         )
-    checkpoint = load_checkpoint(last)
-    saved = saved_config(checkpoint, last)
-    resumed = apply_overrides(saved, cfg, overrides, groups=RESUME_OVERRIDES)
+    saved = read_checkpoint(last)
+    resumed = apply_overrides(saved.config, cfg, overrides, groups=RESUME_OVERRIDES)
     resumed.trainer.resume = True
+    return resumed, saved
+
+
+def record_resume(saved: SavedRun, run_dir: Path, overrides: list[str]) -> None:
+    """A resume, said in main.log and added to resumes.yaml (with the keys this command line changed), both
+    counting epochs from 1 as the progress bar does."""
+    epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
     if int(os.environ.get("RANK", "0")) == 0:
         kept = [o for o, key in zip(overrides, override_keys(overrides)) if overridable(key, RESUME_OVERRIDES)]
-        state = checkpoint["state"]
-        append_resume(run_dir, kept, state["epoch"], state["step_in_epoch"])
-        log.info("resumed from %s of %s", position(state["epoch"], state["step_in_epoch"]), last)
-    return resumed, checkpoint
+        append_resume(run_dir, kept, epoch_number(epochs_done), step)
+        log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
+
+
+def nothing_to_resume(epochs_done: int, epochs: int, run_dir: Path) -> dict[str, Any]:
+    """A resume of a run that trained all its epochs: say so and how to train longer, and change nothing. Not
+    an error (exit 0): a script or a requeued job that resumes whatever it finds is done."""
+    log.info(
+        "the run in %s finished its %d epochs (trainer.epochs=%d): nothing to resume, nothing changed; to train "
+        "it longer, add trainer.epochs=N with N > %d",
+        run_dir,
+        epochs_done,
+        epochs,
+        epochs_done,
+    )
+    return {}
+
+
+def epoch_number(epochs_done: int) -> int:
+    """The epoch a run is in, counted as its progress bar, main.log and resumes.yaml count it: from 1."""
+    return epochs_done + 1
 
 
 def position(epochs_done: int, step_in_epoch: int) -> str:
     """Where a run stands, numbered as its progress bar numbers it: 'epoch 2 step 5'."""
-    return f"epoch {epochs_done + 1} step {step_in_epoch}"
+    return f"epoch {epoch_number(epochs_done)} step {step_in_epoch}"
 
 
 def resume_command(run_dir: Path) -> str:
@@ -105,7 +126,7 @@ def save_failed(run: TrainRun, err: OSError) -> SaveFailed:
     }.get(err.errno or 0, f"{err.strerror or err}")
     last = run.ckpt_dir / "last.pt"
     try:  # memory-mapped: only the small state is read
-        saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["state"]
+        saved = load_checkpoint(last, mmap=True)["state"]
         intact = f"{last} ({position(saved['epoch'], saved['step_in_epoch'])}) is intact"
     except Exception:  # none yet, or unreadable
         intact = f"no earlier {last} to keep"
@@ -216,9 +237,13 @@ def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> tuple[dict[str, Any],
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
-    cfg, checkpoint = resumed_config(cfg, run_dir, overrides)
+    cfg, saved = resumed_config(cfg, run_dir, overrides)
     check_trainer_config(cfg)
-    training = build_run(cfg, run_dir, checkpoint)
+    if saved is not None and saved.state["epoch"] >= cfg.trainer.epochs:
+        return nothing_to_resume(saved.state["epoch"], cfg.trainer.epochs, run_dir)
+    if saved is not None:
+        record_resume(saved, run_dir, overrides)
+    training = build_run(cfg, run_dir, saved.checkpoint if saved else None)
     # rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)
     with SummaryWriter(str(run_dir / "tensorboard")) if training.session.info.is_main else nullcontext() as writer:
         metrics, trained = fit(training, writer)
@@ -231,10 +256,8 @@ def finish(run: TrainRun, metrics: dict[str, Any], trained: int) -> dict[str, An
     state, session = run.state, run.session
     record = run_record(
         run.cfg,
-        run.session.model,
+        session,
         metrics,
-        session.device,
-        session.dtype,
         run.cfg.trainer.batch_size,
         extra={
             "epochs": state.epoch,
@@ -242,6 +265,7 @@ def finish(run: TrainRun, metrics: dict[str, Any], trained: int) -> dict[str, An
             "history": state.history,
             "checkpoint": str(run.ckpt_dir / "best.pt"),
             "classes": run.classes,
+            "augment": run.cfg.trainer.augment,  # training images: augmented before `preprocessing`, if true
         },
     )
     if session.info.is_main:

@@ -20,17 +20,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import regtome
-from data import class_names, count_classes
+from data import count_classes, preprocessing
 from data.images import load_images
 
-from ..cli.overrides import config_from_checkpoint
 from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
 from ..report.figures import draw_feature_panels, draw_grid, merge_map, patch_groups
+from ..run.overrides import config_from_checkpoint, label_order
+from ..run.results import merge_record, r_that_ran
 from ..run.session import open_session
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,9 @@ def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple
     mode = regtome.protection(model.protect)
     registers_merge_alone = mode.merges_registers and mode.kinds_apart  # their rows merge with each other only
     merged = registers_merge_alone and any(regtome.last_forward(model).r_requested[:attn_block])
-    try:
-        attention, names = regtome.prefix_attention(model, batch, attn_block, merged=merged)
-    except TypeError:  # a block prefix_attention does not read
+    if regtome.prefix_attention_support(model, attn_block) is not None:  # asked, not caught: a TypeError is a bug
         return np.zeros((1, 0, 1)), [], "prefix attention maps are drawn for timm's pre-norm blocks only"
+    attention, names = regtome.prefix_attention(model, batch, attn_block, merged=merged)
     attention = attention[0].cpu().numpy()
     keep = [i for i, name in enumerate(names) if name not in names[:i]]  # a merged token once
     note = "merged model, registers merged together shown once" if merged else "unmerged model"
@@ -115,16 +115,17 @@ class Plan:
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    cfg, weights, saved_classes = config_from_checkpoint(cfg, overrides)
-    random_weights = weights is None and not has_weights(cfg.model)
+    cfg, saved = config_from_checkpoint(cfg, overrides)
+    random_weights = saved is None and not has_weights(cfg.model)
     if random_weights:
         log.warning(
             f"showing a model with random weights (none of {WEIGHTS_HINT}): "
             "the merges and attention maps say nothing about a trained model"
         )
+    weights = saved.weights if saved else None
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, trace_source=True, distributed=False)
     model = session.model.eval()
-    classes = saved_classes or class_names(cfg.dataset)
+    classes = label_order(cfg.dataset, saved)
     images = load_images(cfg, session.inputs, classes, cfg.visualize.num_samples, "visualize.num_samples")
     depth = model.regtome_num_blocks
     plan = Plan(
@@ -139,8 +140,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         modes=list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect],
         summary={
             "model": model_label(cfg.model),
-            "r": OmegaConf.to_container(cfg.tome)["r"],
-            "protect": model.protect,
+            **merge_record(model, session.inputs["input_size"]),
+            "preprocessing": preprocessing(cfg.dataset, session.inputs),
             "random_weights": random_weights,
             "images": {},
         },
@@ -155,7 +156,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     finally:
         writer.close()
     (run_dir / "visualize.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
-    log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, plan.summary["r"], model.protect)
+    log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, r_that_ran(plan.summary), model.protect)
     return plan.summary
 
 
@@ -173,7 +174,7 @@ def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int
     caption = f"predicted: {_label(plan.classes, predicted)} (p={float(probabilities[predicted]):.2f})"
     if target is not None:  # images= files have no label
         caption = f"true: {_label(plan.classes, target)}, {caption}"
-    title = f"{name}: {caption}\n{summary['model']}, r={summary['r']}, protect={model.protect}" + (
+    title = f"{name}: {caption}\n{summary['model']}, r={r_that_ran(summary)}, protect={model.protect}" + (
         " (random weights)" if summary["random_weights"] else ""
     )
     pixels = draw_grid(
@@ -194,7 +195,7 @@ def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int
             batch,
             picture,
             plan.run_dir / f"{name}_features.png",
-            f"{name}: last block's patch features (PCA to RGB), r={summary['r']}\n{summary['model']}",
+            f"{name}: last block's patch features (PCA to RGB), r={r_that_ran(summary)}\n{summary['model']}",
         )
     info = {
         "png": f"{name}.png",

@@ -22,12 +22,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from data import EpochSeeded, ResumableSampler, build_datasets, class_names, count_classes
 from data.workers import ignore_interrupts
 
-from ..cli.compat import upgrade_config
 from ..errors import UserError
 from ..models.build import model_label
-from ..models.tome_group import compact
-from ..run.checkpoint import check_same_architecture, load_checkpoint, restore_training
+from ..run.checkpoint import check_same_architecture, read_checkpoint, restore_training
 from ..run.distributed import DistInfo
+from ..run.results import merge_record, r_that_ran
 from ..run.runtime import autocast, seed_everything, set_rng_state
 from ..run.session import Session, open_session
 from .evaluation import eval_loader
@@ -122,14 +121,14 @@ def build_optimization(
 
 
 def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
-    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture."""
+    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture (its EMA's when it kept
+    one, as eval reads it)."""
     path = cfg.trainer.get("init_from")
     if not path:
         return None
-    init = load_checkpoint(path)
-    saved = upgrade_config(init["config"])
-    check_same_architecture(saved["model"], OmegaConf.to_container(cfg.model, resolve=True), path)
-    return init["model"]
+    init = read_checkpoint(path)
+    check_same_architecture(init.config.model, OmegaConf.to_container(cfg.model, resolve=True), path)
+    return init.weights
 
 
 def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> TrainRun:
@@ -172,7 +171,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
             session.device,
             str(session.dtype or "fp32").replace("torch.", ""),
             tc.epochs,
-            compact(session.model.r),
+            r_that_ran(merge_record(session.model, session.inputs["input_size"])),
             session.model.protect,
             run_dir,
         )

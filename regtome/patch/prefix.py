@@ -33,16 +33,26 @@ def _queries_and_keys(
     return q, k
 
 
-def _check_block(model: nn.Module, block: int) -> int:
-    require_patched(model, "regtome.prefix_attention")
+def prefix_attention_support(model: nn.Module, block: int) -> Optional[str]:
+    """None when `prefix_attention` reads block `block` of the patched `model`; else why it does not (the
+    message of the TypeError it raises). Ask before calling it, rather than catching every TypeError."""
     block = check_block(model, block, "block")
     target = model.regtome_blocks()[block]
     attn = getattr(target, "attn", None)
     if type(target) not in (Block, EvaBlock) or type(attn) is not Attention and not hasattr(attn, "rotate_half"):
-        raise TypeError(
+        return (
             f"prefix_attention supports pre-norm blocks with timm's Attention or Eva's rotary attention, "
             f"not {type(target).__name__} with {type(attn).__name__}"
         )
+    return None
+
+
+def _check_block(model: nn.Module, block: int) -> int:
+    require_patched(model, "regtome.prefix_attention")
+    block = check_block(model, block, "block")
+    unsupported = prefix_attention_support(model, block)
+    if unsupported:
+        raise TypeError(unsupported)
     return block
 
 

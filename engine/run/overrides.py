@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from data import DatasetError, count_classes
+from data import DatasetError, class_names, count_classes
 
 from ..errors import UserError
-from ..run.checkpoint import check_same_architecture, load_checkpoint
-from .compat import saved_config
+from .checkpoint import SavedRun, check_same_architecture, read_checkpoint
 
 
 def override_keys(overrides: Iterable[str]) -> list[str]:
@@ -47,16 +45,13 @@ def overrides_group(overrides: Iterable[str], group: str) -> bool:
     return any(k.split(".", 1)[0] == group for k in override_keys(overrides))
 
 
-def config_from_checkpoint(
-    cfg: DictConfig, overrides: list[str]
-) -> tuple[DictConfig, Optional[dict[str, torch.Tensor]], Optional[list[str]]]:
+def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Optional[SavedRun]]:
     """With ckpt=PATH: take model, dataset and tome from the checkpoint's saved config (keys set on
-    this command line win); return it, the weights (the EMA weights when it has them) and the
-    checkpoint's class names (None when it did not save them)."""
+    this command line win); return it and the checkpoint as `read_checkpoint` reads it (None without ckpt=)."""
     if not cfg.get("ckpt"):
-        return cfg, None, None
-    checkpoint = load_checkpoint(cfg.ckpt)
-    saved = saved_config(checkpoint, cfg.ckpt)
+        return cfg, None
+    run = read_checkpoint(cfg.ckpt)
+    saved = run.config
     effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
     if overrides_group(overrides, "model"):
         check_same_architecture(saved.model, effective.model, cfg.ckpt)
@@ -65,8 +60,15 @@ def config_from_checkpoint(
     rebuilt = cfg.copy()
     with open_dict(rebuilt):  # the saved groups replace the composed ones whole
         rebuilt.model, rebuilt.dataset, rebuilt.tome = effective.model, effective.dataset, effective.tome
-    weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
-    return rebuilt, weights, checkpoint.get("classes")
+    return rebuilt, run
+
+
+def label_order(dataset_cfg: DictConfig, saved: Optional[SavedRun]) -> Optional[list[str]]:
+    """The class names in the order of the model's head: a checkpoint's own where it saved them (a class
+    folder's val/ is mapped onto them by name, one they lack refused by name), else the data set's."""
+    if saved is not None and saved.classes:
+        return list(saved.classes)
+    return class_names(dataset_cfg)
 
 
 def check_same_classes(saved: DictConfig, effective: DictConfig, path: Any) -> None:
