@@ -21,7 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from engine.cli import claim
 from engine.errors import RunStopped, TrainingInterrupted, UserError, one_line
-from engine.run.console import log_ending, survive_closed_console
+from engine.run.console import log_ending, say_ending, survive_closed_console
 from engine.run.folder_claim import discard_new_folder
 from engine.task_table import runner
 
@@ -45,8 +45,7 @@ def main(cfg: DictConfig) -> None:
         discard_new_folder(run_dir, created)
         sys.exit(2)
     except RunStopped as err:  # interrupted (last.pt saved) or a checkpoint that could not be written
-        print(err, file=sys.stderr)
-        log_ending(str(err), logging.WARNING if isinstance(err, TrainingInterrupted) else logging.ERROR)
+        say_ending(str(err), logging.WARNING if isinstance(err, TrainingInterrupted) else logging.ERROR)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops cleanly by itself)
         interrupted = True
