@@ -273,3 +273,18 @@ def test_a_console_that_went_away_is_dropped_and_nothing_else_is():
     with pytest.raises(UnicodeEncodeError):
         ascii_console.write("caf\u00e9")
     assert not ascii_console.gone
+
+
+def test_a_bounded_validation_draws_across_the_classes_the_same_images_each_time(tmp_path):
+    """trainer.max_val_steps on an image folder (listed class by class): the images validated come from across
+    the set, not the first class alone, and are the same on every call (every epoch, a resume)."""
+    from torchvision.datasets import ImageFolder
+
+    from engine.training.setup import bounded
+
+    val = ImageFolder(str(write_image_folder(tmp_path / "images", {"val": 8}, size=8) / "val"))
+    subset = bounded(val, max_steps=1, global_batch=8)
+    classes = {val.targets[i] for i in subset.indices}
+    assert len(subset) == 8 and len(classes) > 1, classes
+    assert bounded(val, max_steps=1, global_batch=8).indices == subset.indices
+    assert bounded(val, max_steps=4, global_batch=8) is val  # the whole set fits: no subset

@@ -189,11 +189,18 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     )
 
 
+VAL_SUBSET_SEED = 0  # one subset for every run of a data set, whatever its seed: their val top-1s compare
+
+
 def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Dataset:
-    """The first `max_steps` batches' worth of `dataset` (trainer.max_val_steps: a smoke run's validation)."""
-    if not max_steps or max_steps * global_batch >= len(dataset):  # type: ignore[arg-type]
+    """`max_steps` batches' worth of `dataset` drawn across all of it (trainer.max_val_steps: a smoke run's
+    validation). An image folder lists its images by class, so its first batches would be one class alone;
+    the subset is a fixed random draw instead, the same images every epoch, on resume and in every run."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if not max_steps or max_steps * global_batch >= size:
         return dataset
-    return Subset(dataset, range(max_steps * global_batch))
+    draw = torch.randperm(size, generator=torch.Generator().manual_seed(VAL_SUBSET_SEED))
+    return Subset(dataset, sorted(draw[: max_steps * global_batch].tolist()))
 
 
 def updates_per_epoch(samples: int, tc: DictConfig) -> int:
