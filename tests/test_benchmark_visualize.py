@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import ROOT, compose_config, run_main
+from cli_helpers import ROOT, compose_config, error_line, run_main
 from PIL import Image
 
 from engine.report.figures import CELL_PX, grid_shape, merge_map, patch_groups
@@ -327,3 +327,34 @@ def test_figure_titles_fit_their_figure(tmp_path, monkeypatch):
         box = figure._suptitle.get_window_extent()
         assert 0 <= box.x0 and box.x1 <= figure.bbox.width and box.y1 <= figure.bbox.height, figure._suptitle.get_text()
     assert fit_title(long, 3 * CELL_PX / 100).split() == long.split()  # wrapped, not cut
+
+
+def test_visualize_blocks_are_python_indices_and_one_out_of_range_is_refused(tmp_path):
+    """visualize.blocks=[-1] is the last block, as in Python; a block the model lacks names the valid range."""
+    quick = ["visualize.num_samples=1", "visualize.compare_protect=false", "visualize.dense_features=false"]
+    cfg = compose_config(
+        "task=visualize",
+        "model=vit_tiny_test",
+        "runtime.device=cpu",
+        "dataset=synthetic",
+        "visualize.blocks=[-1]",
+        *quick,
+    )
+    assert visualize.run(cfg, tmp_path, overrides=[])["blocks"] == [1]  # vit_tiny_test has 2 blocks
+    out = tmp_path / "refused"
+    refused = run_main(
+        "task=visualize",
+        "model=vit_tiny_test",
+        "runtime.device=cpu",
+        "dataset=synthetic",
+        "visualize.blocks=[0,2]",
+        *quick,
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert refused.returncode == 2 and error_line(refused) == (
+        "error: visualize.blocks: block 2 does not exist in a model of 2 blocks; "
+        "give indices from -2 to 1 (-1: the last)"
+    )
+    assert not out.exists()
