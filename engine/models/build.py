@@ -192,6 +192,15 @@ def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Map
     return config
 
 
+def cap_rule(mode: regtome.Protection) -> str:
+    """What caps a block's r under `mode`, in words (`regtome.capped_r`)."""
+    if not mode.merges_registers:
+        return "at most half of the patch tokens"
+    if mode.kinds_apart:
+        return "at most half of the patch and register tokens, fewer by the registers, which merge only together"
+    return "at most half of the patch and register tokens"
+
+
 def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     """Say once when the cap (`regtome.capped_r`) lowers the r that tome.r asked for. A FLOP budget
     (tome.flops) chose its r with the cap counted: nothing to say then."""
@@ -203,9 +212,11 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     if applied != requested:
         capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
         log.warning(
-            "tome.r=%s is beyond the cap (at most half of the mergeable tokens; under protect=apart fewer) "
-            "in %d of %d blocks (first: block %d of %d); applied r per block: %s",
+            "tome.r=%s is beyond the cap under protect=%s (%s) in %d of %d blocks (first: block %d of %d); "
+            "applied r per block: %s",
             compact(model.r),
+            model.protect,
+            cap_rule(regtome.protection(model.protect)),
             len(capped),
             len(applied),
             capped[0] + 1,
