@@ -158,7 +158,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
         state.epoch_sums = empty_sums()
     val_set = bounded(splits["val"], tc.get("max_val_steps"), session.eval_batch_size * info.world_size)
-    val_loader = eval_loader(val_set, session.eval_batch_size, session.workers, info)
+    val_loader = eval_loader(val_set, session)
     if info.is_main:
         log.info(
             "training %s on %s (%d train / %d val images) on %s, %s, %d epochs, r=%s, protect=%s; run folder %s",
@@ -236,7 +236,7 @@ def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
         drop_last=run.drop_last,
         sampler=ResumableSampler(run.sampler, skip=run.state.step_in_epoch * tc.batch_size),
         num_workers=run.session.workers,
-        pin_memory=run.session.device.type == "cuda",
+        pin_memory=run.session.pin_memory,
         generator=torch.Generator().manual_seed(seed * 1000 + epoch),
         worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
     )
