@@ -374,3 +374,44 @@ def test_a_target_speedup_that_cannot_be_reached_is_refused_before_anything_is_t
     out = tmp_path / "run"
     refused = run_main(*tiny, f"benchmark.target_speedup={target}", f"hydra.run.dir={out}", cwd=tmp_path, check=False)
     assert refused.returncode == 2 and error_line(refused) == f"error: {expected}" and not out.exists()
+
+
+def test_benchmark_png_carries_the_busy_machine_warning_its_md_carries(tmp_path, monkeypatch):
+    """A figure is often all that is looked at: a busy machine's warning is in benchmark.png as in benchmark.md."""
+    import matplotlib.figure
+    from matplotlib.text import Text
+
+    from engine.report.benchmark_report import write_outputs
+
+    def row(r: str, speedup: float) -> dict:
+        return {
+            "mode": "inference",
+            "execution": "eager",
+            "r": r,
+            "batch_size": 8,
+            "images_per_s": 100.0 * speedup,
+            "latency_ms": 10.0 / speedup,
+            "latency_p90_ms": 11.0 / speedup,
+            "speedup": speedup,
+            "speedup_vs_eager": speedup,
+            "gflops": 4.6 / speedup,
+            "flop_speedup": speedup,
+            "of_ideal": 1.0,
+            "warmup_s": 0.1,
+            "peak_memory_mb": 10.0,
+            "data_bound": None,
+        }
+
+    meta = {"model": "vit_tiny_test", "registers": 4, "protect": "apart", "device": "cpu", "dtype": "fp32"}
+    meta["compile"] = "off"
+    busy = "timings may be unreliable: load average 7.0 on 2 usable cores (stop other work and run it again)"
+    texts, savefig = [], matplotlib.figure.Figure.savefig
+
+    def saving(self, *args, **kwargs):  # the real savefig, the figure's words kept
+        texts.extend(" ".join(t.get_text().split()) for t in self.findobj(Text))
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saving)
+    write_outputs([row("unpatched", 1.0), row("16", 1.6)], meta, [busy], tmp_path, warning=busy)
+    assert f"- {busy}" in (tmp_path / "benchmark.md").read_text()
+    assert any(f"WARNING: {busy}" in text for text in texts), texts

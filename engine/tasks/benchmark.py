@@ -171,7 +171,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     loader = time_train_loader(cfg, session) if bench.loader else {"error": "benchmark.loader=false"}
     notes = ([busy] if busy else []) + batch_one_notes(rows) + data_bound_notes(loader, rows) + target_notes(target)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_outputs(rows, meta, notes, run_dir)
+    write_outputs(rows, meta, notes, run_dir, warning=busy)
     write_results(
         run_dir,
         {
