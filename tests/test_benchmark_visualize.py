@@ -343,6 +343,8 @@ def test_visualize_blocks_are_python_indices_and_one_out_of_range_is_refused(tmp
         *quick,
     )
     assert visualize.run(cfg, tmp_path, overrides=[])["blocks"] == [1]  # vit_tiny_test has 2 blocks
+    assert visualize.chosen_blocks(None, 12) == [3, 7, 11] and visualize.chosen_blocks(None, 9) == [2, 5, 8]
+    assert visualize.chosen_blocks(None, 2) == [0, 1]  # the default fits any depth
     out = tmp_path / "refused"
     refused = run_main(
         "task=visualize",

@@ -109,6 +109,13 @@ def block_index(index: int, depth: int, key: str) -> int:
     return index % depth
 
 
+def chosen_blocks(blocks: Optional[list[int]], depth: int) -> list[int]:
+    """visualize.blocks as sorted positions; null: after a third, two thirds and all of the model's blocks."""
+    if blocks is None:
+        return sorted({max(depth * third // 3 - 1, 0) for third in (1, 2, 3)})
+    return sorted({block_index(b, depth, "visualize.blocks") for b in blocks})
+
+
 @dataclass
 class Plan:
     """What every image of a task=visualize run is drawn with."""
@@ -144,7 +151,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         inputs=session.inputs,
         classes=classes,
         run_dir=run_dir,
-        blocks=sorted({block_index(b, depth, "visualize.blocks") for b in cfg.visualize.blocks}),
+        blocks=chosen_blocks(cfg.visualize.blocks, depth),
         attn_block=block_index(cfg.visualize.attn_block, depth, "visualize.attn_block"),
         dense_features=bool(cfg.visualize.dense_features),
         modes=list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect],
