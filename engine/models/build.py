@@ -212,7 +212,7 @@ def cap_rule(mode: regtome.Protection) -> str:
     if not mode.merges_registers:
         return "at most half of the patch tokens"
     if mode.kinds_apart:
-        return "at most half of the patch and register tokens, fewer by the registers, which merge only together"
+        return "at most half of the patch and register tokens, less the registers (they merge only with each other)"
     return "at most half of the patch and register tokens"
 
 
