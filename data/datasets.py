@@ -166,8 +166,8 @@ def _relabel(dataset: tvd.ImageFolder, classes: list[str], folder: str) -> None:
 
 def class_names(cfg: Mapping[str, Any]) -> Optional[list[str]]:
     """The class names, in label order: an image folder's train/ classes (val/'s or test/'s without a train/),
-    CIFAR-10's ten, the synthetic
-    patterns; None where they cannot be known without the data (CIFAR-100 before download)."""
+    CIFAR-10's ten, the synthetic patterns; None where they cannot be known without the data (CIFAR-100
+    before download)."""
     name = cfg["name"]
     if name == "cifar10":
         return list(CIFAR10_CLASSES)
