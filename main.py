@@ -21,7 +21,14 @@ from omegaconf.errors import MissingMandatoryValue
 
 from engine.cli import claim
 from engine.errors import RunStopped, TrainingInterrupted, UserError, one_line
-from engine.run.console import STOP_SIGNALS, log_ending, signal_name, stop_signals_interrupt, survive_closed_console
+from engine.run.console import (
+    STOP_SIGNALS,
+    log_ending,
+    say_ending,
+    signal_name,
+    stop_signals_interrupt,
+    survive_closed_console,
+)
 from engine.run.folder_claim import discard_new_folder
 from engine.task_table import TASKS, runner
 
@@ -50,8 +57,7 @@ def main(cfg: DictConfig) -> None:
             discard_new_folder(run_dir, created)
         sys.exit(2)
     except RunStopped as err:  # interrupted (last.pt saved) or a checkpoint that could not be written
-        print(err, file=sys.stderr)
-        log_ending(str(err), logging.WARNING if isinstance(err, TrainingInterrupted) else logging.ERROR)
+        say_ending(str(err), logging.WARNING if isinstance(err, TrainingInterrupted) else logging.ERROR)
         sys.exit(err.exit_code)
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP outside a training loop (which stops by itself)
         stopped_by = getattr(err, "signum", signal.SIGINT)
@@ -67,9 +73,7 @@ def main(cfg: DictConfig) -> None:
         if owner:
             discard_new_folder(run_dir, created)
         kept = f"what it had written is in {run_dir}" if run_dir.exists() else "nothing was kept"
-        line = f"interrupted by {signal_name(stopped_by)} during task={cfg.task}; {kept}"
-        print(line, file=sys.stderr)
-        log_ending(line, logging.WARNING)
+        say_ending(f"interrupted by {signal_name(stopped_by)} during task={cfg.task}; {kept}", logging.WARNING)
         sys.exit(128 + stopped_by)
 
 
@@ -99,7 +103,7 @@ def run_cli(argv: list[str]) -> None:
         if claim.CLAIM.folder is not None:
             discard_new_folder(claim.CLAIM.folder, claim.CLAIM.created)
         signum = getattr(err, "signum", signal.SIGINT)
-        print(f"interrupted by {signal_name(signum)} before the task started; nothing was kept", file=sys.stderr)
+        say_ending(f"interrupted by {signal_name(signum)} before the task started; nothing was kept")
         sys.exit(128 + signum)
 
 

@@ -165,15 +165,16 @@ def _relabel(dataset: tvd.ImageFolder, classes: list[str], folder: str) -> None:
 
 
 def class_names(cfg: Mapping[str, Any]) -> Optional[list[str]]:
-    """The class names, in label order: an image folder's train/ classes, CIFAR-10's ten, the synthetic
-    patterns; None where they cannot be known without the data (CIFAR-100 before download)."""
+    """The class names, in label order: an image folder's train/ classes (val/'s or test/'s without a train/),
+    CIFAR-10's ten, the synthetic patterns; None where they cannot be known without the data (CIFAR-100
+    before download)."""
     name = cfg["name"]
     if name == "cifar10":
         return list(CIFAR10_CLASSES)
     if name == "synthetic":
         return [f"pattern_{c}" for c in range(int(cfg["num_classes"]))]
     if name in ("imagefolder", "imagenet"):
-        folder = os.path.join(_root(cfg), "train")
+        folder = os.path.join(_root(cfg), _first_split(cfg))
         if os.path.isdir(folder):
             return _class_folders(folder)
     return None
@@ -237,11 +238,12 @@ def input_transform(cfg: Mapping[str, Any], data_config: dict[str, Any]) -> Opti
 
 
 def count_classes(cfg: Mapping[str, Any]) -> int:
-    """dataset.num_classes, or for an image folder the number of class folders in its train/ split (at
-    least two, each holding images: DatasetError naming the fix otherwise)."""
+    """dataset.num_classes, or for an image folder the number of class folders in its train/ split (val/ or
+    test/ where it has no train/: enough to evaluate on; at least two, each holding images: DatasetError naming
+    the fix otherwise)."""
     if cfg.get("num_classes"):
         return int(cfg["num_classes"])
-    folder = os.path.join(_root(cfg), "train")
+    folder = os.path.join(_root(cfg), _first_split(cfg))
     classes = _class_folders(folder)
     if len(classes) < 2:
         raise DatasetError(
@@ -285,6 +287,7 @@ def native_size(cfg: Mapping[str, Any]) -> int:
 
 
 def _first_split(cfg: Mapping[str, Any]) -> str:
+    """train/, else val/, else test/: the split of an image folder whose classes and image size are read."""
     return next((name for name in ("train", "val", "test") if os.path.isdir(os.path.join(_root(cfg), name))), "train")
 
 

@@ -9,12 +9,12 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .datasets import DatasetError, build_datasets, native_size
 from .transforms import build_transform
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def load_images(
@@ -33,9 +33,10 @@ def load_images(
         root = Path(str(cfg.images))
         if not root.exists():
             raise DatasetError(f"images={root} does not exist; give an image file or a folder of images")
-        files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        # the suffixes an image folder's ImageFolder takes: one list (torchvision's) for both
+        files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
         if not files:
-            raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
+            raise DatasetError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {root}")
         if folder_limit_key and len(files) > count:
             log.info(
                 "images=%s: the first %d of its %d images (%s=%d; %s=%d draws them all)",

@@ -1,6 +1,9 @@
 """Split a folder of class folders into train/ and val/ (symlinks; nothing is copied).
 
-    python scripts/split_image_folder.py ../shared/data/cifar10-train data/local/cifar10-split --val-per-class 500
+    python scripts/split_image_folder.py SOURCE DIR --val-per-class 500
+
+SOURCE holds one folder of images per class (SOURCE/<class>/*.jpg); DIR gets train/<class>/ and
+val/<class>/, what dataset=imagefolder dataset.root=DIR reads.
 
 The last `--val-per-class` files of each class (in sorted order) go to val/, the rest to train/:
 the same split every time, so a held-out set stays held out across runs and sessions.
@@ -13,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+from torchvision.datasets.folder import IMG_EXTENSIONS  # the suffixes dataset=imagefolder reads
 
 
 def split(source: Path, out: Path, val_per_class: int) -> tuple[int, int]:
@@ -22,7 +25,7 @@ def split(source: Path, out: Path, val_per_class: int) -> tuple[int, int]:
         raise ValueError(f"{source} holds no class folders")
     counts = [0, 0]
     for folder in classes:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
         if len(files) <= val_per_class:
             raise ValueError(f"{folder} has {len(files)} images, not more than --val-per-class {val_per_class}")
         for part, chosen in (("train", files[:-val_per_class]), ("val", files[-val_per_class:])):

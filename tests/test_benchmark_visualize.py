@@ -2,13 +2,15 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
-from cli_helpers import ROOT, compose_config, run_main
+from cli_helpers import ROOT, compose_config, error_line, run_main
 from PIL import Image
 
+from engine.errors import UserError
 from engine.report.figures import CELL_PX, grid_shape, merge_map, patch_groups
 from engine.tasks import visualize
 
@@ -327,3 +329,91 @@ def test_figure_titles_fit_their_figure(tmp_path, monkeypatch):
         box = figure._suptitle.get_window_extent()
         assert 0 <= box.x0 and box.x1 <= figure.bbox.width and box.y1 <= figure.bbox.height, figure._suptitle.get_text()
     assert fit_title(long, 3 * CELL_PX / 100).split() == long.split()  # wrapped, not cut
+
+
+def test_visualize_blocks_are_python_indices_and_one_out_of_range_is_refused(tmp_path):
+    """visualize.blocks=[-1] is the last block, as in Python; a block the model lacks names the valid range."""
+    quick = ["visualize.num_samples=1", "visualize.compare_protect=false", "visualize.dense_features=false"]
+    cfg = compose_config(
+        "task=visualize",
+        "model=vit_tiny_test",
+        "runtime.device=cpu",
+        "dataset=synthetic",
+        "visualize.blocks=[-1]",
+        *quick,
+    )
+    assert visualize.run(cfg, tmp_path, overrides=[])["blocks"] == [1]  # vit_tiny_test has 2 blocks
+    assert visualize.chosen_blocks(None, 12) == [3, 7, 11] and visualize.chosen_blocks(None, 9) == [2, 5, 8]
+    assert visualize.chosen_blocks(None, 2) == [0, 1]  # the default fits any depth
+    out = tmp_path / "refused"
+    refused = run_main(
+        "task=visualize",
+        "model=vit_tiny_test",
+        "runtime.device=cpu",
+        "dataset=synthetic",
+        "visualize.blocks=[0,2]",
+        *quick,
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert refused.returncode == 2 and error_line(refused) == (
+        "error: visualize.blocks: block 2 does not exist in a model of 2 blocks; "
+        "give indices from -2 to 1 (-1: the last)"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["0.5", "fast"])
+def test_a_target_speedup_that_cannot_be_reached_is_refused_before_anything_is_timed(tmp_path, target):
+    from engine.tasks.benchmark import settings
+
+    tiny = ["task=benchmark", "model=vit_tiny_test", "dataset=synthetic", "runtime.device=cpu"]
+    cfg = compose_config(*tiny, f"benchmark.target_speedup={target}")
+    expected = f"benchmark.target_speedup must be null or a number > 1 (e.g. 2.0), got {cfg.benchmark.target_speedup!r}"
+    with pytest.raises(UserError, match=re.escape(expected)):
+        settings(cfg, [], torch.device("cpu"))  # what the task checks before it times anything
+    out = tmp_path / "run"
+    refused = run_main(*tiny, f"benchmark.target_speedup={target}", f"hydra.run.dir={out}", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and error_line(refused) == f"error: {expected}" and not out.exists()
+
+
+def test_benchmark_png_carries_the_busy_machine_warning_its_md_carries(tmp_path, monkeypatch):
+    """A figure is often all that is looked at: a busy machine's warning is in benchmark.png as in benchmark.md."""
+    import matplotlib.figure
+    from matplotlib.text import Text
+
+    from engine.report.benchmark_report import write_outputs
+
+    def row(r: str, speedup: float) -> dict:
+        return {
+            "mode": "inference",
+            "execution": "eager",
+            "r": r,
+            "batch_size": 8,
+            "images_per_s": 100.0 * speedup,
+            "latency_ms": 10.0 / speedup,
+            "latency_p90_ms": 11.0 / speedup,
+            "speedup": speedup,
+            "speedup_vs_eager": speedup,
+            "gflops": 4.6 / speedup,
+            "flop_speedup": speedup,
+            "of_ideal": 1.0,
+            "warmup_s": 0.1,
+            "peak_memory_mb": 10.0,
+            "data_bound": None,
+        }
+
+    meta = {"model": "vit_tiny_test", "registers": 4, "protect": "apart", "device": "cpu", "dtype": "fp32"}
+    meta["compile"] = "off"
+    busy = "timings may be unreliable: load average 7.0 on 2 usable cores (stop other work and run it again)"
+    texts, savefig = [], matplotlib.figure.Figure.savefig
+
+    def saving(self, *args, **kwargs):  # the real savefig, the figure's words kept
+        texts.extend(" ".join(t.get_text().split()) for t in self.findobj(Text))
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saving)
+    write_outputs([row("unpatched", 1.0), row("16", 1.6)], meta, [busy], tmp_path, warning=busy)
+    assert f"- {busy}" in (tmp_path / "benchmark.md").read_text()
+    assert any(f"WARNING: {busy}" in text for text in texts), texts

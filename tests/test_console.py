@@ -1,11 +1,14 @@
 """A run outlives its console: Ctrl-C through `| tee` (tee dies first), SIGHUP from a closed terminal, and
 `nohup`. Real processes in their own process group, with the signals a terminal sends."""
 
+import fcntl
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -59,28 +62,50 @@ def last_line(path: Path) -> str:
     return re.sub(r"^\[[^]]*\]\[[^]]*\]\[[A-Z]+\] - ", "", line)
 
 
-def test_ctrl_c_through_tee_saves_and_logs_the_resume_command(tmp_path):
-    """`python main.py ... 2>&1 | tee run.log`, Ctrl-C: the terminal signals the group, tee dies first and the
-    run's next write meets a closed pipe. The run still saves last.pt, and main.log says how to go on."""
+def with_terminal(terminal: str) -> None:
+    """In the child: a session of its own whose controlling terminal is `terminal` (a pty), as a login's shell."""
+    os.setsid()
+    fd = os.open(terminal, os.O_RDWR)
+    fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+    os.close(fd)
+
+
+def read_terminal(master: int) -> str:
+    """What the terminal shows by now (its output, however long it runs on)."""
+    shown = b""
+    while select.select([master], [], [], 0.5)[0]:
+        shown += os.read(master, 4096)
+    return shown.decode(errors="replace")
+
+
+def test_ctrl_c_through_tee_saves_and_says_the_resume_command_on_the_terminal(tmp_path):
+    """`python main.py ... 2>&1 | tee run.log` in a terminal, Ctrl-C: the terminal signals the job, tee dies
+    first and the run's next write meets a closed pipe. The run still saves last.pt, and the line that says how
+    to go on is in main.log and on the terminal itself (a pty, the run's controlling terminal)."""
     run, tee_log = tmp_path / "run", tmp_path / "run.log"
+    master, slave = os.openpty()
+    terminal = os.ttyname(slave)
     main = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), *train_args(tmp_path, run)],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        preexec_fn=lambda: (os.setpgid(0, 0), as_a_shell_starts_it()),  # its own group, as a shell's job
+        preexec_fn=lambda: (with_terminal(terminal), as_a_shell_starts_it()),
     )
     tee = subprocess.Popen(
         ["tee", str(tee_log)],
         stdin=main.stdout,
         stdout=subprocess.DEVNULL,
-        preexec_fn=lambda: (os.setpgid(0, main.pid), as_a_shell_starts_it()),  # the same foreground group
+        preexec_fn=lambda: (os.setpgid(0, 0), as_a_shell_starts_it()),
     )
     main.stdout.close()  # only tee reads the pipe: once tee is gone, a write to it fails (EPIPE)
     wait_for(MOVED, lambda: tee_log.read_text() if tee_log.exists() else "", main)
-    os.killpg(main.pid, signal.SIGINT)
+    for process in (tee, main):  # Ctrl-C: SIGINT to the job (tee, the run, its loader workers)
+        os.killpg(process.pid, signal.SIGINT)
     assert tee.wait(60) == -signal.SIGINT  # tee died of it, as in a terminal
     code = main.wait(120)
+    shown = read_terminal(master)
+    os.close(master), os.close(slave)
     assert code == 128 + signal.SIGINT, (run / "main.log").read_text()[-3000:]
     assert (run / "checkpoints" / "last.pt").exists() and not list(run.rglob("*.tmp"))
     assert not (run / ".lock").exists()
@@ -90,6 +115,8 @@ def test_ctrl_c_through_tee_saves_and_logs_the_resume_command(tmp_path):
         f"continue with: {sys.executable} main.py task=train hydra.run.dir={run} trainer.resume=true"
     )
     assert "Traceback" not in (run / "main.log").read_text()
+    assert ending in shown.replace("\r\n", "\n"), shown[-3000:]
+    assert ending not in tee_log.read_text()  # tee was gone: the terminal is the only place it could be seen
 
 
 def test_sighup_saves_and_stops_as_sigterm_does_and_nohup_goes_on(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cli_helpers import SMOKE, compose_config, write_cifar
+from cli_helpers import ROOT, SMOKE, compose_config, write_cifar
 from PIL import Image
 
 from data import DatasetError, build_datasets, input_transform
@@ -241,3 +241,54 @@ def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(UserError, match="resume=true but .*last.pt does not exist"):
         train.run(cfg, tmp_path, overrides=[])
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_image_folder_with_only_a_val_or_test_split_is_enough_to_evaluate(tmp_path, split):
+    """Weights trained elsewhere (model.pretrained_file) evaluated on DIR/val/ or DIR/test/ alone: the classes
+    are read from the split there is; no train/ is needed."""
+    from cli_helpers import results, run_main, write_image_folder
+
+    cfg = compose_config("model=vit_tiny_test")
+    weights = tmp_path / "weights.pth"
+    torch.save(build_model(cfg.model, cfg.tome, 4).state_dict(), weights)
+    folder = write_image_folder(tmp_path / "images", {split: 2}, num_classes=4, size=32)
+    run = tmp_path / "eval"
+    run_main(
+        "task=eval",
+        "model=vit_tiny_test",
+        f"model.pretrained_file={weights}",
+        "dataset=imagefolder",
+        f"dataset.root={folder}",
+        "runtime.device=cpu",
+        "runtime.num_workers=0",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert results(run)["metrics"]["samples"] == 8
+
+
+def test_images_and_image_folders_take_the_same_suffixes(tmp_path):
+    """One list of image suffixes (torchvision's, what ImageFolder reads) for images=DIR, image folders and
+    scripts/split_image_folder.py: a .tif or .ppm image counts everywhere or nowhere."""
+    import importlib.util
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from data.images import load_images
+
+    source = tmp_path / "source"
+    for name in ("cat", "dog"):
+        (source / name).mkdir(parents=True)
+        for i, suffix in enumerate((".png", ".tif", ".ppm", ".jpeg")):
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(source / name / f"{i}{suffix}")
+        (source / name / "notes.txt").write_text("not an image")
+    cfg = compose_config("dataset=imagefolder", f"dataset.root={tmp_path / 'split'}", f"images={source / 'cat'}")
+    spec = importlib.util.spec_from_file_location("split_image_folder", ROOT / "scripts" / "split_image_folder.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.split(source, tmp_path / "split", val_per_class=1) == (6, 2)
+    assert len(build_datasets(cfg.dataset, DATA_CONFIG, splits=("train",))["train"]) == 6
+    drawn = load_images(cfg, DATA_CONFIG, None, count=10)
+    assert [name for name, _, _ in drawn] == ["0", "1", "2", "3"]
+    assert {".tif", ".ppm"} <= set(IMG_EXTENSIONS)

@@ -107,3 +107,19 @@ def test_the_configuration_reference_names_every_key_and_only_keys():
     configs, documented = config_keys(), reference_keys()
     assert not configs - documented, f"keys missing from docs/cli.md's reference: {sorted(configs - documented)}"
     assert not documented - configs, f"docs/cli.md names keys no config has: {sorted(documented - configs)}"
+
+
+@pytest.mark.parametrize(
+    "group,defaults",
+    [("dataset", "_common"), ("model", "vit_small_reg4"), ("tome", "default"), ("runtime", "default")],
+)
+def test_each_config_groups_row_in_cli_md_names_every_key_it_has(group, defaults):
+    """docs/cli.md's table of config groups lists each group's keys: every key of its defaults file."""
+    import yaml
+
+    keys = set(yaml.safe_load((ROOT / "configs" / group / f"{defaults}.yaml").read_text())) - {"defaults"}
+    (row,) = [
+        line for line in (ROOT / "docs" / "cli.md").read_text().splitlines() if line.startswith(f"| `{group}/` |")
+    ]
+    listed = set(re.findall(r"`(\w+)`", row.split(" | ")[-1]))
+    assert keys <= listed, sorted(keys - listed)

@@ -226,3 +226,26 @@ def test_a_transformers_folder_is_weights_for_eval_without_further_keys(tmp_path
     with open(tmp_path / "eval" / "predictions.csv") as f:  # top-1 is what the per-sample predictions say
         correct = [int(row["correct"]) for row in csv.DictReader(f)]
     assert correct and evaluated["top1"] == pytest.approx(100 * sum(correct) / len(correct))
+
+
+@pytest.mark.parametrize("setting", ["model.registers=8", "model.drop_path=0.1"])
+def test_timm_settings_a_transformers_model_would_ignore_are_refused(tmp_path, setting):
+    """model.registers and model.drop_path are timm's: given to a transformers model they would change nothing."""
+    run = tmp_path / "run"
+    tiny_hf = ["model.img_size=32", "model.architecture.hidden_size=32", "model.architecture.num_hidden_layers=1"]
+    tiny_hf += ["model.architecture.num_attention_heads=2", "model.architecture.patch_size=8"]
+    result = run_main(
+        "task=train",
+        "model=hf_dinov2_reg4_small",
+        *tiny_hf,
+        setting,
+        "dataset=synthetic",
+        *TINY[1:],  # not its model
+        "trainer.max_steps_per_epoch=1",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        check=False,
+    )
+    line = one_line_error(result)
+    assert line.startswith(f"error: {setting}: a transformers model does not read them") and "model.kwargs" in line
+    assert not run.exists()

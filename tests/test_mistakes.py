@@ -120,6 +120,9 @@ def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path
     )
     warnings = [line for line in result.stdout.splitlines() if "beyond the cap" in line]
     assert len(warnings) == 1 and "tome.r=40" in warnings[0]
+    others = [mode for mode in ("prefix", "class", "apart") if mode != protect]
+    assert f"beyond the cap under protect={protect} (" in warnings[0]  # the mode in force, and only it
+    assert not any(f"protect={mode}" in warnings[0] for mode in others)
     record = results(tmp_path / "capped")
     assert record["r_per_block"] == applied and record["r_requested_per_block"] == [40, 40]
     assert record["tokens_per_block"] == [21 - applied[0], 21 - sum(applied)]

@@ -248,3 +248,30 @@ def test_the_paired_figure_names_each_schedule_once(sweep, tmp_path, monkeypatch
     )
     plot_paired(rows + pooled, "protect", tmp_path / "paired.png", "prefix")
     assert sorted(labels) == ["r=0", "r=4", "r=[4,-1.0]"]
+
+
+def test_sweep_png_joins_each_modes_runs_in_order_of_r_not_of_measured_speed(tmp_path, monkeypatch):
+    """Images/s is measured, so a line sorted by it zig-zags whenever timing noise reorders two runs; each
+    mode's line goes from the least merging to the most (r=16 measured slower than r=8 stays after it)."""
+    from matplotlib.axes import Axes
+
+    from engine.report.sweep_plots import plot_sweep
+
+    speed = {0: 100.0, 4: 160.0, 8: 150.0, 16: 140.0, 32: 210.0}  # noisy: not monotone in r
+    modes = ("prefix", "apart")
+    rows = [
+        {"protect": mode, "r": str(r), "top1": 80.0 - r, "images_per_s": speed[r] + 3 * i, "gflops": 4.6 - 0.1 * r}
+        for i, mode in enumerate(modes)
+        for r in (16, 0, 32, 8, 4)
+    ]
+    drawn, plot = {}, Axes.plot
+
+    def recording_plot(self, x, y, *args, **kwargs):  # the real plot, its points kept
+        drawn[kwargs.get("label")] = list(x)
+        return plot(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+    plot_sweep(rows, tmp_path / "sweep.png")
+    for i, mode in enumerate(modes):
+        assert drawn[f"protect={mode}"] == [speed[r] + 3 * i for r in (0, 4, 8, 16, 32)]
+    assert (tmp_path / "sweep.png").stat().st_size > 5000

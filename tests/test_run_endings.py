@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 from cli_helpers import SMOKE, error_line, last_line, results, run_main, write_image_folder
 
-from engine.run import checkpoint as checkpoint_module
 from engine.run.checkpoint import _reason
 
 CPU = ["runtime.device=cpu", "runtime.num_workers=0"]
@@ -86,28 +88,35 @@ def test_resume_without_a_run_folder_says_it_needs_one(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("code,why", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the folder is read-only")])
-def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(tmp_path, monkeypatch, code, why):
-    """The disk fills up (or the folder turns read-only) after epoch 1: torch's writer fails half-way."""
-    real_save, calls = torch.save, []
+@pytest.fixture
+def small_disk(tmp_path, two_epochs):
+    """A real tmpfs with room for epoch 1's last.pt and best.pt (and the run's logs), not for epoch 2's last.pt
+    beside them: the sizes are those of the module's two-epoch run, which has the same model and config."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    checkpoints = two_epochs[1] / "checkpoints"
+    last, best = ((checkpoints / name).stat().st_size for name in ("last.pt", "best.pt"))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size_kib = (last + best + last // 2) // 1024  # epoch 2's temporary last.pt needs another `last`
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a file a failed run left open
 
-    def failing_save(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:  # epoch 1 wrote last.pt and best.pt; epoch 2's write fails part-way
-            f.write(b"PK\x03\x04 partial")
-            raise OSError(code, "simulated")
-        return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
-    run = tmp_path / "run"
-    result = run_main("task=train", *SMOKE, "trainer.epochs=3", f"hydra.run.dir={run}", cwd=tmp_path, check=False)
-    monkeypatch.undo()
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk):
+    """The disk fills up while epoch 2 saves: real torch.save meets ENOSPC and its zip writer then raises a
+    RuntimeError of its own. One line, exit 1, main.log's last line the same, epoch 1's last.pt intact."""
+    run = small_disk / "run"
+    result = run_main("task=train", *SMOKE, "trainer.epochs=3", f"hydra.run.dir={run}", cwd=small_disk, check=False)
     assert result.returncode == 1, result.stderr[-3000:]
     line = error_line(result)
     last = run / "checkpoints" / "last.pt"
     assert line == (
-        f"error: could not save a checkpoint in {run / 'checkpoints'}: {why} ([Errno {code}]); {last} "
-        f"(epoch 2 step 0) is intact; once it can be written again, continue with: "
+        f"error: could not save a checkpoint in {run / 'checkpoints'}: the disk is full ([Errno {errno.ENOSPC}]); "
+        f"{last} (epoch 2 step 0) is intact; once it can be written again, continue with: "
         f"{sys.executable} main.py task=train hydra.run.dir={run} trainer.resume=true"
     )
     assert last_line(run / "main.log") == line
@@ -257,3 +266,18 @@ def test_a_console_that_went_away_is_dropped_and_nothing_else_is():
     with pytest.raises(UnicodeEncodeError):
         ascii_console.write("caf\u00e9")
     assert not ascii_console.gone
+
+
+def test_a_bounded_validation_draws_across_the_classes_the_same_images_each_time(tmp_path):
+    """trainer.max_val_steps on an image folder (listed class by class): the images validated come from across
+    the set, not the first class alone, and are the same on every call (every epoch, a resume)."""
+    from torchvision.datasets import ImageFolder
+
+    from engine.training.setup import bounded
+
+    val = ImageFolder(str(write_image_folder(tmp_path / "images", {"val": 8}, size=8) / "val"))
+    subset = bounded(val, max_steps=1, global_batch=8)
+    classes = {val.targets[i] for i in subset.indices}
+    assert len(subset) == 8 and len(classes) > 1, classes
+    assert bounded(val, max_steps=1, global_batch=8).indices == subset.indices
+    assert bounded(val, max_steps=4, global_batch=8) is val  # the whole set fits: no subset

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .figures import fit_title
 from .pyplot import pyplot
@@ -25,7 +25,11 @@ def _line(row: dict[str, Any]) -> str:
     )
 
 
-def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path) -> None:
+def write_outputs(
+    rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path, warning: Optional[str] = None
+) -> None:
+    """benchmark.csv, benchmark.md (the table, then `notes`) and benchmark.png; `warning` (a busy machine) is
+    among the notes and in the figure too, which is often all that is looked at."""
     columns = list(dict.fromkeys([*(k for row in rows for k in row), *meta]))
     with open(run_dir / "benchmark.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -42,7 +46,7 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[
     ]
     lines += [f"- {note}" for note in notes]
     (run_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
-    plot(rows, meta, run_dir / "benchmark.png")
+    plot(rows, meta, run_dir / "benchmark.png", warning)
 
 
 def _schedule(row: dict[str, Any]) -> str:
@@ -50,8 +54,9 @@ def _schedule(row: dict[str, Any]) -> str:
     return row["r"].removesuffix(f" {row['protect']}") if row.get("protect") else row["r"]
 
 
-def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
-    """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed."""
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path, warning: Optional[str] = None) -> None:
+    """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed.
+    `warning` is the title's last line."""
     plt = pyplot()
 
     modes = list(dict.fromkeys(r["mode"] for r in rows))
@@ -86,6 +91,8 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
         f"{meta['model']} ({meta['registers']} registers, protect={meta['protect']}) on {meta['device']}, "
         f"{meta['dtype']}, compile {meta['compile']}"
     )
+    if warning:
+        title += f"\nWARNING: {warning}"
     fig.suptitle(fit_title(title, width, fontsize=9), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

@@ -23,17 +23,29 @@ def _point_label(row: dict[str, Any], with_r: bool = True) -> str:
     return schedule if schedule.startswith("r=") or not with_r else f"{schedule} (r={row['r']})"
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
-    """Top-1 against images/s: one line per combination of swept settings, r written at each point."""
-    plt = pyplot()
+def _merging_order(row: dict[str, Any]) -> tuple:
+    """Less merging first: more GFLOPs (what r takes away, counted, not timed), then the smaller r asked."""
+    r = str(row["r"])
+    return (-(row.get("gflops") or 0.0), (0, int(r), "") if r.isdigit() else (1, 0, r))
+
+
+def sweep_lines(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The runs of each line of sweep.png (one per combination of swept settings besides r), in order of r:
+    a line walks from the least merging to the most, whatever order the measured images/s put them in."""
     keys = swept_keys(rows)
-    groups: dict[str, list[dict[str, Any]]] = {}
+    lines: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row["top1"] is not None and row["images_per_s"] is not None:
-            groups.setdefault(group_label(row, keys), []).append(row)
+            lines.setdefault(group_label(row, keys), []).append(row)
+    return {label: sorted(members, key=_merging_order) for label, members in lines.items()}
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
+    """Top-1 against images/s: one line per combination of swept settings, joining its runs in order of r,
+    r written at each point."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for g, (label, members) in enumerate(groups.items()):
-        members = sorted(members, key=lambda r: r["images_per_s"])
+    for g, (label, members) in enumerate(sweep_lines(rows).items()):
         (line,) = ax.plot([m["images_per_s"] for m in members], [m["top1"] for m in members], "o-", label=label)
         for m in members:  # one side per line: labels of different lines do not sit on each other
             ax.annotate(

@@ -19,8 +19,25 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive: a file that fails 
 
 
 def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """torch.save through `atomic_write`: a killed process or a full disk leaves the old file or the new one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save through `atomic_write`: a killed process or a full disk leaves the old file or the new one.
+
+    A write that fails inside torch's zip writer (a full disk) raises the OSError that caused it."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as err:
+        cause = _os_error_behind(err)
+        if cause is None:
+            raise
+        raise cause from err
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError an exception was raised while handling: torch's zip writer meets ENOSPC in the file's write,
+    then fails its own check ('unexpected pos') on the way out, which hides the reason."""
+    seen: BaseException | None = err.__context__
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__context__
+    return seen
 
 
 @dataclass(frozen=True)

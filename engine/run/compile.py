@@ -1,7 +1,8 @@
 """runtime.compile: torch.compile for train, eval and benchmark, checked before any work.
 
-The patched forward traces as one graph with no break. Each r schedule is a guard of that graph:
-a new schedule compiles once more (a sweep job's model compiles once, at its first batch).
+The patched forward traces as one graph with no break, but for the parallel-scaling and differential blocks,
+whose keys a forward hook reads: 4 and 5 breaks per block (docs/library.md). Each r schedule is a guard of the
+compiled code: a new schedule compiles once more (a sweep job's model compiles once, at its first batch).
 Checkpoints always hold the plain module's weights (no `_orig_mod.` prefix): the session keeps the
 plain model and hands the compiled one only to the loops that call it.
 """

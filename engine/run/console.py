@@ -10,7 +10,9 @@ saves: the streams are wrapped so that such a write is dropped, and the file des
 does: an `Interrupted` exception where the task is, so it releases what it holds and keeps nothing half-written.
 
 `log_ending`: the line that says how a run ended (stopped, refused, crashed) goes to main.log too, written
-directly so that a full disk cannot turn it into a logging traceback.
+directly so that a full disk cannot turn it into a logging traceback. `say_ending`: a run's stop line where the
+user looks: standard error, or the controlling terminal once standard output and error are gone (Ctrl-C through
+`| tee` kills tee, and the terminal would show only `^C`), and main.log always.
 """
 
 from __future__ import annotations
@@ -120,3 +122,29 @@ def log_ending(message: str, level: int = logging.ERROR) -> None:
                 handler.stream.flush()
             except (OSError, ValueError):  # a full or vanished disk: the console line is all there is
                 pass
+
+
+def say_ending(message: str, level: int = logging.ERROR) -> None:
+    """Print the run's ending line on standard error; where its reader is gone, on standard output; where that is
+    gone too, on the controlling terminal (/dev/tty). Then append it to main.log (`log_ending`)."""
+    if not any(_reached(stream, message) for stream in (sys.stderr, sys.stdout)):
+        _tell_terminal(message)
+    log_ending(message, level)
+
+
+def _reached(stream: TextIO | None, message: str) -> bool:
+    """Print `message` on `stream`; False where the stream is closed (None) or its reader is gone (a
+    `_SurvivingStream` finds out by this very write)."""
+    if stream is None or getattr(stream, "gone", False):
+        return False
+    print(message, file=stream, flush=True)
+    return not getattr(stream, "gone", False)
+
+
+def _tell_terminal(message: str) -> None:
+    """`message` on the controlling terminal; nothing without one (a batch job, a daemon)."""
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(message.rstrip("\n") + "\n")
+    except OSError:  # no controlling terminal (ENXIO), or it hung up too
+        pass

@@ -44,6 +44,12 @@ class Session:
     eval_batch_size: int
     compile: Optional[str] = None
 
+    @property
+    def pin_memory(self) -> bool:
+        """Whether loaders pin their batches: the one rule, for every loader (pinned memory speeds up copies to
+        a CUDA device only, and a CPU run on a GPU machine would pin for nothing)."""
+        return self.device.type == "cuda"
+
     def runner(self, model: Optional[nn.Module] = None) -> nn.Module:
         """The module a loop calls: `model` (default: the session's), compiled when runtime.compile asks.
         Call it once per run: each call compiles anew."""

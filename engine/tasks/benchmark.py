@@ -39,7 +39,8 @@ QUICK = {"r": [0, 16], "batch_sizes": [1, 8], "repeats": 3, "iters": 2, "warmup"
 
 
 def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> DictConfig:
-    """The benchmark group, with the quick values where benchmark.quick applies and the command line is silent."""
+    """The benchmark group, with the quick values where benchmark.quick applies and the command line is silent;
+    its values checked before anything is timed."""
     bench = cfg.benchmark.copy()
     quick = bench.get("quick", "auto")
     if quick is True or (quick == "auto" and device.type == "cpu"):
@@ -50,6 +51,9 @@ def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> Dic
     batch_sizes = list(bench.batch_sizes)
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise UserError(f"benchmark.batch_sizes must be a list of ints >= 1, got {batch_sizes}")
+    target = bench.target_speedup
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 1):
+        raise UserError(f"benchmark.target_speedup must be null or a number > 1 (e.g. 2.0), got {target!r}")
     return bench
 
 
@@ -167,7 +171,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     loader = time_train_loader(cfg, session) if bench.loader else {"error": "benchmark.loader=false"}
     notes = ([busy] if busy else []) + batch_one_notes(rows) + data_bound_notes(loader, rows) + target_notes(target)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_outputs(rows, meta, notes, run_dir)
+    write_outputs(rows, meta, notes, run_dir, warning=busy)
     write_results(
         run_dir,
         {
@@ -198,8 +202,6 @@ def speed_target(
     """benchmark.target_speedup: the least merging that reaches it under tome.protect (None when not asked)."""
     if bench.target_speedup is None:
         return None
-    if not bench.target_speedup > 1:
-        raise UserError(f"benchmark.target_speedup must be > 1, got {bench.target_speedup}")
     return schedule_for_speedup(
         baseline, merged, float(bench.target_speedup), max(bench.batch_sizes), timing, device, dtype, size
     )

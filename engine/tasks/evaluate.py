@@ -45,7 +45,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     dataset = build_datasets(
         cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed, classes=classes
     )["val"]
-    loader = eval_loader(dataset, session.eval_batch_size, session.workers, session.info)
+    loader = eval_loader(dataset, session)
     predictions: list[tuple] = []
     metrics = evaluate(
         session.runner(),  # compiled when runtime.compile asks

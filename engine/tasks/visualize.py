@@ -28,6 +28,7 @@ import regtome
 from data import count_classes, preprocessing
 from data.images import load_images
 
+from ..errors import UserError
 from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
 from ..report.figures import draw_feature_panels, draw_grid, merge_map, patch_groups
 from ..run.overrides import config_from_checkpoint, label_order
@@ -98,6 +99,23 @@ def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple
     return attention[:, keep], [names[i] for i in keep], note
 
 
+def block_index(index: int, depth: int, key: str) -> int:
+    """A block given as a Python index (-1: the last) as its position in a model of `depth` blocks."""
+    if not -depth <= index < depth:
+        raise UserError(
+            f"{key}: block {index} does not exist in a model of {depth} blocks; "
+            f"give indices from {-depth} to {depth - 1} (-1: the last)"
+        )
+    return index % depth
+
+
+def chosen_blocks(blocks: Optional[list[int]], depth: int) -> list[int]:
+    """visualize.blocks as sorted positions; null: after a third, two thirds and all of the model's blocks."""
+    if blocks is None:
+        return sorted({max(depth * third // 3 - 1, 0) for third in (1, 2, 3)})
+    return sorted({block_index(b, depth, "visualize.blocks") for b in blocks})
+
+
 @dataclass
 class Plan:
     """What every image of a task=visualize run is drawn with."""
@@ -134,8 +152,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         inputs=session.inputs,
         classes=classes,
         run_dir=run_dir,
-        blocks=sorted({min(max(b, 0), depth - 1) for b in cfg.visualize.blocks}),
-        attn_block=cfg.visualize.attn_block % depth,
+        blocks=chosen_blocks(cfg.visualize.blocks, depth),
+        attn_block=block_index(cfg.visualize.attn_block, depth, "visualize.attn_block"),
         dense_features=bool(cfg.visualize.dense_features),
         modes=list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect],
         summary={

@@ -19,6 +19,7 @@ from data.workers import ignore_interrupts
 from ..models.build import logits_of
 from ..run.distributed import DistInfo, all_reduce_sum
 from ..run.runtime import autocast, synchronize
+from ..run.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,14 @@ def shard(dataset: Dataset, info: DistInfo) -> Dataset:
     return Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, info: DistInfo) -> DataLoader:
+def eval_loader(dataset: Dataset, session: Session) -> DataLoader:
+    """The loader of an evaluation: this rank's shard, in order, at the session's batch size and workers."""
     return DataLoader(
-        shard(dataset, info),
-        batch_size=batch_size,
+        shard(dataset, session.info),
+        batch_size=session.eval_batch_size,
         shuffle=False,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        num_workers=session.workers,
+        pin_memory=session.pin_memory,
         persistent_workers=False,
         worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
     )

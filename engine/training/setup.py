@@ -160,7 +160,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
         state.epoch_sums = empty_sums()
     val_set = bounded(splits["val"], tc.get("max_val_steps"), session.eval_batch_size * info.world_size)
-    val_loader = eval_loader(val_set, session.eval_batch_size, session.workers, info)
+    val_loader = eval_loader(val_set, session)
     if info.is_main:
         log.info(
             "training %s on %s (%d train / %d val images) on %s, %s, %d epochs, r=%s, protect=%s; run folder %s",
@@ -191,11 +191,18 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     )
 
 
+VAL_SUBSET_SEED = 0  # one subset for every run of a data set, whatever its seed: their val top-1s compare
+
+
 def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Dataset:
-    """The first `max_steps` batches' worth of `dataset` (trainer.max_val_steps: a smoke run's validation)."""
-    if not max_steps or max_steps * global_batch >= len(dataset):  # type: ignore[arg-type]
+    """`max_steps` batches' worth of `dataset` drawn across all of it (trainer.max_val_steps: a smoke run's
+    validation). An image folder lists its images by class, so its first batches would be one class alone;
+    the subset is a fixed random draw instead, the same images every epoch, on resume and in every run."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if not max_steps or max_steps * global_batch >= size:
         return dataset
-    return Subset(dataset, range(max_steps * global_batch))
+    draw = torch.randperm(size, generator=torch.Generator().manual_seed(VAL_SUBSET_SEED))
+    return Subset(dataset, sorted(draw[: max_steps * global_batch].tolist()))
 
 
 def updates_per_epoch(samples: int, tc: DictConfig) -> int:
@@ -240,7 +247,7 @@ def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
         drop_last=run.drop_last,
         sampler=ResumableSampler(run.sampler, skip=run.state.step_in_epoch * tc.batch_size),
         num_workers=run.session.workers,
-        pin_memory=run.session.device.type == "cuda",
+        pin_memory=run.session.pin_memory,
         generator=torch.Generator().manual_seed(seed * 1000 + epoch),
         worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
     )
