@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from cli_helpers import ROOT, run_main
@@ -15,12 +14,13 @@ from engine.errors import UserError
 from engine.run.folder_claim import LOCK_NAME, RunLock
 
 TAKE = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from engine.errors import UserError
 from engine.run.folder_claim import RunLock
-folder, start, hold, fork = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "fork"
-while time.time() < start:  # every process leaves this loop at the same instant
+folder, go, fork = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "fork"
+print("ready", flush=True)
+while not go.exists():  # every process leaves this loop within microseconds of the others
     pass
 try:
     RunLock(folder).acquire()
@@ -31,16 +31,17 @@ if fork and os.fork() == 0:
     time.sleep(60)  # a child (a loader worker) outliving its parent for a while
     os._exit(0)
 print("took", flush=True)
-time.sleep(hold)
+time.sleep(60)  # held until the test ends this process
 """
 
 
-def take(folder, start: float, hold: float, fork: bool = False) -> subprocess.Popen:
-    """A process that takes the lock of `folder` at time `start` and holds it `hold` seconds."""
-    code = "import os\n" + TAKE
+def take(folder, go, fork: bool = False) -> subprocess.Popen:
+    """A process that takes the lock of `folder` once the file `go` exists, and holds it until it is killed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-c", code, str(folder), str(start), str(hold), "fork" if fork else "-"]
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    args = [sys.executable, "-c", TAKE, str(folder), str(go), "fork" if fork else "-"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert wait_for_line(process) == "ready"
+    return process
 
 
 def wait_for_line(process: subprocess.Popen) -> str:
@@ -49,7 +50,6 @@ def wait_for_line(process: subprocess.Popen) -> str:
     return line
 
 
-@pytest.mark.slow
 def test_two_processes_started_together_never_both_hold_the_folder(tmp_path):
     """Five rounds, each on a new folder: one with a leftover lock file from an older release, another host's."""
     for round in range(5):
@@ -57,29 +57,31 @@ def test_two_processes_started_together_never_both_hold_the_folder(tmp_path):
         if round % 2:
             folder.mkdir()
             (folder / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-node", "started": "yesterday"}))
-        start = time.time() + 1.5  # both are started and spinning well before
-        processes = [take(folder, start, hold=2.0) for _ in range(2)]
+        go = tmp_path / f"go{round}"
+        processes = [take(folder, go) for _ in range(2)]  # both spinning
+        go.touch()
         lines = sorted(wait_for_line(p) for p in processes)
         for p in processes:
+            p.kill()
             p.wait(30)
         assert lines[1] == "took" and lines[0].startswith("refused:"), lines
         assert "in use by" in lines[0] and "delete" not in lines[0]
         RunLock(folder).acquire().release()  # free once the winner ended
 
 
-@pytest.mark.slow
 def test_a_holder_killed_with_sigkill_leaves_a_folder_that_is_free_at_once(tmp_path):
     """Also when the holder had forked (a loader worker still running): the child never holds the lock."""
-    holder = take(tmp_path, time.time(), hold=60, fork=True)
+    (tmp_path / "go").touch()
+    holder = take(tmp_path / "run", tmp_path / "go", fork=True)
     assert wait_for_line(holder) == "took"
     with pytest.raises(UserError, match=f"in use by process {holder.pid} on "):
-        RunLock(tmp_path).acquire()
+        RunLock(tmp_path / "run").acquire()
     os.kill(holder.pid, signal.SIGKILL)  # the holder only: its child lives on
     holder.wait(10)
-    lock = RunLock(tmp_path).acquire()  # at once: no pid to judge, no takeover
-    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock = RunLock(tmp_path / "run").acquire()  # at once: no pid to judge, no takeover
+    assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock.release()
-    assert not (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
     os.killpg(holder.pid, signal.SIGKILL)  # the orphaned child
 
 
