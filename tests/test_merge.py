@@ -85,8 +85,13 @@ def test_cap_is_half_of_mergeable():
     assert regtome.capped_r(5, num_tokens=5, num_protected=5) == 0
 
 
+TIE = 1e-5  # as in tests/test_apart.py: similarities closer than this may be ordered either way by another CPU
+
+
 def brute_force_merge(metric, x, size, r, num_protected):
-    """One ToMe step written as plain loops over tokens, one sample at a time."""
+    """One ToMe step written as plain loops over tokens, one sample at a time. Every decision it takes (each A
+    token's best B token, which A tokens are among the r best) is checked to be no near-tie: the comparison
+    with the batched matching then holds whatever the rounding of the machine."""
     outputs, sizes = [], []
     for m, xs, ss in zip(metric, x, size):
         t = m.shape[0]
@@ -98,8 +103,11 @@ def brute_force_merge(metric, x, size, r, num_protected):
             sims = [torch.nn.functional.cosine_similarity(m[a], m[b], dim=0).item() for b in set_b]
             j = max(range(len(set_b)), key=lambda k: sims[k])
             best[a] = (sims[j], set_b[j])
+            assert all(sims[j] - s > TIE for k, s in enumerate(sims) if k != j), "a near-tie: choose other data"
         order = sorted(set_a, key=lambda a: -best[a][0])
         merged, kept = order[:r_eff], order[r_eff:]
+        if merged and kept:
+            assert best[merged[-1]][0] - best[kept[0]][0] > TIE, "a near-tie at the r-th edge: choose other data"
         total = {b: xs[b] * ss[b] for b in set_b}
         mass = {b: ss[b].clone() for b in set_b}
         for a in merged:
