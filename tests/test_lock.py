@@ -73,25 +73,32 @@ def test_a_holder_killed_with_sigkill_leaves_a_folder_that_is_free_at_once(tmp_p
     """Also when the holder had forked (a loader worker still running): the child never holds the lock."""
     (tmp_path / "go").touch()
     holder = take(tmp_path / "run", tmp_path / "go", fork=True)
-    assert wait_for_line(holder) == "took"
-    with pytest.raises(UserError, match=f"in use by process {holder.pid} on "):
-        RunLock(tmp_path / "run").acquire()
-    os.kill(holder.pid, signal.SIGKILL)  # the holder only: its child lives on
-    holder.wait(10)
-    lock = RunLock(tmp_path / "run").acquire()  # at once: no pid to judge, no takeover
-    assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == os.getpid()
-    lock.release()
-    assert not (tmp_path / "run" / LOCK_NAME).exists()
-    os.killpg(holder.pid, signal.SIGKILL)  # the orphaned child
+    try:
+        assert wait_for_line(holder) == "took"
+        with pytest.raises(UserError, match=f"in use by process {holder.pid} on "):
+            RunLock(tmp_path / "run").acquire()
+        os.kill(holder.pid, signal.SIGKILL)  # the holder only: its child lives on
+        holder.wait(10)
+        lock = RunLock(tmp_path / "run").acquire()  # at once: no pid to judge, no takeover
+        assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == os.getpid()
+        lock.release()
+        assert not (tmp_path / "run" / LOCK_NAME).exists()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # the orphaned child
 
 
-def test_a_rank_other_than_zero_never_removes_unlocks_or_writes_the_folder(tmp_path):
-    """Rank 0 (here: this test) holds the folder; rank 1 fails a task, and runs a task of one process."""
+@pytest.mark.parametrize(
+    "env",
+    [{"RANK": "1", "LOCAL_RANK": "1"}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_ID": "7"}],
+    ids=["torchrun", "slurm"],
+)
+def test_a_rank_other_than_zero_never_removes_unlocks_or_writes_the_folder(tmp_path, env):
+    """Rank 0 (here: this test) holds the folder; rank 1 fails a task, and runs a task of one process. A SLURM
+    task knows its rank from SLURM_PROCID before it joins the process group (where RANK is set)."""
     folder = tmp_path / "run"
     lock = RunLock(folder).acquire()
     (folder / "main.log").write_text("rank 0 is working\n")
     try:
-        env = {"RANK": "1", "LOCAL_RANK": "1"}
         failed = _with_env(env, "task=eval", f"ckpt={tmp_path / 'missing.pt'}", f"hydra.run.dir={folder}", cwd=tmp_path)
         assert failed.returncode == 2 and "does not exist" in failed.stderr
         assert (folder / "main.log").read_text() == "rank 0 is working\n" and (folder / LOCK_NAME).exists()

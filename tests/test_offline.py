@@ -76,12 +76,24 @@ def test_transformers_weights_and_image_processor_come_from_the_cache_offline(tm
     assert report["returncode"] == 0, report["stderr"][-3000:]
     assert report["mean"] == report["std"] == [0.5, 0.5, 0.5] and report["interpolation"] == "bilinear"
 
-    (snapshot / "preprocessor_config.json").unlink()  # weights without a processor: said, with what is used
+    (snapshot / "preprocessor_config.json").unlink()  # a repo without a processor: the hub's 404, as cached
+    absent = snapshot.parents[1] / ".no_exist" / snapshot.name / "preprocessor_config.json"
+    absent.parent.mkdir(parents=True)
+    absent.touch()
     report = offline_run(tmp_path, tmp_path / "hf", "task=eval", *SIGLIP, *CPU, f"hydra.run.dir={tmp_path / 'eval2'}")
     assert report["returncode"] == 0, report["stderr"][-3000:]
     assert report["mean"] == [0.485, 0.456, 0.406]
     said = report["stdout"] + report["stderr"]
     assert "google/siglip-base-patch16-224 has no image processor" in said and "using ImageNet's mean/std" in said
+    absent.unlink()  # the weights cached, the processor not: one line, not ImageNet's statistics in silence
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+        line = error_line(run_main("task=eval", *SIGLIP, *CPU, cwd=tmp_path / "report", check=False))
+    assert "google/siglip-base-patch16-224's image processor (preprocessor_config.json" in line
+    assert "HF_HUB_OFFLINE is set" in line and "model.pretrained_dir=DIR" in line
 
 
 @pytest.fixture
@@ -124,3 +136,21 @@ def test_a_checkpoints_weights_need_no_pretrained_weights_from_the_hub(offline_w
     trained = build_model(compose_config(*TIMM, *CPU, "model.pretrained=false").model, cfg.tome, 4).state_dict()
     session = open_session(cfg, 4, weights=trained, weights_path="best.pt", distributed=False)
     assert all(torch.equal(value, trained[key]) for key, value in session.model.state_dict().items())
+
+
+def test_a_resume_needs_no_pretrained_weights_from_the_hub(offline_with_an_empty_cache, tmp_path):
+    """A run trained from pretrained weights resumes on a node whose cache lacks them: last.pt replaces them."""
+    from cli_helpers import SMOKE
+
+    from engine.tasks import train
+
+    run = tmp_path / "run"
+    smoke = [o for o in SMOKE if not o.startswith("model=")]
+    train.run(compose_config("task=train", *TIMM, *smoke, "model.pretrained=false", "trainer.epochs=1"), run, [])
+    last = run / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["config"]["model"]["pretrained"] = True  # as if it had started from the hub's weights
+    torch.save(checkpoint, last)
+    resume = ["trainer.resume=true", "trainer.epochs=2"]
+    record = train.run(compose_config("task=train", *TIMM, *smoke, *resume), run, resume)
+    assert [epoch["epoch"] for epoch in record["history"]] == [1, 2]

@@ -19,7 +19,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
-from .hub import not_found
+from .hub import not_found, offline
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -136,8 +136,12 @@ def transformers_data_config(model_cfg: Mapping[str, Any], img_size: int) -> dic
     }
 
 
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
 def _image_processor(model_cfg: Mapping[str, Any]) -> Optional[Any]:
-    """The image processor saved with the model's weights, or None (said in the log) when there is none."""
+    """The image processor saved with the model's weights; None (said in the log) when the model has none. One
+    that exists but cannot be read here (not cached on an offline node) is one line, not ImageNet's statistics."""
     if not (model_cfg.get("pretrained") or model_cfg.get("pretrained_dir")):
         return None  # random weights: nothing saved to read
     from transformers import AutoImageProcessor
@@ -145,6 +149,32 @@ def _image_processor(model_cfg: Mapping[str, Any]) -> Optional[Any]:
     source = _source(model_cfg)
     try:
         return AutoImageProcessor.from_pretrained(source)
-    except OSError:  # no preprocessor_config.json beside the weights
-        log.warning("%s has no image processor (preprocessor_config.json): using ImageNet's mean/std", source)
-        return None
+    except OSError as err:
+        if not _has_no_processor(source):
+            raise UserError(
+                not_found(
+                    f"{source}'s image processor ({PROCESSOR_FILE}: its mean, std and interpolation)",
+                    err,
+                    "set model.pretrained_dir=DIR (a folder written by save_pretrained, with the processor)",
+                )
+            ) from err
+    log.warning("%s has no image processor (%s): using ImageNet's mean/std", source, PROCESSOR_FILE)
+    return None
+
+
+def _has_no_processor(source: str) -> bool:
+    """Whether `source` (a folder, or a hub id) is known to hold no processor: not in the folder, or recorded as
+    absent in the Hugging Face cache, or, where the hub is reachable, not on the hub."""
+    if os.path.isdir(source):
+        return not os.path.isfile(os.path.join(source, PROCESSOR_FILE))
+    from huggingface_hub import file_exists, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, PROCESSOR_FILE)  # a path, None (not cached), or a "known absent" mark
+    if cached is not None and not isinstance(cached, str):
+        return True
+    if offline():
+        return False
+    try:
+        return not file_exists(source, PROCESSOR_FILE)
+    except OSError:  # the hub did not answer: unknown
+        return False

@@ -36,6 +36,17 @@ def _export_slurm_env() -> None:
     TorchDistributedEnvironment().export()
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it, before any process group exists: torchrun's RANK, or a
+    multi-task SLURM job's SLURM_PROCID (the submitit launcher exports RANK only when the group is joined);
+    0 for one process. The one rule for who owns the run folder."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
 def init_distributed(use_cuda: bool) -> DistInfo:
     """Join the process group torchrun describes in the environment; a no-op for one process."""
     _export_slurm_env()

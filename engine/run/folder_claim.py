@@ -37,6 +37,22 @@ def holds_run(folder: Path) -> list[str]:
     return [name for name in RECORD_FILES if (folder / name).exists()]
 
 
+_HELD: dict[int, "RunLock"] = {}  # descriptor -> lock, of the locks this process holds
+
+
+def _forget_held_locks() -> None:
+    """In a forked child (a loader worker): close its copies of the lock descriptors. The parent holds the locks;
+    a child that outlives a killed parent must not keep its folder locked."""
+    for fd, lock in list(_HELD.items()):
+        os.close(fd)
+        lock._fd = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held_locks)
+
+
 class RunLock:
     """RUN/.lock, held while a process trains, evaluates or exports in RUN: an exclusive `fcntl.flock` on the
     file, which only one process can hold and which the kernel releases when the process ends."""
@@ -50,39 +66,54 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> "RunLock":
-        """Take the lock or raise UserError naming the process that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the lock or raise UserError: naming the process that holds it, or why the file cannot be locked."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 raise UserError(self._refusal()) from None
+            except OSError as err:  # ENOLCK: a network file system without locking
+                os.close(fd)
+                raise UserError(
+                    f"cannot lock {self.path} ({err.strerror}): its file system does not lock files across "
+                    "processes (an NFS mount without a lock daemon, Lustre without -o flock); use a run folder on "
+                    "a local or locking file system (hydra.run.dir=DIR)"
+                ) from None
             if self._is_the_lock_file(fd):
                 break
             os.close(fd)  # the holder released and removed the file between our open and our flock: again
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(self.describe()).encode())
+        try:  # the holder's name, for the message a second process gets (a file only readable here: no name)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self.describe()).encode())
+        except OSError:
+            pass
         self._fd = fd
-        os.register_at_fork(after_in_child=self._forget)  # loader workers must not keep the lock of a killed run
+        _HELD[fd] = self
         return self
 
     def release(self) -> None:
         """Remove the file while still holding it, then let go (a process waiting on the old file tries again)."""
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
+            _HELD.pop(self._fd, None)
             os.close(self._fd)
             self._fd = None
 
     def describe(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    def _forget(self) -> None:
-        """In a forked child: close its copy of the descriptor (the parent holds the lock; the child never did)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    def _open(self) -> int:
+        """The lock file, created if need be; read-only when another user's (flock needs no write access)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:
+                return os.open(self.path, os.O_RDONLY)
+        except OSError as err:
+            raise UserError(f"cannot open the lock file {self.path} ({err.strerror}); use another folder") from None
 
     def _is_the_lock_file(self, fd: int) -> bool:
         try:
@@ -95,11 +126,9 @@ class RunLock:
             holder = json.loads(self.path.read_text())
         except (OSError, ValueError):  # the holder has the lock but has not written its name yet
             holder = {}
-        who = (
-            f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
-            if holder
-            else ("another process (starting)")
-        )
+        who = f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
+        if not holder:
+            who = "another process (starting)"
         return f"{self.path.parent} is in use by {who}; wait for it to finish or use another folder"
 
 

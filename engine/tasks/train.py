@@ -28,7 +28,7 @@ from data import DatasetError
 
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
 from ..run.checkpoint import SavedRun, load_checkpoint, read_checkpoint, save_training, training_checkpoint
-from ..run.distributed import barrier, gather_objects
+from ..run.distributed import barrier, gather_objects, launch_rank
 from ..run.folder_claim import append_resume
 from ..run.overrides import apply_overrides, overridable, override_keys
 from ..run.results import run_record, write_results
@@ -66,7 +66,7 @@ def record_resume(saved: SavedRun, run_dir: Path, overrides: list[str]) -> None:
     """A resume, said in main.log and added to resumes.yaml (with the keys this command line changed), both
     counting epochs from 1 as the progress bar does."""
     epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         kept = [o for o, key in zip(overrides, override_keys(overrides)) if overridable(key, RESUME_OVERRIDES)]
         append_resume(run_dir, kept, epoch_number(epochs_done), step)
         log.info("resumed from %s of %s", position(epochs_done, step), saved.path)

@@ -136,8 +136,11 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     classes = class_names(cfg.dataset)
     num_classes = count_classes(cfg.dataset)
     cfg = OmegaConf.merge(cfg, {"dataset": {"num_classes": num_classes}})  # saved with the checkpoints
-    init = initial_weights(cfg) if checkpoint is None else None
-    session = open_session(cfg, num_classes, weights=init, weights_path=cfg.trainer.get("init_from"))
+    if checkpoint is None:  # trainer.init_from, or the model group's own (pretrained or random) weights
+        weights, weights_path = initial_weights(cfg), cfg.trainer.get("init_from")
+    else:  # a resume: last.pt's weights, so no pretrained weights are fetched only to be replaced
+        weights, weights_path = checkpoint["model"], run_dir / "checkpoints" / "last.pt"
+    session = open_session(cfg, num_classes, weights=weights, weights_path=weights_path)
     tc, info = cfg.trainer, session.info
     splits = build_datasets(cfg.dataset, session.inputs, augment=tc.augment, seed=cfg.seed, classes=classes)
     drop_last = tc.mixup > 0 or tc.cutmix > 0  # mixup needs even batches
