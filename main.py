@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
 import sys
 import traceback
@@ -22,7 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 from engine.cli import claim
 from engine.errors import RunStopped, TrainingInterrupted, UserError, one_line
 from engine.run.console import (
-    STOP_SIGNALS,
+    exit_on_another_signal,
     log_ending,
     say_ending,
     signal_name,
@@ -68,24 +67,13 @@ def main(cfg: DictConfig) -> None:
         claim.release()
         cleanup()
     if stopped_by is not None:  # out of the except block: the task's frames, and its loaders, are gone
-        _stop_at_once_on_another_signal()
+        exit_on_another_signal()
         gc.collect()  # loader workers shut down in order, not killed mid-transfer at exit
         if owner:
             discard_new_folder(run_dir, created)
         kept = f"what it had written is in {run_dir}" if run_dir.exists() else "nothing was kept"
         say_ending(f"interrupted by {signal_name(stopped_by)} during task={cfg.task}; {kept}", logging.WARNING)
         sys.exit(128 + stopped_by)
-
-
-def _stop_at_once_on_another_signal() -> None:
-    """While the first stop is handled: a second Ctrl-C, SIGTERM or SIGHUP stops now, still without a traceback."""
-    for signum in (signal.SIGINT, *STOP_SIGNALS):
-        if signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, _stop_at_once)
-
-
-def _stop_at_once(signum: int, frame: object) -> None:
-    os._exit(128 + signum)
 
 
 def run_cli(argv: list[str]) -> None:
@@ -98,7 +86,7 @@ def run_cli(argv: list[str]) -> None:
         claim.report_error(err)
         sys.exit(2)
     except KeyboardInterrupt as err:  # before a task started (Hydra setting up, a sweep launching)
-        _stop_at_once_on_another_signal()
+        exit_on_another_signal()
         claim.release()
         if claim.CLAIM.folder is not None:
             discard_new_folder(claim.CLAIM.folder, claim.CLAIM.created)

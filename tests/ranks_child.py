@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine.run.checkpoint import load_checkpoint
 from engine.run.distributed import barrier
+from engine.run.session import open_session
 from engine.tasks.train import save
 from engine.training.loop import train_one_epoch
 from engine.training.setup import build_run, epoch_loader, restore_random_state
@@ -35,10 +36,13 @@ OVERRIDES = [
 
 
 def train_four_batches(folder: Path) -> dict:
-    """Build the run as task=train does, draw one training forward, then train 4 batches (2 optimizer steps)."""
-    run = build_run(compose_config(*OVERRIDES), folder, None)
+    """Open the session as every task does (its weights before DDP's wrapper broadcasts rank 0's), build the run as
+    task=train does, draw one training forward, then train 4 batches (2 optimizer steps)."""
+    cfg = compose_config(*OVERRIDES)
+    built = open_session(cfg, int(cfg.dataset.num_classes)).model.state_dict()
+    initial = [value.double().sum().item() for value in built.values()]
+    run = build_run(cfg, folder, None)
     session = run.session
-    initial = [value.double().sum().item() for value in session.model.state_dict().values()]
     images = torch.linspace(-1, 1, 32 * 3 * 32 * 32).reshape(32, 3, 32, 32)  # the same images on every rank
     session.model.train()
     with torch.no_grad():

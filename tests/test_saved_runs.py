@@ -121,12 +121,20 @@ def test_register_fate_reads_a_checkpoint_trained_under_a_flop_budget(budget, tm
 
 
 def test_tasks_and_training_do_not_import_the_command_line():
-    """The checkpoint reader, the config upgrade and the overrides live with the run (engine/run/)."""
+    """The checkpoint reader, the config upgrade and the overrides live with the run (engine/run/). Every import
+    form counts: `from ..cli.x import y`, `from .. import cli`, `import engine.cli.x`, `from engine.cli import x`."""
     for package in ("tasks", "training"):
         for path in (ROOT / "engine" / package).glob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom):
-                    assert not (node.module or "").startswith(("cli", "engine.cli")), f"{path.name}: {node.module}"
+                    names = [f"{node.module}.{a.name}" if node.module else a.name for a in node.names]
+                    names += [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                bad = [n for n in names if n == "cli" or n.startswith(("cli.", "engine.cli")) or ".cli." in f"{n}."]
+                assert not bad, f"{path.name}:{node.lineno} imports {bad}"
 
 
 @pytest.mark.slow  # the budget run trains first

@@ -6,8 +6,9 @@ import csv
 from pathlib import Path
 from typing import Any, Optional
 
+from ..run.atomic import atomic_write
 from .figures import fit_title
-from .pyplot import pyplot
+from .pyplot import pyplot, save_figure
 
 TABLE = (
     "| mode | run | r | batch | images/s | latency ms (p90) | speedup | vs eager unpatched | GFLOPs | "
@@ -31,10 +32,13 @@ def write_outputs(
     """benchmark.csv, benchmark.md (the table, then `notes`) and benchmark.png; `warning` (a busy machine) is
     among the notes and in the figure too, which is often all that is looked at."""
     columns = list(dict.fromkeys([*(k for row in rows for k in row), *meta]))
-    with open(run_dir / "benchmark.csv", "w", newline="") as f:
+
+    def write_csv(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(meta | row for row in rows)  # a row's own protection mode wins over the run's
+
+    atomic_write(run_dir / "benchmark.csv", write_csv, text=True)
     header = ", ".join(f"{k} {v}" for k, v in meta.items())
     lines = [f"# RegToMe benchmark\n\n{header}\n", TABLE, "|" + "---|" * TABLE.count(" | ") + "---|"]
     lines += [_line(row) for row in rows]
@@ -45,7 +49,7 @@ def write_outputs(
         "",
     ]
     lines += [f"- {note}" for note in notes]
-    (run_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
+    atomic_write(run_dir / "benchmark.md", lambda f: f.write("\n".join(lines) + "\n"), text=True)
     plot(rows, meta, run_dir / "benchmark.png", warning)
 
 
@@ -95,5 +99,5 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path, warning: 
         title += f"\nWARNING: {warning}"
     fig.suptitle(fit_title(title, width, fontsize=9), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

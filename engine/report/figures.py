@@ -12,7 +12,7 @@ import torch
 
 import regtome
 
-from .pyplot import pyplot
+from .pyplot import pyplot, save_figure
 
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
 
@@ -110,7 +110,7 @@ def draw_grid(
     fig.suptitle(suptitle, fontsize=7, y=1 - 0.06 / height, va="top")
     title_inches = 0.06 + 0.14 * (suptitle.count("\n") + 1) + 0.32  # its lines, then the first row's two-line titles
     fig.subplots_adjust(left=0.02, right=0.95, top=1 - title_inches / height, bottom=0.02, hspace=0.35, wspace=0.1)
-    fig.savefig(path)
+    save_figure(fig, path)
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
@@ -150,5 +150,5 @@ def draw_feature_panels(
         ax.axis("off")
     fig.suptitle(fit_title(title, 3 * CELL_PX / 100), fontsize=7)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.7, bottom=0.02, wspace=0.05)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

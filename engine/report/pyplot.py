@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -13,3 +15,10 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """`fig` saved whole or not at all (a stop mid-write keeps no half of a PNG), in the format its suffix names."""
+    from ..run.atomic import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png"))

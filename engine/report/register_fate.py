@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import regtome
 
-from .pyplot import pyplot
+from .pyplot import pyplot, save_figure
 
 FATES = ("alone", "with_registers", "with_patches")
 
@@ -88,5 +88,5 @@ def plot_fates(summary: dict[str, Any], path: str, title: str) -> None:
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .labels import group_label, short_label, swept_keys
-from .pyplot import pyplot
+from .pyplot import pyplot, save_figure
 
 
 def _title(rows: list[dict[str, Any]]) -> str:
@@ -62,7 +62,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -105,5 +105,5 @@ def plot_paired(rows: list[dict[str, Any]], key: str, path: Path, baseline: str)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

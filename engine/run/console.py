@@ -92,8 +92,23 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 
 
 def raise_interrupted(signum: int, frame: Any) -> None:
-    """The handler `stop_signals_interrupt` installs."""
+    """The handler `stop_signals_interrupt` installs: the task unwinds, and a second signal meanwhile ends it."""
+    exit_on_another_signal()
     raise Interrupted(signum)
+
+
+def exit_on_another_signal() -> None:
+    """While a stop is handled (loaders closing, files released): another Ctrl-C, SIGTERM or SIGHUP ends the
+    process at once, with one line. (A process blocked inside a C call, such as a collective waiting on a dead
+    rank, runs no Python handler until the call returns: there only SIGKILL ends it.)"""
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, _exit_at_once)
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    say_ending(f"stopped at once by a second signal ({signal_name(signum)})", logging.WARNING)
+    os._exit(128 + signum)
 
 
 def stop_signals_interrupt() -> None:
@@ -142,9 +157,11 @@ def _reached(stream: TextIO | None, message: str) -> bool:
 
 
 def _tell_terminal(message: str) -> None:
-    """`message` on the controlling terminal; nothing without one (a batch job, a daemon)."""
+    """`message` on the controlling terminal, where this process is in its foreground (a background job writing
+    there could be stopped by SIGTTOU); nothing without one (a batch job, a daemon)."""
     try:
         with open("/dev/tty", "w") as tty:
-            tty.write(message.rstrip("\n") + "\n")
+            if os.tcgetpgrp(tty.fileno()) == os.getpgrp():
+                tty.write(message.rstrip("\n") + "\n")
     except OSError:  # no controlling terminal (ENXIO), or it hung up too
         pass

@@ -11,7 +11,6 @@ Per image, one grid PNG (also sent to TensorBoard), titled with its true and pre
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..errors import UserError
 from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
 from ..report.figures import draw_feature_panels, draw_grid, merge_map, patch_groups
 from ..run.overrides import config_from_checkpoint, label_order
-from ..run.results import merge_record, r_that_ran
+from ..run.results import merge_record, r_that_ran, write_results
 from ..run.session import open_session
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
     finally:
         writer.close()
-    (run_dir / "visualize.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
+    write_results(run_dir, plan.summary, name="visualize.json")
     log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, r_that_ran(plan.summary), model.protect)
     return plan.summary
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..errors import Interrupted
-from ..run.console import STOP_SIGNALS, log_ending, raise_interrupted
+from ..run.console import STOP_SIGNALS, raise_interrupted, say_ending, signal_name
 from ..run.distributed import DistInfo, all_reduce_sum
 
 
@@ -42,10 +42,7 @@ class GracefulStop:
 
     def _request(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            line = "stopped at once by a second Ctrl-C; checkpoints/last.pt holds the last save"
-            sys.stderr.write(f"\n{line}\n")
-            sys.stderr.flush()
-            log_ending(line, logging.WARNING)
+            say_ending("stopped at once by a second Ctrl-C; checkpoints/last.pt holds the last save", logging.WARNING)
             os._exit(128 + signum)
         self.signum = signum
 
@@ -79,12 +76,11 @@ def ctrl_c_after_this(what: str) -> Iterator[None]:
 
     def hold(signum: int, frame: Any) -> None:
         if asked:
-            sys.stderr.write("\nstopped at once by a second signal\n")
-            sys.stderr.flush()
+            say_ending(f"stopped at once by a second signal ({signal_name(signum)})", logging.WARNING)
             os._exit(128 + signum)
         asked.append(signum)
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        sys.stderr.write(f"\n{name}: stopping when {what} ends (Ctrl-C again stops at once)\n")
+        name = signal_name(signum).split(" ")[0]  # Ctrl-C, SIGTERM, SIGHUP
+        sys.stderr.write(f"\n{name}: stopping when {what} ends (a second signal stops at once)\n")
         sys.stderr.flush()
 
     held = [s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) != signal.SIG_IGN]

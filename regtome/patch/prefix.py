@@ -36,6 +36,7 @@ def _queries_and_keys(
 def prefix_attention_support(model: nn.Module, block: int) -> Optional[str]:
     """None when `prefix_attention` reads block `block` of the patched `model`; else why it does not (the
     message of the TypeError it raises). Ask before calling it, rather than catching every TypeError."""
+    require_patched(model, "regtome.prefix_attention_support")
     block = check_block(model, block, "block")
     target = model.regtome_blocks()[block]
     attn = getattr(target, "attn", None)
