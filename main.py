@@ -29,6 +29,7 @@ from engine.run.console import (
     survive_closed_console,
 )
 from engine.run.folder_claim import discard_new_folder
+from engine.schema import plain, register
 from engine.task_table import TASKS, runner
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -40,6 +41,7 @@ def main(cfg: DictConfig) -> None:
     from engine.run.distributed import cleanup
 
     stop_signals_interrupt()  # also in a sweep's or a SLURM job's process, which may not have run run_cli
+    cfg = plain(cfg)  # the schema checked the types at composition; the tasks read plain words and numbers
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     owner = claim.owns_the_folder()  # rank 0: the only process that removes, unlocks or rewrites the folder
     created = claim.CLAIM.created if claim.CLAIM.folder is not None else True
@@ -94,6 +96,8 @@ def run_cli(argv: list[str]) -> None:
         say_ending(f"interrupted by {signal_name(signum)} before the task started; nothing was kept")
         sys.exit(128 + signum)
 
+
+register()  # the typed schema configs/config.yaml starts from (Hydra's ConfigStore)
 
 if __name__ == "__main__":
     survive_closed_console()  # `| tee` killed by Ctrl-C, a closed terminal: writes fail, the run goes on

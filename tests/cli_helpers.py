@@ -123,10 +123,12 @@ def compose_config(*overrides: str) -> DictConfig:
     from omegaconf import OmegaConf
 
     from engine.run.folder_name import run_id
+    from engine.schema import plain, register
 
+    register()
     OmegaConf.register_new_resolver("run_id", run_id, replace=True)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return plain(compose(config_name="config", overrides=list(overrides)))
 
 
 def max_weight_difference(a: dict, b: dict) -> float:

@@ -26,7 +26,7 @@ def one_line_error(result) -> str:
 
 def test_a_bad_value_or_a_machine_that_cannot_compile_is_one_line_before_any_work(tmp_path, monkeypatch):
     line = one_line_error(run_main("task=train", *SMOKE, "runtime.compile=fast", cwd=tmp_path, check=False))
-    assert "runtime.compile=fast: use false, true or a torch.compile mode" in line
+    assert "runtime.compile=fast: takes false, true or a torch.compile mode" in line
     import engine.run.compile as compile_module
 
     monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)  # no C++ compiler on PATH

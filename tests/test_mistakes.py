@@ -132,19 +132,26 @@ def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path
     "args,message",
     [
         (["task=train", "dataset=imagefolder"], "dataset=imagefolder needs a folder: add dataset.root=DIR"),
-        (["task=train", "trainer.batch_size=0"], "trainer.batch_size must be an int >= 1, got 0"),
-        (["task=train", "trainer.lr=-1"], "trainer.lr must be > 0, got -1"),
-        (["task=train", "trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
-        (["task=benchmark", "benchmark.r=[-1]"], "benchmark.r entry -1: r must be >= 0"),
-        (["task=benchmark", "benchmark.protect=[apart,bogus]"], "benchmark.protect=bogus: choose modes among"),
-        (["task=benchmark", "benchmark.protect=bogus"], "benchmark.protect=bogus: choose modes among"),
+        (["task=train", "trainer.batch_size=0"], "trainer.batch_size=0: takes an int >= 1"),
+        (["task=train", "trainer.lr=-1"], "trainer.lr=-1: takes a number > 0"),
+        (["task=train", "trainer.epochs=0"], "trainer.epochs=0: takes an int >= 1"),
+        (["task=benchmark", "benchmark.r=[-1]"], "benchmark.r=[-1]: takes an r as regtome reads it (r must be >= 0"),
+        (["task=benchmark", "benchmark.protect=[apart,bogus]"], "benchmark.protect=[apart,bogus]: takes a protection"),
+        (["task=benchmark", "benchmark.protect=bogus"], "benchmark.protect=bogus: takes a protection mode or a list"),
         (
             ["task=train", "tome.r=[16,-1]"],
-            "tome.r=[16,-1]: [16,-1] is not a schedule: a per-block list holds ints >= 0; "
-            "for ToMe's (r, inflection) schedule write [16,-1.0]",
+            "tome.r=[16,-1]: takes an r as regtome reads it ([16,-1] is not a schedule: a per-block list holds "
+            "ints >= 0; for ToMe's (r, inflection) schedule write [16,-1.0])",
         ),
-        (["task=foo"], "unknown task 'foo'; use task=train, eval, benchmark, visualize, export"),
-        (["-m", "task=eval", "tome.r=4,-1,8"], "tome.r=-1: r must be >= 0"),
+        (["task=foo"], "task=foo: takes one of train, eval, benchmark, visualize, export"),
+        (["task=train", "trainer.lr=abc"], "trainer.lr=abc: takes a number"),
+        (["task=train", "dataset=synthetic", "dataset.val_size=2.0"], "dataset.val_size=2.0: takes an int or null"),
+        (["task=train", "tome.prop_attn=maybe"], "tome.prop_attn=maybe: takes true or false"),
+        (["task=train", "model.img_size=abc"], "model.img_size=abc: takes an int"),
+        (["task=train", "trainer.batch_size=-3"], "trainer.batch_size=-3: takes an int >= 1"),
+        (["task=train", "runtime.amp=fp8"], "runtime.amp=fp8: takes one of auto, bf16, fp16, off"),
+        (["-m", "task=train", "trainer.lr=0.1,abc"], "trainer.lr=abc: takes a number"),
+        (["-m", "task=eval", "tome.r=4,-1,8"], "tome.r=-1: takes an r as regtome reads it (r must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, args, message):

@@ -114,7 +114,7 @@ def test_each_job_of_a_sweep_in_one_process_locks_its_own_folder(tmp_path):
         (["trainer.device=cpu"], "error: trainer.device is now runtime.device: write runtime.device=cpu"),
         (["resume=true"], "error: resume is now trainer.resume: write trainer.resume=true"),
         (["model.class_layer=1"], "error: model.class_layer is now tome.class_layer: write tome.class_layer=1"),
-        (["tome.protect=registers"], "error: tome.protect=registers: choose one of prefix, class, apart"),
+        (["tome.protect=registers"], "error: tome.protect=registers: takes one of apart, prefix, class"),
         (
             ["ckpt=x.pt"],
             "error: ckpt is what eval, visualize and export read; to start training from a checkpoint's "
@@ -122,7 +122,7 @@ def test_each_job_of_a_sweep_in_one_process_locks_its_own_folder(tmp_path):
         ),
         (["tome.flops=0.5", "tome.r=4"], "error: tome.r and tome.flops both given"),
         (["tome.r=null"], "error: tome.r is null: set tome.r=INT (or tome.flops=FRACTION"),
-        (["tome.flops=1.5"], "error: tome.flops=1.5: a fraction of the unmerged model's GFLOPs in (0, 1]"),
+        (["tome.flops=1.5"], "error: tome.flops=1.5: takes a fraction in (0, 1]"),
     ],
 )
 def test_keys_are_checked_before_anything_is_written(tmp_path, args, message):

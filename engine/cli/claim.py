@@ -18,42 +18,25 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError, one_line
-from ..models.tome_group import check_flops, compact, protect_modes, r_option
 from ..run.folder_claim import RunLock, check_folder, discard_new_folder, move_aside
+from ..schema import check_value
 from ..task_table import TASKS
 from .command_line import GROUP_HINTS, check_command_line, run_dir_of
 
 
 def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
-    """The first problem with the values given for `key` (every value of a sweep), or None."""
-    if key == "tome.protect":
-        import regtome  # torch: only for the keys that need the library's rules
+    """The first problem with the values given for `key` (every value of a sweep), or None: a config group's
+    option that does not exist, or a value the schema refuses (its type, its words, its range)."""
     folder = configs / key
     for value in values:
-        if key == "task" and value not in TASKS:
-            return f"unknown task {value!r}; use task={', '.join(TASKS)}"
-        if folder.is_dir() and value is not None:
+        if folder.is_dir():  # a config group: the name of one of its files
             options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
-            if str(value) not in options:
+            if value is not None and str(value) not in options:
                 return f"unknown {key} {value!r}; choose one of {', '.join(options)}{GROUP_HINTS.get(key, '')}"
-        if key == "tome.protect" and value not in regtome.PROTECT_MODES:
-            return f"tome.protect={value}: choose one of {', '.join(regtome.PROTECT_MODES)}"
-        try:
-            if key == "benchmark.protect" and value is not None:
-                protect_modes(value, key)
-            if key == "tome.r" and value is not None:
-                r_option(value)
-            if key == "tome.flops":
-                check_flops(value)
-            if key == "benchmark.r":
-                for r in value if isinstance(value, list) else [value]:
-                    r_option(r, f"{key} entry {compact(r)}")
-            if key == "runtime.compile":
-                from ..run.compile import compile_mode
-
-                compile_mode(value)
-        except UserError as err:
-            return str(err)
+            continue
+        problem = check_value(key, value)
+        if problem:
+            return problem
     return None
 
 

@@ -17,9 +17,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
-from ..models.tome_group import merge_amount
 from ..run.compat import RENAMED
-from ..task_table import TASKS
+from ..schema import register, validate
 
 FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
 GROUP_HINTS = {
@@ -89,6 +88,7 @@ def _compose(configs: Path, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
+    register()
     try:
         with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
             return compose(config_name="config", overrides=overrides, return_hydra_config=True)
@@ -193,13 +193,7 @@ def check_command_line(argv: list[str], configs: Path, check_values: Any) -> Che
         hydra_args.append("tome.flops=null")  # an r given replaces a budget (a checkpoint's saved tome.flops)
     composed_args = [first_value(o) if not o.is_delete() else o.input_line for o in _parse(hydra_args)]
     cfg = _compose(configs, composed_args)
-    merge_amount(cfg.tome)  # tome.r or tome.flops, never both
-    if cfg.task == "train" and cfg.get("ckpt"):
-        *others, last = [name for name, task in TASKS.items() if task.reads_ckpt]
-        readers = f"{', '.join(others)} and {last}"
-        raise UserError(
-            f"ckpt is what {readers} read; to start training from a checkpoint's weights use trainer.init_from=PATH"
-        )
+    validate(cfg)
     multirun = bool({"-m", "--multirun"} & set(flags))
     runs = not (NO_RUN_FLAGS & set(flags))
     return Checked(

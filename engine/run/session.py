@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import input_transform, resolve_native_size
 
-from ..errors import UserError
 from ..models.build import build_model, data_config, report_capped_r
 from .checkpoint import load_weights
 from .compile import check_compile, compile_model, say_compiling
@@ -57,12 +56,6 @@ class Session:
         return model if self.compile is None else compile_model(model, self.compile)
 
 
-def check_eval_batch_size(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"runtime.eval_batch_size must be an int >= 1, got {value!r}")
-    return value
-
-
 def weightless(model_cfg: DictConfig) -> DictConfig:
     """A timm model group without pretrained weights: a checkpoint's weights replace them, so they are neither
     fetched nor looked for in the cache (a transformers model still reads its architecture from its config)."""
@@ -81,7 +74,7 @@ def open_session(
 ) -> Session:
     """Device, threads and workers from `runtime`, the model from `model` + `tome` with `weights`."""
     runtime = cfg.runtime
-    eval_batch_size = check_eval_batch_size(runtime.eval_batch_size)
+    eval_batch_size = int(runtime.eval_batch_size)
     found = resolve_native_size(cfg.dataset)  # image folders: their images' size, before any work
     if found:
         log.info(found)

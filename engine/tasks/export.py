@@ -101,13 +101,9 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, fmt: str, dyna
 
 
 def check_export_config(export: DictConfig) -> tuple[str, Optional[int], torch.dtype]:
-    if export.format not in FORMATS:
-        raise UserError(f"export.format={export.format}: choose one of {', '.join(FORMATS)}")
-    if export.dtype not in DTYPES:
-        raise UserError(f"export.dtype={export.dtype}: choose fp32 or fp16")
+    """The format, the fixed batch (None: dynamic) and the dtype the export group asks for (its words and ranges
+    the schema checked: engine/schema.py)."""
     batch = export.batch
-    if batch != "dynamic" and not (isinstance(batch, int) and batch >= 1):
-        raise UserError(f"export.batch={batch}: 'dynamic' or an int >= 1")
     return export.format, None if batch == "dynamic" else int(batch), DTYPES[export.dtype]
 
 

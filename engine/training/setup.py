@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from data import EpochSeeded, ResumableSampler, build_datasets, class_names, count_classes
 from data.workers import ignore_interrupts
 
-from ..errors import UserError
 from ..models.build import model_label
 from ..run.checkpoint import check_same_architecture, read_checkpoint, restore_training
 from ..run.distributed import DistInfo
@@ -57,23 +56,10 @@ class TrainRun:
         return self.run_dir / "checkpoints"
 
 
-POSITIVE_INTS = ("epochs", "batch_size", "accum_steps", "eval_every", "log_every")
-
-
 def check_trainer_config(cfg: DictConfig) -> None:
-    """One clear line for a trainer value that cannot work; a warning for one that wastes the run."""
+    """A warning for trainer values that waste the run (what cannot work at all, the schema refused before any
+    work: engine/schema.py)."""
     tc = cfg.trainer
-    for key in POSITIVE_INTS:
-        value = tc[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"trainer.{key} must be an int >= 1, got {value!r}")
-    if not tc.lr > 0:
-        raise UserError(f"trainer.lr must be > 0, got {tc.lr!r}")
-    for key in ("max_steps_per_epoch", "max_val_steps", "stop_after_epochs"):
-        if tc.get(key) is not None and tc[key] < 1:
-            raise UserError(f"trainer.{key} must be null or >= 1, got {tc[key]!r}")
-    if tc.warmup_epochs < 0 or tc.mixup < 0 or tc.cutmix < 0 or tc.weight_decay < 0:
-        raise UserError("trainer.warmup_epochs, mixup, cutmix and weight_decay must be >= 0")
     if tc.warmup_epochs >= tc.epochs:
         log.warning(
             "trainer.warmup_epochs=%s covers the whole run (trainer.epochs=%s): the learning rate never "

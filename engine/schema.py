@@ -1,0 +1,382 @@
+"""The configuration's one typed schema: a dataclass per config group, registered in Hydra's ConfigStore as
+`schema` (configs/config.yaml starts its defaults list with it), so OmegaConf checks every key's type and every
+closed set of words when a command line is composed. The YAML files under configs/ stay the presets users know;
+they fill this schema. What a type cannot say (a range, a rule between keys) is a `check` in a field's metadata
+(one key) or in `validate` (several keys), run before any work for every job of a sweep. Each field's `help` is
+its line in docs/cli.md's option reference (written by scripts/config_reference.py).
+
+Importing this module loads no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+
+class Words(str, enum.Enum):
+    """A closed set of words: OmegaConf checks a value against the names; a member is the word itself (equal to
+    it, and read as it in paths and messages: `outputs/${task}/...` is outputs/train/...)."""
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
+
+# Closed sets of words, as OmegaConf enums (the functional form takes names such as `class` and `torch_export`).
+TASK_NAMES = ("train", "eval", "benchmark", "visualize", "export")
+PROTECT_MODES = ("apart", "prefix", "class")  # regtome.PROTECT_MODES (tests/test_schema.py compares them)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+Task = Words("Task", [(name, name) for name in TASK_NAMES])  # type: ignore[misc]
+Protect = Words("Protect", [(name, name) for name in PROTECT_MODES])  # type: ignore[misc]
+Source = Words("Source", [(name, name) for name in ("timm", "transformers")])  # type: ignore[misc]
+Device = Words("Device", [(name, name) for name in ("auto", "cuda", "cpu")])  # type: ignore[misc]
+Amp = Words("Amp", [(name, name) for name in ("auto", "bf16", "fp16", "off")])  # type: ignore[misc]
+ExportFormat = Words("ExportFormat", [(name, name) for name in ("onnx", "torch_export")])  # type: ignore[misc]
+ExportDtype = Words("ExportDtype", [(name, name) for name in ("fp32", "fp16")])  # type: ignore[misc]
+
+
+# Checks of one value: None when it is fine, else what the key takes.
+Check = Callable[[Any], Optional[str]]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v is None or (_number(v) and v >= low) else f"a number >= {low:g}"
+
+
+def above(low: float) -> Check:
+    return lambda v: None if v is None or (_number(v) and v > low) else f"a number > {low:g}"
+
+
+def fraction(v: Any) -> Optional[str]:
+    return None if v is None or (_number(v) and 0 < v <= 1) else "a fraction in (0, 1]"
+
+
+def _r(value: Any) -> Optional[str]:
+    from .errors import UserError
+    from .models.tome_group import r_option
+
+    if value is None:
+        return None
+    try:
+        r_option(value)
+    except UserError as err:
+        return f"an r as regtome reads it ({str(err).split(': ', 1)[-1]})"
+    return None
+
+
+def _r_list(value: Any) -> Optional[str]:
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    problems = [problem for problem in map(_r, values) if problem]
+    return problems[0] if problems else None
+
+
+def _modes(value: Any) -> Optional[str]:
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if value is None or all(v in PROTECT_MODES for v in values):
+        return None
+    return f"a protection mode or a list of them: {', '.join(PROTECT_MODES)}"
+
+
+def _compile(value: Any) -> Optional[str]:
+    if value is None or isinstance(value, bool) or value in COMPILE_MODES:
+        return None
+    return f"false, true or a torch.compile mode: {', '.join(COMPILE_MODES)}"
+
+
+def _quick(value: Any) -> Optional[str]:
+    return None if value == "auto" or isinstance(value, bool) else "auto, true or false"
+
+
+def _export_batch(value: Any) -> Optional[str]:
+    ok = value == "dynamic" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    return None if ok else "dynamic or an int >= 1"
+
+
+def key(default: Any, help: str, check: Optional[Check] = None) -> Any:
+    """A schema field: its default (MISSING where a preset file gives it), its line of help, its check."""
+    metadata = {"help": help, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default.copy(), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = key(MISSING, "set by the group (`dataset=cifar10`); read by the code, not set by hand")
+    root: Optional[str] = key(
+        MISSING, "a folder with train/ and val/ (or test/) class folders; CIFAR: where it is downloaded"
+    )
+    download: bool = key(False, "download CIFAR on first use")
+    num_classes: Optional[int] = key(None, "null: counted from the class folders", at_least(1))
+    native_size: Optional[int] = key(
+        None, "the images' own size (null: read from the images); at most 64 px: resized on the device", at_least(1)
+    )
+    mean: Optional[List[float]] = key(None, "normalization; null: the model's own data config")
+    std: Optional[List[float]] = key(None, "normalization; null: the model's own data config")
+    skip_unreadable: bool = key(False, "image folders: skip a training image that cannot be read instead of stopping")
+    train_size: Optional[int] = key(None, "synthetic only: training images", at_least(1))
+    val_size: Optional[int] = key(None, "synthetic only: validation images", at_least(1))
+    noise: Optional[float] = key(None, "synthetic only: the noise on the class patterns", at_least(0))
+
+
+@dataclass
+class ModelConfig:
+    source: Source = key(Source.timm, "timm or transformers")
+    name: str = key(MISSING, "any timm ViT name, or a Hugging Face hub id (model.source=transformers)")
+    registers: Optional[int] = key(None, "timm only: register tokens; null keeps the model's own", at_least(0))
+    img_size: int = key(MISSING, "the model's input size", at_least(1))
+    pretrained: bool = key(False, "the model's weights from the Hugging Face cache or hub")
+    pretrained_file: Optional[str] = key(None, "timm: local weights (.pth/.safetensors)")
+    pretrained_dir: Optional[str] = key(None, "transformers: a save_pretrained folder")
+    attn_implementation: Optional[str] = key(None, "transformers: eager or sdpa (null: sdpa)")
+    architecture: Optional[Dict[str, Any]] = key(
+        None, "transformers: the config values to build from with model.pretrained=false"
+    )
+    drop_path: float = key(0.0, "timm only: stochastic depth (drop_path_rate)", at_least(0))
+    kwargs: Dict[str, Any] = key({}, "any extra timm.create_model (or transformers config) argument")
+
+
+@dataclass
+class TomeConfig:
+    r: Any = key(8, "an int, [r, inflection], or a list with one int per block", _r)
+    flops: Optional[float] = key(None, "choose r from a FLOP budget: a fraction of the unmerged GFLOPs", fraction)
+    prop_attn: bool = key(True, "proportional attention")
+    protect: Protect = key(Protect.apart, "apart, prefix or class")
+    class_layer: int = key(0, "block at which the class (and distillation) token enters", at_least(0))
+    register_layer: int = key(0, "block at which the registers enter", at_least(0))
+
+
+@dataclass
+class RuntimeConfig:
+    device: Device = key(Device.auto, "auto (CUDA if present, else the CPU), cuda or cpu")
+    amp: Amp = key(Amp.auto, "auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on the CPU), bf16, fp16, off")
+    num_workers: Optional[int] = key(None, "loader workers; null: the cores it may use, at most 4", at_least(0))
+    threads: Optional[int] = key(None, "torch CPU threads; null: the cores this process may use", at_least(1))
+    eval_batch_size: int = key(MISSING, "batch of every evaluation", at_least(1))
+    compile: Any = key(False, "torch.compile: false, true or a mode (default, reduce-overhead, ...)", _compile)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = key(MISSING, "epochs of the run", at_least(1))
+    batch_size: int = key(MISSING, "per process", at_least(1))
+    lr: float = key(MISSING, "for the global batch (timm's cosine schedule with warmup)", above(0))
+    min_lr: float = key(MISSING, "the schedule's floor", at_least(0))
+    warmup_epochs: int = key(MISSING, "warmup length", at_least(0))
+    warmup_lr: float = key(MISSING, "warmup's first learning rate", at_least(0))
+    weight_decay: float = key(MISSING, "timm's create_optimizer_v2", at_least(0))
+    optimizer: str = key(MISSING, "any timm optimizer name (adamw, sgd, ...)")
+    label_smoothing: float = key(MISSING, "label smoothing", at_least(0))
+    mixup: float = key(MISSING, "mixup alpha (0: off)", at_least(0))
+    cutmix: float = key(MISSING, "cutmix alpha (0: off)", at_least(0))
+    ema: bool = key(MISSING, "timm's ModelEmaV3; validated and saved when on")
+    ema_decay: float = key(MISSING, "EMA decay", fraction)
+    clip_grad: Optional[float] = key(None, "max gradient norm", above(0))
+    accum_steps: int = key(MISSING, "gradient accumulation", at_least(1))
+    augment: bool = key(MISSING, "crop + flip (+ RandAugment on ImageNet-sized inputs)")
+    eval_every: int = key(MISSING, "epochs between validations", at_least(1))
+    log_every: int = key(MISSING, "updates between TensorBoard scalars", at_least(1))
+    max_steps_per_epoch: Optional[int] = key(None, "smoke runs: training batches per epoch", at_least(1))
+    max_val_steps: Optional[int] = key(None, "smoke runs: validation batches, drawn across the set", at_least(1))
+    stop_after_epochs: Optional[int] = key(None, "train at most this many epochs per invocation", at_least(1))
+    init_from: Optional[str] = key(None, "start from the weights of a RegToMe checkpoint (same architecture)")
+    resume: bool = key(False, "continue the run in hydra.run.dir from its last.pt")
+    overwrite: bool = key(False, "train a new run into a folder that holds one (the old run moves to previous/)")
+
+
+@dataclass
+class BenchmarkConfig:
+    quick: Any = key("auto", "auto, true or false: CPU-sized settings for keys not given", _quick)
+    r: Any = key(MISSING, "schedules to compare with the unpatched model", _r_list)
+    batch_sizes: List[int] = key(MISSING, "batch sizes to time", lambda v: None if v and min(v) >= 1 else "ints >= 1")
+    repeats: int = key(MISSING, "rounds", at_least(1))
+    iters: int = key(MISSING, "calls per case and round", at_least(1))
+    warmup: int = key(MISSING, "warm-up calls", at_least(0))
+    train_step: bool = key(MISSING, "also time forward + backward + optimizer step")
+    dense: bool = key(MISSING, "also time dense features on the full grid")
+    loader: bool = key(MISSING, "also time the training data pipeline per worker")
+    protect: Any = key(None, "a protection mode or a list of them (null: tome.protect only)", _modes)
+    target_speedup: Optional[float] = key(None, "find the least merging that reaches this inference speedup", above(1))
+
+
+@dataclass
+class VisualizeConfig:
+    blocks: Optional[List[int]] = key(None, "blocks after which to draw the merged tokens (Python indices)")
+    attn_block: int = key(-1, "block whose class/register attention is drawn (-1: the last)")
+    num_samples: int = key(4, "images to draw", at_least(1))
+    compare_protect: bool = key(True, "draw every protection mode side by side")
+    dense_features: bool = key(True, "also draw the last block's patch features (PCA to RGB)")
+
+
+@dataclass
+class ExportConfig:
+    format: ExportFormat = key(ExportFormat.onnx, "onnx or torch_export")
+    batch: Any = key("dynamic", "dynamic (any batch size) or a fixed int", _export_batch)
+    dtype: ExportDtype = key(ExportDtype.fp32, "fp32 or fp16")
+    opset: int = key(18, "ONNX opset", at_least(7))
+    samples: int = key(256, "images of the parity check", at_least(1))
+    min_agreement: float = key(0.995, "top-1 agreement with PyTorch below this refuses the export", fraction)
+    benchmark: bool = key(False, "also time the merged export against the unmerged one in onnxruntime")
+    batch_size: int = key(8, "batch of that timing", at_least(1))
+    repeats: int = key(9, "rounds of that timing", at_least(1))
+
+
+@dataclass
+class Config:
+    task: Task = key(Task.train, "train, eval, benchmark, visualize, export")
+    seed: int = key(0, "the run's seed (each rank draws with seed + rank after the model is built)")
+    ckpt: Optional[str] = key(None, "eval, visualize, export: a RegToMe checkpoint")
+    images: Optional[str] = key(None, "visualize, export: an image or a folder of images")
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tome: TomeConfig = field(default_factory=TomeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    visualize: VisualizeConfig = field(default_factory=VisualizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore (configs/config.yaml names it first in its defaults list)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def schema_field(dotted: str) -> Any:
+    """The dataclass field of a key such as `trainer.lr` (None for a key the schema does not know)."""
+    node: Any = Config
+    found = None
+    for part in dotted.split("."):
+        if not is_dataclass(node):
+            return None
+        found = next((f for f in fields(node) if f.name == part), None)
+        if found is None:
+            return None
+        node = found.type if isinstance(found.type, type) else _dataclass_of(found)
+    return found
+
+
+def _dataclass_of(found: Any) -> Any:
+    default = found.default
+    return type(default) if is_dataclass(default) else globals().get(str(found.type))
+
+
+def check_value(dotted: str, value: Any) -> Optional[str]:
+    """The one line for a value `dotted` cannot take (its type, its closed set of words, its range), or None."""
+    typed = OmegaConf.structured(Config)
+    node_key, _, leaf = dotted.rpartition(".")
+    try:
+        parent = OmegaConf.select(typed, node_key) if node_key else typed
+    except Exception:  # below a free-form key (model.kwargs.x.y)
+        return None
+    if not isinstance(parent, DictConfig) or parent._is_missing() or leaf not in list(parent.keys()):
+        return None  # not a schema key (model.kwargs.*, hydra.*): Hydra and the code judge it
+    try:
+        OmegaConf.update(typed, dotted, value, merge=True)
+    except Exception as err:  # OmegaConf's ValidationError: the type or the words
+        return f"{dotted}={_shown(value)}: {takes(dotted) or _first(err)}"
+    found = schema_field(dotted)
+    check = found.metadata.get("check") if found is not None else None
+    converted = OmegaConf.select(typed, dotted)
+    converted = OmegaConf.to_container(converted) if isinstance(converted, (DictConfig, ListConfig)) else converted
+    problem = check(converted) if check is not None else None
+    return f"{dotted}={_shown(value)}: takes {_worded(found, problem)}" if problem else None
+
+
+def _worded(found: Any, problem: str) -> str:
+    """'a number >= 1' as 'an int >= 1' for an int key."""
+    return problem.replace("a number", "an int", 1) if "int" in str(found.type) else problem
+
+
+def takes(dotted: str) -> Optional[str]:
+    """What a key takes, in words, from its type: 'takes a float', 'takes one of apart, prefix, class'."""
+    found = schema_field(dotted)
+    if found is None:
+        return None
+    kind = found.type if isinstance(found.type, str) else getattr(found.type, "__name__", str(found.type))
+    optional = kind.startswith("Optional[")
+    kind = kind.removeprefix("Optional[").removesuffix("]") if optional else kind
+    words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string"}
+    enum_type = globals().get(kind)
+    if isinstance(enum_type, type) and issubclass(enum_type, enum.Enum):
+        said = f"one of {', '.join(member.name for member in enum_type)}"
+    elif kind in words:
+        said = words[kind]
+    elif kind.startswith("List["):
+        said = f"a list of {kind[5:-1].replace('int', 'ints').replace('float', 'numbers')}"
+    else:
+        return None
+    return f"takes {said}{' or null' if optional else ''}"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every rule a type cannot say, on a composed config: each key's own check, then the rules between keys.
+    Raises UserError with one line; run before any work (before a folder is made, for every job of a sweep)."""
+    from .errors import UserError
+    from .models.tome_group import merge_amount
+
+    for dotted, value in _leaves(cfg):
+        found = schema_field(dotted)
+        check = found.metadata.get("check") if found is not None else None
+        problem = check(value) if check is not None else None
+        if problem:
+            raise UserError(f"{dotted}={_shown(value)}: takes {_worded(found, problem)}")
+    merge_amount(cfg.tome)  # tome.r or tome.flops, never both
+    if cfg.task == "train" and cfg.get("ckpt"):
+        raise UserError(
+            "ckpt is what eval, visualize and export read; to start training from a checkpoint's weights use "
+            "trainer.init_from=PATH"
+        )
+
+
+def plain(cfg: DictConfig) -> DictConfig:
+    """The composed config with its enum values as the words they are (what the tasks, checkpoints and records
+    read), struct as Hydra gives it; interpolations stay as written."""
+    values = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    result = OmegaConf.create(values)
+    OmegaConf.set_struct(result, True)
+    return result
+
+
+def _leaves(cfg: DictConfig) -> list[tuple[str, Any]]:
+    """(key, resolved value) of every schema key (Hydra's own node and free-form dicts not walked into)."""
+    out: list[tuple[str, Any]] = []
+    for name in cfg:
+        if name == "hydra":
+            continue
+        value = cfg[name]
+        if isinstance(value, DictConfig):
+            for inner in value:
+                if OmegaConf.is_missing(value, inner):
+                    continue  # '???': the task that needs it says so (dataset.root of an image folder)
+                node = value[inner]
+                resolved = (
+                    OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+                )
+                out.append((f"{name}.{inner}", resolved.name if isinstance(resolved, enum.Enum) else resolved))
+        else:
+            out.append((str(name), value.name if isinstance(value, enum.Enum) else value))
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A value as the command line spells it: [apart,bogus], not ['apart', 'bogus']."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "[" + ",".join(_shown(v) for v in value) + "]"
+    return str(value).replace(" ", "")
+
+
+def _first(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,0 +1,57 @@
+"""The typed schema (engine/schema.py): every config key has a type, its closed sets of words are the code's own,
+and what it refuses is one line naming the key, the value and what the key takes."""
+
+import pytest
+from cli_helpers import compose_config
+from omegaconf import OmegaConf
+
+from engine.schema import PROTECT_MODES, TASK_NAMES, Amp, check_value, schema_field, takes
+
+
+def test_every_config_key_has_a_type_in_the_schema():
+    cfg = compose_config("dataset=synthetic")
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    keys = [f"{group}.{name}" for group, node in plain.items() if isinstance(node, dict) for name in node]
+    keys += [name for name, node in plain.items() if not isinstance(node, dict)]
+    assert len(keys) > 80 and all(schema_field(key) is not None for key in keys), [
+        key for key in keys if schema_field(key) is None
+    ]
+    assert all(schema_field(key).metadata["help"] for key in keys)
+
+
+def test_the_schemas_words_are_the_codes_own():
+    import regtome
+    from engine.run.runtime import AMP_DTYPES
+    from engine.task_table import TASKS
+
+    assert set(PROTECT_MODES) == set(regtome.PROTECT_MODES) and TASK_NAMES == tuple(TASKS)
+    assert {member.name for member in Amp} == {"auto", *AMP_DTYPES}
+
+
+@pytest.mark.parametrize(
+    "key, value, line",
+    [
+        ("trainer.lr", "abc", "trainer.lr=abc: takes a number"),
+        ("trainer.epochs", 2.5, "trainer.epochs=2.5: takes an int"),
+        ("tome.prop_attn", "maybe", "tome.prop_attn=maybe: takes true or false"),
+        ("runtime.device", "gpu", "runtime.device=gpu: takes one of auto, cuda, cpu"),
+        ("export.format", "tflite", "export.format=tflite: takes one of onnx, torch_export"),
+        ("dataset.mean", [0.5, "a"], "dataset.mean=[0.5,a]: takes a list of numbers or null"),
+        ("export.batch", 0, "export.batch=0: takes dynamic or an int >= 1"),
+        ("runtime.num_workers", -1, "runtime.num_workers=-1: takes an int >= 0"),
+    ],
+)
+def test_a_value_a_key_cannot_take_is_one_line(key, value, line):
+    assert check_value(key, value) == line
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("trainer.lr", 0.1), ("tome.r", [16, -1.0]), ("runtime.compile", "max-autotune"), ("model.kwargs.depth", 3)],
+)
+def test_values_a_key_takes_pass(key, value):
+    assert check_value(key, value) is None
+
+
+def test_takes_words_a_keys_type():
+    assert takes("model.registers") == "takes an int or null" and takes("tome.protect").endswith("apart, prefix, class")
