@@ -27,8 +27,9 @@ try:
 except UserError as err:
     print("refused:", err, flush=True)
     sys.exit(0)
-if fork and os.fork() == 0:
-    time.sleep(60)  # a child (a loader worker) outliving its parent for a while
+if fork and os.fork() == 0:  # a child (a loader worker) outliving its parent for a while
+    print("child running", flush=True)  # after the at-fork hooks, which run first in the child
+    time.sleep(60)
     os._exit(0)
 print("took", flush=True)
 time.sleep(60)  # held until the test ends this process
@@ -74,7 +75,7 @@ def test_a_holder_killed_with_sigkill_leaves_a_folder_that_is_free_at_once(tmp_p
     (tmp_path / "go").touch()
     holder = take(tmp_path / "run", tmp_path / "go", fork=True)
     try:
-        assert wait_for_line(holder) == "took"
+        assert sorted(wait_for_line(holder) for _ in range(2)) == ["child running", "took"]
         with pytest.raises(UserError, match=f"in use by process {holder.pid} on "):
             RunLock(tmp_path / "run").acquire()
         os.kill(holder.pid, signal.SIGKILL)  # the holder only: its child lives on
