@@ -19,19 +19,20 @@ from pathlib import Path
 from engine.errors import UserError
 from engine.run.folder_claim import RunLock
 folder, go, fork = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "fork"
-print("ready", flush=True)
+say = lambda line: os.write(1, (line + "\\n").encode())  # one write each: lines of two processes never mix
+say("ready")
 while not go.exists():  # every process leaves this loop within microseconds of the others
     pass
 try:
     RunLock(folder).acquire()
 except UserError as err:
-    print("refused:", err, flush=True)
+    say(f"refused: {err}")
     sys.exit(0)
 if fork and os.fork() == 0:  # a child (a loader worker) outliving its parent for a while
-    print("child running", flush=True)  # after the at-fork hooks, which run first in the child
+    say("child running")  # after the at-fork hooks, which run first in the child
     time.sleep(60)
     os._exit(0)
-print("took", flush=True)
+say("took")
 time.sleep(60)  # held until the test ends this process
 """
 
