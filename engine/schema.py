@@ -102,9 +102,10 @@ def _export_batch(value: Any) -> Optional[str]:
     return None if ok else "dynamic or an int >= 1"
 
 
-def key(default: Any, help: str, check: Optional[Check] = None) -> Any:
-    """A schema field: its default (MISSING where a preset file gives it), its line of help, its check."""
-    metadata = {"help": help, "check": check}
+def key(default: Any, help: str, check: Optional[Check] = None, kind: Optional[str] = None) -> Any:
+    """A schema field: its default (MISSING where a preset file gives it), its line of help, its check, and for a
+    key a type cannot say (`Any`) what it takes in words."""
+    metadata = {"help": help, "check": check, "kind": kind}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: default.copy(), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -114,16 +115,35 @@ def key(default: Any, help: str, check: Optional[Check] = None) -> Any:
 class DatasetConfig:
     name: str = key(MISSING, "set by the group (`dataset=cifar10`); read by the code, not set by hand")
     root: Optional[str] = key(
-        MISSING, "a folder with train/ and val/ (or test/) class folders; CIFAR: where it is downloaded"
+        MISSING,
+        "CIFAR: where it is downloaded (datasets/CIFAR10; $REGTOME_DATASETS moves datasets/); ImageNet, image folders: "
+        "a folder with train/ and val/ (or test/) class folders, required",
     )
     download: bool = key(False, "download CIFAR on first use")
-    num_classes: Optional[int] = key(None, "null: counted from the class folders", at_least(1))
-    native_size: Optional[int] = key(
-        None, "the images' own size (null: read from the images); at most 64 px: resized on the device", at_least(1)
+    num_classes: Optional[int] = key(
+        None, "null: counted from the class folders (train/, else val/ or test/)", at_least(1)
     )
-    mean: Optional[List[float]] = key(None, "normalization; null: the model's own data config")
-    std: Optional[List[float]] = key(None, "normalization; null: the model's own data config")
-    skip_unreadable: bool = key(False, "image folders: skip a training image that cannot be read instead of stopping")
+    native_size: Optional[int] = key(
+        None,
+        "the images' own size (null: read from the images); at most 64 px and below model.img_size: augmented at that "
+        "size and resized on the device",
+        at_least(1),
+    )
+    mean: Optional[List[float]] = key(
+        None,
+        "normalization for a model trained from scratch; null (and any pretrained model): the model's own (timm's data "
+        "config, or the transformers image processor's)",
+    )
+    std: Optional[List[float]] = key(
+        None,
+        "normalization for a model trained from scratch; null (and any pretrained model): the model's own (timm's data "
+        "config, or the transformers image processor's)",
+    )
+    skip_unreadable: bool = key(
+        False,
+        "image folders: skip a training image that cannot be read (a log line each, with the count) instead of "
+        "stopping the run naming it; also on a resume",
+    )
     train_size: Optional[int] = key(None, "synthetic only: training images", at_least(1))
     val_size: Optional[int] = key(None, "synthetic only: validation images", at_least(1))
     noise: Optional[float] = key(None, "synthetic only: the noise on the class patterns", at_least(0))
@@ -133,7 +153,12 @@ class DatasetConfig:
 class ModelConfig:
     source: Source = key(Source.timm, "timm or transformers")
     name: str = key(MISSING, "any timm ViT name, or a Hugging Face hub id (model.source=transformers)")
-    registers: Optional[int] = key(None, "timm only: register tokens; null keeps the model's own", at_least(0))
+    registers: Optional[int] = key(
+        None,
+        "timm only: register tokens (reg_tokens, Eva's num_reg_tokens); null keeps the model's own; a transformers "
+        "model refuses it",
+        at_least(0),
+    )
     img_size: int = key(MISSING, "the model's input size", at_least(1))
     pretrained: bool = key(False, "the model's weights from the Hugging Face cache or hub")
     pretrained_file: Optional[str] = key(None, "timm: local weights (.pth/.safetensors)")
@@ -142,14 +167,25 @@ class ModelConfig:
     architecture: Optional[Dict[str, Any]] = key(
         None, "transformers: the config values to build from with model.pretrained=false"
     )
-    drop_path: float = key(0.0, "timm only: stochastic depth (drop_path_rate)", at_least(0))
-    kwargs: Dict[str, Any] = key({}, "any extra timm.create_model (or transformers config) argument")
+    drop_path: float = key(
+        0.0,
+        "timm only: stochastic depth (drop_path_rate); a transformers model refuses it (model.kwargs.drop_path_rate)",
+        at_least(0),
+    )
+    kwargs: Dict[str, Any] = key(
+        {}, "any extra timm.create_model (or transformers config) argument: model.kwargs.depth=6"
+    )
 
 
 @dataclass
 class TomeConfig:
-    r: Any = key(8, "an int, [r, inflection], or a list with one int per block", _r)
-    flops: Optional[float] = key(None, "choose r from a FLOP budget: a fraction of the unmerged GFLOPs", fraction)
+    r: Any = key(8, "how much to merge per block (see Choosing r)", _r, "an int, [r, inflection] or a list of ints")
+    flops: Optional[float] = key(
+        None,
+        "choose r from a FLOP budget: a fraction of the unmerged GFLOPs; tome.r must then be null (a tome.flops on the "
+        "command line sets it; a tome.r sets tome.flops=null)",
+        fraction,
+    )
     prop_attn: bool = key(True, "proportional attention")
     protect: Protect = key(Protect.apart, "apart, prefix or class")
     class_layer: int = key(0, "block at which the class (and distillation) token enters", at_least(0))
@@ -162,15 +198,21 @@ class RuntimeConfig:
     amp: Amp = key(Amp.auto, "auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on the CPU), bf16, fp16, off")
     num_workers: Optional[int] = key(None, "loader workers; null: the cores it may use, at most 4", at_least(0))
     threads: Optional[int] = key(None, "torch CPU threads; null: the cores this process may use", at_least(1))
-    eval_batch_size: int = key(MISSING, "batch of every evaluation", at_least(1))
-    compile: Any = key(False, "torch.compile: false, true or a mode (default, reduce-overhead, ...)", _compile)
+    eval_batch_size: int = key(MISSING, "batch of every evaluation (eval, validation during training)", at_least(1))
+    compile: Any = key(False, "torch.compile in train, eval and benchmark", _compile, "false, true or a mode")
 
 
 @dataclass
 class TrainerConfig:
     epochs: int = key(MISSING, "epochs of the run", at_least(1))
-    batch_size: int = key(MISSING, "per process", at_least(1))
-    lr: float = key(MISSING, "for the global batch (timm's cosine schedule with warmup)", above(0))
+    batch_size: int = key(
+        MISSING, "per process: the global batch is batch_size x world size x accum_steps", at_least(1)
+    )
+    lr: float = key(
+        MISSING,
+        "for the global batch, used as given (timm's cosine schedule with warmup, stepped per update)",
+        above(0),
+    )
     min_lr: float = key(MISSING, "the schedule's floor", at_least(0))
     warmup_epochs: int = key(MISSING, "warmup length", at_least(0))
     warmup_lr: float = key(MISSING, "warmup's first learning rate", at_least(0))
@@ -187,17 +229,29 @@ class TrainerConfig:
     eval_every: int = key(MISSING, "epochs between validations", at_least(1))
     log_every: int = key(MISSING, "updates between TensorBoard scalars", at_least(1))
     max_steps_per_epoch: Optional[int] = key(None, "smoke runs: training batches per epoch", at_least(1))
-    max_val_steps: Optional[int] = key(None, "smoke runs: validation batches, drawn across the set", at_least(1))
+    max_val_steps: Optional[int] = key(
+        None,
+        "smoke runs: validation batches per evaluation, a fixed seeded subset drawn across the whole validation set",
+        at_least(1),
+    )
     stop_after_epochs: Optional[int] = key(None, "train at most this many epochs per invocation", at_least(1))
     init_from: Optional[str] = key(None, "start from the weights of a RegToMe checkpoint (same architecture)")
-    resume: bool = key(False, "continue the run in hydra.run.dir from its last.pt")
+    resume: bool = key(
+        False, "continue the run in hydra.run.dir from its last.pt (a finished run says so and changes nothing)"
+    )
     overwrite: bool = key(False, "train a new run into a folder that holds one (the old run moves to previous/)")
 
 
 @dataclass
 class BenchmarkConfig:
-    quick: Any = key("auto", "auto, true or false: CPU-sized settings for keys not given", _quick)
-    r: Any = key(MISSING, "schedules to compare with the unpatched model", _r_list)
+    quick: Any = key(
+        "auto",
+        "on a CPU (auto) or always (true): keys not given take CPU-sized values (r [0,16], batch sizes [1,8], 3 "
+        "repeats of 2 calls after 1 warm-up, no dense rows)",
+        _quick,
+        "auto, true or false",
+    )
+    r: Any = key(MISSING, "schedules to compare with the unpatched model", _r_list, "a list of r values")
     batch_sizes: List[int] = key(MISSING, "batch sizes to time", lambda v: None if v and min(v) >= 1 else "ints >= 1")
     repeats: int = key(MISSING, "rounds", at_least(1))
     iters: int = key(MISSING, "calls per case and round", at_least(1))
@@ -205,13 +259,22 @@ class BenchmarkConfig:
     train_step: bool = key(MISSING, "also time forward + backward + optimizer step")
     dense: bool = key(MISSING, "also time dense features on the full grid")
     loader: bool = key(MISSING, "also time the training data pipeline per worker")
-    protect: Any = key(None, "a protection mode or a list of them (null: tome.protect only)", _modes)
+    protect: Any = key(
+        None,
+        "time each r under each of these modes (null: tome.protect only)",
+        _modes,
+        "a mode, a list of modes or null",
+    )
     target_speedup: Optional[float] = key(None, "find the least merging that reaches this inference speedup", above(1))
 
 
 @dataclass
 class VisualizeConfig:
-    blocks: Optional[List[int]] = key(None, "blocks after which to draw the merged tokens (Python indices)")
+    blocks: Optional[List[int]] = key(
+        None,
+        "blocks after which to draw the merged tokens: Python indices (-1: the last; one the model lacks is refused "
+        "with the valid range; null: a third, two thirds and all of the blocks)",
+    )
     attn_block: int = key(-1, "block whose class/register attention is drawn (-1: the last)")
     num_samples: int = key(4, "images to draw", at_least(1))
     compare_protect: bool = key(True, "draw every protection mode side by side")
@@ -221,7 +284,7 @@ class VisualizeConfig:
 @dataclass
 class ExportConfig:
     format: ExportFormat = key(ExportFormat.onnx, "onnx or torch_export")
-    batch: Any = key("dynamic", "dynamic (any batch size) or a fixed int", _export_batch)
+    batch: Any = key("dynamic", "the exported batch size", _export_batch, "dynamic or an int >= 1")
     dtype: ExportDtype = key(ExportDtype.fp32, "fp32 or fp16")
     opset: int = key(18, "ONNX opset", at_least(7))
     samples: int = key(256, "images of the parity check", at_least(1))
@@ -305,6 +368,8 @@ def takes(dotted: str) -> Optional[str]:
     found = schema_field(dotted)
     if found is None:
         return None
+    if found.metadata.get("kind"):
+        return f"takes {found.metadata['kind']}"
     kind = found.type if isinstance(found.type, str) else getattr(found.type, "__name__", str(found.type))
     optional = kind.startswith("Optional[")
     kind = kind.removeprefix("Optional[").removesuffix("]") if optional else kind
@@ -316,6 +381,8 @@ def takes(dotted: str) -> Optional[str]:
         said = words[kind]
     elif kind.startswith("List["):
         said = f"a list of {kind[5:-1].replace('int', 'ints').replace('float', 'numbers')}"
+    elif kind.startswith("Dict["):
+        said = "a mapping"
     else:
         return None
     return f"takes {said}{' or null' if optional else ''}"

@@ -55,3 +55,14 @@ def test_values_a_key_takes_pass(key, value):
 
 def test_takes_words_a_keys_type():
     assert takes("model.registers") == "takes an int or null" and takes("tome.protect").endswith("apart, prefix, class")
+
+
+def test_the_option_reference_in_docs_cli_md_is_what_the_script_writes_from_the_schema():
+    import subprocess
+    import sys
+
+    from cli_helpers import ROOT
+
+    check = [sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"]
+    result = subprocess.run(check, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
