@@ -10,7 +10,9 @@ Importing this module loads no torch.
 
 from __future__ import annotations
 
+import copy
 import enum
+import functools
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -288,7 +290,7 @@ class ExportConfig:
     dtype: ExportDtype = key(ExportDtype.fp32, "fp32 or fp16")
     opset: int = key(18, "ONNX opset", at_least(7))
     samples: int = key(256, "images of the parity check", at_least(1))
-    min_agreement: float = key(0.995, "top-1 agreement with PyTorch below this refuses the export", fraction)
+    min_agreement: float = key(0.995, "top-1 agreement with PyTorch below this refuses the export", at_least(0))
     benchmark: bool = key(False, "also time the merged export against the unmerged one in onnxruntime")
     batch_size: int = key(8, "batch of that timing", at_least(1))
     repeats: int = key(9, "rounds of that timing", at_least(1))
@@ -338,24 +340,27 @@ def _dataclass_of(found: Any) -> Any:
 
 def check_value(dotted: str, value: Any) -> Optional[str]:
     """The one line for a value `dotted` cannot take (its type, its closed set of words, its range), or None."""
-    typed = OmegaConf.structured(Config)
-    node_key, _, leaf = dotted.rpartition(".")
-    try:
-        parent = OmegaConf.select(typed, node_key) if node_key else typed
-    except Exception:  # below a free-form key (model.kwargs.x.y)
-        return None
-    if not isinstance(parent, DictConfig) or parent._is_missing() or leaf not in list(parent.keys()):
+    group, _, leaf = dotted.rpartition(".")
+    owner = Config if not group else schema_field(group)
+    owner_type = Config if not group else (owner.default_factory if owner is not None else None)
+    if not isinstance(owner_type, type) or leaf not in {f.name for f in fields(owner_type)}:
         return None  # not a schema key (model.kwargs.*, hydra.*): Hydra and the code judge it
+    typed = copy.deepcopy(_structured(owner_type))
     try:
-        OmegaConf.update(typed, dotted, value, merge=True)
+        OmegaConf.update(typed, leaf, value, merge=True)
     except Exception as err:  # OmegaConf's ValidationError: the type or the words
         return f"{dotted}={_shown(value)}: {takes(dotted) or _first(err)}"
     found = schema_field(dotted)
     check = found.metadata.get("check") if found is not None else None
-    converted = OmegaConf.select(typed, dotted)
+    converted = OmegaConf.select(typed, leaf)
     converted = OmegaConf.to_container(converted) if isinstance(converted, (DictConfig, ListConfig)) else converted
     problem = check(converted) if check is not None else None
     return f"{dotted}={_shown(value)}: takes {_worded(found, problem)}" if problem else None
+
+
+@functools.lru_cache(maxsize=None)
+def _structured(schema: type) -> DictConfig:
+    return OmegaConf.structured(schema)
 
 
 def _worded(found: Any, problem: str) -> str:

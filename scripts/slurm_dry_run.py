@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # engine/, data/: beside scripts/, not installed
 from engine.cli.claim import register_resolvers
+from engine.schema import register
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SBATCH = """#!/bin/sh
@@ -42,6 +43,7 @@ def render_sbatch(overrides: list[str]) -> str:
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     register_resolvers()
+    register()  # the typed schema configs/config.yaml starts from
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
     OmegaConf.update(cfg, "hydra.job.name", "main", force_add=True)  # known only inside a running job

@@ -214,7 +214,7 @@ def test_max_val_steps_bounds_validation(tmp_path):
     )
     assert results(run)["history"][0]["val_samples"] == 16
     bad = run_main("task=train", *SMOKE, "trainer.max_val_steps=0", cwd=tmp_path, check=False)
-    assert error_line(bad) == "error: trainer.max_val_steps must be null or >= 1, got 0"
+    assert error_line(bad) == "error: trainer.max_val_steps=0: takes an int >= 1"
 
 
 @pytest.mark.slow
