@@ -190,6 +190,8 @@ def test_visualize_without_weights_says_it_shows_random_weights(tmp_path):
         *SMOKE,
         f"images={image}",
         "visualize.blocks=[0,1]",
+        "visualize.compare_protect=false",  # one mode and no feature panels: the label is what is checked
+        "visualize.dense_features=false",
         f"hydra.run.dir={tmp_path / 'vis'}",
         cwd=tmp_path,
     )
