@@ -29,7 +29,7 @@ from engine.run.console import (
     survive_closed_console,
 )
 from engine.run.folder_claim import discard_new_folder
-from engine.schema import plain, register
+from engine.schema import plain, register, validate
 from engine.task_table import TASKS, runner
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -47,6 +47,7 @@ def main(cfg: DictConfig) -> None:
     created = claim.CLAIM.created if claim.CLAIM.folder is not None else True
     stopped_by = None
     try:
+        validate(cfg)  # each job of a sweep too: the rules between keys, for the values this job got
         claim.claim_job_folder(run_dir, cfg)
         if owner or TASKS[cfg.task].ranks:  # a task of one process runs on rank 0 alone
             runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))

@@ -340,6 +340,8 @@ def _dataclass_of(found: Any) -> Any:
 
 def check_value(dotted: str, value: Any) -> Optional[str]:
     """The one line for a value `dotted` cannot take (its type, its closed set of words, its range), or None."""
+    if isinstance(value, str) and "${" in value:
+        return None  # an interpolation: `validate` judges what it resolves to, in the whole config
     group, _, leaf = dotted.rpartition(".")
     owner = Config if not group else schema_field(group)
     owner_type = Config if not group else (owner.default_factory if owner is not None else None)
@@ -406,6 +408,12 @@ def validate(cfg: DictConfig) -> None:
         if problem:
             raise UserError(f"{dotted}={_shown(value)}: takes {_worded(found, problem)}")
     merge_amount(cfg.tome)  # tome.r or tome.flops, never both
+    synthetic_only = [k for k in ("train_size", "val_size", "noise") if cfg.dataset.get(k) is not None]
+    if cfg.dataset.name != "synthetic" and synthetic_only:
+        raise UserError(
+            f"dataset.{synthetic_only[0]} is read by dataset=synthetic only (this is dataset={cfg.dataset.name}): "
+            "drop it"
+        )
     if cfg.task == "train" and cfg.get("ckpt"):
         raise UserError(
             "ckpt is what eval, visualize and export read; to start training from a checkpoint's weights use "
@@ -444,10 +452,12 @@ def _leaves(cfg: DictConfig) -> list[tuple[str, Any]]:
 
 
 def _shown(value: Any) -> str:
-    """A value as the command line spells it: [apart,bogus], not ['apart', 'bogus']."""
+    """A value as the command line spells it: [apart,bogus], null, true (not ['apart', 'bogus'], None, True)."""
     if isinstance(value, (list, tuple, ListConfig)):
         return "[" + ",".join(_shown(v) for v in value) + "]"
-    return str(value).replace(" ", "")
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
 
 
 def _first(err: BaseException) -> str:

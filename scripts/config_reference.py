@@ -1,6 +1,6 @@
 """Write docs/cli.md's configuration reference from the schema (engine/schema.py): every key, what it takes, its
-default (the value `python main.py` composes; a data set's or a preset's own where a group gives one) and its
-line of help.
+default (the value `python main.py` composes: cifar10 and the default model; other data sets and presets give
+their own) and its line of help.
 
     python scripts/config_reference.py           # rewrite the table in docs/cli.md
     python scripts/config_reference.py --check   # exit 1 when docs/cli.md's table differs (a test runs this)

@@ -66,3 +66,32 @@ def test_the_option_reference_in_docs_cli_md_is_what_the_script_writes_from_the_
     check = [sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"]
     result = subprocess.run(check, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_interpolation_on_the_command_line_is_judged_by_what_it_resolves_to(tmp_path):
+    from cli_helpers import run_main
+
+    shown = run_main("--cfg", "job", "runtime.eval_batch_size=${trainer.batch_size}", cwd=tmp_path)
+    assert "eval_batch_size: ${trainer.batch_size}" in shown.stdout
+    assert check_value("trainer.lr", "${trainer.min_lr}") is None  # validate() judges the resolved value
+
+
+@pytest.mark.slow
+def test_each_job_of_a_sweep_is_validated_with_its_own_values(tmp_path):
+    """Rules between keys hold for every job: the second job's data set does not read dataset.noise."""
+    from cli_helpers import SMOKE, run_main
+
+    smoke = [o for o in SMOKE if not o.startswith("dataset=")]
+    swept = run_main(
+        "-m",
+        "task=train",
+        *smoke,
+        "dataset=synthetic,cifar10",
+        "dataset.noise=0.3",
+        "trainer.epochs=1",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert swept.returncode == 2
+    assert "error: dataset.noise is read by dataset=synthetic only (this is dataset=cifar10): drop it" in swept.stderr
+    assert len(list((tmp_path / "multirun").rglob("results.json"))) == 1  # the first job ran
