@@ -146,3 +146,25 @@ def test_sighup_saves_and_stops_as_sigterm_does_and_nohup_goes_on(tmp_path):
     assert last_line(hung_up / "main.log").startswith("stopped by SIGHUP at epoch 1 step ")
     assert codes[nohup] == 0, (tmp_path / "nohup.out").read_text()[-3000:]
     assert last_line(nohup / "main.log").startswith("done: ")
+
+
+def test_a_signal_during_a_block_that_must_not_be_cut_waits_for_its_end(capsys):
+    """ctrl_c_after_this (the export's trace): SIGTERM is said at once, the block runs to its end, then the task
+    stops with Interrupted naming SIGTERM; a real signal to this process."""
+    import signal as signals
+
+    from engine.errors import Interrupted
+    from engine.run.console import raise_interrupted
+    from engine.training.stop import ctrl_c_after_this
+
+    previous = signals.signal(signals.SIGTERM, raise_interrupted)
+    finished = []
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            with ctrl_c_after_this("the test's block"):
+                os.kill(os.getpid(), signals.SIGTERM)
+                finished.append(True)  # reached: the signal was held
+    finally:
+        signals.signal(signals.SIGTERM, previous)
+    assert finished and stopped.value.signum == signals.SIGTERM
+    assert "SIGTERM: stopping when the test's block ends" in capsys.readouterr().err
