@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from .task_table import TASKS
+
 
 class Words(str, enum.Enum):
     """A closed set of words: OmegaConf checks a value against the names; a member is the word itself (equal to
@@ -31,7 +33,7 @@ class Words(str, enum.Enum):
 
 
 # Closed sets of words, as OmegaConf enums (the functional form takes names such as `class` and `torch_export`).
-TASK_NAMES = ("train", "eval", "benchmark", "visualize", "export")
+TASK_NAMES = tuple(TASKS)
 PROTECT_MODES = ("apart", "prefix", "class")  # regtome.PROTECT_MODES (tests/test_schema.py compares them)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 Task = Words("Task", [(name, name) for name in TASK_NAMES])  # type: ignore[misc]
@@ -329,13 +331,14 @@ def schema_field(dotted: str) -> Any:
         found = next((f for f in fields(node) if f.name == part), None)
         if found is None:
             return None
-        node = found.type if isinstance(found.type, type) else _dataclass_of(found)
+        node = _group_schema(found)
     return found
 
 
-def _dataclass_of(found: Any) -> Any:
-    default = found.default
-    return type(default) if is_dataclass(default) else globals().get(str(found.type))
+def _group_schema(found: Any) -> Any:
+    """The dataclass of a config group's field (each is built by its default_factory); None for a key."""
+    factory = found.default_factory
+    return factory if isinstance(factory, type) and is_dataclass(factory) else None
 
 
 def check_value(dotted: str, value: Any) -> Optional[str]:
@@ -343,21 +346,26 @@ def check_value(dotted: str, value: Any) -> Optional[str]:
     if isinstance(value, str) and "${" in value:
         return None  # an interpolation: `validate` judges what it resolves to, in the whole config
     group, _, leaf = dotted.rpartition(".")
-    owner = Config if not group else schema_field(group)
-    owner_type = Config if not group else (owner.default_factory if owner is not None else None)
-    if not isinstance(owner_type, type) or leaf not in {f.name for f in fields(owner_type)}:
+    owner = schema_field(group) if group else None
+    owner_type = Config if not group else (_group_schema(owner) if owner is not None else None)
+    if owner_type is None or leaf not in {f.name for f in fields(owner_type)}:
         return None  # not a schema key (model.kwargs.*, hydra.*): Hydra and the code judge it
     typed = copy.deepcopy(_structured(owner_type))
     try:
         OmegaConf.update(typed, leaf, value, merge=True)
     except Exception as err:  # OmegaConf's ValidationError: the type or the words
         return f"{dotted}={_shown(value)}: {takes(dotted) or _first(err)}"
-    found = schema_field(dotted)
-    check = found.metadata.get("check") if found is not None else None
     converted = OmegaConf.select(typed, leaf)
     converted = OmegaConf.to_container(converted) if isinstance(converted, (DictConfig, ListConfig)) else converted
-    problem = check(converted) if check is not None else None
-    return f"{dotted}={_shown(value)}: takes {_worded(found, problem)}" if problem else None
+    return _check(dotted, converted, shown=value)
+
+
+def _check(dotted: str, value: Any, shown: Any) -> Optional[str]:
+    """The line for a well-typed value that fails its key's own check (a range, r's rule), or None."""
+    found = schema_field(dotted)
+    check = found.metadata.get("check") if found is not None else None
+    problem = check(value) if check is not None else None
+    return f"{dotted}={_shown(shown)}: takes {_worded(found, problem)}" if problem else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -402,11 +410,9 @@ def validate(cfg: DictConfig) -> None:
     from .models.tome_group import merge_amount
 
     for dotted, value in _leaves(cfg):
-        found = schema_field(dotted)
-        check = found.metadata.get("check") if found is not None else None
-        problem = check(value) if check is not None else None
+        problem = _check(dotted, value, shown=value)
         if problem:
-            raise UserError(f"{dotted}={_shown(value)}: takes {_worded(found, problem)}")
+            raise UserError(problem)
     merge_amount(cfg.tome)  # tome.r or tome.flops, never both
     synthetic_only = [k for k in ("train_size", "val_size", "noise") if cfg.dataset.get(k) is not None]
     if cfg.dataset.name != "synthetic" and synthetic_only:
@@ -415,9 +421,10 @@ def validate(cfg: DictConfig) -> None:
             "drop it"
         )
     if cfg.task == "train" and cfg.get("ckpt"):
+        *others, last = [name for name, task in TASKS.items() if task.reads_ckpt]
         raise UserError(
-            "ckpt is what eval, visualize and export read; to start training from a checkpoint's weights use "
-            "trainer.init_from=PATH"
+            f"ckpt is what {', '.join(others)} and {last} read; to start training from a checkpoint's weights "
+            "use trainer.init_from=PATH"
         )
 
 
