@@ -197,14 +197,12 @@ def training_checkpoint(
     }
 
 
-def restore_training(
-    model: torch.nn.Module, opt: Any, checkpoint: Mapping[str, Any], path: str | os.PathLike, same_length: bool
-) -> dict[str, Any]:
-    """Load a `training_checkpoint` into the model and `opt`; returns its saved state.
+def restore_training(opt: Any, checkpoint: Mapping[str, Any], same_length: bool) -> dict[str, Any]:
+    """Load a `training_checkpoint` into `opt` (EMA, optimizer, schedule, scaler); returns its saved state. The
+    model already holds its weights: the session was opened with them (`open_session(weights=...)`).
 
     same_length: the run's epochs are unchanged; a run extended with more epochs keeps the schedule
     built for the new length instead of the saved one."""
-    load_weights(model, checkpoint["model"], path)
     if opt.ema is not None and checkpoint.get("ema") is not None:
         opt.ema.module.load_state_dict(checkpoint["ema"])
     opt.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import input_transform, resolve_native_size
 
-from ..models.build import build_model, data_config, report_capped_r
+from ..models.build import build_model, data_config, is_transformers, report_capped_r
 from .checkpoint import load_weights
 from .compile import check_compile, compile_model, say_compiling
 from .distributed import DistInfo, init_distributed
@@ -59,7 +59,7 @@ class Session:
 def weightless(model_cfg: DictConfig) -> DictConfig:
     """A timm model group without pretrained weights: a checkpoint's weights replace them, so they are neither
     fetched nor looked for in the cache (a transformers model still reads its architecture from its config)."""
-    if model_cfg.get("source", "timm") != "timm":
+    if is_transformers(model_cfg):
         return model_cfg
     return OmegaConf.merge(model_cfg, {"pretrained": False, "pretrained_file": None})
 

@@ -141,7 +141,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     if info.enabled:
         device = session.device
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = TrainState() if checkpoint is None else restored_state(session.model, opt, checkpoint, run_dir, tc)
+    state = TrainState() if checkpoint is None else restored_state(opt, checkpoint, tc)
     if checkpoint is not None:
         restore_random_state(checkpoint, cfg.seed + state.num_updates, info)
     eval_model = opt.ema.module if opt.ema is not None else session.runner()  # never through DDP: shards differ
@@ -202,15 +202,11 @@ def updates_per_epoch(samples: int, tc: DictConfig) -> int:
     return updates
 
 
-def restored_state(model: nn.Module, opt: Optimization, checkpoint: dict, run_dir: Path, tc: DictConfig) -> TrainState:
-    """Weights, optimizer, schedule, scaler, EMA and RNG states of a resumed run; returns where it stood."""
-    saved = restore_training(
-        model,
-        opt,
-        checkpoint,
-        run_dir / "checkpoints" / "last.pt",
-        same_length=checkpoint["config"]["trainer"]["epochs"] == tc.epochs,
-    )
+def restored_state(opt: Optimization, checkpoint: dict, tc: DictConfig) -> TrainState:
+    """Optimizer, schedule, scaler and EMA states of a resumed run (its weights and random states are restored
+    beside: `open_session`, `restore_random_state`); returns where it stood."""
+    same_length = checkpoint["config"]["trainer"]["epochs"] == tc.epochs
+    saved = restore_training(opt, checkpoint, same_length=same_length)
     opt.scheduler.step_update(num_updates=saved["num_updates"])
     return TrainState(**saved)
 
