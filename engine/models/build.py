@@ -139,19 +139,6 @@ def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
     return model_cfg.get("source", "timm") == "transformers"
 
 
-def refuse_timm_settings(model_cfg: Mapping[str, Any]) -> None:
-    """model.registers and model.drop_path are timm's (create_model's reg_tokens and drop_path_rate); a
-    transformers model takes both from its own config, so a value given would be silently ignored: refused."""
-    given = [f"model.registers={model_cfg.get('registers')}"] if model_cfg.get("registers") is not None else []
-    given += [f"model.drop_path={model_cfg.get('drop_path')}"] if model_cfg.get("drop_path") else []
-    if given:
-        raise UserError(
-            f"{' and '.join(given)}: a transformers model does not read them (its register tokens and stochastic "
-            "depth are its config's: model.kwargs, e.g. model.kwargs.drop_path_rate=0.1); set model.registers=null "
-            "model.drop_path=0, as the model=hf_* presets do"
-        )
-
-
 def build_model(
     model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int, trace_source: bool = False
 ) -> nn.Module:
@@ -160,10 +147,8 @@ def build_model(
     options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
     _, fraction = merge_amount(tome_cfg)
     if is_transformers(model_cfg):
-        from .transformers import check_hub_id, create_transformers_model
+        from .transformers import create_transformers_model
 
-        check_hub_id(str(model_cfg["name"]))  # a timm name is named as such before its settings are checked
-        refuse_timm_settings(model_cfg)
         model, patch = create_transformers_model(model_cfg, num_classes), regtome.patch.transformers
     else:
         model, patch = create_timm_model(model_cfg, num_classes), regtome.patch.timm

@@ -55,6 +55,19 @@ def check_hub_id(name: str) -> None:
         )
 
 
+def refuse_timm_settings(model_cfg: Mapping[str, Any]) -> None:
+    """model.registers and model.drop_path are timm's (create_model's reg_tokens and drop_path_rate); a
+    transformers model takes both from its own config, so a value given would be silently ignored: refused."""
+    given = [f"model.registers={model_cfg.get('registers')}"] if model_cfg.get("registers") is not None else []
+    given += [f"model.drop_path={model_cfg.get('drop_path')}"] if model_cfg.get("drop_path") else []
+    if given:
+        raise UserError(
+            f"{' and '.join(given)}: a transformers model does not read them (its register tokens and stochastic "
+            "depth are its config's: model.kwargs, e.g. model.kwargs.drop_path_rate=0.1); set model.registers=null "
+            "model.drop_path=0, as the model=hf_* presets do"
+        )
+
+
 def _config(model_cfg: Mapping[str, Any], source: str) -> Any:
     """The transformers config: the preset's own architecture for random weights, else the hub's or the folder's."""
     from transformers import AutoConfig
@@ -87,7 +100,8 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
     from transformers import AutoModel, AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
-    check_hub_id(str(model_cfg["name"]))
+    check_hub_id(str(model_cfg["name"]))  # a timm name is named as such before its settings are checked
+    refuse_timm_settings(model_cfg)
     source = _source(model_cfg)
     pretrained = bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_dir"))
     config = _config(model_cfg, source)

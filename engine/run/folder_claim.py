@@ -61,10 +61,6 @@ class RunLock:
         self.path = Path(folder) / LOCK_NAME
         self._fd: Optional[int] = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> "RunLock":
         """Take the lock or raise UserError: naming the process that holds it, or why the file cannot be locked."""
         while True:
