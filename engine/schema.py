@@ -43,6 +43,9 @@ Device = Words("Device", [(name, name) for name in ("auto", "cuda", "cpu")])  # 
 Amp = Words("Amp", [(name, name) for name in ("auto", "bf16", "fp16", "off")])  # type: ignore[misc]
 ExportFormat = Words("ExportFormat", [(name, name) for name in ("onnx", "torch_export")])  # type: ignore[misc]
 ExportDtype = Words("ExportDtype", [(name, name) for name in ("fp32", "fp16")])  # type: ignore[misc]
+DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")  # data.datasets.DATASETS (a test)
+DatasetName = Words("DatasetName", [(name, name) for name in DATASET_NAMES])  # type: ignore[misc]
+Attention = Words("Attention", [(name, name) for name in ("eager", "sdpa")])  # type: ignore[misc]
 
 
 # Checks of one value: None when it is fine, else what the key takes.
@@ -107,7 +110,7 @@ def _export_batch(value: Any) -> Optional[str]:
 
 
 def key(default: Any, help: str, check: Optional[Check] = None, kind: Optional[str] = None) -> Any:
-    """A schema field: its default (MISSING where a preset file gives it), its line of help, its check, and for a
+    """A schema field: its default (MISSING where every preset gives its own), its line of help, its check, and for a
     key a type cannot say (`Any`) what it takes in words."""
     metadata = {"help": help, "check": check, "kind": kind}
     if isinstance(default, (list, dict)):
@@ -117,7 +120,7 @@ def key(default: Any, help: str, check: Optional[Check] = None, kind: Optional[s
 
 @dataclass
 class DatasetConfig:
-    name: str = key(MISSING, "set by the group (`dataset=cifar10`); read by the code, not set by hand")
+    name: DatasetName = key(MISSING, "set by the group (`dataset=cifar10`); read by the code, not set by hand")
     root: Optional[str] = key(
         MISSING,
         "CIFAR: where it is downloaded (datasets/CIFAR10; $REGTOME_DATASETS moves datasets/); ImageNet, image folders: "
@@ -167,7 +170,7 @@ class ModelConfig:
     pretrained: bool = key(False, "the model's weights from the Hugging Face cache or hub")
     pretrained_file: Optional[str] = key(None, "timm: local weights (.pth/.safetensors)")
     pretrained_dir: Optional[str] = key(None, "transformers: a save_pretrained folder")
-    attn_implementation: Optional[str] = key(None, "transformers: eager or sdpa (null: sdpa)")
+    attn_implementation: Optional[Attention] = key(None, "transformers: eager or sdpa (null: sdpa)")
     architecture: Optional[Dict[str, Any]] = key(
         None, "transformers: the config values to build from with model.pretrained=false"
     )
@@ -202,36 +205,36 @@ class RuntimeConfig:
     amp: Amp = key(Amp.auto, "auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on the CPU), bf16, fp16, off")
     num_workers: Optional[int] = key(None, "loader workers; null: the cores it may use, at most 4", at_least(0))
     threads: Optional[int] = key(None, "torch CPU threads; null: the cores this process may use", at_least(1))
-    eval_batch_size: int = key(MISSING, "batch of every evaluation (eval, validation during training)", at_least(1))
+    eval_batch_size: int = key(
+        "${trainer.batch_size}", "batch of every evaluation (eval, validation during training)", at_least(1)
+    )
     compile: Any = key(False, "torch.compile in train, eval and benchmark", _compile, "false, true or a mode")
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = key(MISSING, "epochs of the run", at_least(1))
-    batch_size: int = key(
-        MISSING, "per process: the global batch is batch_size x world size x accum_steps", at_least(1)
-    )
+    epochs: int = key(100, "epochs of the run", at_least(1))
+    batch_size: int = key(64, "per process: the global batch is batch_size x world size x accum_steps", at_least(1))
     lr: float = key(
-        MISSING,
+        5.0e-4,
         "for the global batch, used as given (timm's cosine schedule with warmup, stepped per update)",
         above(0),
     )
-    min_lr: float = key(MISSING, "the schedule's floor", at_least(0))
-    warmup_epochs: int = key(MISSING, "warmup length", at_least(0))
-    warmup_lr: float = key(MISSING, "warmup's first learning rate", at_least(0))
-    weight_decay: float = key(MISSING, "timm's create_optimizer_v2", at_least(0))
-    optimizer: str = key(MISSING, "any timm optimizer name (adamw, sgd, ...)")
-    label_smoothing: float = key(MISSING, "label smoothing", at_least(0))
-    mixup: float = key(MISSING, "mixup alpha (0: off)", at_least(0))
-    cutmix: float = key(MISSING, "cutmix alpha (0: off)", at_least(0))
-    ema: bool = key(MISSING, "timm's ModelEmaV3; validated and saved when on")
-    ema_decay: float = key(MISSING, "EMA decay", fraction)
+    min_lr: float = key(1.0e-6, "the schedule's floor", at_least(0))
+    warmup_epochs: int = key(5, "warmup length", at_least(0))
+    warmup_lr: float = key(1.0e-6, "warmup's first learning rate", at_least(0))
+    weight_decay: float = key(0.05, "timm's create_optimizer_v2", at_least(0))
+    optimizer: str = key("adamw", "any timm optimizer name (adamw, sgd, ...)")
+    label_smoothing: float = key(0.1, "label smoothing", at_least(0))
+    mixup: float = key(0.0, "mixup alpha (0: off)", at_least(0))
+    cutmix: float = key(0.0, "cutmix alpha (0: off)", at_least(0))
+    ema: bool = key(False, "timm's ModelEmaV3; validated and saved when on")
+    ema_decay: float = key(0.9998, "EMA decay", fraction)
     clip_grad: Optional[float] = key(None, "max gradient norm", above(0))
-    accum_steps: int = key(MISSING, "gradient accumulation", at_least(1))
-    augment: bool = key(MISSING, "crop + flip (+ RandAugment on ImageNet-sized inputs)")
-    eval_every: int = key(MISSING, "epochs between validations", at_least(1))
-    log_every: int = key(MISSING, "updates between TensorBoard scalars", at_least(1))
+    accum_steps: int = key(1, "gradient accumulation", at_least(1))
+    augment: bool = key(True, "crop + flip (+ RandAugment on ImageNet-sized inputs)")
+    eval_every: int = key(1, "epochs between validations", at_least(1))
+    log_every: int = key(20, "updates between TensorBoard scalars", at_least(1))
     max_steps_per_epoch: Optional[int] = key(None, "smoke runs: training batches per epoch", at_least(1))
     max_val_steps: Optional[int] = key(
         None,
@@ -255,14 +258,18 @@ class BenchmarkConfig:
         _quick,
         "auto, true or false",
     )
-    r: Any = key(MISSING, "schedules to compare with the unpatched model", _r_list, "a list of r values")
-    batch_sizes: List[int] = key(MISSING, "batch sizes to time", lambda v: None if v and min(v) >= 1 else "ints >= 1")
-    repeats: int = key(MISSING, "rounds", at_least(1))
-    iters: int = key(MISSING, "calls per case and round", at_least(1))
-    warmup: int = key(MISSING, "warm-up calls", at_least(0))
-    train_step: bool = key(MISSING, "also time forward + backward + optimizer step")
-    dense: bool = key(MISSING, "also time dense features on the full grid")
-    loader: bool = key(MISSING, "also time the training data pipeline per worker")
+    r: Any = key(
+        [0, 8, 13, 16, [16, -1.0]], "schedules to compare with the unpatched model", _r_list, "a list of r values"
+    )
+    batch_sizes: List[int] = key(
+        [1, 8, 64], "batch sizes to time", lambda v: None if v and min(v) >= 1 else "ints >= 1"
+    )
+    repeats: int = key(5, "rounds", at_least(1))
+    iters: int = key(3, "calls per case and round", at_least(1))
+    warmup: int = key(2, "warm-up calls", at_least(0))
+    train_step: bool = key(True, "also time forward + backward + optimizer step")
+    dense: bool = key(True, "also time dense features on the full grid")
+    loader: bool = key(True, "also time the training data pipeline per worker")
     protect: Any = key(
         None,
         "time each r under each of these modes (null: tome.protect only)",
@@ -315,10 +322,17 @@ class Config:
 
 
 def register() -> None:
-    """Put the schema in Hydra's ConfigStore (configs/config.yaml names it first in its defaults list)."""
+    """Put the schema in Hydra's ConfigStore: `schema` (configs/config.yaml names it first in its defaults list),
+    and a `default` option of each group whose keys all have a default here (`tome: default`, `trainer: default`,
+    ...; dataset and model are chosen by their presets)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for group in fields(Config):
+        schema = _group_schema(group)
+        if schema is not None and not any(OmegaConf.is_missing(_structured(schema), k) for k in _structured(schema)):
+            store.store(group=group.name, name="default", node=schema)
 
 
 def schema_field(dotted: str) -> Any:
@@ -333,6 +347,13 @@ def schema_field(dotted: str) -> Any:
             return None
         node = _group_schema(found)
     return found
+
+
+def schema_keys() -> list[str]:
+    """Every key of the schema, in its order: the top-level ones, then each group's (`trainer.lr`)."""
+    top = [f.name for f in fields(Config) if _group_schema(f) is None]
+    groups = [f for f in fields(Config) if _group_schema(f) is not None]
+    return top + [f"{group.name}.{inner.name}" for group in groups for inner in fields(_group_schema(group))]
 
 
 def _group_schema(found: Any) -> Any:

@@ -63,26 +63,21 @@ def test_the_pytest_commands_of_contributing_work():
 
 
 def config_keys() -> set[str]:
-    """Every key the config files define: the top-level ones and each group's (`group.key`), leaves and
-    nested mappings alike (experiment presets only set other groups' keys; hydra/ is Hydra's)."""
-    import yaml
+    """Every key `python main.py` composes from the schema and configs/: the top-level ones and each group's
+    (`group.key`; hydra is Hydra's; kwargs and architecture are free-form)."""
+    from cli_helpers import compose_config
+    from omegaconf import OmegaConf
 
     def walk(node: dict, prefix: str) -> set[str]:
         keys = set()
         for key, value in node.items():
-            if key == "defaults":
-                continue
-            keys.add(f"{prefix}{key}")
-            if isinstance(value, dict) and key not in ("kwargs", "architecture"):  # free-form mappings
+            if isinstance(value, dict) and key not in ("kwargs", "architecture"):
                 keys |= walk(value, f"{prefix}{key}.")
+            else:
+                keys.add(f"{prefix}{key}")
         return keys
 
-    configs = ROOT / "configs"
-    keys = walk({k: v for k, v in yaml.safe_load((configs / "config.yaml").read_text()).items() if k != "hydra"}, "")
-    for path in configs.glob("*/*.yaml"):
-        if path.parent.name not in ("experiment", "hydra"):
-            keys |= walk(yaml.safe_load(path.read_text()) or {}, f"{path.parent.name}.")
-    return keys
+    return walk(OmegaConf.to_container(compose_config(), resolve=False), "")
 
 
 def reference_keys() -> set[str]:
@@ -109,15 +104,12 @@ def test_the_configuration_reference_names_every_key_and_only_keys():
     assert not documented - configs, f"docs/cli.md names keys no config has: {sorted(documented - configs)}"
 
 
-@pytest.mark.parametrize(
-    "group,defaults",
-    [("dataset", "_common"), ("model", "vit_small_reg4"), ("tome", "default"), ("runtime", "default")],
-)
-def test_each_config_groups_row_in_cli_md_names_every_key_it_has(group, defaults):
-    """docs/cli.md's table of config groups lists each group's keys: every key of its defaults file."""
-    import yaml
+@pytest.mark.parametrize("group", ["dataset", "model", "tome", "runtime"])
+def test_each_config_groups_row_in_cli_md_names_every_key_it_has(group):
+    """docs/cli.md's table of config groups lists each group's keys: every key of its schema."""
+    from engine.schema import schema_keys
 
-    keys = set(yaml.safe_load((ROOT / "configs" / group / f"{defaults}.yaml").read_text())) - {"defaults"}
+    keys = {key.split(".", 1)[1] for key in schema_keys() if key.startswith(f"{group}.")}
     (row,) = [
         line for line in (ROOT / "docs" / "cli.md").read_text().splitlines() if line.startswith(f"| `{group}/` |")
     ]

@@ -175,12 +175,11 @@ def test_only_the_library_is_installed_and_it_has_one_version(tmp_path):
 
 def test_the_default_protection_is_apart_everywhere():
     """One default (regtome.DEFAULT_PROTECT), read by both patches and stated by the CLI's tome group."""
-    from cli_helpers import ROOT
-    from omegaconf import OmegaConf
+    from cli_helpers import compose_config
 
     assert regtome.DEFAULT_PROTECT == "apart" and regtome.DEFAULT_PROTECT in regtome.PROTECT_MODES
     assert regtome.patch.timm(make_vit("class_reg4")).protect == regtome.DEFAULT_PROTECT
-    assert OmegaConf.load(ROOT / "configs" / "tome" / "default.yaml").protect == regtome.DEFAULT_PROTECT
+    assert compose_config().tome.protect == regtome.DEFAULT_PROTECT
 
 
 def test_the_core_never_imports_the_patch_layer():
