@@ -40,3 +40,41 @@ def pytest_configure(config) -> None:
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+TIE = 1e-5  # similarities closer than this may be ordered either way by another CPU's rounding
+
+
+def matching_margin(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """The smallest gap, over every block's matching of `images` by `model`, between similarities whose order
+    decides the merge: each A token's best B against its next best, and the A tokens' best similarities against
+    each other (their order is the next block's A/B split). Outputs computed another way (an image alone, not in
+    a batch) may differ by more than rounding only where this is below TIE."""
+    import regtome.merge
+
+    gaps = []
+    original = regtome.merge.bipartite_soft_matching
+
+    def observed(metric, r, num_protected=0, kind=None, num_registers=0):
+        keys = metric[:, num_protected:].float()
+        keys = keys / keys.norm(dim=-1, keepdim=True)
+        scores = keys[:, ::2] @ keys[:, 1::2].transpose(-1, -2)
+        if kind is not None:
+            kind_left = kind[:, num_protected:]
+            scores = scores.masked_fill(kind_left[:, ::2, None] != kind_left[:, None, 1::2], float("-inf"))
+        top2 = scores.topk(2, dim=-1).values
+        best = top2[..., 0]
+        gaps.append((top2[..., 0] - top2[..., 1])[top2[..., 1].isfinite()])
+        for row in best:  # per image, the finite best similarities in order
+            ordered = row[row.isfinite()].sort().values
+            gaps.append(ordered.diff())
+        return original(metric, r, num_protected, kind=kind, num_registers=num_registers)
+
+    regtome.merge.bipartite_soft_matching = observed
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        regtome.merge.bipartite_soft_matching = original
+    assert gaps, "no block merged"
+    return min(gap.min().item() for gap in gaps if gap.numel())

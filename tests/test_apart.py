@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_vit
+from conftest import TIE, make_vit, matching_margin
 from test_families import build, images_for
 
 import regtome
@@ -18,9 +18,6 @@ from regtome.layout import CLASS, PATCH, REGISTER
 from regtome.merge import bipartite_soft_matching, capped_r
 
 WITH_REGISTERS = ["dinov3", "rope_reg_gap", "reg4_map", "diff_attention", "diff_parallel"]
-
-
-TIE = 1e-5  # similarities closer than this may be ordered either way by another CPU's rounding
 
 
 def brute_force_kind_matching(metric, kind, r, num_protected, num_registers):
@@ -185,6 +182,7 @@ def test_identical_registers_collapse_first():
 @pytest.mark.slow
 def test_each_image_gets_what_it_gets_alone(images):
     model = regtome.patch.timm(_trained_vit(), r=(12, -1.0), protect="apart")
+    assert matching_margin(model, images) > TIE, "a near-tie: rounding may merge differently; take other images"
     with torch.no_grad():
         batched = model(images)
         counts = regtome.last_forward(model).register_tokens

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import TIE
 
 import regtome
 from regtome.merge import bipartite_soft_matching, merge_source, merge_wavg
@@ -83,9 +84,6 @@ def test_cap_is_half_of_mergeable():
     assert regtome.capped_r(100, num_tokens=69, num_protected=5) == 32
     assert regtome.capped_r(3, num_tokens=69, num_protected=5) == 3
     assert regtome.capped_r(5, num_tokens=5, num_protected=5) == 0
-
-
-TIE = 1e-5  # as in tests/test_apart.py: similarities closer than this may be ordered either way by another CPU
 
 
 def brute_force_merge(metric, x, size, r, num_protected):

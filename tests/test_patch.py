@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NUM_PATCHES, VARIANTS, make_vit
+from conftest import NUM_PATCHES, TIE, VARIANTS, make_vit, matching_margin
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import regtome
@@ -181,7 +181,10 @@ def test_average_pool_is_size_weighted(include_prefix, images):
 # 7. batch independence -------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["class_reg4", "gap_reg4"])
 def test_sample_output_independent_of_batch(variant, images):
-    model = regtome.patch.timm(make_vit(variant), r=(10, -1.0))
+    vit = make_vit(variant)
+    torch.nn.init.normal_(vit.reg_token, std=0.02)  # distinct, as training leaves them: timm starts them equal (ties)
+    model = regtome.patch.timm(vit, r=(10, -1.0))
+    assert matching_margin(model, images) > TIE, "a near-tie: rounding may merge differently; take other images"
     with torch.no_grad():
         together = model(images)
         alone = torch.cat([model(images[i : i + 1]) for i in range(3)])
