@@ -5,7 +5,7 @@ import pytest
 from cli_helpers import compose_config
 from omegaconf import OmegaConf
 
-from engine.schema import PROTECT_MODES, Amp, check_value, schema_field, takes
+from engine.schema import DATASET_NAMES, PROTECT_MODES, Amp, check_value, schema_field, takes
 
 
 def test_every_config_key_has_a_type_in_the_schema():
@@ -21,10 +21,12 @@ def test_every_config_key_has_a_type_in_the_schema():
 
 def test_the_schemas_words_are_the_codes_own():
     import regtome
+    from data.datasets import DATASETS
     from engine.run.runtime import AMP_DTYPES
 
     assert set(PROTECT_MODES) == set(regtome.PROTECT_MODES)  # (the tasks are read from engine.task_table)
     assert {member.name for member in Amp} == {"auto", *AMP_DTYPES}
+    assert set(DATASET_NAMES) == set(DATASETS)
 
 
 @pytest.mark.parametrize(
@@ -75,22 +77,22 @@ def test_an_interpolation_on_the_command_line_is_judged_by_what_it_resolves_to(t
     assert check_value("trainer.lr", "${trainer.min_lr}") is None  # validate() judges the resolved value
 
 
-@pytest.mark.slow
-def test_each_job_of_a_sweep_is_validated_with_its_own_values(tmp_path):
-    """Rules between keys hold for every job: the second job's data set does not read dataset.noise."""
+@pytest.mark.parametrize(
+    "swept,message",
+    [
+        (  # a job of another config group: the second data set does not read dataset.noise
+            ["dataset=synthetic,cifar10", "dataset.noise=0.3"],
+            "error: dataset.noise is read by dataset=synthetic only (this is dataset=cifar10): drop it",
+        ),
+        (["dataset=synthetic", "tome.r=4,null"], "error: tome.r is null"),  # a swept key of the last job
+    ],
+)
+def test_every_job_of_a_sweep_is_validated_before_the_first_starts(tmp_path, swept, message):
+    """Rules between keys hold for every job, checked before any job runs: nothing is created."""
     from cli_helpers import SMOKE, run_main
 
-    smoke = [o for o in SMOKE if not o.startswith("dataset=")]
-    swept = run_main(
-        "-m",
-        "task=train",
-        *smoke,
-        "dataset=synthetic,cifar10",
-        "dataset.noise=0.3",
-        "trainer.epochs=1",
-        cwd=tmp_path,
-        check=False,
-    )
-    assert swept.returncode == 2
-    assert "error: dataset.noise is read by dataset=synthetic only (this is dataset=cifar10): drop it" in swept.stderr
-    assert len(list((tmp_path / "multirun").rglob("results.json"))) == 1  # the first job ran
+    smoke = [o for o in SMOKE if not o.startswith(("dataset=", "tome.r="))]
+    result = run_main("-m", "task=train", *smoke, *swept, "trainer.epochs=1", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert list(tmp_path.iterdir()) == []

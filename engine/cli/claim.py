@@ -19,25 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError, one_line
 from ..run.folder_claim import RunLock, check_folder, discard_new_folder, move_aside
-from ..schema import check_value
 from ..task_table import TASKS
-from .command_line import GROUP_HINTS, check_command_line, run_dir_of
-
-
-def check_values(key: str, values: list[Any], configs: Path) -> Optional[str]:
-    """The first problem with the values given for `key` (every value of a sweep), or None: a config group's
-    option that does not exist, or a value the schema refuses (its type, its words, its range)."""
-    folder = configs / key
-    for value in values:
-        if folder.is_dir():  # a config group: the name of one of its files
-            options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
-            if value is not None and str(value) not in options:
-                return f"unknown {key} {value!r}; choose one of {', '.join(options)}{GROUP_HINTS.get(key, '')}"
-            continue
-        problem = check_value(key, value)
-        if problem:
-            return problem
-    return None
+from .command_line import check_command_line, run_dir_of
 
 
 @dataclass
@@ -59,12 +42,12 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     Raises UserError (nothing written anywhere) for any problem.
     """
     register_resolvers()
-    if {"-m", "--multirun"} & set(argv):
+    checked = check_command_line(argv, configs)
+    if checked.multirun:
         from ..run.folder_name import run_id
 
         # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
         os.environ.setdefault("REGTOME_RUN_ID", run_id())
-    checked = check_command_line(argv, configs, functools.partial(check_values, configs=configs))
     hydra_argv = list(checked.argv)
     if not owns_the_folder():
         # Under torchrun only rank 0 writes: the other ranks share its run directory but leave no files.

@@ -1,66 +1,34 @@
-"""The command line, checked against the composed config before Hydra starts or any folder is made.
+"""The command line, checked before Hydra starts or any folder is made.
 
-Each problem is one line (`UserError`): an unknown key names the nearest valid keys, a renamed key
-its new name, a bad value what it must be; every value of a sweep is checked, so `tome.r=4,-1,8`
-fails before its first job. What passes is handed to Hydra unchanged, except that a new key under
-a free-form group (`model.kwargs.depth=4`) is spelled `++` for it, and that a `tome.flops` given adds
-`tome.r=null` and a `tome.r` given adds `tome.flops=null` (`engine.models.tome_group`: one of them, never both).
+Hydra's own parser reads the flags; each override is then checked against the schema (`engine.schema`) and
+Hydra's config groups, and the config is composed once and validated. Each problem is one line (`UserError`): an
+unknown key names the nearest keys, a renamed key its new name, a bad value what the key takes. Every job of a
+sweep is validated before the first starts. What passes goes to Hydra unchanged, except that a new key under a
+free-form group (`model.kwargs.depth=4`) is spelled `++` for it, and that a `tome.flops` given adds `tome.r=null`
+and a `tome.r` given adds `tome.flops=null` (one of them, never both).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 from ..run.compat import RENAMED
-from ..schema import register, validate
+from ..schema import check_value, schema_field, schema_keys, validate
 
 FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
 GROUP_HINTS = {
     "dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
     "model": "; or keep a preset and set model.name=<any timm ViT>",
 }
-NO_RUN_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
-FLAGS_WITH_VALUE = {
-    "--cfg",
-    "-c",
-    "--package",
-    "-p",
-    "--config-path",
-    "-cp",
-    "--config-name",
-    "-cn",
-    "--config-dir",
-    "-cd",
-    "--experimental-rerun",
-    "--shell-completion",
-    "-sc",
-}
-INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-
-
-def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Hydra's own flags (with their values: `--cfg job`, `--info defaults`) and the overrides."""
-    flags, overrides, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("-") and "=" not in arg:
-            flags.append(arg)
-            takes = arg in FLAGS_WITH_VALUE or (
-                arg in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in INFO_VALUES
-            )
-            if takes and i + 1 < len(argv):
-                flags.append(argv[i + 1])
-                i += 1
-        else:
-            overrides.append(arg)
-        i += 1
-    return flags, overrides
 
 
 @dataclass
@@ -71,7 +39,39 @@ class Checked:
     cfg: DictConfig
     multirun: bool
     runs: bool  # False for --cfg/--help/--info: Hydra prints and nothing runs
-    keys: list[str] = field(default_factory=list)
+
+
+def check_command_line(argv: list[str], configs: Path) -> Checked:
+    """Everything Hydra would find only later (or report in many lines), as one UserError."""
+    from hydra._internal.utils import get_args_parser  # the parser of Hydra's own flags, as @hydra.main reads them
+
+    parser = get_args_parser()
+    parser.error = _refuse_flags  # type: ignore[method-assign]
+    args = parser.parse_intermixed_args(argv)  # flags anywhere: `task=eval -m tome.r=0,8`
+    if sum(map(bool, (args.run, args.multirun, args.cfg, args.info, args.shell_completion))) > 1:
+        raise UserError("only one of --run, --multirun, --cfg, --info and --shell-completion: drop the others")
+    flags = list(argv)
+    for override in args.overrides:
+        flags.remove(override)
+    overrides = _parse(args.overrides)
+    swept = next((o for o in overrides if o.is_sweep_override()), None)
+    if swept is not None and not args.multirun:
+        raise UserError(f"{swept.input_line} is a sweep: add -m (--multirun) to run one job per value")
+    with _hydra(configs) as loader:
+        hydra_args = [_checked(override, loader) for override in overrides]
+        hydra_args += _r_or_flops({o.key_or_group: o for o in overrides if not o.is_delete()})
+        parsed = _parse(hydra_args)
+        jobs = _jobs(parsed)
+        cfg = _compose([line for line, _ in jobs[0]])
+        validate(cfg)
+        if args.multirun and len(jobs) > 1:  # each job of the sweep, before the first starts
+            _validate_sweep(jobs, parsed, cfg, loader)
+    runs = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+    return Checked(argv=flags + hydra_args, cfg=cfg, multirun=args.multirun, runs=runs)
+
+
+def _refuse_flags(message: str) -> None:
+    raise UserError(f"cannot read the command line ({message}); see python main.py --help")
 
 
 def _parse(args: list[str]) -> list[Any]:
@@ -84,121 +84,120 @@ def _parse(args: list[str]) -> list[Any]:
         raise UserError(f"cannot read the command line ({' '.join(str(err).split())})") from err
 
 
-def _compose(configs: Path, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+@contextlib.contextmanager
+def _hydra(configs: Path) -> Iterator[Any]:
+    """Hydra set up on configs/ (with the schema registered); yields its config loader, which knows the groups."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ..schema import register
 
     register()
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        yield GlobalHydra.instance().config_loader()
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose
+    from hydra.errors import HydraException
+
     try:
-        with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except HydraException as err:
         raise UserError(f"cannot compose the config ({' '.join(str(err).split())})") from err
 
 
-def first_value(override: Any) -> str:
-    """'key=value' with the first value of a sweep (what one job of it composes)."""
-    prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(override.type.name, "")
-    if override.is_sweep_override():
-        value = next(iter(override.sweep_string_iterator()))
-    else:
-        value = override.get_value_element_as_str()
-    return f"{prefix}{override.key_or_group}={value}"
+def _group_options(loader: Any, key: str) -> list[str]:
+    """The options of config group `key` (empty for a key that is not a group)."""
+    return [name for name in loader.get_group_options(key) if not name.startswith("_")]
 
 
-def _plain(cfg: Any) -> Any:
-    """The config as plain dicts, interpolations and '???' values left as written (nothing is resolved)."""
-    return OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+def _checked(override: Any, loader: Any) -> str:
+    """The override as Hydra gets it, or a UserError: a renamed or unknown key, a group option that does not exist,
+    a value the schema refuses (every value of a sweep)."""
+    key = override.key_or_group
+    values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    if key in RENAMED:
+        raise UserError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}={override.input_line.split('=', 1)[1]}")
+    options = _group_options(loader, key)
+    for value in values if options else []:
+        if value is not None and str(value) not in options:
+            hint = GROUP_HINTS.get(key, "")
+            raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(options))}{hint}")
+    if options or override.is_delete() or key.startswith("hydra"):
+        return str(override.input_line)
+    free = any(key.startswith(f"{parent}.") for parent in FREE_FORM)
+    if free:  # add or replace, with or without '+'
+        return "++" + override.input_line.lstrip("+")
+    if override.is_add() or override.is_force_add():
+        exists = f"; {key} exists: write {key}=..." if schema_field(key) is not None else _nearest(key)
+        raise UserError(f"+{key}: only model.kwargs takes new keys{exists}")
+    if schema_field(key) is None and not _below_a_mapping(key):
+        raise UserError(f"{key} is not a key{_nearest(key)}")
+    for value in values:
+        problem = check_value(key, value)
+        if problem:
+            raise UserError(problem)
+    return str(override.input_line)
 
 
-def has_key(cfg: DictConfig, key: str) -> bool:
-    node: Any = _plain(cfg)
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+def _below_a_mapping(key: str) -> bool:
+    """A key inside a schema mapping (model.architecture.hidden_size): the preset's own keys, judged by Hydra."""
+    parent = key.rpartition(".")[0]
+    while parent:
+        found = schema_field(parent)
+        if found is not None:
+            return "Dict" in str(found.type)
+        parent = parent.rpartition(".")[0]
+    return False
 
 
-def leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
-    node = _plain(cfg)
-    if not isinstance(node, dict):
-        return [prefix]
-    keys = []
-    for name, value in node.items():
-        if prefix == "" and name == "hydra":
-            continue
-        keys += leaf_keys(value, f"{prefix}.{name}" if prefix else str(name))
-    return keys
-
-
-def nearest(key: str, cfg: DictConfig) -> str:
-    candidates = difflib.get_close_matches(key, leaf_keys(cfg), n=3, cutoff=0.6)
+def _nearest(key: str) -> str:
+    candidates = difflib.get_close_matches(key, schema_keys(), n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(candidates)}?" if candidates else "; see README.md or python main.py --cfg job"
 
 
-def check_keys(overrides: list[Any], configs: Path) -> tuple[DictConfig, list[str]]:
-    """Refuse renamed and unknown keys; returns the composed config and the arguments for Hydra."""
-    groups = {p.name for p in configs.iterdir() if p.is_dir()}
-    for override in overrides:
-        key = override.key_or_group
-        if key in RENAMED:
-            raise UserError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}={override.input_line.split('=', 1)[1]}")
-    group_args = [first_value(o) for o in overrides if o.key_or_group in groups or o.key_or_group.startswith("hydra")]
-    base = _compose(configs, group_args)
-    hydra_args = []
-    for override in overrides:
-        key = override.key_or_group
-        if key in groups or key.startswith("hydra") or override.is_delete():
-            hydra_args.append(override.input_line)
-            continue
-        free = any(key.startswith(f"{parent}.") for parent in FREE_FORM)
-        if (override.is_add() or override.is_force_add()) and not free:
-            raise UserError(
-                f"+{key}: only model.kwargs takes new keys"
-                + (f"; {key} exists: write {key}=..." if has_key(base, key) else nearest(key, base))
-            )
-        if free:  # add or replace, with or without '+'
-            hydra_args.append("++" + override.input_line.lstrip("+"))
-            continue
-        if not has_key(base, key):
-            raise UserError(f"{key} is not a key{nearest(key, base)}")
-        hydra_args.append(override.input_line)
-    return base, hydra_args
-
-
-def check_command_line(argv: list[str], configs: Path, check_values: Any) -> Checked:
-    """Everything Hydra would find only later (or report in many lines), as one UserError.
-
-    `check_values(key, values)` returns a problem with the values of one key, or None.
-    """
-    flags, args = split_flags(argv)
-    overrides = _parse(args)
-    for override in overrides:  # values first: a group choice that does not exist cannot be composed
-        key = override.key_or_group
-        if override.is_delete() or key.startswith("hydra"):
-            continue
-        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-        problem = check_values(key, values)
-        if problem:
-            raise UserError(problem)
-    _, hydra_args = check_keys(overrides, configs)
-    given = {o.key_or_group: o for o in overrides if not o.is_delete()}
+def _r_or_flops(given: dict[str, Any]) -> list[str]:
+    """tome.r or tome.flops, never both: the one given replaces the other's default (or a checkpoint's)."""
     flops = given.get("tome.flops")
-    if flops is not None and "tome.r" in given and str(flops.value()) != "None":
+    budget = flops is not None and str(flops.value()) != "None"
+    if budget and "tome.r" in given:
         raise UserError("tome.r and tome.flops both given: tome.flops chooses r from a FLOP budget; drop one of them")
-    if flops is not None and "tome.r" not in given and str(flops.value()) != "None":
-        hydra_args.append("tome.r=null")  # the budget replaces the default r
-    if "tome.r" in given and flops is None:
-        hydra_args.append("tome.flops=null")  # an r given replaces a budget (a checkpoint's saved tome.flops)
-    composed_args = [first_value(o) if not o.is_delete() else o.input_line for o in _parse(hydra_args)]
-    cfg = _compose(configs, composed_args)
-    validate(cfg)
-    multirun = bool({"-m", "--multirun"} & set(flags))
-    runs = not (NO_RUN_FLAGS & set(flags))
-    return Checked(
-        argv=flags + hydra_args, cfg=cfg, multirun=multirun, runs=runs, keys=[o.key_or_group for o in overrides]
-    )
+    if budget:
+        return ["tome.r=null"]
+    return ["tome.flops=null"] if "tome.r" in given and flops is None else []
+
+
+def _jobs(overrides: list[Any]) -> list[list[tuple[str, Any]]]:
+    """Each job of a sweep (one job without one): (the override as that job gets it, its value) per override."""
+    return [list(job) for job in itertools.product(*map(_values, overrides))]
+
+
+def _validate_sweep(jobs: list[list[tuple[str, Any]]], overrides: list[Any], first: DictConfig, loader: Any) -> None:
+    """Validate each job's config after the first (`first`): composed once per choice of config groups, the other
+    swept keys set on a copy (as Hydra sets an override on the composed config)."""
+    groups = [bool(_group_options(loader, o.key_or_group)) or o.key_or_group.startswith("hydra") for o in overrides]
+    group_lines = [tuple(line for (line, _), group in zip(job, groups) if group) for job in jobs]
+    composed = {group_lines[0]: first}
+    for job, chosen in zip(jobs[1:], group_lines[1:]):
+        if chosen not in composed:
+            composed[chosen] = _compose([line for line, _ in job])
+        cfg = copy.deepcopy(composed[chosen])
+        for (_, value), override, group in zip(job, overrides, groups):
+            if not group and not override.is_delete():
+                OmegaConf.update(cfg, override.key_or_group, value, merge=True, force_add=override.is_force_add())
+        validate(cfg)
+
+
+def _values(override: Any) -> list[tuple[str, Any]]:
+    """(the override as one job gets it, its value) for each value of a sweep."""
+    prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(override.type.name, "")
+    if override.is_delete():
+        return [(override.input_line, None)]
+    if not override.is_sweep_override():
+        return [(override.input_line, override.value())]
+    lines = [f"{prefix}{override.key_or_group}={value}" for value in override.sweep_string_iterator()]
+    return list(zip(lines, override.sweep_iterator()))
 
 
 def run_dir_of(cfg: DictConfig) -> Optional[Path]:
