@@ -152,6 +152,10 @@ def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path
         (["task=train", "runtime.amp=fp8"], "runtime.amp=fp8: takes one of auto, bf16, fp16, off"),
         (["-m", "task=train", "trainer.lr=0.1,abc"], "trainer.lr=abc: takes a number"),
         (["-m", "task=eval", "tome.r=4,-1,8"], "tome.r=-1: takes an r as regtome reads it (r must be >= 0"),
+        (["task=train", "tome.r=4,8"], "tome.r=4,8 is a sweep: add -m (--multirun)"),
+        (["--cfg", "job", "-m", "task=train", "tome.r=4,8"], "only one of --run, --multirun, --cfg"),
+        (["task=train", "hydra/launcher=nope"], "unknown hydra/launcher 'nope'; choose one of basic, slurm,"),
+        (["task=train", "model.attn_implementation=flash"], "model.attn_implementation=flash: takes one of eager"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, args, message):
