@@ -19,7 +19,7 @@ from data import preprocessing
 
 from ..models.build import model_label
 from ..models.tome_group import compact
-from .atomic import atomic_write
+from .folder_claim import atomic_write
 from .runtime import device_name, dtype_name
 from .session import Session
 

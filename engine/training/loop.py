@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 import torch.nn as nn
 from timm.data import Mixup
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -22,8 +22,6 @@ from ..models.build import logits_of
 from ..run.distributed import DistInfo, all_reduce_sum
 from .evaluation import top_classes
 from .stop import GracefulStop, stop_requested
-
-Batch = Callable[[torch.Tensor], torch.Tensor]
 
 
 def empty_sums() -> dict[str, float]:
@@ -61,7 +59,7 @@ class Optimization:
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
-    prepare: Batch,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
     opt: Optimization,
     state: TrainState,
     device: torch.device,
@@ -160,17 +158,10 @@ def optimizer_step(model: nn.Module, opt: Optimization, state: TrainState) -> No
     state.num_updates += 1
     opt.scheduler.step_update(num_updates=state.num_updates)
     if opt.ema is not None:
-        opt.ema.update(unwrap(model), step=state.num_updates)
+        opt.ema.update(unwrap_model(model), step=state.num_updates)  # torch.compile's and DDP's wrappers off
 
 
 def global_sums(sums: dict[str, float], device: torch.device, info: DistInfo) -> dict[str, float]:
     """Training loss/accuracy sums over all ranks."""
     values = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device), info)
     return dict(zip(sums, values.tolist()))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside torch.compile's and DDP's wrappers (what checkpoints and the EMA hold)."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        model = model._orig_mod
-    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -23,7 +23,7 @@ from data import EpochSeeded, ResumableSampler, build_datasets, class_names, cou
 from data.workers import ignore_interrupts
 
 from ..models.build import model_label
-from ..run.checkpoint import check_same_architecture, read_checkpoint, restore_training
+from ..run.checkpoint import check_same_architecture, read_checkpoint
 from ..run.distributed import DistInfo
 from ..run.results import merge_record, r_that_ran
 from ..run.runtime import autocast, seed_everything, set_rng_state
@@ -203,12 +203,17 @@ def updates_per_epoch(samples: int, tc: DictConfig) -> int:
 
 
 def restored_state(opt: Optimization, checkpoint: dict, tc: DictConfig) -> TrainState:
-    """Optimizer, schedule, scaler and EMA states of a resumed run (its weights and random states are restored
-    beside: `open_session`, `restore_random_state`); returns where it stood."""
-    same_length = checkpoint["config"]["trainer"]["epochs"] == tc.epochs
-    saved = restore_training(opt, checkpoint, same_length=same_length)
-    opt.scheduler.step_update(num_updates=saved["num_updates"])
-    return TrainState(**saved)
+    """Load a `training_checkpoint`'s EMA, optimizer, schedule and scaler into `opt` (its weights and random states
+    are restored beside: `open_session`, `restore_random_state`); returns where it stood. A run extended with
+    more epochs keeps the schedule built for its new length."""
+    if opt.ema is not None and checkpoint.get("ema") is not None:
+        opt.ema.module.load_state_dict(checkpoint["ema"])
+    opt.optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["config"]["trainer"]["epochs"] == tc.epochs:
+        opt.scheduler.load_state_dict(checkpoint["scheduler"])
+    opt.scaler.load_state_dict(checkpoint["scaler"])
+    opt.scheduler.step_update(num_updates=checkpoint["state"]["num_updates"])
+    return TrainState(**checkpoint["state"])
 
 
 def restore_random_state(checkpoint: dict, fresh_seed: int, info: DistInfo) -> None:
