@@ -1,8 +1,11 @@
 """The training loop: one epoch of forward, loss, backward and optimizer steps (DeiT's engine, with
-gradient accumulation, AMP through a GradScaler, Mixup, EMA and a stop that waits for the step)."""
+gradient accumulation, AMP through a GradScaler, Mixup, EMA), and a stop on a signal that waits for the step."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,9 +22,55 @@ from tqdm import tqdm
 
 from ..errors import NonFiniteLoss
 from ..models.build import logits_of
+from ..run.console import raise_interrupted, say_ending
 from ..run.distributed import DistInfo, all_reduce_sum
 from .evaluation import top_classes
-from .stop import GracefulStop, stop_requested
+
+
+class GracefulStop:
+    """Turn SIGTERM/SIGINT/SIGHUP into a request that the loop honours after the current optimizer step, on every
+    rank at once. A second Ctrl-C stops at once (last.pt, written atomically, holds the last save). SIGHUP (a
+    closed terminal) stops as SIGTERM does, unless it is ignored (`nohup`): then the run goes on, as asked."""
+
+    # SIGUSR2: submitit's warning before a SLURM time limit (it then requeues the job)
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR2") if hasattr(signal, name)
+    )
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for signum in self.SIGNALS:
+            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # nohup: the user asked the run to outlive its terminal
+            self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            say_ending("stopped at once by a second Ctrl-C; checkpoints/last.pt holds the last save", logging.WARNING)
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def pass_on(self) -> None:
+        """After last.pt is safe, let a previous handler (submitit's requeue on SLURM) act too; Python's own
+        Ctrl-C handler is not one (it would raise KeyboardInterrupt and print a traceback)."""
+        previous = self._previous.get(self.signum) if self.signum is not None else None
+        if callable(previous) and previous not in (signal.default_int_handler, raise_interrupted):
+            previous(self.signum, None)
+
+    def requested(self, device: torch.device, info: DistInfo) -> bool:
+        """True on every rank as soon as any rank got a signal (so all ranks stop at the same step)."""
+        if not info.enabled:
+            return self.signum is not None
+        flag = torch.tensor([float(self.signum is not None)], device=device)
+        return bool(all_reduce_sum(flag, info).item() > 0)
 
 
 def empty_sums() -> dict[str, float]:
@@ -106,7 +155,7 @@ def train_one_epoch(
             if writer is not None and update and state.num_updates % log_every == 0:
                 for name, value in (("loss", loss_value), ("lr", lr), ("images_per_s", rate)):
                     writer.add_scalar(f"train/{name}", value, state.num_updates)
-            if update and stop_requested(stop, device, info):
+            if update and stop.requested(device, info):
                 break
     return seen * info.world_size / max(time.perf_counter() - start, 1e-9)
 
