@@ -1,6 +1,5 @@
-"""results.json: what a run measured, with everything needed to compare it to another run: the merging that
-ran (`merge_record`) and the preprocessing the images went through (`data.preprocessing`), the same in the
-record of every task."""
+"""results.json: what a run measured, and what it takes to compare it to another run, the same for every task:
+the merging that ran (`merge_record`), the preprocessing (`data.preprocessing`)."""
 
 from __future__ import annotations
 

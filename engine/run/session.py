@@ -119,14 +119,4 @@ def open_session(
     inputs = data_config(model, cfg.model, cfg.dataset)
     prepare = input_transform(cfg.dataset, inputs)
     prepare = prepare.to(device) if prepare is not None else nn.Identity()
-    return Session(
-        device=device,
-        dtype=dtype,
-        info=info,
-        model=model,
-        inputs=inputs,
-        prepare=prepare,
-        workers=workers,
-        eval_batch_size=eval_batch_size,
-        compile=compile_as,
-    )
+    return Session(device, dtype, info, model, inputs, prepare, workers, eval_batch_size, compile_as)

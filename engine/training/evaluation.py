@@ -119,9 +119,8 @@ def _run_batches(
 def _gather_in_order(rows: list[torch.Tensor], info: DistInfo) -> list[tuple]:
     """Per-sample rows of every rank, in data set order (rank r holds samples r, r + W, ...)."""
     shards = gather_objects(torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64), info)
-    out = []
-    for rank, part in enumerate(shards):
-        for i, (target, pred, prob) in enumerate(part.tolist()):
-            index = rank + i * len(shards)
-            out.append((index, int(target), int(pred), int(target == pred), prob))
-    return sorted(out)
+    return sorted(
+        (rank + i * len(shards), int(target), int(pred), int(target == pred), prob)
+        for rank, part in enumerate(shards)
+        for i, (target, pred, prob) in enumerate(part.tolist())
+    )

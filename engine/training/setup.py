@@ -57,8 +57,7 @@ class TrainRun:
 
 
 def check_trainer_config(cfg: DictConfig) -> None:
-    """A warning for trainer values that waste the run (what cannot work at all, the schema refused before any
-    work: engine/schema.py)."""
+    """A warning for trainer values that waste the run (the schema refused what cannot work at all)."""
     tc = cfg.trainer
     if tc.warmup_epochs >= tc.epochs:
         log.warning(
@@ -77,7 +76,12 @@ def build_optimization(
     device: torch.device,
     dtype: Optional[torch.dtype],
 ) -> Optimization:
-    mixup_active = tc.mixup > 0 or tc.cutmix > 0
+    """timm's optimizer and cosine schedule (stepped per update), the loss, Mixup/CutMix, the EMA, the scaler."""
+    mixup = None
+    if tc.mixup > 0 or tc.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=num_classes
+        )
     optimizer = create_optimizer_v2(model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -93,13 +97,9 @@ def build_optimization(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        loss_fn=SoftTargetCrossEntropy() if mixup_active else nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        loss_fn=SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
         amp_autocast=partial(autocast, device, dtype),
-        mixup=Mixup(
-            mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=num_classes
-        )
-        if mixup_active
-        else None,
+        mixup=mixup,
         ema=ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None,
         accum_steps=tc.accum_steps,
         clip_grad=tc.clip_grad,
@@ -165,18 +165,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
             run_dir,
         )
     return TrainRun(
-        cfg=cfg,
-        run_dir=run_dir,
-        session=session,
-        model=model,
-        eval_model=eval_model,
-        train_set=train_set,
-        sampler=sampler,
-        val_loader=val_loader,
-        opt=opt,
-        state=state,
-        classes=classes,
-        drop_last=drop_last,
+        cfg, run_dir, session, model, eval_model, train_set, sampler, val_loader, opt, state, classes, drop_last
     )
 
 
