@@ -29,7 +29,7 @@ def default_config() -> dict[str, Any]:
     """`python main.py`'s config, interpolations as written."""
     from hydra import compose, initialize_config_dir
 
-    from engine.run.folder_name import run_id
+    from engine.run.folder_claim import run_id
 
     register()
     OmegaConf.register_new_resolver("run_id", run_id, replace=True)

@@ -122,7 +122,7 @@ def results(run_dir: Path) -> dict:
 def compose_config(*overrides: str) -> DictConfig:
     from omegaconf import OmegaConf
 
-    from engine.run.folder_name import run_id
+    from engine.run.folder_claim import run_id
     from engine.schema import plain, register
 
     register()

@@ -18,9 +18,8 @@ from engine.run.checkpoint import load_checkpoint
 from engine.run.distributed import barrier
 from engine.run.session import open_session
 from engine.tasks.train import save
-from engine.training.loop import train_one_epoch
+from engine.training.loop import GracefulStop, train_one_epoch
 from engine.training.setup import build_run, epoch_loader, restore_random_state
-from engine.training.stop import GracefulStop
 
 OVERRIDES = [
     "task=train",

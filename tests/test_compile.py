@@ -27,9 +27,9 @@ def one_line_error(result) -> str:
 def test_a_bad_value_or_a_machine_that_cannot_compile_is_one_line_before_any_work(tmp_path, monkeypatch):
     line = one_line_error(run_main("task=train", *SMOKE, "runtime.compile=fast", cwd=tmp_path, check=False))
     assert "runtime.compile=fast: takes false, true or a torch.compile mode" in line
-    import engine.run.compile as compile_module
+    import engine.run.session as session_module
 
-    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)  # no C++ compiler on PATH
+    monkeypatch.setattr(session_module.shutil, "which", lambda name: None)  # no C++ compiler on PATH
     line = one_line_error(run_main("task=train", *SMOKE, "runtime.compile=true", cwd=tmp_path, check=False))
     assert "needs a C++ compiler" in line and "set runtime.compile=false" in line
     assert not (tmp_path / "outputs").exists()
@@ -75,7 +75,7 @@ def test_compiled_training_matches_eager_and_its_checkpoints_resume_either_way(t
 
 @pytest.mark.slow
 def test_a_new_schedule_compiles_once(images):
-    from engine.run.compile import compile_model
+    from engine.run.session import compile_model
 
     model = regtome.patch.timm(make_vit("class_reg4"), r=2)
     compiled = compile_model(model, "default")

@@ -154,8 +154,7 @@ def test_a_signal_during_a_block_that_must_not_be_cut_waits_for_its_end(capsys):
     import signal as signals
 
     from engine.errors import Interrupted
-    from engine.run.console import raise_interrupted
-    from engine.training.stop import ctrl_c_after_this
+    from engine.run.console import ctrl_c_after_this, raise_interrupted
 
     previous = signals.signal(signals.SIGTERM, raise_interrupted)
     finished = []

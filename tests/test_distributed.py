@@ -163,7 +163,7 @@ def test_slurm_dry_run_renders_the_job():
 
 
 def test_slurm_job_ids_name_the_run_dir():
-    code = "from engine.run.folder_name import run_id; print(run_id())"
+    code = "from engine.run.folder_claim import run_id; print(run_id())"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_JOB_ID": "4242", "LOCAL_RANK": "1"}
     env.pop("REGTOME_RUN_ID", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -160,7 +160,7 @@ def test_nan_loss_stops_and_keeps_good_checkpoints(tmp_path, monkeypatch):
     assert after == before
 
 
-RUN_ID = "from engine.run.folder_name import run_id; print(run_id())"
+RUN_ID = "from engine.run.folder_claim import run_id; print(run_id())"
 TORCHRUN_LIKE = """
 import os, subprocess, sys
 env = {**os.environ, "LOCAL_RANK": "0"}

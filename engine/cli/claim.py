@@ -44,7 +44,7 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     register_resolvers()
     checked = check_command_line(argv, configs)
     if checked.multirun:
-        from ..run.folder_name import run_id
+        from ..run.folder_claim import run_id
 
         # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
         os.environ.setdefault("REGTOME_RUN_ID", run_id())
@@ -108,7 +108,7 @@ def release() -> None:
 
 def register_resolvers() -> None:
     """${run_id:} and ${run_name:} for hydra.run.dir and hydra.sweep.dir (Hydra carries them into SLURM jobs)."""
-    from ..run.folder_name import run_id
+    from ..run.folder_claim import run_id
 
     OmegaConf.register_new_resolver("run_id", run_id, replace=True)
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)

@@ -23,9 +23,9 @@ from tqdm import tqdm
 import regtome
 
 from ..models.build import logits_of
-from ..run.compile import compile_model
 from ..run.results import merge_record
 from ..run.runtime import autocast, synchronize
+from ..run.session import compile_model
 from .timing import timed_calls
 
 BASELINE = "unpatched"  # the model as timm or transformers built it

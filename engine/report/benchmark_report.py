@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any, Optional
 
-from ..run.atomic import atomic_write
+from ..run.folder_claim import atomic_write
 from .figures import fit_title
 from .pyplot import pyplot, save_figure
 

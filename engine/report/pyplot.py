@@ -19,6 +19,6 @@ def pyplot() -> Any:
 
 def save_figure(fig: Any, path: str | os.PathLike) -> None:
     """`fig` saved whole or not at all (a stop mid-write keeps no half of a PNG), in the format its suffix names."""
-    from ..run.atomic import atomic_write
+    from ..run.folder_claim import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png"))

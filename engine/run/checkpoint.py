@@ -12,32 +12,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
-from .atomic import atomic_write
 from .compat import saved_config
-
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive: a file that fails to load and is not one never was
+from .folder_claim import atomic_write
 
 
 def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """torch.save through `atomic_write`: a killed process or a full disk leaves the old file or the new one.
-
-    A write that fails inside torch's zip writer (a full disk) raises the OSError that caused it."""
+    """torch.save through `atomic_write`. torch's zip writer meets a full disk (ENOSPC) in its write, then fails
+    its own check ('unexpected pos') on the way out, which hides the reason: the OSError behind it is raised."""
     try:
         atomic_write(path, lambda f: torch.save(obj, f))
     except RuntimeError as err:
-        cause = _os_error_behind(err)
+        cause = err.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
         if cause is None:
             raise
         raise cause from err
-
-
-def _os_error_behind(err: BaseException) -> OSError | None:
-    """The OSError an exception was raised while handling: torch's zip writer meets ENOSPC in the file's write,
-    then fails its own check ('unexpected pos') on the way out, which hides the reason."""
-    seen: BaseException | None = err.__context__
-    while seen is not None and not isinstance(seen, OSError):
-        seen = seen.__context__
-    return seen
 
 
 @dataclass(frozen=True)
@@ -90,7 +80,9 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
                 f"checkpoint {path} holds Python objects that weights_only loading refuses (they could run code); "
                 "re-save it with tensors and plain types only"
             ) from err
-        if not _starts_like_a_zip(path):  # a text file, an image, random bytes: torch's reason says nothing
+        with open(path, "rb") as f:  # torch.save writes a zip archive: a file that does not start as one never was
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if not is_zip:  # a text file, an image, random bytes: torch's reason says nothing
             raise CorruptCheckpoint(
                 f"{path} is not a checkpoint (torch.save writes a zip archive, this file is not one); "
                 "pass ckpt=PATH to a run's checkpoints/last.pt or best.pt"
@@ -104,11 +96,6 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
             "use model.pretrained_file=PATH"
         )
     return checkpoint
-
-
-def _starts_like_a_zip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -130,18 +117,12 @@ def _reason(err: Exception) -> str:
     return sentence if 0 < len(sentence) <= 240 else type(err).__name__
 
 
-def _architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("name", "registers", "img_size", "kwargs")
-    return {k: model_cfg.get(k) for k in keys}
-
-
 def check_same_architecture(saved: Mapping[str, Any], wanted: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Name every architecture setting where a checkpoint's model config differs from the wanted one."""
-    saved_arch, wanted_arch = _architecture(saved), _architecture(wanted)
     diffs = [
-        f"model.{k}: checkpoint {saved_arch[k]!r}, config {wanted_arch[k]!r}"
-        for k in saved_arch
-        if saved_arch[k] != wanted_arch[k] and k != "img_size"
+        f"model.{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}"
+        for k in ("name", "registers", "kwargs")
+        if saved.get(k) != wanted.get(k)
     ]
     if diffs:
         raise UserError(
@@ -197,29 +178,10 @@ def training_checkpoint(
     }
 
 
-def restore_training(opt: Any, checkpoint: Mapping[str, Any], same_length: bool) -> dict[str, Any]:
-    """Load a `training_checkpoint` into `opt` (EMA, optimizer, schedule, scaler); returns its saved state. The
-    model already holds its weights: the session was opened with them (`open_session(weights=...)`).
-
-    same_length: the run's epochs are unchanged; a run extended with more epochs keeps the schedule
-    built for the new length instead of the saved one."""
-    if opt.ema is not None and checkpoint.get("ema") is not None:
-        opt.ema.module.load_state_dict(checkpoint["ema"])
-    opt.optimizer.load_state_dict(checkpoint["optimizer"])
-    if same_length:
-        opt.scheduler.load_state_dict(checkpoint["scheduler"])
-    opt.scaler.load_state_dict(checkpoint["scaler"])
-    return dict(checkpoint["state"])
-
-
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank")  # what only a resume reads: last.pt's alone
-
-
 def save_training(checkpoint: Mapping[str, Any], folder: Path, best: bool) -> None:
-    """last.pt always, best.pt too when this state is the best so far (both written atomically).
-
-    best.pt holds what a best checkpoint is for (weights, EMA, config, state and metrics, classes): the
-    optimizer state would triple its size, and a run resumes from last.pt only."""
+    """last.pt always; best.pt too when this state is the best so far, without what only a resume (from last.pt)
+    reads: the optimizer state would triple its size."""
     atomic_save(checkpoint, folder / "last.pt")
     if best:
-        atomic_save({k: v for k, v in checkpoint.items() if k not in RESUME_ONLY}, folder / "best.pt")
+        resume_only = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank")
+        atomic_save({k: v for k, v in checkpoint.items() if k not in resume_only}, folder / "best.pt")

@@ -1,5 +1,5 @@
 """Config compatibility, in one place: keys that moved (`RENAMED`, refused on the command line with their
-new name) and configs saved by earlier releases, read in today's names (`upgrade_config`)."""
+new name) and configs saved by earlier releases, read in today's names (`saved_config`)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,17 @@ RENAMED = {
 UNRECORDED_PROTECT = "prefix"  # what every release before the protect option ran with
 
 
-def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A config saved by an earlier release, in today's key names (`RENAMED`): trainer.device ->
-    runtime.device, model.class_layer -> tome.class_layer, dataset.img_size -> dataset.native_size, ...
-    Keys already in their new place are kept. A tome group without `protect` keeps the mode it ran with."""
-    config = OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=False)
+def saved_config(checkpoint: Mapping[str, Any], path: Any) -> DictConfig:
+    """A checkpoint's config, saved by any release, in today's key names (`RENAMED`; keys already in their new
+    place are kept). A tome group without `protect` keeps the mode it ran with, and a line says so."""
+    config = OmegaConf.to_container(OmegaConf.create(dict(checkpoint["config"])), resolve=False)
+    if isinstance(config.get("tome"), dict) and "protect" not in config["tome"]:
+        log.info(
+            "checkpoint %s records no tome.protect: it keeps protect=%s, the mode it was trained with "
+            "(set tome.protect=... to evaluate it under another)",
+            path,
+            UNRECORDED_PROTECT,
+        )
     for old, new in RENAMED.items():
         old_parent, _, old_key = old.rpartition(".")
         source = config.get(old_parent) if old_parent else config
@@ -45,17 +51,4 @@ def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
     tome = config.get("tome")
     if isinstance(tome, dict) and "protect" not in tome:
         tome["protect"] = UNRECORDED_PROTECT
-    return config
-
-
-def saved_config(checkpoint: Mapping[str, Any], path: Any) -> DictConfig:
-    """A checkpoint's config in today's names; says so when it keeps a protection mode it does not record."""
-    recorded = checkpoint["config"].get("tome")
-    if isinstance(recorded, Mapping) and "protect" not in recorded:
-        log.info(
-            "checkpoint %s records no tome.protect: it keeps protect=%s, the mode it was trained with "
-            "(set tome.protect=... to evaluate it under another)",
-            path,
-            UNRECORDED_PROTECT,
-        )
-    return OmegaConf.create(upgrade_config(checkpoint["config"]))
+    return OmegaConf.create(config)

@@ -1,19 +1,8 @@
-"""A run outlives its console, and its folder says how it ended.
+"""A run outlives its console, stops cleanly on a signal, and its folder says how it ended.
 
-`survive_closed_console`: `python main.py ... | tee run.log` and Ctrl-C kill tee first (the terminal signals
-the whole foreground group), a closed terminal or a dropped ssh session leaves a tty that answers EIO, and a
-SLURM job's output file can vanish. A failed write to stdout or stderr then must not end the run before it
-saves: the streams are wrapped so that such a write is dropped, and the file descriptor is pointed at
-/dev/null so that later writes (tqdm, logging, C code, the interpreter's flush at exit) succeed silently.
-
-`stop_signals_interrupt`: SIGTERM (a scheduler, `kill`) and SIGHUP (a closed terminal) end any task as Ctrl-C
-does: an `Interrupted` exception where the task is, so it releases what it holds and keeps nothing half-written.
-
-`log_ending`: the line that says how a run ended (stopped, refused, crashed) goes to main.log too, written
-directly so that a full disk cannot turn it into a logging traceback. `say_ending`: a run's stop line where the
-user looks: standard error, or the controlling terminal once standard output and error are gone (Ctrl-C through
-`| tee` kills tee, and the terminal would show only `^C`), and main.log always.
-"""
+`| tee` dies first on Ctrl-C (the terminal signals the whole foreground group), a closed terminal or dropped ssh
+session leaves a tty that answers EIO, a SLURM job's output file can vanish: a failed write to the console must not
+end the run before it saves (`survive_closed_console`). The ending line goes where the user looks and to main.log."""
 
 from __future__ import annotations
 
@@ -22,22 +11,18 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Callable, Iterable, TextIO
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from ..errors import Interrupted
 
 READER_GONE = {errno.EPIPE, errno.EIO, errno.ENXIO}  # a closed pipe, a hung-up or vanished terminal
-
-
-def _reader_gone(err: Exception) -> bool:
-    """True for the errors of a console that went away (not, say, a character the encoding lacks)."""
-    if isinstance(err, OSError):
-        return err.errno in READER_GONE
-    return type(err) is ValueError and "closed file" in str(err)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class _SurvivingStream:
-    """A text stream whose writes and flushes never raise because the reader went away."""
+    """A text stream whose writes and flushes never raise because the reader went away: then its descriptor is
+    pointed at /dev/null, so that later writes (tqdm, logging, C code, the flush at exit) succeed silently."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -55,25 +40,21 @@ class _SurvivingStream:
         self._unless_gone(self._stream.flush)
 
     def _unless_gone(self, call: Callable[..., Any], *args: Any) -> None:
-        """`call(*args)` on the real stream while its reader is there; once it is gone, nothing."""
         if self.gone:
             return
         try:
             call(*args)
         except (OSError, ValueError) as err:
-            if not _reader_gone(err):
+            closed = type(err) is ValueError and "closed file" in str(err)  # not a character the encoding lacks
+            if not closed and not (isinstance(err, OSError) and err.errno in READER_GONE):
                 raise
-            self._go_quiet()
-
-    def _go_quiet(self) -> None:
-        """Point the descriptor at /dev/null: what is still buffered, and every later write, goes nowhere."""
-        self.gone = True
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+            self.gone = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
 
     def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...: the real stream's
         return getattr(self._stream, name)
@@ -88,7 +69,13 @@ def survive_closed_console() -> None:
         sys.stderr = _SurvivingStream(sys.stderr)  # type: ignore[assignment]
 
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+def stop_signals_interrupt() -> None:
+    """SIGTERM (a scheduler, `kill`) and SIGHUP (a closed terminal) raise `Interrupted` from now on, as Ctrl-C
+    does, so a task releases what it holds: not where something else handles them (a SIGHUP that `nohup`
+    ignores, submitit's handler in a SLURM job, a training loop's `GracefulStop`)."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, raise_interrupted)
 
 
 def raise_interrupted(signum: int, frame: Any) -> None:
@@ -99,11 +86,15 @@ def raise_interrupted(signum: int, frame: Any) -> None:
 
 def exit_on_another_signal() -> None:
     """While a stop is handled (loaders closing, files released): another Ctrl-C, SIGTERM or SIGHUP ends the
-    process at once, with one line. (A process blocked inside a C call, such as a collective waiting on a dead
-    rank, runs no Python handler until the call returns: there only SIGKILL ends it.)"""
-    for signum in (signal.SIGINT, *STOP_SIGNALS):
-        if signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, _exit_at_once)
+    process at once, with one line (a process blocked in a C call, such as a collective waiting on a dead rank,
+    runs no Python handler until it returns: there only SIGKILL ends it)."""
+    _handle_stop_signals(_exit_at_once)
+
+
+def _handle_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """`handler` for Ctrl-C, SIGTERM and SIGHUP, but for one that is ignored (SIGHUP under nohup stays ignored)."""
+    held = [s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) != signal.SIG_IGN]
+    return {signum: signal.signal(signum, handler) for signum in held}
 
 
 def _exit_at_once(signum: int, frame: Any) -> None:
@@ -111,13 +102,29 @@ def _exit_at_once(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def stop_signals_interrupt() -> None:
-    """SIGTERM and SIGHUP raise `Interrupted` from now on, where nothing else handles them: not a SIGHUP that
-    `nohup` ignores (the run outlives its terminal, as asked), not a handler a launcher installed (submitit's
-    in a SLURM job). A training loop handles all of them itself (engine.training.stop.GracefulStop)."""
-    for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, raise_interrupted)
+@contextmanager
+def ctrl_c_after_this(what: str) -> Iterator[None]:
+    """Hold a Ctrl-C, SIGTERM or SIGHUP until the block ends, then raise KeyboardInterrupt (`Interrupted` for the
+    others): for work that must not be cut (an interrupt inside torch's tracer can crash the process). The first
+    is answered at once with one line (the block can take minutes); a second stops at once."""
+    asked: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if asked:
+            _exit_at_once(signum, frame)
+        asked.append(signum)
+        name = signal_name(signum).split(" ")[0]  # Ctrl-C, SIGTERM, SIGHUP
+        sys.stderr.write(f"\n{name}: stopping when {what} ends (a second signal stops at once)\n")
+        sys.stderr.flush()
+
+    previous = _handle_stop_signals(hold)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if asked:
+        raise KeyboardInterrupt if asked[0] == signal.SIGINT else Interrupted(asked[0])
 
 
 def signal_name(signum: int) -> str:
@@ -127,8 +134,8 @@ def signal_name(signum: int) -> str:
 
 
 def log_ending(message: str, level: int = logging.ERROR) -> None:
-    """Append `message` (the run's ending: stopped, refused, crashed) to main.log, the files the root logger
-    writes to, in their format, without printing it again on the console (it was printed there already)."""
+    """Append the run's ending (stopped, refused, crashed) to main.log in its format, written directly so that a
+    full disk cannot turn it into a logging traceback, and not printed again (the console has it already)."""
     record = logging.getLogger("main").makeRecord("main", level, __file__, 0, message.rstrip("\n"), None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and handler.stream is not None:
@@ -141,7 +148,7 @@ def log_ending(message: str, level: int = logging.ERROR) -> None:
 
 def say_ending(message: str, level: int = logging.ERROR) -> None:
     """Print the run's ending line on standard error; where its reader is gone, on standard output; where that is
-    gone too, on the controlling terminal (/dev/tty). Then append it to main.log (`log_ending`)."""
+    gone too (Ctrl-C through `| tee`: the terminal would show only `^C`), on the terminal. Then to main.log."""
     if not any(_reached(stream, message) for stream in (sys.stderr, sys.stdout)):
         _tell_terminal(message)
     log_ending(message, level)

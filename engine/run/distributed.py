@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,17 +26,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _export_slurm_env() -> None:
-    """Under a multi-task SLURM job (submitit launcher), set the torchrun variables from SLURM's."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    try:
-        from submitit.helpers import TorchDistributedEnvironment
-    except ImportError:
-        return
-    TorchDistributedEnvironment().export()
-
-
 def launch_rank() -> int:
     """This process's rank as its launcher set it, before any process group exists: torchrun's RANK, or a
     multi-task SLURM job's SLURM_PROCID (the submitit launcher exports RANK only when the group is joined);
@@ -48,8 +38,13 @@ def launch_rank() -> int:
 
 
 def init_distributed(use_cuda: bool) -> DistInfo:
-    """Join the process group torchrun describes in the environment; a no-op for one process."""
-    _export_slurm_env()
+    """Join the process group torchrun describes in the environment (a multi-task SLURM job through submitit:
+    its variables, from SLURM's); a no-op for one process."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        with contextlib.suppress(ImportError):
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()

@@ -1,18 +1,10 @@
-"""A run folder's record stays true: one owner at a time (a lock), a config written once, resumes appended.
-
-- `RunLock`: RUN/.lock, an `fcntl.flock` held for the life of the process working in the folder. The kernel
-  releases it when that process ends, however it ends (SIGKILL, a crash, a requeued SLURM job), so a lock is
-  never stale and nothing is taken over; the pid and host written in the file only name the holder in the
-  message a second process gets.
-- `check_folder`: which command may start in an existing folder: a resume continues its own run,
-  overwrite moves the old run aside (`previous/<time>/`), anything else is refused.
-- `append_resume`: a resume adds an entry to RUN/resumes.yaml; `.hydra/config.yaml` keeps the
-  config the run started with.
-"""
+"""A run folder: its name (`run_id`), one owner at a time (`RunLock`), which command may start in it
+(`check_folder`), resumes appended to RUN/resumes.yaml, and every kept file written whole (`atomic_write`)."""
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -20,7 +12,9 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Callable, Optional
+
+import yaml
 
 from ..errors import UserError
 
@@ -32,17 +26,65 @@ HYDRA_FILES = {".hydra", "main.log", LOCK_NAME}
 STARTED_FILES = HYDRA_FILES | {"tensorboard"}  # what a run writes before its first result
 
 
-def holds_run(folder: Path) -> list[str]:
-    """The files that show `folder` holds a run's record ([] for a new or empty folder)."""
-    return [name for name in RECORD_FILES if (folder / name).exists()]
+@functools.lru_cache(maxsize=1)
+def run_id() -> str:
+    """'YYYY-mm-dd_HH-MM-SS_PID', unique per run and shared by the ranks of one job. REGTOME_RUN_ID wins (a
+    multirun sets it for the jobs it submits); under SLURM 'slurm-JOBID', the same after a requeue, so the job
+    finds its own last.pt; under torchrun the agent's pid and start time, the parent of every rank."""
+    if os.environ.get("REGTOME_RUN_ID"):
+        return os.environ["REGTOME_RUN_ID"]
+    slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if slurm_job:
+        return f"slurm-{slurm_job}"
+    if "LOCAL_RANK" in os.environ:
+        pid = os.getppid()
+        started = _start_time(pid) or time.time()
+    else:
+        pid, started = os.getpid(), time.time()
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started)) + f"_{pid}"
+
+
+def _start_time(pid: int) -> float | None:
+    """When process `pid` started (Linux /proc), or None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], Any], text: bool = False) -> Path:
+    """Call `write(file)` on a temp file in the same folder, fsync, then rename it over `path`: a process killed
+    at any moment, or a full disk, leaves the old file or the new one, never half of one (and no temp file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
 
 
 _HELD: dict[int, "RunLock"] = {}  # descriptor -> lock, of the locks this process holds
 
 
 def _forget_held_locks() -> None:
-    """In a forked child (a loader worker): close its copies of the lock descriptors. The parent holds the locks;
-    a child that outlives a killed parent must not keep its folder locked."""
+    """In a forked child (a loader worker): close its copies of the lock descriptors, so that a child that
+    outlives a killed parent does not keep the folder locked."""
     for fd, lock in list(_HELD.items()):
         os.close(fd)
         lock._fd = None
@@ -54,8 +96,9 @@ if hasattr(os, "register_at_fork"):
 
 
 class RunLock:
-    """RUN/.lock, held while a process trains, evaluates or exports in RUN: an exclusive `fcntl.flock` on the
-    file, which only one process can hold and which the kernel releases when the process ends."""
+    """RUN/.lock, held while a process trains, evaluates or exports in RUN: an exclusive `fcntl.flock` that the
+    kernel releases when the process ends, however it ends (SIGKILL, a crash, a requeue), so a lock is never
+    stale. The pid and host written in the file only name the holder to a second process."""
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / LOCK_NAME
@@ -77,12 +120,16 @@ class RunLock:
                     "processes (an NFS mount without a lock daemon, Lustre without -o flock); use a run folder on "
                     "a local or locking file system (hydra.run.dir=DIR)"
                 ) from None
-            if self._is_the_lock_file(fd):
-                break
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)  # the holder released and removed the file between our open and our flock: again
         try:  # the holder's name, for the message a second process gets (a file only readable here: no name)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(self.describe()).encode())
+            os.write(fd, json.dumps(holder).encode())
         except OSError:
             pass
         self._fd = fd
@@ -97,9 +144,6 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def describe(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
     def _open(self) -> int:
         """The lock file, created if need be; read-only when another user's (flock needs no write access)."""
         try:
@@ -110,12 +154,6 @@ class RunLock:
                 return os.open(self.path, os.O_RDONLY)
         except OSError as err:
             raise UserError(f"cannot open the lock file {self.path} ({err.strerror}); use another folder") from None
-
-    def _is_the_lock_file(self, fd: int) -> bool:
-        try:
-            return os.path.samestat(os.fstat(fd), os.stat(self.path))
-        except FileNotFoundError:
-            return False
 
     def _refusal(self) -> str:
         try:
@@ -129,15 +167,10 @@ class RunLock:
 
 
 def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir_given: bool = True) -> str:
-    """What a command may do in `folder` before anything is written: 'new', 'resume', 'overwrite' or
-    'restart' (the folder holds only the log and config of a run that ended before its first checkpoint or
-    result: nothing that could be lost, so its files are moved aside and the command starts there).
-
-    Raises UserError (nothing written) when the folder holds another run's record and the command
-    neither resumes it nor overwrites it, or when a resume finds nothing to resume; each error names
-    the way out.
-    """
-    record = holds_run(folder)
+    """What a command may do in `folder` before anything is written: 'new', 'resume', 'overwrite' or 'restart'
+    (only the log and config of a run that ended before its first checkpoint: moved aside, started anew there).
+    Raises UserError, naming the way out, for another run's record that is neither resumed nor overwritten."""
+    record = [name for name in RECORD_FILES if (folder / name).exists()]
     if task == "train" and resume:
         last = folder / "checkpoints" / "last.pt"
         if last.exists():
@@ -197,13 +230,16 @@ def move_aside(
 
 def append_resume(folder: Path, overrides: list[str], epoch: int, step: int) -> None:
     """Add what this resume ran with to RUN/resumes.yaml (the original .hydra/config.yaml is kept)."""
-    entry = (
-        f"- time: '{time.strftime('%Y-%m-%d %H:%M:%S')}'\n  host: {socket.gethostname()}\n"
-        f"  pid: {os.getpid()}\n  from_epoch: {epoch}\n  from_step: {step}\n"
-        f"  overrides: {json.dumps(list(overrides))}\n"
-    )
+    entry = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "from_epoch": epoch,
+        "from_step": step,
+        "overrides": list(overrides),
+    }
     with open(folder / "resumes.yaml", "a") as f:
-        f.write(entry)
+        yaml.safe_dump([entry], f, sort_keys=False)
 
 
 def discard_new_folder(folder: Path, created: bool) -> None:

@@ -27,22 +27,13 @@ def apply_overrides(
     saved: DictConfig, current: DictConfig, overrides: Iterable[str], groups: Iterable[str]
 ) -> DictConfig:
     """`saved`, with the keys the command line set taken from `current` where they are `overridable` by
-    `groups` (group names, or single keys such as 'dataset.skip_unreadable')."""
-    result = saved.copy()
-    groups = tuple(groups)
+    `groups` (group names, or single keys such as 'dataset.skip_unreadable'); a group switch (dataset=cifar100)
+    replaces the whole group."""
+    result, groups = saved.copy(), tuple(groups)
     for key in override_keys(overrides):
-        group = key.split(".", 1)[0]
-        if not overridable(key, groups):
-            continue
-        if key == group:  # a group switch (dataset=cifar100) replaces the whole group
-            OmegaConf.update(result, group, OmegaConf.select(current, group), merge=False, force_add=True)
-        else:
+        if overridable(key, groups):
             OmegaConf.update(result, key, OmegaConf.select(current, key), merge=False, force_add=True)
     return result
-
-
-def overrides_group(overrides: Iterable[str], group: str) -> bool:
-    return any(k.split(".", 1)[0] == group for k in override_keys(overrides))
 
 
 def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Optional[SavedRun]]:
@@ -53,9 +44,10 @@ def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictC
     run = read_checkpoint(cfg.ckpt)
     saved = run.config
     effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
-    if overrides_group(overrides, "model"):
+    keys = override_keys(overrides)
+    if any(overridable(key, ["model"]) for key in keys):
         check_same_architecture(saved.model, effective.model, cfg.ckpt)
-    if overrides_group(overrides, "dataset"):
+    if any(overridable(key, ["dataset"]) for key in keys):
         check_same_classes(saved, effective, cfg.ckpt)
     rebuilt = cfg.copy()
     with open_dict(rebuilt):  # the saved groups replace the composed ones whole

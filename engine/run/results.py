@@ -1,6 +1,5 @@
-"""results.json: what a run measured, with everything needed to compare it to another run: the merging that
-ran (`merge_record`) and the preprocessing the images went through (`data.preprocessing`), the same in the
-record of every task."""
+"""results.json: what a run measured, and what it takes to compare it to another run, the same for every task:
+the merging that ran (`merge_record`), the preprocessing (`data.preprocessing`)."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from data import preprocessing
 
 from ..models.build import model_label
 from ..models.tome_group import compact
-from .atomic import atomic_write
+from .folder_claim import atomic_write
 from .runtime import device_name, dtype_name
 from .session import Session
 

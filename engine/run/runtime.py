@@ -49,10 +49,8 @@ def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
 
 
 def configure_threads(threads: Optional[int]) -> int:
-    """Set torch's CPU threads to runtime.threads, or to the cores this process may use; returns the count.
-
-    torch's default counts the machine's cores, which oversubscribes a process pinned to fewer cores
-    (taskset, a SLURM allocation, a container quota): its threads then wait on each other."""
+    """Set torch's CPU threads to runtime.threads, or to the cores this process may use (torch's default, the
+    machine's cores, oversubscribes a process pinned to fewer: taskset, SLURM, a container); returns the count."""
     count = int(threads) if threads is not None else available_cores()
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
@@ -78,11 +76,8 @@ def loader_workers(num_workers: Optional[int]) -> int:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for runtime.amp, or None for fp32.
-
-    auto: bf16 on a CUDA GPU that supports it (fp16 on older ones, e.g. V100), fp32 on the CPU.
-    bf16/fp16 are used as asked, on any device (fp16 on the CPU is slow: a warning says so).
-    """
+    """The autocast dtype for runtime.amp, or None for fp32. auto: bf16 on a CUDA GPU that supports it (fp16 on
+    older ones, e.g. V100), fp32 on the CPU; bf16/fp16 as asked, on any device (fp16 on the CPU warns: slow)."""
     if amp == "auto":
         if device.type != "cuda":
             return None

@@ -1,13 +1,16 @@
-"""The set-up every task shares: where it runs (device, precision, threads, processes) and the model.
+"""The set-up every task shares: `open_session(cfg)`, the one reader of the `runtime` group, joins torchrun's
+process group and builds the patched model from the `model` and `tome` groups, with its weights.
 
-`open_session(cfg)` is the one place that reads the `runtime` group: it joins torchrun's process
-group, builds the patched model from the `model` and `tome` groups, loads weights and works out
-the data config. Every task (and the scripts) start from it and read the runtime only through it.
-"""
+runtime.compile: the patched forward traces as one graph, but for the parallel-scaling and differential blocks
+(4 and 5 breaks per block, docs/library.md); each new r schedule compiles once more. The session keeps the plain
+model, so checkpoints never hold `_orig_mod.` keys; only the loops get the compiled one (`Session.runner`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -17,21 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import input_transform, resolve_native_size
 
+from ..errors import UserError
 from ..models.build import build_model, data_config, is_transformers, report_capped_r
 from .checkpoint import load_weights
-from .compile import check_compile, compile_model, say_compiling
 from .distributed import DistInfo, init_distributed
 from .runtime import amp_dtype, configure_threads, loader_workers, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
+RECOMPILE_LIMIT = 64  # schedules x batch shapes x train/eval of one run; torch's default (8) falls back to eager
 
 
 @dataclass
 class Session:
-    """device, dtype (None: fp32), info (ranks), model (patched, on the device; checkpoints hold its
-    weights), inputs (timm's data config), prepare (what the device does to a batch first), workers
-    (loader processes), eval_batch_size (every evaluation's batch), compile (the torch.compile mode of
-    runtime.compile, None: eager)."""
+    """Where a task runs and its model (patched, on the device): dtype None is fp32, inputs timm's data config,
+    prepare what the device does to a batch first, compile runtime.compile's torch.compile mode (None: eager)."""
 
     device: torch.device
     dtype: Optional[torch.dtype]
@@ -45,8 +47,7 @@ class Session:
 
     @property
     def pin_memory(self) -> bool:
-        """Whether loaders pin their batches: the one rule, for every loader (pinned memory speeds up copies to
-        a CUDA device only, and a CPU run on a GPU machine would pin for nothing)."""
+        """Whether every loader pins its batches: only for a CUDA device (a CPU run on a GPU machine gains nothing)."""
         return self.device.type == "cuda"
 
     def runner(self, model: Optional[nn.Module] = None) -> nn.Module:
@@ -56,12 +57,31 @@ class Session:
         return model if self.compile is None else compile_model(model, self.compile)
 
 
-def weightless(model_cfg: DictConfig) -> DictConfig:
-    """A timm model group without pretrained weights: a checkpoint's weights replace them, so they are neither
-    fetched nor looked for in the cache (a transformers model still reads its architecture from its config)."""
-    if is_transformers(model_cfg):
-        return model_cfg
-    return OmegaConf.merge(model_cfg, {"pretrained": False, "pretrained_file": None})
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """torch.compile(model) with static shapes (each batch size compiles its own kernels)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
+def check_compile(value: Any, device: torch.device) -> Optional[str]:
+    """runtime.compile as a torch.compile mode (None: eager), after checking that this machine can compile."""
+    if value is None or value is False:
+        return None
+    mode = "default" if value is True else str(value)
+    reason, compilers = None, (os.environ.get("CXX"), "g++", "c++", "clang++")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        reason = "torch.compile on CUDA needs triton, which is not installed"
+    if device.type == "cpu" and not any(name and shutil.which(name) for name in compilers):
+        reason = "torch.compile on the CPU needs a C++ compiler (g++ or clang++; none found on PATH)"
+    if reason is not None:
+        raise UserError(f"runtime.compile={value}: {reason}; set runtime.compile=false to run eagerly")
+    log.info(
+        "runtime.compile=%s: the first batch compiles the model (%s); each new r schedule or batch shape "
+        "compiles once more",
+        mode,
+        "minutes on a CPU" if device.type == "cpu" else "a minute or so",
+    )
+    return mode
 
 
 def open_session(
@@ -85,10 +105,11 @@ def open_session(
     device = resolve_device(runtime.device, info.local_rank)
     dtype = amp_dtype(runtime.amp, device)
     compile_as = check_compile(runtime.get("compile"), device)  # before any work
-    if compile_as is not None:
-        say_compiling(compile_as, device)
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-    model_cfg = cfg.model if weights is None else weightless(cfg.model)
+    model_cfg = cfg.model
+    # `weights` replace timm's pretrained ones: neither fetched nor looked for (transformers reads its config)
+    if weights is not None and not is_transformers(cfg.model):
+        model_cfg = OmegaConf.merge(cfg.model, {"pretrained": False, "pretrained_file": None})
     model = build_model(model_cfg, cfg.tome, num_classes, trace_source=trace_source)
     seed_everything(cfg.seed + info.rank)  # every later draw (drop path, dropout, mixup) its own per rank
     if weights is not None:
@@ -98,14 +119,4 @@ def open_session(
     inputs = data_config(model, cfg.model, cfg.dataset)
     prepare = input_transform(cfg.dataset, inputs)
     prepare = prepare.to(device) if prepare is not None else nn.Identity()
-    return Session(
-        device=device,
-        dtype=dtype,
-        info=info,
-        model=model,
-        inputs=inputs,
-        prepare=prepare,
-        workers=workers,
-        eval_batch_size=eval_batch_size,
-        compile=compile_as,
-    )
+    return Session(device, dtype, info, model, inputs, prepare, workers, eval_batch_size, compile_as)

@@ -34,9 +34,8 @@ from ..run.overrides import apply_overrides, overridable, override_keys
 from ..run.results import run_record, write_results
 from ..run.runtime import rng_state
 from ..training.evaluation import evaluate
-from ..training.loop import empty_sums, global_sums, train_one_epoch
+from ..training.loop import GracefulStop, empty_sums, global_sums, train_one_epoch
 from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader
-from ..training.stop import GracefulStop
 
 log = logging.getLogger(__name__)
 # What a resume may change: how it trains and where it runs, and whether unreadable images are skipped (an

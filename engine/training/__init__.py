@@ -1,1 +1,1 @@
-"""Training: the loop (`loop`), building a run (`setup`), stopping on signals (`stop`)."""
+"""Training: the loop and its graceful stop (`loop`), the evaluation loop (`evaluation`), building a run (`setup`)."""

@@ -3,12 +3,10 @@ per-sample predictions in data set order. Used by task=eval and by validation du
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -17,11 +15,9 @@ from tqdm import tqdm
 from data.workers import ignore_interrupts
 
 from ..models.build import logits_of
-from ..run.distributed import DistInfo, all_reduce_sum
+from ..run.distributed import DistInfo, all_reduce_sum, gather_objects
 from ..run.runtime import autocast, synchronize
 from ..run.session import Session
-
-log = logging.getLogger(__name__)
 
 
 def top_classes(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -31,20 +27,16 @@ def top_classes(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
     return logits.sort(dim=-1, descending=True, stable=True).indices[:, : min(k, logits.shape[-1])]
 
 
-def shard(dataset: Dataset, info: DistInfo) -> Dataset:
-    """Rank r gets samples r, r + W, r + 2W, ...: no padding, so nothing is counted twice."""
-    return Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset
-
-
 def eval_loader(dataset: Dataset, session: Session) -> DataLoader:
-    """The loader of an evaluation: this rank's shard, in order, at the session's batch size and workers."""
+    """The loader of an evaluation, in order: rank r gets samples r, r + W, r + 2W, ... (no padding, so nothing
+    is counted twice)."""
+    info = session.info
     return DataLoader(
-        shard(dataset, session.info),
+        Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset,
         batch_size=session.eval_batch_size,
         shuffle=False,
         num_workers=session.workers,
         pin_memory=session.pin_memory,
-        persistent_workers=False,
         worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
     )
 
@@ -60,11 +52,8 @@ def evaluate(
     desc: str = "eval",
     predictions: Optional[list[tuple]] = None,
 ) -> dict[str, Any]:
-    """Loss, top-1, top-5 and model images/s over the loader (all ranks).
-
-    With `predictions` (a list), rank 0 gets one (index, target, pred, correct, prob) row per sample,
-    in data set order.
-    """
+    """Loss, top-1, top-5 and model images/s over the loader (all ranks). With `predictions` (a list), rank 0
+    gets one (index, target, pred, correct, prob) row per sample, in data set order."""
     model.eval()
     with tqdm(loader, desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True) as batches:
         totals, rows, timed = _run_batches(model, batches, device, dtype, prepare, predictions is not None)
@@ -129,14 +118,9 @@ def _run_batches(
 
 def _gather_in_order(rows: list[torch.Tensor], info: DistInfo) -> list[tuple]:
     """Per-sample rows of every rank, in data set order (rank r holds samples r, r + W, ...)."""
-    local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
-    shards = [local]
-    if info.enabled:
-        shards = [None] * info.world_size
-        dist.all_gather_object(shards, local)
-    out = []
-    for rank, part in enumerate(shards):
-        for i, (target, pred, prob) in enumerate(part.tolist()):
-            index = rank + i * len(shards)
-            out.append((index, int(target), int(pred), int(target == pred), prob))
-    return sorted(out)
+    shards = gather_objects(torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64), info)
+    return sorted(
+        (rank + i * len(shards), int(target), int(pred), int(target == pred), prob)
+        for rank, part in enumerate(shards)
+        for i, (target, pred, prob) in enumerate(part.tolist())
+    )

@@ -1,8 +1,11 @@
 """The training loop: one epoch of forward, loss, backward and optimizer steps (DeiT's engine, with
-gradient accumulation, AMP through a GradScaler, Mixup, EMA and a stop that waits for the step)."""
+gradient accumulation, AMP through a GradScaler, Mixup, EMA), and a stop on a signal that waits for the step."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -11,7 +14,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 import torch.nn as nn
 from timm.data import Mixup
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -19,11 +22,55 @@ from tqdm import tqdm
 
 from ..errors import NonFiniteLoss
 from ..models.build import logits_of
+from ..run.console import raise_interrupted, say_ending
 from ..run.distributed import DistInfo, all_reduce_sum
 from .evaluation import top_classes
-from .stop import GracefulStop, stop_requested
 
-Batch = Callable[[torch.Tensor], torch.Tensor]
+
+class GracefulStop:
+    """Turn SIGTERM/SIGINT/SIGHUP into a request that the loop honours after the current optimizer step, on every
+    rank at once. A second Ctrl-C stops at once (last.pt, written atomically, holds the last save). SIGHUP (a
+    closed terminal) stops as SIGTERM does, unless it is ignored (`nohup`): then the run goes on, as asked."""
+
+    # SIGUSR2: submitit's warning before a SLURM time limit (it then requeues the job)
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR2") if hasattr(signal, name)
+    )
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for signum in self.SIGNALS:
+            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # nohup: the user asked the run to outlive its terminal
+            self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            say_ending("stopped at once by a second Ctrl-C; checkpoints/last.pt holds the last save", logging.WARNING)
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def pass_on(self) -> None:
+        """After last.pt is safe, let a previous handler (submitit's requeue on SLURM) act too; Python's own
+        Ctrl-C handler is not one (it would raise KeyboardInterrupt and print a traceback)."""
+        previous = self._previous.get(self.signum) if self.signum is not None else None
+        if callable(previous) and previous not in (signal.default_int_handler, raise_interrupted):
+            previous(self.signum, None)
+
+    def requested(self, device: torch.device, info: DistInfo) -> bool:
+        """True on every rank as soon as any rank got a signal (so all ranks stop at the same step)."""
+        if not info.enabled:
+            return self.signum is not None
+        flag = torch.tensor([float(self.signum is not None)], device=device)
+        return bool(all_reduce_sum(flag, info).item() > 0)
 
 
 def empty_sums() -> dict[str, float]:
@@ -61,7 +108,7 @@ class Optimization:
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
-    prepare: Batch,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
     opt: Optimization,
     state: TrainState,
     device: torch.device,
@@ -108,7 +155,7 @@ def train_one_epoch(
             if writer is not None and update and state.num_updates % log_every == 0:
                 for name, value in (("loss", loss_value), ("lr", lr), ("images_per_s", rate)):
                     writer.add_scalar(f"train/{name}", value, state.num_updates)
-            if update and stop_requested(stop, device, info):
+            if update and stop.requested(device, info):
                 break
     return seen * info.world_size / max(time.perf_counter() - start, 1e-9)
 
@@ -160,17 +207,10 @@ def optimizer_step(model: nn.Module, opt: Optimization, state: TrainState) -> No
     state.num_updates += 1
     opt.scheduler.step_update(num_updates=state.num_updates)
     if opt.ema is not None:
-        opt.ema.update(unwrap(model), step=state.num_updates)
+        opt.ema.update(unwrap_model(model), step=state.num_updates)  # torch.compile's and DDP's wrappers off
 
 
 def global_sums(sums: dict[str, float], device: torch.device, info: DistInfo) -> dict[str, float]:
     """Training loss/accuracy sums over all ranks."""
     values = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device), info)
     return dict(zip(sums, values.tolist()))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside torch.compile's and DDP's wrappers (what checkpoints and the EMA hold)."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        model = model._orig_mod
-    return model.module if isinstance(model, DistributedDataParallel) else model

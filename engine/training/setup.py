@@ -23,7 +23,7 @@ from data import EpochSeeded, ResumableSampler, build_datasets, class_names, cou
 from data.workers import ignore_interrupts
 
 from ..models.build import model_label
-from ..run.checkpoint import check_same_architecture, read_checkpoint, restore_training
+from ..run.checkpoint import check_same_architecture, read_checkpoint
 from ..run.distributed import DistInfo
 from ..run.results import merge_record, r_that_ran
 from ..run.runtime import autocast, seed_everything, set_rng_state
@@ -57,8 +57,7 @@ class TrainRun:
 
 
 def check_trainer_config(cfg: DictConfig) -> None:
-    """A warning for trainer values that waste the run (what cannot work at all, the schema refused before any
-    work: engine/schema.py)."""
+    """A warning for trainer values that waste the run (the schema refused what cannot work at all)."""
     tc = cfg.trainer
     if tc.warmup_epochs >= tc.epochs:
         log.warning(
@@ -77,7 +76,12 @@ def build_optimization(
     device: torch.device,
     dtype: Optional[torch.dtype],
 ) -> Optimization:
-    mixup_active = tc.mixup > 0 or tc.cutmix > 0
+    """timm's optimizer and cosine schedule (stepped per update), the loss, Mixup/CutMix, the EMA, the scaler."""
+    mixup = None
+    if tc.mixup > 0 or tc.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=num_classes
+        )
     optimizer = create_optimizer_v2(model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -93,13 +97,9 @@ def build_optimization(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        loss_fn=SoftTargetCrossEntropy() if mixup_active else nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        loss_fn=SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
         amp_autocast=partial(autocast, device, dtype),
-        mixup=Mixup(
-            mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=num_classes
-        )
-        if mixup_active
-        else None,
+        mixup=mixup,
         ema=ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None,
         accum_steps=tc.accum_steps,
         clip_grad=tc.clip_grad,
@@ -165,18 +165,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
             run_dir,
         )
     return TrainRun(
-        cfg=cfg,
-        run_dir=run_dir,
-        session=session,
-        model=model,
-        eval_model=eval_model,
-        train_set=train_set,
-        sampler=sampler,
-        val_loader=val_loader,
-        opt=opt,
-        state=state,
-        classes=classes,
-        drop_last=drop_last,
+        cfg, run_dir, session, model, eval_model, train_set, sampler, val_loader, opt, state, classes, drop_last
     )
 
 
@@ -203,12 +192,17 @@ def updates_per_epoch(samples: int, tc: DictConfig) -> int:
 
 
 def restored_state(opt: Optimization, checkpoint: dict, tc: DictConfig) -> TrainState:
-    """Optimizer, schedule, scaler and EMA states of a resumed run (its weights and random states are restored
-    beside: `open_session`, `restore_random_state`); returns where it stood."""
-    same_length = checkpoint["config"]["trainer"]["epochs"] == tc.epochs
-    saved = restore_training(opt, checkpoint, same_length=same_length)
-    opt.scheduler.step_update(num_updates=saved["num_updates"])
-    return TrainState(**saved)
+    """Load a `training_checkpoint`'s EMA, optimizer, schedule and scaler into `opt` (its weights and random states
+    are restored beside: `open_session`, `restore_random_state`); returns where it stood. A run extended with
+    more epochs keeps the schedule built for its new length."""
+    if opt.ema is not None and checkpoint.get("ema") is not None:
+        opt.ema.module.load_state_dict(checkpoint["ema"])
+    opt.optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["config"]["trainer"]["epochs"] == tc.epochs:
+        opt.scheduler.load_state_dict(checkpoint["scheduler"])
+    opt.scaler.load_state_dict(checkpoint["scaler"])
+    opt.scheduler.step_update(num_updates=checkpoint["state"]["num_updates"])
+    return TrainState(**checkpoint["state"])
 
 
 def restore_random_state(checkpoint: dict, fresh_seed: int, info: DistInfo) -> None:
