@@ -1,8 +1,6 @@
-"""How fast the configured training data pipeline is, per loader worker (task=benchmark).
-
-The train loader's work for one batch (read, decode, augment, collate) is timed in this process,
-which is what one worker does; with W workers the loader delivers at most W times that.
-"""
+"""How fast the configured training data pipeline is, per loader worker (task=benchmark): the train loader's work
+(read, decode, augment, collate) timed in this process, as one worker does it; W workers deliver at most W times
+that."""
 
 from __future__ import annotations
 

@@ -25,10 +25,8 @@ def timed_calls(
     progress: Optional[Callable[[], None]] = None,
 ) -> tuple[dict[Key, list[float]], dict[Key, float]]:
     """Seconds of every timed call of each case, and the seconds of its warm-up calls (compilation included).
-
-    Each repeat runs every case in turn (so slow drifts of clock speed or load hit all cases alike);
-    each call is timed on its own, between device synchronisations.
-    """
+    Each repeat runs every case in turn (slow drifts of clock speed or load hit all cases alike); each call is
+    timed on its own, between device synchronisations."""
     warm: dict[Key, float] = {}
     for key, fn in cases.items():
         synchronize(device)
