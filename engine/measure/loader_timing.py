@@ -4,6 +4,7 @@ that."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -31,11 +32,7 @@ def _images_per_s(dataset: Dataset, batch_size: int, batches: int, seed: int) ->
     images, _ = next(iterator)
     bytes_per_sample = images[0].numel() * images.element_size()
     start, seen = time.perf_counter(), 0
-    for _ in range(batches):
-        try:
-            images, _ = next(iterator)
-        except StopIteration:
-            break
+    for images, _ in itertools.islice(iterator, batches):
         seen += len(images)
     return seen / max(time.perf_counter() - start, 1e-9), bytes_per_sample
 

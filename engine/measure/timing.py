@@ -70,8 +70,7 @@ def busy_processes(window: float = 0.5, threshold: float = 0.2) -> list[str]:
     proc = Path("/proc")
     if not proc.is_dir():
         return []
-    mine = {str(os.getpid())}
-    pids = [p.name for p in proc.iterdir() if p.name.isdigit() and p.name not in mine]
+    pids = [p.name for p in proc.iterdir() if p.name.isdigit() and p.name != str(os.getpid())]
     before = {pid: _cpu_seconds(pid) for pid in pids}
     time.sleep(window)
     busy = []

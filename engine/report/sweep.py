@@ -48,14 +48,10 @@ def group_label(row: dict[str, Any], keys: list[str]) -> str:
     return ", ".join(f"{k}={short_label(k, row.get(k))}" for k in keys) or "all runs"
 
 
-def _natural(path: Path) -> list:
-    """Job folders 0, 1, ..., 10 in numeric order."""
-    return [int(part) if part.isdigit() else part for part in path.parts]
-
-
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
-    for path in sorted(sweep_dir.rglob("results.json"), key=_natural):
+    paths = sorted(sweep_dir.rglob("results.json"), key=lambda p: [int(s) if s.isdigit() else s for s in p.parts])
+    for path in paths:  # job folders 0, 1, ..., 10 in numeric order
         record = json.loads(path.read_text())
         row = {"run": str(path.parent.relative_to(sweep_dir))} | {k: record.get(k) for k in COLUMNS[1:]}
         row["r"] = json.dumps(row["r"]).replace(" ", "")
@@ -116,8 +112,10 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def split_constant_columns(table: list[dict[str, Any]], columns: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """The columns whose value differs between rows (plus the measurements), and the constant ones."""
+def _markdown(table: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    """A table of the columns whose value differs between rows (and the measurements), the constant ones above it."""
+    if all(row.get("schedule") == f"r={row.get('r')}" for row in table):
+        columns = [c for c in columns if c != "schedule"]  # every run asked for its r: the r column says it
     shown, constant = [], {}
     for column in columns:
         values = {json.dumps(row.get(column), default=str) for row in table}
@@ -125,13 +123,6 @@ def split_constant_columns(table: list[dict[str, Any]], columns: list[str]) -> t
             shown.append(column)
         else:
             constant[column] = table[0].get(column)
-    return shown, constant
-
-
-def _markdown(table: list[dict[str, Any]], columns: list[str]) -> list[str]:
-    if all(row.get("schedule") == f"r={row.get('r')}" for row in table):
-        columns = [c for c in columns if c != "schedule"]  # every run asked for its r: the r column says it
-    shown, constant = split_constant_columns(table, columns)
     header = ", ".join(f"{k} {_fmt(v)}" for k, v in constant.items() if v is not None)
     lines = [f"All runs: {header}.", ""] if header else []
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
