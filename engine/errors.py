@@ -56,11 +56,8 @@ def first_line(err: BaseException) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """The message of `err` on one line.
-
-    An error raised inside a DataLoader worker reaches the main process as the worker's whole
-    traceback in the message; its last line is the original message (after 'module.Class: ').
-    """
+    """The message of `err` on one line. An error raised in a DataLoader worker arrives with the worker's whole
+    traceback as its message; its last line is the original message (after 'module.Class: ')."""
     full_key = getattr(err, "full_key", None)
     if type(err).__name__ == "MissingMandatoryValue" and full_key:  # a '???' in the config
         return f"{full_key} is required: add {full_key}=VALUE to the command line"

@@ -236,7 +236,7 @@ def test_the_paired_figure_names_each_schedule_once(sweep, tmp_path, monkeypatch
     """Two modes at r=0 sit on one point (both equal the baseline): one label there, not 'r=0r=0'."""
     import matplotlib.axes
 
-    from engine.report.sweep_plots import plot_paired
+    from engine.report.sweep import plot_paired
 
     folder, _ = sweep
     rows = collect(folder)
@@ -255,7 +255,7 @@ def test_sweep_png_joins_each_modes_runs_in_order_of_r_not_of_measured_speed(tmp
     mode's line goes from the least merging to the most (r=16 measured slower than r=8 stays after it)."""
     from matplotlib.axes import Axes
 
-    from engine.report.sweep_plots import plot_sweep
+    from engine.report.sweep import plot_sweep
 
     speed = {0: 100.0, 4: 160.0, 8: 150.0, 16: 140.0, 32: 210.0}  # noisy: not monotone in r
     modes = ("prefix", "apart")

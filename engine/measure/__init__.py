@@ -1,4 +1,2 @@
-"""Measurement: fair timing (every case in one process, interleaved, after warm-up, synchronised; the
-machine looked at first), what merging buys in inference and training (`speed`), the training loader per
-worker (`loader_timing`), and an export checked against PyTorch (`parity`). Drawing and reporting what was
-measured is `engine.report`."""
+"""Measurement: fair timing (`timing`), what merging buys (`speed`), the training loader per worker
+(`loader_timing`), an export checked against PyTorch (`parity`). Reporting it is `engine.report`."""

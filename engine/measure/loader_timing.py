@@ -1,11 +1,10 @@
-"""How fast the configured training data pipeline is, per loader worker (task=benchmark).
-
-The train loader's work for one batch (read, decode, augment, collate) is timed in this process,
-which is what one worker does; with W workers the loader delivers at most W times that.
-"""
+"""How fast the configured training data pipeline is, per loader worker (task=benchmark): the train loader's work
+(read, decode, augment, collate) timed in this process, as one worker does it; W workers deliver at most W times
+that."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -33,11 +32,7 @@ def _images_per_s(dataset: Dataset, batch_size: int, batches: int, seed: int) ->
     images, _ = next(iterator)
     bytes_per_sample = images[0].numel() * images.element_size()
     start, seen = time.perf_counter(), 0
-    for _ in range(batches):
-        try:
-            images, _ = next(iterator)
-        except StopIteration:
-            break
+    for images, _ in itertools.islice(iterator, batches):
         seen += len(images)
     return seen / max(time.perf_counter() - start, 1e-9), bytes_per_sample
 

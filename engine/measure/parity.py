@@ -67,11 +67,9 @@ def parity(reference: tuple[np.ndarray, np.ndarray], exported: list[np.ndarray])
 
 
 def reference_outputs(module: nn.Module, images: torch.Tensor, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    outs = []
     with torch.no_grad():
-        for start in range(0, len(images), batch):
-            out = module(images[start : start + batch])
-            outs.append(out if isinstance(out, tuple) else (out, torch.zeros(len(out), 1, dtype=torch.long)))
+        outs = [module(images[start : start + batch]) for start in range(0, len(images), batch)]
+    outs = [out if isinstance(out, tuple) else (out, torch.zeros(len(out), 1, dtype=torch.long)) for out in outs]
     return (torch.cat([o[0] for o in outs]).float().numpy(), torch.cat([o[1] for o in outs]).numpy())
 
 

@@ -1,12 +1,7 @@
 """What merging buys, measured fairly: images/s and latency of the patched model against the unpatched one,
-eager and compiled, for inference, the training step and dense features.
-
-Every case runs in this one process on random input (only the model is timed), interleaved with the
-others after warm-up, synchronised on CUDA, under the configured AMP dtype. Each call is timed on its
-own: a row has the median (images/s = batch / median) and the 90th percentile (latency). Compiled
-cases are timed after their compilation; the first calls' seconds (compilation included) are reported
-apart, as `warmup_s`.
-"""
+eager and compiled, for inference, the training step and dense features. Every case runs on random input (only
+the model is timed) through `timing.timed_calls`, under the configured AMP dtype: a row has the median call
+(images/s = batch / median), the 90th percentile (latency), and the warm-up's seconds (compilation included)."""
 
 from __future__ import annotations
 
@@ -23,6 +18,7 @@ from tqdm import tqdm
 import regtome
 
 from ..models.build import logits_of
+from ..models.tome_group import compact
 from ..run.results import merge_record
 from ..run.runtime import autocast, synchronize
 from ..run.session import compile_model
@@ -30,15 +26,14 @@ from .timing import timed_calls
 
 BASELINE = "unpatched"  # the model as timm or transformers built it
 Step = Callable[[], None]
+Case = tuple[str, str]  # (way of running, schedule label)
 
 
 def schedule_label(r: Any) -> str:
     """'unpatched' for the model as built, '16' or '(16,-1.0)' for an r, '16 apart' for options {r, protect}."""
     if r is None:
         return BASELINE
-    if isinstance(r, dict):
-        return " ".join(str(v).replace(" ", "") for v in r.values())
-    return str(r).replace(" ", "")
+    return " ".join(compact(v) for v in r.values()) if isinstance(r, dict) else compact(r)
 
 
 def peak_memory_mb(device: torch.device, fn: Step) -> float:
@@ -77,8 +72,8 @@ def schedule_records(merged: nn.Module, schedules: list[Any], size: tuple[int, i
     return records
 
 
-# Each step calls `model` (eager or compiled) with the options of `patched` (the plain patched module
-# inside it, None for the unpatched baseline) set to schedule r.
+# Each step calls `model` (eager or compiled) with the options of `patched` (the plain patched module inside it,
+# None for the unpatched baseline) set to schedule r.
 
 
 def inference_step(
@@ -160,8 +155,8 @@ def _cases(
     images: torch.Tensor,
     device: torch.device,
     dtype: Any,
-) -> dict[tuple[str, str], Step]:
-    cases: dict[tuple[str, str], Step] = {}
+) -> dict[Case, Step]:
+    cases: dict[Case, Step] = {}
     for name, (base, merged) in execs.items():
         if (mode == "dense" and name != "eager") or (name == "cuda graphs" and (batch != 1 or mode != "inference")):
             continue  # dense features run eagerly; CUDA graphs are what batch-1 inference asks for
@@ -173,18 +168,13 @@ def _cases(
 
 
 def _row(
-    mode: str,
-    batch: int,
-    key: tuple[str, str],
-    calls: list[float],
-    base: float,
-    eager_base: float,
-    gflops: dict[str, float],
-    warmup_s: float,
+    mode: str, batch: int, key: Case, calls: dict[Case, list[float]], gflops: dict[str, float], warmup_s: float
 ) -> dict[str, Any]:
-    median = statistics.median(calls)
-    p90 = statistics.quantiles(calls, n=10)[-1] if len(calls) > 1 else median
+    """Case `key`'s row; its speedups against the unpatched model run the same way and run eagerly."""
     execution, label = key
+    median = statistics.median(calls[key])
+    p90 = statistics.quantiles(calls[key], n=10)[-1] if len(calls[key]) > 1 else median
+    base, eager_base = (statistics.median(calls[(run, BASELINE)]) for run in (execution, "eager"))
     ideal = gflops[BASELINE] / gflops[label]
     return {
         "mode": mode,
@@ -234,10 +224,8 @@ def benchmark_rows(
                 calls, warm = timed_calls(
                     cases, device, timing.warmup, timing.repeats, timing.iters, progress=lambda: bar.update(1)
                 )
-                eager_base = statistics.median(calls[("eager", BASELINE)])
-                for key, times in calls.items():
-                    base = statistics.median(calls[(key[0], BASELINE)])
-                    row = _row(mode, batch, key, times, base, eager_base, gflops, warm[key])
+                for key in calls:
+                    row = _row(mode, batch, key, calls, gflops, warm[key])
                     if protects:  # modes compared (benchmark.protect): each row names its own
                         row["protect"] = protects.get(key[1])  # None for the unpatched model
                     rows.append(row | {"peak_memory_mb": peak_memory_mb(device, cases[key])})

@@ -25,10 +25,8 @@ def timed_calls(
     progress: Optional[Callable[[], None]] = None,
 ) -> tuple[dict[Key, list[float]], dict[Key, float]]:
     """Seconds of every timed call of each case, and the seconds of its warm-up calls (compilation included).
-
-    Each repeat runs every case in turn (so slow drifts of clock speed or load hit all cases alike);
-    each call is timed on its own, between device synchronisations.
-    """
+    Each repeat runs every case in turn (slow drifts of clock speed or load hit all cases alike); each call is
+    timed on its own, between device synchronisations."""
     warm: dict[Key, float] = {}
     for key, fn in cases.items():
         synchronize(device)
@@ -72,8 +70,7 @@ def busy_processes(window: float = 0.5, threshold: float = 0.2) -> list[str]:
     proc = Path("/proc")
     if not proc.is_dir():
         return []
-    mine = {str(os.getpid())}
-    pids = [p.name for p in proc.iterdir() if p.name.isdigit() and p.name not in mine]
+    pids = [p.name for p in proc.iterdir() if p.name.isdigit() and p.name != str(os.getpid())]
     before = {pid: _cpu_seconds(pid) for pid in pids}
     time.sleep(window)
     busy = []

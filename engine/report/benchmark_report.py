@@ -6,9 +6,10 @@ import csv
 from pathlib import Path
 from typing import Any, Optional
 
+from matplotlib.figure import Figure
+
 from ..run.folder_claim import atomic_write
-from .figures import fit_title
-from .pyplot import pyplot, save_figure
+from . import fit_title, save_figure
 
 TABLE = (
     "| mode | run | r | batch | images/s | latency ms (p90) | speedup | vs eager unpatched | GFLOPs | "
@@ -61,12 +62,10 @@ def _schedule(row: dict[str, Any]) -> str:
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path, warning: Optional[str] = None) -> None:
     """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed.
     `warning` is the title's last line."""
-    plt = pyplot()
-
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     width = 5.5 * len(modes)  # inches: one 5.5-inch panel per mode
-    fig, axes = plt.subplots(1, len(modes), figsize=(width, 4.4), dpi=100, squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    fig = Figure(figsize=(width, 4.4), dpi=100)
+    for ax, mode in zip(fig.subplots(1, len(modes), squeeze=False)[0], modes):
         mode_rows = [r for r in rows if r["mode"] == mode]
         protects = list(dict.fromkeys(r.get("protect") for r in mode_rows if r["r"] != "unpatched")) or [None]
         for i, protect in enumerate(protects):
@@ -76,17 +75,10 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path, warning: 
             ax.plot(list(ideal), list(ideal.values()), "k--" if i == 0 else "k-.", label=f"FLOP-ideal{named}")
             for execution in dict.fromkeys(r["execution"] for r in rows_of):
                 for batch in sorted({r["batch_size"] for r in rows_of if r["execution"] == execution}):
-                    line = {
-                        _schedule(r): r["speedup"]
-                        for r in rows_of
-                        if r["execution"] == execution and r["batch_size"] == batch
-                    }
-                    ax.plot(
-                        list(line),
-                        list(line.values()),
-                        "o-" if execution == "eager" else "s:",
-                        label=f"{execution}, batch {batch}{named}",
-                    )
+                    run = [r for r in rows_of if r["execution"] == execution and r["batch_size"] == batch]
+                    line = {_schedule(r): r["speedup"] for r in run}
+                    style = "o-" if execution == "eager" else "s:"
+                    ax.plot(list(line), list(line.values()), style, label=f"{execution}, batch {batch}{named}")
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set(title=mode, xlabel="r schedule", ylabel="speedup over the unpatched model")
         ax.tick_params(axis="x", labelsize=8)
@@ -100,4 +92,3 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path, warning: 
     fig.suptitle(fit_title(title, width, fontsize=9), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)

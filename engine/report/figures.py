@@ -1,45 +1,33 @@
 """The pictures of task=visualize: merged-token maps (as in the ToMe paper), the grid of maps and prefix-token
-attention, and dense features as PCA colours; and `fit_title`, which every figure's title goes through.
-Pure drawing: arrays in, PNG files out."""
+attention, and dense features as PCA colours. Pure drawing: arrays in, PNG files out."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 import regtome
 
-from .pyplot import pyplot, save_figure
+from . import fit_title, save_figure
 
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
 
 
-def fit_title(text: str, width_inches: float, fontsize: float = 7) -> str:
-    """Wrap each line of `text` so that it fits a figure `width_inches` wide (matplotlib clips a suptitle
-    at the figure's edges). An average character is about 0.55 of the font size wide."""
-    per_line = max(20, int(width_inches * 72 / (0.55 * fontsize)) - 2)
-    return "\n".join(part for line in text.split("\n") for part in textwrap.wrap(line, per_line) or [""])
-
-
 def patch_groups(source: torch.Tensor, num_prefix: int) -> np.ndarray:
-    """Which output token each patch went into: (T, N) source of one image -> (N - num_prefix,) labels.
-
-    Labels are renumbered 0..G-1 in order of first appearance; G is the number of output tokens
-    that hold patches.
-    """
+    """Which output token each patch went into: (T, N) source of one image -> (N - num_prefix,) labels,
+    renumbered 0..G-1 in order of first appearance (G: the output tokens that hold patches)."""
     owners = regtome.slot_owner(source[None].float())[0, num_prefix:].cpu().numpy()
     _, labels = np.unique(owners, return_inverse=True)
     return labels
 
 
 def merge_map(image: np.ndarray, labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Fill each group of patches with its mean colour and outline the groups in black.
-
-    image: (H, W, 3) floats in [0, 1] with H, W multiples of the grid; labels: (gh * gw,).
-    """
+    """Each group of patches filled with its mean colour and outlined in black.
+    image: (H, W, 3) floats in [0, 1], H and W multiples of the grid; labels: (gh * gw,)."""
     gh, gw = grid
     ph, pw = image.shape[0] // gh, image.shape[1] // gw
     pixel_labels = np.kron(labels.reshape(gh, gw), np.ones((ph, pw), dtype=labels.dtype))
@@ -55,9 +43,7 @@ def merge_map(image: np.ndarray, labels: np.ndarray, grid: tuple[int, int]) -> n
 
 
 def grid_shape(num_blocks: int, num_heads: int, num_prefix: int, num_modes: int) -> tuple[int, int]:
-    rows = num_modes + num_prefix
-    cols = max(1 + num_blocks, num_heads)
-    return rows, cols
+    return num_modes + num_prefix, max(1 + num_blocks, num_heads)
 
 
 def draw_grid(
@@ -74,12 +60,11 @@ def draw_grid(
 ) -> np.ndarray:
     """Save the grid PNG and return it as an (H, W, 3) uint8 array. attention: (heads, P, N). Blocks are
     0-based indices (as visualize.blocks); titles count them from 1 of `depth`."""
-    plt = pyplot()
-
     blocks = sorted(next(iter(maps.values())))
     num_heads = attention.shape[0]
     rows, cols = grid_shape(len(blocks), num_heads, len(names), len(maps))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL_PX / 100, rows * CELL_PX / 100), dpi=100, squeeze=False)
+    fig = Figure(figsize=(cols * CELL_PX / 100, rows * CELL_PX / 100), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for row, (mode, by_block) in enumerate(maps.items()):
@@ -110,11 +95,10 @@ def draw_grid(
     fig.suptitle(suptitle, fontsize=7, y=1 - 0.06 / height, va="top")
     title_inches = 0.06 + 0.14 * (suptitle.count("\n") + 1) + 0.32  # its lines, then the first row's two-line titles
     fig.subplots_adjust(left=0.02, right=0.95, top=1 - title_inches / height, bottom=0.02, hspace=0.35, wspace=0.1)
+    canvas = FigureCanvasAgg(fig)  # the pixels returned
     save_figure(fig, path)
-    fig.canvas.draw()
-    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return pixels
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[np.ndarray]:
@@ -139,16 +123,13 @@ def draw_feature_panels(
     picture: np.ndarray, dense: torch.Tensor, merged: torch.Tensor, tokens: int, path: Path, title: str
 ) -> None:
     """Image | (C, H, W) features at r=0 | merged and put back on the grid, in one PCA colour basis."""
-    plt = pyplot()
-
     images = pca_rgb(dense, merged)
-    fig, axes = plt.subplots(1, 3, figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.45), dpi=100)
+    fig = Figure(figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.45), dpi=100)
     panels = [(picture, "image"), (images[0], "features, r=0"), (images[1], f"merged ({tokens} tokens), unmerged")]
-    for ax, (image, label) in zip(axes, panels):
+    for ax, (image, label) in zip(fig.subplots(1, 3), panels):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(label, fontsize=7)
         ax.axis("off")
     fig.suptitle(fit_title(title, 3 * CELL_PX / 100), fontsize=7)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.7, bottom=0.02, wspace=0.05)
     save_figure(fig, path)
-    plt.close(fig)

@@ -1,9 +1,6 @@
-"""Where the registers go when they are not protected (protect="class", ToMe's rule, or "apart").
-
-After each block, every register token sits in one output token. That token is the register
-alone, the register merged with other registers only, or a token that also holds patches.
-Counted over a data set with `trace_source`, per block and per register.
-"""
+"""Where the registers go when they are not protected (protect="class", ToMe's rule, or "apart"): after each
+block, each register sits alone, merged with other registers only, or in a token that also holds patches. Counted
+over a data set with `regtome.trace`, per block and per register."""
 
 from __future__ import annotations
 
@@ -11,11 +8,12 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
 import regtome
 
-from .pyplot import pyplot, save_figure
+from . import save_figure
 
 FATES = ("alone", "with_registers", "with_patches")
 
@@ -71,22 +69,18 @@ def register_fates(
 
 
 def plot_fates(summary: dict[str, Any], path: str, title: str) -> None:
-    plt = pyplot()
-
     fractions = summary["fractions_per_block"]
     blocks = list(range(len(fractions["alone"])))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    ax = fig.subplots()
     bottom = [0.0] * len(blocks)
     colours = {"alone": "#4c72b0", "with_registers": "#dd8452", "with_patches": "#c44e52"}
     for fate in FATES:
         values = [100 * v for v in fractions[fate]]
         ax.bar(blocks, values, bottom=bottom, color=colours[fate], label=fate.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xlabel("after block")
-    ax.set_ylabel("% of register tokens")
-    ax.set_xticks(blocks)
+    ax.set(xlabel="after block", ylabel="% of register tokens", xticks=blocks)
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
