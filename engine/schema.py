@@ -430,8 +430,13 @@ def validate(cfg: DictConfig) -> None:
     from .errors import UserError
     from .models.tome_group import merge_amount
 
-    for dotted, value in _leaves(cfg):
-        problem = _check(dotted, value, shown=value)
+    values = OmegaConf.to_container(  # resolved, Hydra's own node left out
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True, enum_to_str=True
+    )
+    for dotted in schema_keys():
+        group, _, leaf = dotted.rpartition(".")
+        value = values[group][leaf] if group else values[leaf]  # type: ignore[index]
+        problem = _check(dotted, value, shown=value) if value != "???" else None  # '???': the task says so
         if problem:
             raise UserError(problem)
     merge_amount(cfg.tome)  # tome.r or tome.flops, never both
@@ -456,27 +461,6 @@ def plain(cfg: DictConfig) -> DictConfig:
     result = OmegaConf.create(values)
     OmegaConf.set_struct(result, True)
     return result
-
-
-def _leaves(cfg: DictConfig) -> list[tuple[str, Any]]:
-    """(key, resolved value) of every schema key (Hydra's own node and free-form dicts not walked into)."""
-    out: list[tuple[str, Any]] = []
-    for name in cfg:
-        if name == "hydra":
-            continue
-        value = cfg[name]
-        if isinstance(value, DictConfig):
-            for inner in value:
-                if OmegaConf.is_missing(value, inner):
-                    continue  # '???': the task that needs it says so (dataset.root of an image folder)
-                node = value[inner]
-                resolved = (
-                    OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
-                )
-                out.append((f"{name}.{inner}", resolved.name if isinstance(resolved, enum.Enum) else resolved))
-        else:
-            out.append((str(name), value.name if isinstance(value, enum.Enum) else value))
-    return out
 
 
 def _shown(value: Any) -> str:
