@@ -53,12 +53,8 @@ def as_list(value: Any) -> list[Any]:
 
 
 def protect_modes(bench: DictConfig, merged: nn.Module) -> list[str]:
-    """benchmark.protect (a mode or a list of them; null: the model's own), each one checked."""
-    modes = as_list(bench.get("protect") or merged.protect)
-    bad = [mode for mode in modes if mode not in regtome.PROTECT_MODES]
-    if bad:
-        raise UserError(f"benchmark.protect={bad[0]}: choose modes among {', '.join(regtome.PROTECT_MODES)}")
-    return modes
+    """benchmark.protect (a mode or a list of them, checked by the schema) as a list; null: the model's own."""
+    return as_list(bench.get("protect") or merged.protect)
 
 
 def benchmark_schedules(bench: DictConfig, merged: nn.Module) -> list[Any]:
@@ -145,14 +141,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     if busy:
         log.warning(busy)
     baseline = regtome.remove_patch(copy.deepcopy(merged))
-    timing = Timing(
-        warmup=bench.warmup,
-        repeats=bench.repeats,
-        iters=bench.iters,
-        train_step=bench.train_step,
-        dense=bench.dense,
-        compile=session.compile,
-    )
+    timing = Timing(bench.warmup, bench.repeats, bench.iters, bench.train_step, bench.dense, session.compile)
     size = tuple(session.inputs["input_size"])  # model.img_size (a hub model's own config may say another)
     rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing, device, dtype, size)
     target = speed_target(bench, baseline, merged, timing, device, dtype, size)

@@ -43,15 +43,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     dataset = build_datasets(
         cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed, classes=classes
     )
-    predictions: list[tuple] = []
+    loader, runner = eval_loader(dataset["val"], session), session.runner()  # compiled when runtime.compile asks
+    predictions: list[tuple] = []  # one row per sample, in data set order
     metrics = evaluate(
-        session.runner(),  # compiled when runtime.compile asks
-        eval_loader(dataset["val"], session),
-        session.device,
-        session.dtype,
-        session.info,
-        prepare=session.prepare,
-        predictions=predictions,
+        runner, loader, session.device, session.dtype, session.info, session.prepare, predictions=predictions
     )
     extra = {"checkpoint": cfg.ckpt, "trained_with": saved.trained_with if saved else None}
     extra |= {"world_size": session.info.world_size, "predictions": "predictions.csv", "compile": session.compile}
