@@ -20,6 +20,10 @@ from .build import not_found
 log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PROCESSOR_FILE = "preprocessor_config.json"
+UNREADABLE = (  # what to do when the config or weights are in neither the Hugging Face cache nor the hub
+    "check model.name, set model.pretrained_dir=DIR (a folder written by save_pretrained), or "
+    "model.pretrained=false for the preset's architecture with random weights"
+)
 
 
 class HFClassifier(nn.Module):
@@ -66,17 +70,6 @@ def check_model_group(model_cfg: Mapping[str, Any]) -> None:
         )
 
 
-def _unreadable(source: str, err: BaseException) -> UserError:
-    return UserError(
-        not_found(
-            source,
-            err,
-            "check model.name, set model.pretrained_dir=DIR (a folder written by save_pretrained), or "
-            "model.pretrained=false for the preset's architecture with random weights",
-        )
-    )
-
-
 def _config(model_cfg: Mapping[str, Any], source: str) -> Any:
     """The transformers config: the preset's own architecture for random weights, else the hub's or the folder's."""
     from transformers import AutoConfig
@@ -89,7 +82,7 @@ def _config(model_cfg: Mapping[str, Any], source: str) -> Any:
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise _unreadable(source, err) from err
+        raise UserError(not_found(source, err, UNREADABLE)) from err
 
 
 def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
@@ -116,7 +109,7 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
         else:
             model = auto.from_config(config, attn_implementation=implementation)
     except (OSError, ValueError) as err:
-        raise _unreadable(source, err) from err
+        raise UserError(not_found(source, err, UNREADABLE)) from err
     return model if classification else HFClassifier(model, num_classes)
 
 

@@ -186,9 +186,8 @@ def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int
     caption = f"predicted: {_label(plan.classes, predicted)} (p={float(probabilities[predicted]):.2f})"
     if target is not None:  # images= files have no label
         caption = f"true: {_label(plan.classes, target)}, {caption}"
-    title = f"{name}: {caption}\n{summary['model']}, r={r_that_ran(summary)}, protect={model.protect}" + (
-        " (random weights)" if summary["random_weights"] else ""
-    )
+    weights = " (random weights)" if summary["random_weights"] else ""
+    title = f"{name}: {caption}\n{summary['model']}, r={r_that_ran(summary)}, protect={model.protect}{weights}"
     png = plan.run_dir / f"{name}.png"
     pixels = draw_grid(
         picture, maps, tokens, attention, names, note, plan.attn_block, png, title, model.regtome_num_blocks
