@@ -164,7 +164,7 @@ def test_weights_in_neither_cache_nor_hub_say_where_they_were_looked_for(monkeyp
     """The wording follows huggingface_hub's own offline flag (the real offline load: tests/test_offline.py)."""
     from huggingface_hub import constants
 
-    from engine.models.hub import not_found
+    from engine.models.build import not_found
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", "/cache/hub")
     err = OSError("We couldn't connect to 'https://huggingface.co'")

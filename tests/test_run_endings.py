@@ -117,7 +117,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk):
     line = error_line(result)
     last = run / "checkpoints" / "last.pt"
     assert line == (
-        f"error: could not save a checkpoint in {run / 'checkpoints'}: the disk is full ([Errno {errno.ENOSPC}]); "
+        f"error: could not save a checkpoint in {run / 'checkpoints'}: {os.strerror(errno.ENOSPC)} "
+        f"([Errno {errno.ENOSPC}]); "
         f"{last} (epoch 2 step 0) is intact; once it can be written again, continue with: "
         f"{sys.executable} main.py task=train hydra.run.dir={run} trainer.resume=true"
     )

@@ -1,5 +1,5 @@
-"""Build the model of the `model` and `tome` config groups (timm here; transformers in `transformers.py`),
-patched, with its label and the data config it expects."""
+"""The model of the `model` and `tome` config groups (timm here, transformers in `transformers.py`), patched,
+with its label and the data config it expects."""
 
 from __future__ import annotations
 
@@ -10,16 +10,31 @@ from typing import Any, Mapping
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import constants
 from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_model_data_config
 
 import regtome
 
 from ..errors import UserError, first_line
-from .hub import not_found
 from .tome_group import compact, merge_amount, r_option
 
 log = logging.getLogger(__name__)
+WEIGHTS_HINT = (
+    "ckpt=PATH, model.pretrained=true, model.pretrained_file=PATH (timm) or model.pretrained_dir=DIR (transformers)"
+)
+
+
+def not_found(what: str, err: BaseException, ways_out: str) -> str:
+    """One line for `what` found neither in the Hugging Face cache nor on the hub: where it was looked for, and
+    `ways_out`. huggingface_hub decides where timm's and transformers' files come from; under its offline flag
+    (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, read as its own constant) it reads only the cache."""
+    cache = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        looked = f"not in {cache}, and HF_HUB_OFFLINE is set"
+    else:
+        looked = f"neither in {cache} nor fetched from the hub ({first_line(err)})"
+    return f"{what}: {looked}; {ways_out}, or run once where the hub is reachable (that fills the cache)"
 
 
 def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -36,13 +51,8 @@ def tome_options(tome_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_label(model_cfg: Mapping[str, Any]) -> str:
-    """A name for what is built: timm's name (or 'hf-' and the hub id), plus the architecture settings
-    the config changes.
-
-    The kwargs come in the order the config gives them, then the registers, then the size when it is not
-    the model's own: 'vit_small_patch16_224' with kwargs patch_size 4, embed_dim 192, depth 9, num_heads 3
-    and 4 registers at 32 px -> 'vit_small_patch16_224-patch4-dim192-depth9-heads3-reg4-32px'.
-    """
+    """A name for what is built: timm's name (or 'hf-' and the hub id), then model.kwargs in their order, the
+    registers, and the size when it is not the model's own: 'vit_small_patch16_224-patch4-dim192-reg4-32px'."""
     name = str(model_cfg["name"])
     kwargs = dict(model_cfg.get("kwargs") or {})
     short = {"patch_size": "patch", "embed_dim": "dim", "num_heads": "heads"}
@@ -66,13 +76,12 @@ def register_argument(name: str) -> str:
 def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """timm.create_model from the model group (weights from the hub or model.pretrained_file)."""
     name = model_cfg["name"]
-    hub_spelled = name.startswith(("hf-hub:", "hf_hub:", "timm/"))
-    if not timm.is_model(name) and "/" in name and not hub_spelled:
-        raise UserError(
-            f"model.name={name} looks like a Hugging Face hub id: set model.source=transformers "
-            "(or use a model=hf_* preset); model.source=timm takes timm names such as vit_small_patch16_224"
-        )
     if not timm.is_model(name):
+        if "/" in name and not name.startswith(("hf-hub:", "hf_hub:", "timm/")):
+            raise UserError(
+                f"model.name={name} looks like a Hugging Face hub id: set model.source=transformers "
+                "(or use a model=hf_* preset); model.source=timm takes timm names such as vit_small_patch16_224"
+            )
         raise UserError(
             f"unknown model {name!r}; list ViTs with: python -c \"import timm; print(timm.list_models('vit_*'))\""
         )
@@ -87,20 +96,17 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
         # a state dict (.pth/.safetensors), not the .npz some pretrained configs name: no custom loader
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file), custom_load=False)
     pretrained = bool(model_cfg.get("pretrained") or pretrained_file)
-    try:  # hub weights come from the Hugging Face cache or the hub, as huggingface_hub decides (engine.models.hub)
+    try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except OSError as err:  # huggingface_hub's errors are OSErrors: not cached, not reachable, no such repo
         if not pretrained:
             raise
         if pretrained_file:
             raise UserError(f"cannot read model.pretrained_file {pretrained_file}: {first_line(err)}") from err
-        raise UserError(
-            not_found(
-                f"{name}'s pretrained weights ({pretrained_source(name)})",
-                err,
-                "set model.pretrained_file=PATH (.pth/.safetensors), model.pretrained=false for random weights",
-            )
-        ) from err
+        cfg = timm.models.get_pretrained_cfg(name)
+        source = str(cfg.hf_hub_id or cfg.url) if cfg else name  # its hub repository, else its URL
+        ways_out = "set model.pretrained_file=PATH (.pth/.safetensors), model.pretrained=false for random weights"
+        raise UserError(not_found(f"{name}'s pretrained weights ({source})", err, ways_out)) from err
     except RuntimeError as err:
         if not pretrained:  # not a weights problem: report what timm said
             raise UserError(
@@ -118,21 +124,9 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
         ) from err
 
 
-def pretrained_source(name: str) -> str:
-    """Where timm fetches `name`'s pretrained weights: its hub repository, else its URL."""
-    cfg = timm.models.get_pretrained_cfg(name)  # None for a hub-spelled name (hf-hub:org/name): the name says it
-    return str(cfg.hf_hub_id or cfg.url) if cfg else name
-
-
 def has_weights(model_cfg: Mapping[str, Any]) -> bool:
-    """Whether the model group loads trained weights: the hub (model.pretrained), a file (timm) or a
-    save_pretrained folder (transformers)."""
+    """Whether the model group loads trained weights: the hub, a file (timm) or a save_pretrained folder."""
     return bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_file") or model_cfg.get("pretrained_dir"))
-
-
-WEIGHTS_HINT = (
-    "ckpt=PATH, model.pretrained=true, model.pretrained_file=PATH (timm) or model.pretrained_dir=DIR (transformers)"
-)
 
 
 def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
@@ -142,8 +136,8 @@ def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
 def build_model(
     model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int, trace_source: bool = False
 ) -> nn.Module:
-    """The model group's model (timm, or Hugging Face transformers with model.source=transformers),
-    patched with the tome group's options; tome.flops chooses r from a FLOP budget."""
+    """The model group's model (timm or transformers), patched with the tome group's options; tome.flops
+    chooses r from a FLOP budget."""
     options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
     _, fraction = merge_amount(tome_cfg)
     if is_transformers(model_cfg):
@@ -156,16 +150,14 @@ def build_model(
         patch(model, trace_source=trace_source, **options)
     except (TypeError, ValueError) as err:
         raise UserError(f"cannot apply RegToMe to {model_cfg['name']}: {err}") from err
-    if fraction is not None:  # r from a FLOP budget (tome.flops), instead of tome.r
-        size = int(model_cfg["img_size"])
+    if fraction is not None:
+        size = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
         try:
-            r = regtome.r_for_flops(model, fraction, (3, size, size))
+            r = regtome.r_for_flops(model, fraction, size)
         except ValueError as err:
             raise UserError(f"tome.flops={fraction}: {err}") from err
         patch(model, trace_source=trace_source, **(options | {"r": r}))
-        reached = regtome.schedule_gflops(model, r, (3, size, size)) / regtome.schedule_gflops(
-            model, 0, (3, size, size)
-        )
+        reached = regtome.schedule_gflops(model, r, size) / regtome.schedule_gflops(model, 0, size)
         log.info("tome.flops=%s: r=%s (%.3f of the unmerged model's GFLOPs)", fraction, compact(r), reached)
     return model
 
@@ -180,12 +172,8 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's data config (mean/std, interpolation, crop) at the model's input size (model.img_size);
-    for transformers models, their image processor's statistics.
-
-    Pretrained models always use their own normalisation; a model trained from scratch uses the
-    data set's mean/std when the data set gives them.
-    """
+    """timm's data config (mean/std, interpolation, crop), or a transformers model's image processor's, at
+    model.img_size. A model trained from scratch uses the data set's mean/std when it gives them."""
     if is_transformers(model_cfg):
         from .transformers import transformers_data_config
 
@@ -208,8 +196,8 @@ def cap_rule(mode: regtome.Protection) -> str:
 
 
 def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
-    """Say once when the cap (`regtome.capped_r`) lowers the r that tome.r asked for. A FLOP budget
-    (tome.flops) chose its r with the cap counted: nothing to say then."""
+    """Say once when the cap (`regtome.capped_r`) lowers the r that tome.r asked for (a FLOP budget,
+    tome.flops, chose its r with the cap counted: nothing to say then)."""
     if cfg.tome.get("flops") is not None:
         return
     size = int(cfg.model.img_size)
@@ -218,14 +206,7 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     if applied != requested:
         capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
         log.warning(
-            "tome.r=%s is beyond the cap under protect=%s (%s) in %d of %d blocks (first: block %d of %d); "
-            "applied r per block: %s",
-            compact(model.r),
-            model.protect,
-            cap_rule(regtome.protection(model.protect)),
-            len(capped),
-            len(applied),
-            capped[0] + 1,
-            len(applied),
-            applied,
+            f"tome.r={compact(model.r)} is beyond the cap under protect={model.protect} "
+            f"({cap_rule(regtome.protection(model.protect))}) in {len(capped)} of {len(applied)} blocks "
+            f"(first: block {capped[0] + 1} of {len(applied)}); applied r per block: {applied}"
         )

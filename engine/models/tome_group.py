@@ -1,12 +1,9 @@
-"""How much the `tome` group asks to merge, in one place: an r (regtome's rule, `regtome.r_from_config`) or a
-FLOP budget (tome.flops, r chosen from it when the model is built), never both. The command-line checks
-and the model builder both read these functions; importing this module loads no torch."""
+"""How much the `tome` group merges, one rule for the command-line checks and the model builder: an r
+(`regtome.r_from_config`) or a FLOP budget (tome.flops), never both. Importing this module loads no torch."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
-
-from omegaconf import ListConfig
 
 from ..errors import UserError
 
@@ -26,18 +23,12 @@ def r_option(value: Any, name: Optional[str] = None) -> Any:
         raise UserError(f"{name or f'tome.r={compact(value)}'}: {err}") from err
 
 
-def check_flops(value: Any) -> None:
-    """tome.flops is null or a fraction of the unmerged model's GFLOPs in (0, 1]."""
-    if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise UserError(f"tome.flops={value}: a fraction of the unmerged model's GFLOPs in (0, 1], e.g. tome.flops=0.5")
-
-
 def merge_amount(tome: Mapping[str, Any]) -> tuple[Any, Optional[float]]:
-    """(r, None) when tome.r says how much to merge, (None, fraction) when tome.flops does; a UserError when
-    both or neither are set. (The command line spells this for its own keys: a tome.flops given sets tome.r=null,
-    a tome.r given sets tome.flops=null, both given is refused before this is read.)"""
+    """(r, None) when tome.r says how much to merge, (None, fraction) when tome.flops does; a UserError when both
+    or neither are set (the command line clears the other key of the one it is given)."""
     r, flops = tome.get("r"), tome.get("flops")
-    check_flops(flops)
+    if flops is not None and not (isinstance(flops, (int, float)) and 0 < flops <= 1):
+        raise UserError(f"tome.flops={flops}: a fraction of the unmerged model's GFLOPs in (0, 1], e.g. tome.flops=0.5")
     if flops is not None and r is not None:
         raise UserError(
             f"tome.r={compact(r)} and tome.flops={flops} are both set (in a config file); "
@@ -46,14 +37,3 @@ def merge_amount(tome: Mapping[str, Any]) -> tuple[Any, Optional[float]]:
     if flops is None and r is None:
         raise UserError("tome.r is null: set tome.r=INT (or tome.flops=FRACTION to choose r from a FLOP budget)")
     return r, None if flops is None else float(flops)
-
-
-def protect_modes(value: Any, key: str = "benchmark.protect") -> list[str]:
-    """A protection mode or a list of them (benchmark.protect) as a list, each one checked."""
-    import regtome  # torch: only when modes are read
-
-    modes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    bad = [mode for mode in modes if mode not in regtome.PROTECT_MODES]
-    if bad:
-        raise UserError(f"{key}={bad[0]}: choose modes among {', '.join(regtome.PROTECT_MODES)}")
-    return modes

@@ -1,17 +1,14 @@
-"""task=benchmark: what merging buys on this machine. Images/s and latency (inference, training step, dense
+"""task=benchmark: what merging buys on this machine: images/s and latency (inference, training step, dense
 features), eager and compiled, peak memory, GFLOPs, the training loader per worker (`engine.measure.speed`).
-
-On a CPU the defaults are sized to finish in a few minutes (`benchmark.quick`: two schedules, batch 1 and 8);
-keys given on the command line win. Before timing, the machine is checked: a busy one is said in the
-report, because its figures say little.
-"""
+On a CPU, `benchmark.quick` sizes the defaults to finish in minutes (keys on the command line win). A busy
+machine is said in the report, because its figures say little."""
 
 from __future__ import annotations
 
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import timm
 import torch
@@ -26,7 +23,7 @@ from ..measure.loader_timing import data_bound_notes, time_train_loader
 from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label, schedule_records
 from ..measure.timing import interleaved_seconds, machine_note
 from ..models.build import model_label
-from ..models.tome_group import compact, protect_modes, r_option
+from ..models.tome_group import compact, r_option
 from ..report.benchmark_report import write_outputs
 from ..run.overrides import override_keys
 from ..run.results import write_results
@@ -34,13 +31,11 @@ from ..run.runtime import device_name, dtype_name
 from ..run.session import open_session
 
 log = logging.getLogger(__name__)
-# benchmark.quick: what a CPU run times unless the command line says otherwise (minutes, not an hour)
 QUICK = {"r": [0, 16], "batch_sizes": [1, 8], "repeats": 3, "iters": 2, "warmup": 1, "dense": False}
 
 
 def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> DictConfig:
-    """The benchmark group, with the quick values where benchmark.quick applies and the command line is silent;
-    its values checked before anything is timed."""
+    """The benchmark group, with the QUICK values where benchmark.quick applies and the command line is silent."""
     bench = cfg.benchmark.copy()
     quick = bench.get("quick", "auto")
     if quick is True or (quick == "auto" and device.type == "cpu"):
@@ -57,47 +52,50 @@ def as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def protect_modes(bench: DictConfig, merged: nn.Module) -> list[str]:
+    """benchmark.protect (a mode or a list of them, checked by the schema) as a list; null: the model's own."""
+    return as_list(bench.get("protect") or merged.protect)
+
+
 def benchmark_schedules(bench: DictConfig, merged: nn.Module) -> list[Any]:
     """Each benchmark.r entry, or with benchmark.protect each entry under each mode ({"r": r, "protect": mode}),
     checked against the model before anything is timed."""
-    protects = protect_modes(bench.get("protect") or merged.protect)
+    protects = protect_modes(bench, merged)
     schedules = []
-    for r in as_list(bench.r):
-        name = f"benchmark.r entry {compact(r)}"
-        r = r_option(r, name)
-        own = [r] if protects == [merged.protect] else [{"r": r, "protect": mode} for mode in protects]
-        for schedule in own:
-            try:
-                with regtome.options(merged, **(schedule if isinstance(schedule, dict) else {"r": r})):
-                    pass  # checks r against the model (under each mode): fail before timing anything
-            except ValueError as err:
-                raise UserError(f"{name}: {err}") from err
-        schedules += own
+    for entry in as_list(bench.r):
+        name = f"benchmark.r entry {compact(entry)}"
+        r = r_option(entry, name)
+        try:
+            for mode in protects:
+                with regtome.options(merged, r=r, protect=mode):
+                    pass  # checks r against the model under each mode: fail before timing anything
+        except ValueError as err:
+            raise UserError(f"{name}: {err}") from err
+        schedules += [r] if protects == [merged.protect] else [{"r": r, "protect": mode} for mode in protects]
     return schedules
 
 
-def schedule_for_speedup(
+def speed_target(
+    bench: DictConfig,
     baseline: nn.Module,
     merged: nn.Module,
-    target: float,
-    batch: int,
-    bench: Timing,
+    timing: Timing,
     device: torch.device,
-    dtype,
-    size: tuple[int, int, int],
-    tries: int = 6,
-) -> dict[str, Any]:
-    """The least merging whose measured inference speedup reaches `target` on this device.
-
-    Starts at the FLOP budget 1/target (`regtome.r_for_flops`; no schedule reaches a speedup with
-    fewer FLOPs saved, short of overheads vanishing) and lowers the budget by 0.05 until it is reached.
-    """
+    dtype: Any,
+    size: tuple[int, ...],
+) -> Optional[dict[str, Any]]:
+    """benchmark.target_speedup (None when not asked): the least merging whose measured inference speedup at the
+    largest batch reaches it. Starts at the FLOP budget 1/target (no schedule reaches a speedup with fewer FLOPs
+    saved, short of overheads vanishing) and lowers the budget by 0.05 until it is reached, 6 tries at most."""
+    if bench.target_speedup is None:
+        return None
+    target, batch = float(bench.target_speedup), max(bench.batch_sizes)
     images = torch.randn(batch, *size, device=device)
     baseline.eval()
     merged.eval()
     tried: list[dict[str, Any]] = []
     fraction = min(1.0, 1.0 / target)
-    for _ in range(tries):
+    for _ in range(6):
         try:
             r = regtome.r_for_flops(merged, fraction, size)
         except ValueError:
@@ -106,17 +104,12 @@ def schedule_for_speedup(
             BASELINE: inference_step(baseline, None, images, None, device, dtype),
             "merged": inference_step(merged, merged, images, r, device, dtype),
         }
-        seconds = interleaved_seconds(cases, device, warmup=bench.warmup, repeats=bench.repeats, iters=bench.iters)
+        seconds = interleaved_seconds(cases, device, warmup=timing.warmup, repeats=timing.repeats, iters=timing.iters)
         speedup = seconds[BASELINE] / seconds["merged"]
         tried.append({"r": schedule_label(r), "flop_fraction": fraction, "speedup": speedup})
         if speedup >= target:
-            return {
-                "target_speedup": target,
-                "batch_size": batch,
-                "r": schedule_label(r),
-                "speedup": speedup,
-                "tried": tried,
-            }
+            reached = {"r": schedule_label(r), "speedup": speedup}
+            return {"target_speedup": target, "batch_size": batch, **reached, "tried": tried}
         fraction -= 0.05
     return {"target_speedup": target, "batch_size": batch, "r": None, "tried": tried}
 
@@ -131,6 +124,14 @@ def batch_one_notes(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def target_notes(target: Optional[dict[str, Any]]) -> list[str]:
+    if target is None:
+        return []
+    tried = ", ".join(f"r={t['r']} {t['speedup']:.2f}x" for t in target["tried"])
+    reached = f"reached by r={target['r']} ({target['speedup']:.2f}x)" if target["r"] else "not reached"
+    return [f"target speedup {target['target_speedup']}x at batch {target['batch_size']}: {reached} (tried {tried})"]
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
     session = open_session(cfg, count_classes(cfg.dataset), distributed=False)
     merged, device, dtype = session.model, session.device, session.dtype
@@ -140,21 +141,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     if busy:
         log.warning(busy)
     baseline = regtome.remove_patch(copy.deepcopy(merged))
-    timing = Timing(
-        warmup=bench.warmup,
-        repeats=bench.repeats,
-        iters=bench.iters,
-        train_step=bench.train_step,
-        dense=bench.dense,
-        compile=session.compile,
-    )
+    timing = Timing(bench.warmup, bench.repeats, bench.iters, bench.train_step, bench.dense, session.compile)
     size = tuple(session.inputs["input_size"])  # model.img_size (a hub model's own config may say another)
     rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing, device, dtype, size)
     target = speed_target(bench, baseline, merged, timing, device, dtype, size)
     meta = {
         "model": model_label(cfg.model),
         "registers": regtome.prefix_layout(merged).num_register,
-        "protect": ",".join(protect_modes(bench.get("protect") or merged.protect)),  # the modes timed
+        "protect": ",".join(protect_modes(bench, merged)),  # the modes timed
         "img_size": cfg.model.img_size,
         "device": device_name(device),
         "dtype": dtype_name(dtype),
@@ -166,44 +160,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     notes = ([busy] if busy else []) + batch_one_notes(rows) + data_bound_notes(loader, rows) + target_notes(target)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_outputs(rows, meta, notes, run_dir, warning=busy)
-    write_results(
-        run_dir,
-        {
-            "task": "benchmark",
-            **meta,
-            "batch_sizes": list(bench.batch_sizes),
-            "preprocessing": preprocessing(cfg.dataset, session.inputs),  # of the loader timed (the rows: random)
-            "schedules": schedule_records(merged, schedules, size),  # the r each row's schedule ran, per block
-            "rows": rows,
-            "loader": loader,
-            "target_speedup": target,
-            "notes": notes,
-        },
-    )
+    results = {"task": "benchmark", **meta, "batch_sizes": list(bench.batch_sizes)}
+    results["preprocessing"] = preprocessing(cfg.dataset, session.inputs)  # of the loader timed (the rows: random)
+    results["schedules"] = schedule_records(merged, schedules, size)  # the r each row's schedule ran, per block
+    results |= {"rows": rows, "loader": loader, "target_speedup": target, "notes": notes}
+    write_results(run_dir, results)
     log.info("\n%s", (run_dir / "benchmark.md").read_text())
     return rows
-
-
-def speed_target(
-    bench: DictConfig,
-    baseline: nn.Module,
-    merged: nn.Module,
-    timing: Timing,
-    device: torch.device,
-    dtype: Any,
-    size: tuple[int, int, int],
-) -> Any:
-    """benchmark.target_speedup: the least merging that reaches it under tome.protect (None when not asked)."""
-    if bench.target_speedup is None:
-        return None
-    return schedule_for_speedup(
-        baseline, merged, float(bench.target_speedup), max(bench.batch_sizes), timing, device, dtype, size
-    )
-
-
-def target_notes(target: Any) -> list[str]:
-    if target is None:
-        return []
-    tried = ", ".join(f"r={t['r']} {t['speedup']:.2f}x" for t in target["tried"])
-    reached = f"reached by r={target['r']} ({target['speedup']:.2f}x)" if target["r"] else "not reached"
-    return [f"target speedup {target['target_speedup']}x at batch {target['batch_size']}: {reached} (tried {tried})"]

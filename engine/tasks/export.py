@@ -1,12 +1,9 @@
-"""task=export: the merged model as ONNX (or a torch.export program), checked against PyTorch on real
-images, optionally timed in onnxruntime against the exported unmerged model.
-
-The merge schedule is baked into the graph; the batch axis is dynamic unless export.batch=N. The graph
-has two outputs: `logits`, and `token_map` (B, N): for each token slot of the model's sequence, the
-index of the output token that holds it, i.e. every merge decision of the pass. Parity compares both
-with PyTorch: a sample whose logits differ while its token map is the same points at the arithmetic
-(a defect); one whose token map differs met a near-tie in the matching (two similarities within
-rounding of each other) that the other runtime's kernels decided the other way.
+"""task=export: the merged model as ONNX (or a torch.export program), checked against PyTorch on real images,
+optionally timed in onnxruntime against the exported unmerged model. The merge schedule is baked into the graph;
+the batch axis is dynamic unless export.batch=N. Its outputs are `logits` and `token_map` (B, N): for each token
+slot, the output token that holds it (every merge decision of the pass). A sample whose logits differ from
+PyTorch's while its token map is the same points at the arithmetic (a defect); one whose token map differs met a
+near-tie in the matching that the other runtime's kernels decided the other way.
 """
 
 from __future__ import annotations
@@ -55,60 +52,49 @@ class Exportable(nn.Module):
 def export_graph(
     module: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool, opset: int
 ) -> None:
-    """Write `module` traced on `example` to `path` as ONNX or a torch.export program. A Ctrl-C waits for the
-    trace to end (an interrupt inside torch's tracer can crash the process)."""
-    with ctrl_c_after_this(f"the {fmt} trace (up to a few minutes)"):
-        _export(module, example, path, fmt, dynamic_batch, opset)
-
-
-def _export(module: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool, opset: int) -> None:
+    """Write `module` traced on `example` to `path` as ONNX or a torch.export program; no half-written file. A
+    Ctrl-C waits for the trace to end (an interrupt inside torch's tracer can crash the process)."""
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    try:
-        if fmt == "onnx":
-            names = ["logits", "token_map"] if regtome.is_patched(module.model) else ["logits"]
-            quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
-            levels = [q.level for q in quiet]
-            for q in quiet:
-                q.setLevel(logging.WARNING)  # the exporter logs every pass it runs
-            try:
-                torch.onnx.export(
-                    module,
-                    (example,),
-                    str(path),
-                    dynamo=True,
-                    opset_version=opset,
-                    verbose=False,
-                    input_names=["images"],
-                    output_names=names,
-                    dynamic_shapes=dynamic,
-                    external_data=False,
-                )
-            finally:
-                for q, level in zip(quiet, levels):
-                    q.setLevel(level)
-        else:
-            program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
-            torch.export.save(program, str(path))
-    except ImportError as err:  # what a user can fix: the exporter's packages (onnx, onnxscript) are missing
-        path.unlink(missing_ok=True)
-        raise UserError(
-            f"export.format={fmt} needs a package that is not installed ({first_line(err)}); "
-            "pip install onnx onnxscript onnxruntime, or use export.format=torch_export"
-        ) from err
-    except BaseException:  # the exporter's own failure is a bug to report with its traceback: no half-written file
-        path.unlink(missing_ok=True)
-        raise
-
-
-def check_export_config(export: DictConfig) -> tuple[str, Optional[int], torch.dtype]:
-    """The format, the fixed batch (None: dynamic) and the dtype the export group asks for (its words and ranges
-    the schema checked: engine/schema.py)."""
-    batch = export.batch
-    return export.format, None if batch == "dynamic" else int(batch), DTYPES[export.dtype]
+    with ctrl_c_after_this(f"the {fmt} trace (up to a few minutes)"):
+        try:
+            if fmt == "onnx":
+                names = ["logits", "token_map"] if regtome.is_patched(module.model) else ["logits"]
+                quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
+                levels = [q.level for q in quiet]
+                for q in quiet:
+                    q.setLevel(logging.WARNING)  # the exporter logs every pass it runs
+                try:
+                    torch.onnx.export(
+                        module,
+                        (example,),
+                        str(path),
+                        dynamo=True,
+                        opset_version=opset,
+                        verbose=False,
+                        input_names=["images"],
+                        output_names=names,
+                        dynamic_shapes=dynamic,
+                        external_data=False,
+                    )
+                finally:
+                    for q, level in zip(quiet, levels):
+                        q.setLevel(level)
+            else:
+                torch.export.save(torch.export.export(module, (example,), dynamic_shapes=dynamic), str(path))
+        except ImportError as err:  # what a user can fix: the exporter's packages (onnx, onnxscript) are missing
+            path.unlink(missing_ok=True)
+            raise UserError(
+                f"export.format={fmt} needs a package that is not installed ({first_line(err)}); "
+                "pip install onnx onnxscript onnxruntime, or use export.format=torch_export"
+            ) from err
+        except BaseException:  # the exporter's own failure is a bug to report with its traceback
+            path.unlink(missing_ok=True)
+            raise
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    fmt, fixed_batch, dtype = check_export_config(cfg.export)
+    fmt, dtype = cfg.export.format, DTYPES[cfg.export.dtype]  # words and ranges checked by engine/schema.py
+    fixed_batch = None if cfg.export.batch == "dynamic" else int(cfg.export.batch)
     cfg, saved = config_from_checkpoint(cfg, overrides)
     if saved is None and not has_weights(cfg.model):
         raise UserError(f"task=export needs weights: {WEIGHTS_HINT}")
@@ -119,35 +105,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     images = torch.stack([t for _, t, _ in load_images(cfg, session.inputs, classes, int(cfg.export.samples))])
     path = run_dir / FORMATS[fmt]
     try:
-        record = export_and_check(cfg, model, images.to(dtype), path, fmt, fixed_batch, dtype)
+        record = export_and_check(cfg, model, images.to(dtype), path, fmt, fixed_batch)
         record["preprocessing"] = preprocessing(cfg.dataset, session.inputs)
     except BaseException:  # refused, failed or interrupted (Ctrl-C): no export file without its parity report
         for leftover in (path, run_dir / "unmerged.onnx"):
             leftover.unlink(missing_ok=True)
         raise
     write_results(run_dir, record)
+    parity_report = record["parity"]
     log.info(
-        "exported %s (r=%s, protect=%s) to %s; top-1 agreement %.2f%%, %.1f%% of samples within %.0e",
-        record["model"],
-        r_that_ran(record),
-        record["protect"],
-        path,
-        100 * record["parity"]["top1_agreement"],
-        100 * record["parity"]["within_tolerance"],
-        TOLERANCE,
+        f"exported {record['model']} (r={r_that_ran(record)}, protect={record['protect']}) to {path}; top-1 "
+        f"agreement {100 * parity_report['top1_agreement']:.2f}%, {100 * parity_report['within_tolerance']:.1f}% "
+        f"of samples within {TOLERANCE:.0e}"
     )
     print(f"wrote {path} and {run_dir / 'results.json'}")
     return record
 
 
 def export_and_check(
-    cfg: DictConfig,
-    model: nn.Module,
-    images: torch.Tensor,
-    path: Path,
-    fmt: str,
-    fixed_batch: Optional[int],
-    dtype: torch.dtype,
+    cfg: DictConfig, model: nn.Module, images: torch.Tensor, path: Path, fmt: str, fixed_batch: Optional[int]
 ) -> dict[str, Any]:
     """Write the export, compare it with PyTorch on `images` (refused below export.min_agreement), time it
     when asked; returns the record for results.json."""
@@ -164,16 +140,7 @@ def export_and_check(
             f"({report['near_ties']} near-ties, {report['defects']} arithmetic differences); "
             f"{path.name} was not kept"
         )
-    record = export_record(cfg, model, fmt, fixed_batch, dtype, report)
-    if cfg.export.benchmark:
-        record["benchmark"] = benchmark_exports(model, merged, path, fmt, images, cfg, path.parent, threads)
-    return record
-
-
-def export_record(
-    cfg: DictConfig, model: nn.Module, fmt: str, fixed_batch: Optional[int], dtype: torch.dtype, report: dict[str, Any]
-) -> dict[str, Any]:
-    return {
+    record = {
         "task": "export",
         "format": fmt,
         "file": FORMATS[fmt],
@@ -189,27 +156,23 @@ def export_record(
         "parity": report,
         "torch": torch.__version__,
     }
+    if cfg.export.benchmark:
+        if fmt != "onnx":
+            raise UserError("export.benchmark=true times onnxruntime: use export.format=onnx")
+        record["benchmark"] = benchmark_exports(model, path, images, cfg, threads)
+    return record
 
 
 def benchmark_exports(
-    model: nn.Module,
-    merged: Exportable,
-    path: Path,
-    fmt: str,
-    images: torch.Tensor,
-    cfg: DictConfig,
-    run_dir: Path,
-    threads: int,
+    model: nn.Module, path: Path, images: torch.Tensor, cfg: DictConfig, threads: int
 ) -> dict[str, Any]:
-    """The merged export against the exported unmerged model, interleaved medians, with the FLOP-ideal."""
-    if fmt != "onnx":
-        raise UserError("export.benchmark=true times onnxruntime: use export.format=onnx")
+    """The merged export (`path`) against the exported unmerged model, interleaved medians, with the FLOP-ideal."""
     batch = int(cfg.export.batch_size)
-    unmerged_path = run_dir / "unmerged.onnx"
+    unmerged_path = path.parent / "unmerged.onnx"
     baseline = Exportable(regtome.remove_patch(copy.deepcopy(model))).eval()
-    export_graph(baseline, images[:2], unmerged_path, fmt, True, int(cfg.export.opset))
+    export_graph(baseline, images[:2], unmerged_path, "onnx", True, int(cfg.export.opset))
     inputs = images[:batch] if len(images) >= batch else images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch]
-    runners = {"unmerged": Runner(unmerged_path, fmt, threads), "merged": Runner(path, fmt, threads)}
+    runners = {"unmerged": Runner(unmerged_path, "onnx", threads), "merged": Runner(path, "onnx", threads)}
     calls = {name: (lambda runner=runner: runner(inputs)) for name, runner in runners.items()}  # one batch each
     seconds = interleaved_seconds(calls, torch.device("cpu"), warmup=2, repeats=int(cfg.export.repeats), iters=1)
     size = regtome.input_size(model)

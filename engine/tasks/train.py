@@ -1,16 +1,12 @@
-"""task=train: `run` = resumed config -> `build_run` -> `fit` (the epochs) -> `finish`.
-
-Fault tolerance: checkpoints are atomic; SIGTERM/SIGINT stop after the current optimizer step
-with `last.pt` written; a NaN/inf loss stops before anything is written; resume restores model,
-optimizer, scheduler, scaler, EMA, RNG states and the position inside the epoch, and each
-sample's augmentation is seeded by (seed, epoch, sample), so a resumed run ends with the same
-weights as an uninterrupted one, whatever the number of loader workers. The loop itself is
-`engine.training.loop`; building the run, `engine.training.setup`.
+"""task=train: `run` = resumed config -> `build_run` (engine.training.setup) -> `fit` (the epochs, each one
+`engine.training.loop`) -> `finish`. Checkpoints are atomic; SIGTERM/SIGINT stop after the current optimizer step
+with last.pt written; a NaN/inf loss stops before anything is written. A resume restores model, optimizer,
+schedule, scaler, EMA, RNG states and the position inside the epoch, and each sample's augmentation is seeded by
+(seed, epoch, sample): a resumed run ends with the weights of an uninterrupted one, whatever the worker count.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -62,37 +58,18 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
 
 
 def record_resume(saved: SavedRun, run_dir: Path, overrides: list[str]) -> None:
-    """A resume, said in main.log and added to resumes.yaml (with the keys this command line changed), both
-    counting epochs from 1 as the progress bar does."""
+    """A resume, said in main.log and added to resumes.yaml with the keys this command line changed."""
     epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
     if launch_rank() == 0:
         kept = [o for o, key in zip(overrides, override_keys(overrides)) if overridable(key, RESUME_OVERRIDES)]
-        append_resume(run_dir, kept, epoch_number(epochs_done), step)
+        append_resume(run_dir, kept, epochs_done + 1, step)
         log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
 
 
-def nothing_to_resume(epochs_done: int, epochs: int, run_dir: Path) -> dict[str, Any]:
-    """A resume of a run that trained all its epochs: say so and how to train longer, and change nothing. Not
-    an error (exit 0): a script or a requeued job that resumes whatever it finds is done."""
-    log.info(
-        "the run in %s finished its %d epochs (trainer.epochs=%d): nothing to resume, nothing changed; to train "
-        "it longer, add trainer.epochs=N with N > %d",
-        run_dir,
-        epochs_done,
-        epochs,
-        epochs_done,
-    )
-    return {}
-
-
-def epoch_number(epochs_done: int) -> int:
-    """The epoch a run is in, counted as its progress bar, main.log and resumes.yaml count it: from 1."""
-    return epochs_done + 1
-
-
 def position(epochs_done: int, step_in_epoch: int) -> str:
-    """Where a run stands, numbered as its progress bar numbers it: 'epoch 2 step 5'."""
-    return f"epoch {epoch_number(epochs_done)} step {step_in_epoch}"
+    """Where a run stands, epochs counted from 1 as the progress bar, main.log and resumes.yaml count them:
+    'epoch 2 step 5'."""
+    return f"epoch {epochs_done + 1} step {step_in_epoch}"
 
 
 def resume_command(run_dir: Path) -> str:
@@ -115,14 +92,8 @@ def save(run: TrainRun, best: bool) -> None:
 
 
 def save_failed(run: TrainRun, err: OSError) -> SaveFailed:
-    """One line for a checkpoint that could not be written: why, what is intact, and how to go on."""
-    why = {
-        errno.ENOSPC: "the disk is full",
-        errno.EDQUOT: "the disk quota is exceeded",
-        errno.EROFS: "the folder is read-only",
-        errno.EACCES: "the folder is not writable",
-        errno.ENOENT: "the folder no longer exists",
-    }.get(err.errno or 0, f"{err.strerror or err}")
+    """One line for a checkpoint that could not be written: why (the OS's words: 'No space left on device'),
+    what is intact, and how to go on."""
     last = run.ckpt_dir / "last.pt"
     try:  # memory-mapped: only the small state is read
         saved = load_checkpoint(last, mmap=True)["state"]
@@ -130,7 +101,7 @@ def save_failed(run: TrainRun, err: OSError) -> SaveFailed:
     except Exception:  # none yet, or unreadable
         intact = f"no earlier {last} to keep"
     return SaveFailed(
-        f"error: could not save a checkpoint in {run.ckpt_dir}: {why} ([Errno {err.errno}]); {intact}; "
+        f"error: could not save a checkpoint in {run.ckpt_dir}: {err.strerror or err} ([Errno {err.errno}]); {intact}; "
         f"once it can be written again, continue with: {resume_command(run.run_dir)}"
     )
 
@@ -139,13 +110,11 @@ def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
     """The one interrupt path: last.pt written, the signal passed on (SLURM requeue), the resume command said."""
     save(run, best=False)
     stop.pass_on()
-    state = run.state
+    where = position(run.state.epoch, run.state.step_in_epoch)
     return TrainingInterrupted(
         stop.signum,
-        (
-            f"stopped by {signal.Signals(stop.signum).name} at {position(state.epoch, state.step_in_epoch)}; "
-            f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: {resume_command(run.run_dir)}"
-        ),
+        f"stopped by {signal.Signals(stop.signum).name} at {where}; state saved in {run.ckpt_dir / 'last.pt'}; "
+        f"continue with: {resume_command(run.run_dir)}",
     )
 
 
@@ -196,16 +165,9 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     }
     state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
     if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-        eval_model = run.eval_model
         try:
             val = evaluate(
-                eval_model,
-                run.val_loader,
-                session.device,
-                session.dtype,
-                session.info,
-                prepare=session.prepare,
-                desc="val",
+                run.eval_model, run.val_loader, session.device, session.dtype, session.info, session.prepare, "val"
             )
         except DatasetError as err:  # the epoch is trained: keep it
             raise unreadable_data(run, err) from None
@@ -239,7 +201,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     cfg, saved = resumed_config(cfg, run_dir, overrides)
     check_trainer_config(cfg)
     if saved is not None and saved.state["epoch"] >= cfg.trainer.epochs:
-        return nothing_to_resume(saved.state["epoch"], cfg.trainer.epochs, run_dir)
+        # all epochs trained: not an error (exit 0), a script or a requeued job that resumes whatever it finds is done
+        done = saved.state["epoch"]
+        log.info(
+            f"the run in {run_dir} finished its {done} epochs (trainer.epochs={cfg.trainer.epochs}): nothing to "
+            f"resume, nothing changed; to train it longer, add trainer.epochs=N with N > {done}"
+        )
+        return {}
     if saved is not None:
         record_resume(saved, run_dir, overrides)
     training = build_run(cfg, run_dir, saved.checkpoint if saved else None)
@@ -253,30 +221,17 @@ def finish(run: TrainRun, metrics: dict[str, Any], trained: int) -> dict[str, An
     """results.json of the run (rank 0) and the closing line: done, or where trainer.stop_after_epochs
     stopped it and how to go on (the last line of main.log either way)."""
     state, session = run.state, run.session
-    record = run_record(
-        run.cfg,
-        session,
-        metrics,
-        run.cfg.trainer.batch_size,
-        extra={
-            "epochs": state.epoch,
-            "best_top1": state.best_top1,
-            "history": state.history,
-            "checkpoint": str(run.ckpt_dir / "best.pt"),
-            "classes": run.classes,
-            "augment": run.cfg.trainer.augment,  # training images: augmented before `preprocessing`, if true
-        },
-    )
+    extra = {"epochs": state.epoch, "best_top1": state.best_top1, "history": state.history}
+    extra |= {"checkpoint": str(run.ckpt_dir / "best.pt"), "classes": run.classes}
+    extra["augment"] = run.cfg.trainer.augment  # training images: augmented before `preprocessing`, if true
+    record = run_record(run.cfg, session, metrics, run.cfg.trainer.batch_size, extra)
     if session.info.is_main:
         write_results(run.run_dir, record)
         best = f"best val top-1 {state.best_top1:.2f}" if state.best_top1 >= 0 else "no validation yet"
         log.info("done: %s; run folder %s", best, run.run_dir)
         if state.epoch < run.cfg.trainer.epochs:  # trainer.stop_after_epochs: the run goes on later
-            log.info(
-                "stopping after %d epochs (trainer.stop_after_epochs); continue with: %s",
-                trained,
-                resume_command(run.run_dir),
-            )
+            continuing = resume_command(run.run_dir)
+            log.info("stopping after %d epochs (trainer.stop_after_epochs); continue with: %s", trained, continuing)
     return record
 
 
@@ -284,13 +239,8 @@ def _log_epoch(writer: Optional[SummaryWriter], metrics: dict[str, Any], epochs:
     """One line per epoch (stdout and main.log) and the epoch's scalars in TensorBoard."""
     val = f"val top-1 {metrics['val_top1']:.2f}" if "val_top1" in metrics else "val top-1 -"
     log.info(
-        "epoch %d/%d  train loss %.4f  %s  %.0f img/s  %.1f s",
-        metrics["epoch"],
-        epochs,
-        metrics["train_loss"],
-        val,
-        metrics["train_images_per_s"],
-        metrics["seconds"],
+        f"epoch {metrics['epoch']}/{epochs}  train loss {metrics['train_loss']:.4f}  {val}  "
+        f"{metrics['train_images_per_s']:.0f} img/s  {metrics['seconds']:.1f} s"
     )
     if writer is None:
         return

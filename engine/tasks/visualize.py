@@ -1,12 +1,9 @@
-"""task=visualize: what merging merges, and what the class token and registers attend to.
-
-Per image, one grid PNG (also sent to TensorBoard), titled with its true and predicted class:
-- one row per protection mode (prefix, class, apart; or the model's own with
-  visualize.compare_protect=false): the image, then the merged-token map after each chosen block:
-  the patches of each output token filled with their mean colour and outlined, as in the ToMe paper;
-- then one row per prefix token (class, registers): its attention over the patches, per head, at
-  `attn_block`, with a colour bar. Computed on the unmerged model so every patch has its own cell;
-  under protect=apart, on the merged model, so registers merged together are one row.
+"""task=visualize: what merging merges, and what the class token and registers attend to. Per image, one grid
+PNG (also in TensorBoard), titled with its true and predicted class: one row per protection mode (or only the
+model's own, visualize.compare_protect=false) with the image and its merged-token map after each chosen block
+(each output token's patches in their mean colour, outlined, as in the ToMe paper); then one row per prefix
+token with its attention over the patches per head at `attn_block`, on the unmerged model so every patch has its
+own cell (under protect=apart on the merged model, so registers merged together are one row).
 """
 
 from __future__ import annotations
@@ -37,13 +34,6 @@ from ..run.session import open_session
 log = logging.getLogger(__name__)
 
 
-def sources_after_blocks(model: nn.Module, images: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
-    """The token sources after each block in `blocks`, from one traced forward pass."""
-    with torch.no_grad():
-        record = regtome.trace(model, images, blocks)
-    return {block: record.blocks[block].source for block in blocks}
-
-
 @torch.no_grad()
 def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarray, path: Path, title: str) -> None:
     """Image | last block's patch features at r=0 | merged and put back on the grid (PCA to RGB)."""
@@ -72,10 +62,11 @@ def merge_maps(
     num_prefix = regtome.prefix_layout(model).num_prefix
     maps, tokens, groups = {}, {}, {}
     for mode in modes:
-        with regtome.options(model, protect=mode):
-            sources = sources_after_blocks(model, batch, blocks)
+        with regtome.options(model, protect=mode), torch.no_grad():
+            record = regtome.trace(model, batch, blocks)
         maps[mode], tokens[mode], groups[mode] = {}, {}, {}
-        for block, source in sources.items():
+        for block in blocks:
+            source = record.blocks[block].source
             labels = patch_groups(source[0], num_prefix)
             maps[mode][block] = merge_map(picture, labels, grid)
             tokens[mode][block] = source.shape[1]
@@ -145,36 +136,40 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     classes = label_order(cfg.dataset, saved)
     images = load_images(cfg, session.inputs, classes, cfg.visualize.num_samples, "visualize.num_samples")
     depth = model.regtome_num_blocks
+    blocks = chosen_blocks(cfg.visualize.blocks, depth)
+    attn_block = block_index(cfg.visualize.attn_block, depth, "visualize.attn_block")
+    summary = {
+        "model": model_label(cfg.model),
+        **merge_record(model, session.inputs["input_size"]),
+        "preprocessing": preprocessing(cfg.dataset, session.inputs),
+        "random_weights": random_weights,
+        "images": {},
+        "blocks": blocks,
+        "attn_block": attn_block,
+    }
     plan = Plan(
         model=model,
         device=session.device,
         inputs=session.inputs,
         classes=classes,
-        run_dir=run_dir,
-        blocks=chosen_blocks(cfg.visualize.blocks, depth),
-        attn_block=block_index(cfg.visualize.attn_block, depth, "visualize.attn_block"),
-        dense_features=bool(cfg.visualize.dense_features),
+        blocks=blocks,
+        attn_block=attn_block,
         modes=list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect],
-        summary={
-            "model": model_label(cfg.model),
-            **merge_record(model, session.inputs["input_size"]),
-            "preprocessing": preprocessing(cfg.dataset, session.inputs),
-            "random_weights": random_weights,
-            "images": {},
-        },
+        dense_features=bool(cfg.visualize.dense_features),
+        summary=summary,
+        run_dir=run_dir,
     )
-    plan.summary |= {"blocks": plan.blocks, "attn_block": plan.attn_block}
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     try:
         for step, (name, tensor, target) in enumerate(tqdm(images, desc="visualize", dynamic_ncols=True)):
             info, pixels = draw_image(plan, name, tensor, target)
-            plan.summary["images"][name] = info
+            summary["images"][name] = info
             writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
     finally:
         writer.close()
-    write_results(run_dir, plan.summary, name="visualize.json")
-    log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, r_that_ran(plan.summary), model.protect)
-    return plan.summary
+    write_results(run_dir, summary, name="visualize.json")
+    log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, r_that_ran(summary), model.protect)
+    return summary
 
 
 def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int]) -> tuple[dict[str, Any], np.ndarray]:
@@ -191,29 +186,15 @@ def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int
     caption = f"predicted: {_label(plan.classes, predicted)} (p={float(probabilities[predicted]):.2f})"
     if target is not None:  # images= files have no label
         caption = f"true: {_label(plan.classes, target)}, {caption}"
-    title = f"{name}: {caption}\n{summary['model']}, r={r_that_ran(summary)}, protect={model.protect}" + (
-        " (random weights)" if summary["random_weights"] else ""
-    )
+    weights = " (random weights)" if summary["random_weights"] else ""
+    title = f"{name}: {caption}\n{summary['model']}, r={r_that_ran(summary)}, protect={model.protect}{weights}"
+    png = plan.run_dir / f"{name}.png"
     pixels = draw_grid(
-        picture,
-        maps,
-        tokens,
-        attention,
-        names,
-        note,
-        plan.attn_block,
-        plan.run_dir / f"{name}.png",
-        title=title,
-        depth=model.regtome_num_blocks,
+        picture, maps, tokens, attention, names, note, plan.attn_block, png, title, model.regtome_num_blocks
     )
     if plan.dense_features:
-        draw_dense_features(
-            model,
-            batch,
-            picture,
-            plan.run_dir / f"{name}_features.png",
-            f"{name}: last block's patch features (PCA to RGB), r={r_that_ran(summary)}\n{summary['model']}",
-        )
+        features = f"{name}: last block's patch features (PCA to RGB), r={r_that_ran(summary)}\n{summary['model']}"
+        draw_dense_features(model, batch, picture, plan.run_dir / f"{name}_features.png", features)
     info = {
         "png": f"{name}.png",
         "tokens": tokens,
