@@ -50,6 +50,8 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
     args = parser.parse_intermixed_args(argv)  # flags anywhere: `task=eval -m tome.r=0,8`
     if sum(map(bool, (args.run, args.multirun, args.cfg, args.info, args.shell_completion))) > 1:
         raise UserError("only one of --run, --multirun, --cfg, --info and --shell-completion: drop the others")
+    if args.shell_completion:  # its words (install=bash) are Hydra's, not overrides
+        return Checked(argv=list(argv), cfg=OmegaConf.create(), multirun=False, runs=False)
     flags = list(argv)
     for override in args.overrides:
         flags.remove(override)
@@ -66,7 +68,7 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
         validate(cfg)
         if args.multirun and len(jobs) > 1:  # each job of the sweep, before the first starts
             _validate_sweep(jobs, parsed, cfg, loader)
-    runs = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+    runs = not (args.help or args.hydra_help or args.cfg or args.info)
     return Checked(argv=flags + hydra_args, cfg=cfg, multirun=args.multirun, runs=runs)
 
 

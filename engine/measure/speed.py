@@ -120,7 +120,7 @@ def train_step(
 STEPS = {"inference": inference_step, "train": train_step, "dense": dense_step}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Timing:
     """How each case is timed: `repeats` rounds of `iters` calls each, after `warmup` calls."""
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64  # schedules x batch shapes x train/eval of one run; torch's default (8) falls back to eager
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Session:
     """Where a task runs and its model (patched, on the device): dtype None is fp32, inputs timm's data config,
     prepare what the device does to a batch first, compile runtime.compile's torch.compile mode (None: eager)."""
@@ -119,4 +119,14 @@ def open_session(
     inputs = data_config(model, cfg.model, cfg.dataset)
     prepare = input_transform(cfg.dataset, inputs)
     prepare = prepare.to(device) if prepare is not None else nn.Identity()
-    return Session(device, dtype, info, model, inputs, prepare, workers, eval_batch_size, compile_as)
+    return Session(
+        device=device,
+        dtype=dtype,
+        info=info,
+        model=model,
+        inputs=inputs,
+        prepare=prepare,
+        workers=workers,
+        eval_batch_size=eval_batch_size,
+        compile=compile_as,
+    )

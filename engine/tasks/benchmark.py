@@ -141,7 +141,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     if busy:
         log.warning(busy)
     baseline = regtome.remove_patch(copy.deepcopy(merged))
-    timing = Timing(bench.warmup, bench.repeats, bench.iters, bench.train_step, bench.dense, session.compile)
+    timing = Timing(
+        warmup=bench.warmup,
+        repeats=bench.repeats,
+        iters=bench.iters,
+        train_step=bench.train_step,
+        dense=bench.dense,
+        compile=session.compile,
+    )
     size = tuple(session.inputs["input_size"])  # model.img_size (a hub model's own config may say another)
     rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing, device, dtype, size)
     target = speed_target(bench, baseline, merged, timing, device, dtype, size)

@@ -34,7 +34,7 @@ from .loop import Optimization, TrainState, empty_sums
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainRun:
     """A training run as `build_run` sets it up: what `fit` needs, and what `finish` reports."""
 
@@ -165,7 +165,18 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
             run_dir,
         )
     return TrainRun(
-        cfg, run_dir, session, model, eval_model, train_set, sampler, val_loader, opt, state, classes, drop_last
+        cfg=cfg,
+        run_dir=run_dir,
+        session=session,
+        model=model,
+        eval_model=eval_model,
+        train_set=train_set,
+        sampler=sampler,
+        val_loader=val_loader,
+        opt=opt,
+        state=state,
+        classes=classes,
+        drop_last=drop_last,
     )
 
 
