@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine.run.distributed import DistInfo
+from engine.run.runtime import DistInfo
 from engine.training.evaluation import evaluate, top_classes
 from engine.training.loop import Optimization, TrainState, train_step
 

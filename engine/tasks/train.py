@@ -24,11 +24,10 @@ from data import DatasetError
 
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
 from ..run.checkpoint import SavedRun, load_checkpoint, read_checkpoint, save_training, training_checkpoint
-from ..run.distributed import barrier, gather_objects, launch_rank
 from ..run.folder_claim import append_resume
 from ..run.overrides import apply_overrides, overridable, override_keys
 from ..run.results import run_record, write_results
-from ..run.runtime import rng_state
+from ..run.runtime import barrier, gather_objects, launch_rank, rng_state
 from ..training.evaluation import evaluate
 from ..training.loop import GracefulStop, empty_sums, global_sums, train_one_epoch
 from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader

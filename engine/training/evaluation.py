@@ -15,8 +15,7 @@ from tqdm import tqdm
 from data.workers import ignore_interrupts
 
 from ..models.build import logits_of
-from ..run.distributed import DistInfo, all_reduce_sum, gather_objects
-from ..run.runtime import autocast, synchronize
+from ..run.runtime import DistInfo, all_reduce_sum, autocast, gather_objects, synchronize
 from ..run.session import Session
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..errors import NonFiniteLoss
 from ..models.build import logits_of
 from ..run.console import raise_interrupted, say_ending
-from ..run.distributed import DistInfo, all_reduce_sum
+from ..run.runtime import DistInfo, all_reduce_sum
 from .evaluation import top_classes
 
 

@@ -24,9 +24,8 @@ from data.workers import ignore_interrupts
 
 from ..models.build import model_label
 from ..run.checkpoint import check_same_architecture, read_checkpoint
-from ..run.distributed import DistInfo
 from ..run.results import merge_record, r_that_ran
-from ..run.runtime import autocast, seed_everything, set_rng_state
+from ..run.runtime import DistInfo, autocast, seed_everything, set_rng_state
 from ..run.session import Session, open_session
 from .evaluation import eval_loader
 from .loop import Optimization, TrainState, empty_sums
