@@ -14,8 +14,8 @@ from data import build_datasets, count_classes
 
 from ..errors import UserError
 from ..models.build import WEIGHTS_HINT, has_weights
+from ..run.checkpoint import config_from_checkpoint, label_order
 from ..run.folder_claim import atomic_write
-from ..run.overrides import config_from_checkpoint, label_order
 from ..run.results import r_that_ran, run_record, write_results
 from ..run.session import open_session
 from ..training.evaluation import eval_loader, evaluate

@@ -23,9 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 from data import DatasetError
 
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
-from ..run.checkpoint import SavedRun, load_checkpoint, read_checkpoint, save_training, training_checkpoint
+from ..run.checkpoint import SavedRun, apply_overrides, atomic_save, load_checkpoint, overrides_in, read_checkpoint
 from ..run.folder_claim import append_resume
-from ..run.overrides import apply_overrides, overridable, override_keys
 from ..run.results import run_record, write_results
 from ..run.runtime import barrier, gather_objects, launch_rank, rng_state
 from ..training.evaluation import evaluate
@@ -60,8 +59,7 @@ def record_resume(saved: SavedRun, run_dir: Path, overrides: list[str]) -> None:
     """A resume, said in main.log and added to resumes.yaml with the keys this command line changed."""
     epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
     if launch_rank() == 0:
-        kept = [o for o, key in zip(overrides, override_keys(overrides)) if overridable(key, RESUME_OVERRIDES)]
-        append_resume(run_dir, kept, epochs_done + 1, step)
+        append_resume(run_dir, overrides_in(overrides, RESUME_OVERRIDES), epochs_done + 1, step)
         log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
 
 
@@ -78,16 +76,38 @@ def resume_command(run_dir: Path) -> str:
 
 
 def save(run: TrainRun, best: bool) -> None:
-    """last.pt (and best.pt), written by rank 0 while the others wait; it holds every rank's random state."""
+    """last.pt, written by rank 0 while the others wait; best.pt too when this state is the best so far, without
+    what only a resume (from last.pt) reads: the optimizer state would triple its size."""
     rng = gather_objects(rng_state(), run.session.info)
     if run.session.info.is_main:
-        config = OmegaConf.to_container(run.cfg, resolve=True)
-        checkpoint = training_checkpoint(run.session.model, run.opt, asdict(run.state), config, rng, run.classes)
+        checkpoint = training_checkpoint(run, rng)
         try:
-            save_training(checkpoint, run.ckpt_dir, best)
+            atomic_save(checkpoint, run.ckpt_dir / "last.pt")
+            if best:
+                resume_only = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank")
+                atomic_save({k: v for k, v in checkpoint.items() if k not in resume_only}, run.ckpt_dir / "best.pt")
         except OSError as err:
             raise save_failed(run, err) from None
     barrier(run.session.info)
+
+
+def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything a resumed run restores (`engine.training.setup.restored_state`): weights (and EMA), optimizer,
+    schedule, scaler, state, RNGs (`rng`: each rank's, in rank order; rank 0's alone under "rng" as one process
+    saves it), config."""
+    opt = run.opt
+    return {
+        "model": run.session.model.state_dict(),
+        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict(),
+        "state": asdict(run.state),
+        "rng": dict(rng[0]),
+        "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "classes": run.classes,
+    }
 
 
 def save_failed(run: TrainRun, err: OSError) -> SaveFailed:
