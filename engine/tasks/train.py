@@ -27,8 +27,7 @@ from ..run.checkpoint import SavedRun, apply_overrides, atomic_save, load_checkp
 from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import barrier, gather_objects, launch_rank, rng_state
-from ..training.evaluation import evaluate
-from ..training.loop import GracefulStop, empty_sums, global_sums, train_one_epoch
+from ..training.loop import GracefulStop, empty_sums, evaluate, global_sums, train_one_epoch
 from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader
 
 log = logging.getLogger(__name__)

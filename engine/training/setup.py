@@ -27,8 +27,7 @@ from ..run.checkpoint import check_same_architecture, read_checkpoint
 from ..run.results import merge_record, r_that_ran
 from ..run.runtime import DistInfo, autocast, seed_everything, set_rng_state
 from ..run.session import Session, open_session
-from .evaluation import eval_loader
-from .loop import Optimization, TrainState, empty_sums
+from .loop import Optimization, TrainState, empty_sums, eval_loader
 
 log = logging.getLogger(__name__)
 
