@@ -228,7 +228,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         return {}
     if saved is not None:
         record_resume(saved, run_dir, overrides)
-    training = build_run(cfg, run_dir, saved.checkpoint if saved else None)
+    training = build_run(cfg, run_dir, saved)
     # rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)
     with SummaryWriter(str(run_dir / "tensorboard")) if training.session.info.is_main else nullcontext() as writer:
         metrics, trained = fit(training, writer)
