@@ -13,11 +13,10 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from data import DatasetError
@@ -28,7 +27,7 @@ from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import barrier, gather_objects, launch_rank, rng_state
 from ..training.loop import GracefulStop, empty_sums, evaluate, global_sums, train_one_epoch
-from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader
+from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader, training_checkpoint
 
 log = logging.getLogger(__name__)
 # What a resume may change: how it trains and where it runs, and whether unreadable images are skipped (an
@@ -88,25 +87,6 @@ def save(run: TrainRun, best: bool) -> None:
         except OSError as err:
             raise save_failed(run, err) from None
     barrier(run.session.info)
-
-
-def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything a resumed run restores (`engine.training.setup.restored_state`): weights (and EMA), optimizer,
-    schedule, scaler, state, RNGs (`rng`: each rank's, in rank order; rank 0's alone under "rng" as one process
-    saves it), config."""
-    opt = run.opt
-    return {
-        "model": run.session.model.state_dict(),
-        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
-        "optimizer": opt.optimizer.state_dict(),
-        "scheduler": opt.scheduler.state_dict(),
-        "scaler": opt.scaler.state_dict(),
-        "state": asdict(run.state),
-        "rng": dict(rng[0]),
-        "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,
-        "config": OmegaConf.to_container(run.cfg, resolve=True),
-        "classes": run.classes,
-    }
 
 
 def save_failed(run: TrainRun, err: OSError) -> SaveFailed:

@@ -1,12 +1,13 @@
-"""Building a training run once: data, model, optimizer and schedule, the state restored when resuming."""
+"""Building a training run once: data, model, optimizer and schedule; what its checkpoints hold and the state
+restored from them when resuming."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -198,6 +199,24 @@ def updates_per_epoch(samples: int, tc: DictConfig) -> int:
     if tc.max_steps_per_epoch:
         updates = min(updates, -(-tc.max_steps_per_epoch // tc.accum_steps))
     return updates
+
+
+def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything a resumed run restores (`restored_state`): weights (and EMA), optimizer, schedule, scaler,
+    state, RNGs (`rng`: each rank's, in rank order; rank 0's alone under "rng" as one process saves it), config."""
+    opt = run.opt
+    return {
+        "model": run.session.model.state_dict(),
+        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict(),
+        "state": asdict(run.state),
+        "rng": dict(rng[0]),
+        "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "classes": run.classes,
+    }
 
 
 def restored_state(opt: Optimization, checkpoint: dict, tc: DictConfig) -> TrainState:
