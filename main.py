@@ -38,7 +38,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="config")
 def main(cfg: DictConfig) -> None:
     from data import DatasetError  # torch and torchvision load here, after the command line passed
-    from engine.run.distributed import cleanup
+    from engine.run.runtime import cleanup
 
     stop_signals_interrupt()  # also in a sweep's or a SLURM job's process, which may not have run run_cli
     cfg = plain(cfg)  # the schema checked the types at composition; the tasks read plain words and numbers

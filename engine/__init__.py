@@ -3,10 +3,10 @@
 - `cli/`: the entry, before any work: keys and values checked against `schema` (`command_line`), the run
   folder claimed (`claim`). Nothing else in the engine imports it.
 - `run/`: what every task runs inside: the session (device, precision, processes, the model), the
-  runtime settings, torchrun, checkpoints (`checkpoint.read_checkpoint`, the one reader), old configs
-  read in today's names (`compat`), a checkpoint's config rebuilt with this command line's keys
-  (`overrides`), the run folder's name, lock and files written whole (`folder_claim`), results.json
-  (`results.merge_record`, the r that ran), a console that may go away and main.log's ending line (`console`).
+  runtime settings and torchrun (`runtime`), checkpoints (`checkpoint.read_checkpoint`, the one reader; a
+  checkpoint's config rebuilt with this command line's keys), old configs read in today's names (`compat`),
+  the run folder's name, lock and files written whole (`folder_claim`), results.json (`results.merge_record`,
+  the r that ran), a console that may go away and main.log's ending line (`console`).
 - `models/`: models built from the `model` and `tome` config groups (timm and transformers).
 - `training/`: the training loop, the evaluation loop, their set-up, and stopping on signals.
 - `schema`: every key's type, default, check and help (Hydra's ConfigStore); `validate` before any work.

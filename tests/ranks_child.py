@@ -15,7 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.run.checkpoint import load_checkpoint
-from engine.run.distributed import barrier
+from engine.run.runtime import barrier
 from engine.run.session import open_session
 from engine.tasks.train import save
 from engine.training.loop import GracefulStop, train_one_epoch

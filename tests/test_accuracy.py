@@ -7,9 +7,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine.run.distributed import DistInfo
-from engine.training.evaluation import evaluate, top_classes
-from engine.training.loop import Optimization, TrainState, train_step
+from engine.run.runtime import DistInfo
+from engine.training.loop import Optimization, TrainState, evaluate, top_classes, train_step
 
 
 class FixedLogits(nn.Module):

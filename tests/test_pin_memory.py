@@ -9,10 +9,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from data import EpochSeeded
-from engine.run.distributed import DistInfo
+from engine.run.runtime import DistInfo
 from engine.run.session import Session
-from engine.training.evaluation import eval_loader
-from engine.training.loop import TrainState
+from engine.training.loop import TrainState, eval_loader
 from engine.training.setup import epoch_loader
 
 

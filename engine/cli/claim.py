@@ -94,7 +94,7 @@ def claim_job_folder(folder: Path, cfg: DictConfig) -> None:
 def owns_the_folder() -> bool:
     """Whether this process may write, remove or unlock the run folder: rank 0 of torchrun (or SLURM's tasks),
     or the only process. The other ranks share its folder and leave it alone, whatever ends them."""
-    from ..run.distributed import launch_rank  # torch: imported when asked, after the command line passed
+    from ..run.runtime import launch_rank  # torch: imported when asked, after the command line passed
 
     return launch_rank() == 0
 

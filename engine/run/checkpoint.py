@@ -1,15 +1,18 @@
 """Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file, a training
-run's save and restore, and the one reader of a checkpoint (`read_checkpoint`) every task and script uses."""
+the one reader of a checkpoint (`read_checkpoint`) every task and script uses, and a
+run rebuilt from a checkpoint's saved config, keeping what this command line says explicitly."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from data import DatasetError, class_names, count_classes
 
 from ..errors import CheckpointHoldsCode, CorruptCheckpoint, UserError
 from .compat import saved_config
@@ -154,34 +157,66 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     model.load_state_dict(state_dict)
 
 
-def training_checkpoint(
-    model: torch.nn.Module,
-    opt: Any,
-    state: Mapping[str, Any],
-    config: Mapping[str, Any],
-    rng: list[Mapping[str, Any]],
-    classes: Any = None,
-) -> dict[str, Any]:
-    """Everything a resumed run restores: weights (and EMA), optimizer, schedule, scaler, state, RNGs (`rng`: each
-    rank's, in rank order; rank 0's alone under "rng" as one process saves it), config."""
-    return {
-        "model": model.state_dict(),
-        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
-        "optimizer": opt.optimizer.state_dict(),
-        "scheduler": opt.scheduler.state_dict(),
-        "scaler": opt.scaler.state_dict(),
-        "state": dict(state),
-        "rng": dict(rng[0]),
-        "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,
-        "config": dict(config),
-        "classes": classes,
-    }
+def override_keys(overrides: Iterable[str]) -> list[str]:
+    """'tome.r=16' -> 'tome.r'; '+x=1' -> 'x'; 'dataset=cifar100' -> 'dataset'."""
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
-def save_training(checkpoint: Mapping[str, Any], folder: Path, best: bool) -> None:
-    """last.pt always; best.pt too when this state is the best so far, without what only a resume (from last.pt)
-    reads: the optimizer state would triple its size."""
-    atomic_save(checkpoint, folder / "last.pt")
-    if best:
-        resume_only = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank")
-        atomic_save({k: v for k, v in checkpoint.items() if k not in resume_only}, folder / "best.pt")
+def overrides_in(overrides: Iterable[str], groups: Iterable[str]) -> list[str]:
+    """The overrides that set a key of one of `groups` ('trainer' takes 'trainer.lr=...'), or one named in it
+    whole ('dataset.skip_unreadable=true')."""
+    overrides, groups = list(overrides), tuple(groups)
+    keys = override_keys(overrides)
+    return [o for o, key in zip(overrides, keys) if key.split(".", 1)[0] in groups or key in groups]
+
+
+def apply_overrides(
+    saved: DictConfig, current: DictConfig, overrides: Iterable[str], groups: Iterable[str]
+) -> DictConfig:
+    """`saved`, with the keys the command line set taken from `current` where they are `overrides_in` `groups`
+    (group names, or single keys such as 'dataset.skip_unreadable'); a group switch (dataset=cifar100)
+    replaces the whole group."""
+    result = saved.copy()
+    for key in override_keys(overrides_in(overrides, groups)):
+        OmegaConf.update(result, key, OmegaConf.select(current, key), merge=False, force_add=True)
+    return result
+
+
+def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Optional[SavedRun]]:
+    """With ckpt=PATH: take model, dataset and tome from the checkpoint's saved config (keys set on
+    this command line win); return it and the checkpoint as `read_checkpoint` reads it (None without ckpt=)."""
+    if not cfg.get("ckpt"):
+        return cfg, None
+    run = read_checkpoint(cfg.ckpt)
+    saved = run.config
+    effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
+    if overrides_in(overrides, ["model"]):
+        check_same_architecture(saved.model, effective.model, cfg.ckpt)
+    if overrides_in(overrides, ["dataset"]):
+        check_same_classes(saved, effective, cfg.ckpt)
+    rebuilt = cfg.copy()
+    with open_dict(rebuilt):  # the saved groups replace the composed ones whole
+        rebuilt.model, rebuilt.dataset, rebuilt.tome = effective.model, effective.dataset, effective.tome
+    return rebuilt, run
+
+
+def label_order(dataset_cfg: DictConfig, saved: Optional[SavedRun]) -> Optional[list[str]]:
+    """The class names in the order of the model's head: a checkpoint's own where it saved them (a class
+    folder's val/ is mapped onto them by name, one they lack refused by name), else the data set's."""
+    if saved is not None and saved.classes:
+        return list(saved.classes)
+    return class_names(dataset_cfg)
+
+
+def check_same_classes(saved: DictConfig, effective: DictConfig, path: Any) -> None:
+    """A checkpoint's head has one output per class of the data set it was trained on: refuse another count."""
+    trained = saved.dataset.get("num_classes")
+    try:
+        wanted = count_classes(effective.dataset)
+    except DatasetError:
+        return  # a folder without train/: its classes are mapped onto the checkpoint's by name
+    if trained and int(trained) != wanted:
+        raise UserError(
+            f"checkpoint {path} has {trained} classes, the data set ({effective.dataset.name}) {wanted}; "
+            f"evaluate it on a data set with its {trained} classes (drop the dataset override)"
+        )

@@ -63,10 +63,10 @@ class _SurvivingStream:
 def survive_closed_console() -> None:
     """Wrap sys.stdout and sys.stderr (once, before logging and progress bars take them); a stream that is
     None (started with `>&-`) stays None, as Python has it."""
-    if sys.stdout is not None and not isinstance(sys.stdout, _SurvivingStream):
-        sys.stdout = _SurvivingStream(sys.stdout)  # type: ignore[assignment]
-    if sys.stderr is not None and not isinstance(sys.stderr, _SurvivingStream):
-        sys.stderr = _SurvivingStream(sys.stderr)  # type: ignore[assignment]
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _SurvivingStream):
+            setattr(sys, name, _SurvivingStream(stream))
 
 
 def stop_signals_interrupt() -> None:

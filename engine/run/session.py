@@ -23,8 +23,15 @@ from data import input_transform, resolve_native_size
 from ..errors import UserError
 from ..models.build import build_model, data_config, is_transformers, report_capped_r
 from .checkpoint import load_weights
-from .distributed import DistInfo, init_distributed
-from .runtime import amp_dtype, configure_threads, loader_workers, resolve_device, seed_everything
+from .runtime import (
+    DistInfo,
+    amp_dtype,
+    configure_threads,
+    init_distributed,
+    loader_workers,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64  # schedules x batch shapes x train/eval of one run; torch's default (8) falls back to eager

@@ -25,7 +25,7 @@ from ..measure.timing import interleaved_seconds, machine_note
 from ..models.build import model_label
 from ..models.tome_group import compact, r_option
 from ..report.benchmark_report import write_outputs
-from ..run.overrides import override_keys
+from ..run.checkpoint import override_keys
 from ..run.results import write_results
 from ..run.runtime import device_name, dtype_name
 from ..run.session import open_session

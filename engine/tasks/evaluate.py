@@ -1,5 +1,5 @@
 """task=eval: accuracy and images/s of a checkpoint (rebuilt from its saved config) or of pretrained weights,
-and per-sample predictions in data set order (predictions.csv); the loop is `engine.training.evaluation`."""
+and per-sample predictions in data set order (predictions.csv); the loop is `engine.training.loop.evaluate`."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from data import build_datasets, count_classes
 
 from ..errors import UserError
 from ..models.build import WEIGHTS_HINT, has_weights
+from ..run.checkpoint import config_from_checkpoint, label_order
 from ..run.folder_claim import atomic_write
-from ..run.overrides import config_from_checkpoint, label_order
 from ..run.results import r_that_ran, run_record, write_results
 from ..run.session import open_session
-from ..training.evaluation import eval_loader, evaluate
+from ..training.loop import eval_loader, evaluate
 
 log = logging.getLogger(__name__)
 

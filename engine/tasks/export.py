@@ -25,8 +25,8 @@ from ..errors import UserError, first_line
 from ..measure.parity import TOLERANCE, Runner, parity, reference_outputs, run_exported
 from ..measure.timing import interleaved_seconds
 from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
+from ..run.checkpoint import config_from_checkpoint, label_order
 from ..run.console import ctrl_c_after_this
-from ..run.overrides import config_from_checkpoint, label_order
 from ..run.results import merge_record, r_that_ran, write_results
 from ..run.session import open_session
 

@@ -13,25 +13,21 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from data import DatasetError
 
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
-from ..run.checkpoint import SavedRun, load_checkpoint, read_checkpoint, save_training, training_checkpoint
-from ..run.distributed import barrier, gather_objects, launch_rank
+from ..run.checkpoint import SavedRun, apply_overrides, atomic_save, load_checkpoint, overrides_in, read_checkpoint
 from ..run.folder_claim import append_resume
-from ..run.overrides import apply_overrides, overridable, override_keys
 from ..run.results import run_record, write_results
-from ..run.runtime import rng_state
-from ..training.evaluation import evaluate
-from ..training.loop import GracefulStop, empty_sums, global_sums, train_one_epoch
-from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader
+from ..run.runtime import barrier, gather_objects, launch_rank, rng_state
+from ..training.loop import GracefulStop, empty_sums, evaluate, global_sums, train_one_epoch
+from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader, training_checkpoint
 
 log = logging.getLogger(__name__)
 # What a resume may change: how it trains and where it runs, and whether unreadable images are skipped (an
@@ -61,8 +57,7 @@ def record_resume(saved: SavedRun, run_dir: Path, overrides: list[str]) -> None:
     """A resume, said in main.log and added to resumes.yaml with the keys this command line changed."""
     epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
     if launch_rank() == 0:
-        kept = [o for o, key in zip(overrides, override_keys(overrides)) if overridable(key, RESUME_OVERRIDES)]
-        append_resume(run_dir, kept, epochs_done + 1, step)
+        append_resume(run_dir, overrides_in(overrides, RESUME_OVERRIDES), epochs_done + 1, step)
         log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
 
 
@@ -79,13 +74,16 @@ def resume_command(run_dir: Path) -> str:
 
 
 def save(run: TrainRun, best: bool) -> None:
-    """last.pt (and best.pt), written by rank 0 while the others wait; it holds every rank's random state."""
+    """last.pt, written by rank 0 while the others wait; best.pt too when this state is the best so far, without
+    what only a resume (from last.pt) reads: the optimizer state would triple its size."""
     rng = gather_objects(rng_state(), run.session.info)
     if run.session.info.is_main:
-        config = OmegaConf.to_container(run.cfg, resolve=True)
-        checkpoint = training_checkpoint(run.session.model, run.opt, asdict(run.state), config, rng, run.classes)
+        checkpoint = training_checkpoint(run, rng)
         try:
-            save_training(checkpoint, run.ckpt_dir, best)
+            atomic_save(checkpoint, run.ckpt_dir / "last.pt")
+            if best:
+                resume_only = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank")
+                atomic_save({k: v for k, v in checkpoint.items() if k not in resume_only}, run.ckpt_dir / "best.pt")
         except OSError as err:
             raise save_failed(run, err) from None
     barrier(run.session.info)
@@ -210,7 +208,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         return {}
     if saved is not None:
         record_resume(saved, run_dir, overrides)
-    training = build_run(cfg, run_dir, saved.checkpoint if saved else None)
+    training = build_run(cfg, run_dir, saved)
     # rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)
     with SummaryWriter(str(run_dir / "tensorboard")) if training.session.info.is_main else nullcontext() as writer:
         metrics, trained = fit(training, writer)

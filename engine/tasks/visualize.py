@@ -27,7 +27,7 @@ from data.images import load_images
 from ..errors import UserError
 from ..models.build import WEIGHTS_HINT, has_weights, logits_of, model_label
 from ..report.figures import draw_feature_panels, draw_grid, merge_map, patch_groups
-from ..run.overrides import config_from_checkpoint, label_order
+from ..run.checkpoint import config_from_checkpoint, label_order
 from ..run.results import merge_record, r_that_ran, write_results
 from ..run.session import open_session
 

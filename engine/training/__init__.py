@@ -1,1 +1,1 @@
-"""Training: the loop and its graceful stop (`loop`), the evaluation loop (`evaluation`), building a run (`setup`)."""
+"""Training: the training and evaluation loops and the graceful stop (`loop`), building a run (`setup`)."""

@@ -1,12 +1,13 @@
-"""Building a training run once: data, model, optimizer and schedule, the state restored when resuming."""
+"""Building a training run once: data, model, optimizer and schedule; what its checkpoints hold and the state
+restored from them when resuming."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -23,13 +24,11 @@ from data import EpochSeeded, ResumableSampler, build_datasets, class_names, cou
 from data.workers import ignore_interrupts
 
 from ..models.build import model_label
-from ..run.checkpoint import check_same_architecture, read_checkpoint
-from ..run.distributed import DistInfo
+from ..run.checkpoint import SavedRun, check_same_architecture, read_checkpoint
 from ..run.results import merge_record, r_that_ran
-from ..run.runtime import autocast, seed_everything, set_rng_state
+from ..run.runtime import DistInfo, autocast, seed_everything, set_rng_state
 from ..run.session import Session, open_session
-from .evaluation import eval_loader
-from .loop import Optimization, TrainState, empty_sums
+from .loop import Optimization, TrainState, empty_sums, eval_loader
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +116,15 @@ def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
     return init.weights
 
 
-def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> TrainRun:
-    """Data, model and optimizer, built once; the state restored from `checkpoint` when resuming."""
+def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> TrainRun:
+    """Data, model and optimizer, built once; the state restored from `saved` (last.pt) when resuming."""
     classes = class_names(cfg.dataset)
     num_classes = count_classes(cfg.dataset)
     cfg = OmegaConf.merge(cfg, {"dataset": {"num_classes": num_classes}})  # saved with the checkpoints
-    if checkpoint is None:  # trainer.init_from, or the model group's own (pretrained or random) weights
+    if saved is None:  # trainer.init_from, or the model group's own (pretrained or random) weights
         weights, weights_path = initial_weights(cfg), cfg.trainer.get("init_from")
-    else:  # a resume: last.pt's weights, so no pretrained weights are fetched only to be replaced
-        weights, weights_path = checkpoint["model"], run_dir / "checkpoints" / "last.pt"
+    else:  # a resume: last.pt's model weights, so no pretrained weights are fetched only to be replaced
+        weights, weights_path = saved.checkpoint["model"], saved.path
     session = open_session(cfg, num_classes, weights=weights, weights_path=weights_path)
     tc, info = cfg.trainer, session.info
     splits = build_datasets(cfg.dataset, session.inputs, augment=tc.augment, seed=cfg.seed, classes=classes)
@@ -141,9 +140,9 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: Optional[dict]) -> Tra
     if info.enabled:
         device = session.device
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = TrainState() if checkpoint is None else restored_state(opt, checkpoint, tc)
-    if checkpoint is not None:
-        restore_random_state(checkpoint, cfg.seed + state.num_updates, info)
+    state = TrainState() if saved is None else restored_state(opt, saved.checkpoint, tc)
+    if saved is not None:
+        restore_random_state(saved.checkpoint, cfg.seed + state.num_updates, info)
     eval_model = opt.ema.module if opt.ema is not None else session.runner()  # never through DDP: shards differ
     model = session.runner(model) if session.compile else model
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
@@ -200,6 +199,24 @@ def updates_per_epoch(samples: int, tc: DictConfig) -> int:
     if tc.max_steps_per_epoch:
         updates = min(updates, -(-tc.max_steps_per_epoch // tc.accum_steps))
     return updates
+
+
+def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything a resumed run restores (`restored_state`): weights (and EMA), optimizer, schedule, scaler,
+    state, RNGs (`rng`: each rank's, in rank order; rank 0's alone under "rng" as one process saves it), config."""
+    opt = run.opt
+    return {
+        "model": run.session.model.state_dict(),
+        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict(),
+        "state": asdict(run.state),
+        "rng": dict(rng[0]),
+        "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "classes": run.classes,
+    }
 
 
 def restored_state(opt: Optimization, checkpoint: dict, tc: DictConfig) -> TrainState:
