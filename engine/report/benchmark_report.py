@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any, Optional
 
 from matplotlib.figure import Figure
 
-from ..run.folder_claim import atomic_write
-from . import fit_title, save_figure
+from . import fit_title, save_figure, write_csv, write_lines
 
 TABLE = (
     "| mode | run | r | batch | images/s | latency ms (p90) | speedup | vs eager unpatched | GFLOPs | "
@@ -33,13 +31,8 @@ def write_outputs(
     """benchmark.csv, benchmark.md (the table, then `notes`) and benchmark.png; `warning` (a busy machine) is
     among the notes and in the figure too, which is often all that is looked at."""
     columns = list(dict.fromkeys([*(k for row in rows for k in row), *meta]))
-
-    def write_csv(f: Any) -> None:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(meta | row for row in rows)  # a row's own protection mode wins over the run's
-
-    atomic_write(run_dir / "benchmark.csv", write_csv, text=True)
+    # a row's own protection mode wins over the run's
+    write_csv(run_dir / "benchmark.csv", [meta | row for row in rows], columns)
     header = ", ".join(f"{k} {v}" for k, v in meta.items())
     lines = [f"# RegToMe benchmark\n\n{header}\n", TABLE, "|" + "---|" * TABLE.count(" | ") + "---|"]
     lines += [_line(row) for row in rows]
@@ -50,7 +43,7 @@ def write_outputs(
         "",
     ]
     lines += [f"- {note}" for note in notes]
-    atomic_write(run_dir / "benchmark.md", lambda f: f.write("\n".join(lines) + "\n"), text=True)
+    write_lines(run_dir / "benchmark.md", lines)
     plot(rows, meta, run_dir / "benchmark.png", warning)
 
 
