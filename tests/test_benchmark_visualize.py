@@ -9,8 +9,8 @@ import torch
 from cli_helpers import ROOT, compose_config, error_line, run_main
 from PIL import Image
 
-from engine.report.figures import CELL_PX, grid_shape, merge_map, patch_groups
 from engine.tasks import visualize
+from engine.tasks.visualize import CELL_PX, grid_shape, merge_map, patch_groups
 
 
 @pytest.mark.slow
@@ -310,7 +310,7 @@ def test_figure_titles_fit_their_figure(tmp_path, monkeypatch):
     import matplotlib.figure
     import matplotlib.pyplot as plt
 
-    from engine.report.figures import fit_title
+    from engine.report import fit_title
 
     saved = []
     real_savefig = matplotlib.figure.Figure.savefig

@@ -1,7 +1,7 @@
 """Reports of what was run and measured: sweep reports and their paired statistics (`sweep`), the benchmark's
-files (`benchmark_report`), visualize's pictures (`figures`), register fates; here, what every figure shares (no
-torch: the sweep report imports it). Figures are matplotlib `Figure`s drawn off-screen, outside pyplot (no window,
-nothing to close). The measurements themselves are `engine.measure`."""
+files (`benchmark_report`), register fates; here, what every figure and table shares (no torch: the sweep report
+imports it). Figures are matplotlib `Figure`s drawn off-screen, outside pyplot (no window, nothing to close).
+The measurements themselves are `engine.measure`; visualize's pictures are drawn in `engine.tasks.visualize`."""
 
 from __future__ import annotations
 
