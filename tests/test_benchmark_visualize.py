@@ -376,7 +376,7 @@ def test_benchmark_png_carries_the_busy_machine_warning_its_md_carries(tmp_path,
     import matplotlib.figure
     from matplotlib.text import Text
 
-    from engine.report.benchmark_report import write_outputs
+    from engine.tasks.benchmark import write_outputs
 
     def row(r: str, speedup: float) -> dict:
         return {

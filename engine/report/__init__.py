@@ -1,7 +1,7 @@
-"""Reports of what was run and measured: sweep reports and their paired statistics (`sweep`), the benchmark's
-files (`benchmark_report`), register fates; here, what every figure and table shares (no torch: the sweep report
-imports it). Figures are matplotlib `Figure`s drawn off-screen, outside pyplot (no window, nothing to close).
-The measurements themselves are `engine.measure`; visualize's pictures are drawn in `engine.tasks.visualize`."""
+"""Reports of what was run and measured: sweep reports and their paired statistics (`sweep`), register fates;
+here, what every figure and table shares (no torch: the sweep report imports it). Figures are matplotlib `Figure`s
+drawn off-screen, outside pyplot (no window, nothing to close). The measurements are `engine.measure`; the files
+of task=benchmark and the pictures of task=visualize are drawn in their task's module."""
 
 from __future__ import annotations
 
