@@ -9,11 +9,12 @@ import csv
 import os
 import textwrap
 from pathlib import Path
-from typing import IO, Any, Iterable
-
-from matplotlib.figure import Figure
+from typing import IO, TYPE_CHECKING, Any, Iterable
 
 from ..run.folder_claim import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> None:

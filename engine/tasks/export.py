@@ -194,8 +194,15 @@ def export_and_check(
     """Write the export, compare it with PyTorch on `images` (refused below export.min_agreement), time it
     when asked; returns the record for results.json."""
     merged = Exportable(model).eval()
-    ran = r_that_ran(merge_record(model, regtome.input_size(model)))
-    log.info("exporting %s (r=%s, protect=%s) as %s to %s", model_label(cfg.model), ran, model.protect, fmt, path)
+    merge = merge_record(model, regtome.input_size(model))
+    log.info(
+        "exporting %s (r=%s, protect=%s) as %s to %s",
+        model_label(cfg.model),
+        r_that_ran(merge),
+        model.protect,
+        fmt,
+        path,
+    )
     export_graph(merged, images[: fixed_batch or 2], path, fmt, fixed_batch is None, int(cfg.export.opset))
     threads, batch = max(1, torch.get_num_threads()), fixed_batch or 8
     report = parity(reference_outputs(merged, images, batch), run_exported(Runner(path, fmt, threads), images, batch))
@@ -212,7 +219,7 @@ def export_and_check(
         "file": FORMATS[fmt],
         "model": model_label(cfg.model),
         "checkpoint": cfg.get("ckpt"),
-        **merge_record(model, regtome.input_size(model)),
+        **merge,
         "prop_attn": model.prop_attn,
         "opset": int(cfg.export.opset) if fmt == "onnx" else None,
         "dtype": cfg.export.dtype,
