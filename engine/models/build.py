@@ -158,8 +158,6 @@ def _pretrained(model_cfg: Mapping[str, Any]) -> bool:
 def check_model_group(model_cfg: Mapping[str, Any]) -> None:
     """A timm name is named as such first; then model.registers and model.drop_path, timm's settings that a
     transformers model would silently ignore (it reads both from its own config), are refused."""
-    import timm
-
     name = str(model_cfg["name"])
     if "/" not in name and timm.is_model(name):
         raise UserError(
