@@ -9,8 +9,8 @@ import torch
 from cli_helpers import ROOT, compose_config, error_line, run_main
 from PIL import Image
 
-from engine.report.figures import CELL_PX, grid_shape, merge_map, patch_groups
 from engine.tasks import visualize
+from engine.tasks.visualize import CELL_PX, grid_shape, merge_map, patch_groups
 
 
 @pytest.mark.slow
@@ -310,7 +310,7 @@ def test_figure_titles_fit_their_figure(tmp_path, monkeypatch):
     import matplotlib.figure
     import matplotlib.pyplot as plt
 
-    from engine.report.figures import fit_title
+    from engine.report import fit_title
 
     saved = []
     real_savefig = matplotlib.figure.Figure.savefig
@@ -376,7 +376,7 @@ def test_benchmark_png_carries_the_busy_machine_warning_its_md_carries(tmp_path,
     import matplotlib.figure
     from matplotlib.text import Text
 
-    from engine.report.benchmark_report import write_outputs
+    from engine.tasks.benchmark import write_outputs
 
     def row(r: str, speedup: float) -> dict:
         return {

@@ -18,8 +18,7 @@ from test_families import build, images_for  # noqa: E402
 
 import regtome  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.measure.parity import Runner, parity, reference_outputs, run_exported  # noqa: E402
-from engine.tasks.export import Exportable, export_graph  # noqa: E402
+from engine.tasks.export import Exportable, Runner, export_graph, parity, reference_outputs, run_exported  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 from cli_helpers import ROOT
 
-from engine.report.stats import bootstrap_interval, mcnemar_exact, paired_delta
-from engine.report.sweep import ReportError, add_paired, collect, group_label, swept_keys, write_report
+from engine.report.sweep import (
+    ReportError,
+    add_paired,
+    bootstrap_interval,
+    collect,
+    group_label,
+    mcnemar_exact,
+    paired_delta,
+    swept_keys,
+    write_report,
+)
 
 
 def brute_force_mcnemar(b: int, c: int) -> float:

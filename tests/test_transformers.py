@@ -363,7 +363,7 @@ def test_the_cli_builder_sets_the_attention_implementation_of_every_module(imple
     from cli_helpers import ROOT
     from omegaconf import OmegaConf
 
-    from engine.models.transformers import create_transformers_model
+    from engine.models.build import create_transformers_model
     from regtome.upstream_hf import attn_implementation
 
     preset = OmegaConf.load(ROOT / "configs" / "model" / "hf_dinov2_reg4_small.yaml")

@@ -9,6 +9,7 @@ import resource
 import statistics
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
@@ -22,7 +23,7 @@ from ..models.tome_group import compact
 from ..run.results import merge_record
 from ..run.runtime import autocast, synchronize
 from ..run.session import compile_model
-from .timing import timed_calls
+from .timing import interleaved_seconds, timed_calls
 
 BASELINE = "unpatched"  # the model as timm or transformers built it
 Step = Callable[[], None]
@@ -77,23 +78,23 @@ def schedule_records(merged: nn.Module, schedules: list[Any], size: tuple[int, i
 
 
 def inference_step(
-    model: nn.Module, patched: Optional[nn.Module], images: torch.Tensor, r: Any, device: torch.device, dtype: Any
+    model: nn.Module,
+    patched: Optional[nn.Module],
+    images: torch.Tensor,
+    r: Any,
+    device: torch.device,
+    dtype: Any,
+    dense: bool = False,
 ) -> Step:
-    def step() -> None:
-        with torch.inference_mode(), autocast(device, dtype), _schedule(patched, r):
-            model(images)
-
-    return step
-
-
-def dense_step(
-    model: nn.Module, patched: Optional[nn.Module], images: torch.Tensor, r: Any, device: torch.device, dtype: Any
-) -> Step:
-    """Patch features of the last block on the full grid (timm's forward_intermediates; eager only)."""
+    """A forward without gradients; `dense`: patch features of the last block on the full grid (timm's
+    forward_intermediates; eager only)."""
 
     def step() -> None:
         with torch.inference_mode(), autocast(device, dtype), _schedule(patched, r):
-            model.forward_intermediates(images, indices=1, intermediates_only=True)
+            if dense:
+                model.forward_intermediates(images, indices=1, intermediates_only=True)
+            else:
+                model(images)
 
     return step
 
@@ -117,7 +118,7 @@ def train_step(
     return step
 
 
-STEPS = {"inference": inference_step, "train": train_step, "dense": dense_step}
+STEPS = {"inference": inference_step, "train": train_step, "dense": partial(inference_step, dense=True)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,3 +231,35 @@ def benchmark_rows(
                         row["protect"] = protects.get(key[1])  # None for the unpatched model
                     rows.append(row | {"peak_memory_mb": peak_memory_mb(device, cases[key])})
     return rows
+
+
+def speed_target(
+    target: float,
+    batch: int,
+    baseline: nn.Module,
+    merged: nn.Module,
+    timing: Timing,
+    device: torch.device,
+    dtype: Any,
+    size: tuple[int, ...],
+) -> dict[str, Any]:
+    """The least merging whose measured inference speedup at `batch` reaches `target`
+    (benchmark.target_speedup). Starts at the FLOP budget 1/target (no schedule reaches a speedup with fewer
+    FLOPs saved, short of overheads vanishing) and lowers the budget by 0.05 until it is reached, 6 tries at most."""
+    images = torch.randn(batch, *size, device=device)
+    tried: list[dict[str, Any]] = []
+    fraction = min(1.0, 1.0 / target)
+    for _ in range(6):
+        try:
+            r = regtome.r_for_flops(merged, fraction, size)
+        except ValueError:
+            break
+        cases = _cases({"eager": (baseline, merged)}, merged, "inference", batch, [r], images, device, dtype)
+        seconds = interleaved_seconds(cases, device, warmup=timing.warmup, repeats=timing.repeats, iters=timing.iters)
+        speedup = seconds[("eager", BASELINE)] / seconds[("eager", schedule_label(r))]
+        tried.append({"r": schedule_label(r), "flop_fraction": fraction, "speedup": speedup})
+        if speedup >= target:
+            reached = {"r": schedule_label(r), "speedup": speedup}
+            return {"target_speedup": target, "batch_size": batch, **reached, "tried": tried}
+        fraction -= 0.05
+    return {"target_speedup": target, "batch_size": batch, "r": None, "tried": tried}

@@ -19,9 +19,9 @@ Key = TypeVar("Key", bound=Hashable)
 def timed_calls(
     cases: dict[Key, Callable[[], object]],
     device: torch.device,
-    warmup: int = 2,
-    repeats: int = 5,
-    iters: int = 3,
+    warmup: int,
+    repeats: int,
+    iters: int,
     progress: Optional[Callable[[], None]] = None,
 ) -> tuple[dict[Key, list[float]], dict[Key, float]]:
     """Seconds of every timed call of each case, and the seconds of its warm-up calls (compilation included).
@@ -50,7 +50,7 @@ def timed_calls(
 
 
 def interleaved_seconds(
-    cases: dict[Key, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 5, iters: int = 3
+    cases: dict[Key, Callable[[], object]], device: torch.device, warmup: int, repeats: int, iters: int
 ) -> dict[Key, float]:
     """Median seconds per call of each case (`timed_calls`)."""
     calls, _ = timed_calls(cases, device, warmup, repeats, iters)

@@ -1,1 +1,2 @@
-"""Models built from the `model` and `tome` config groups: timm (`build`) and transformers (`transformers`)."""
+"""Models built from the `model` and `tome` config groups, timm and transformers (`build`); how much to merge
+(`tome_group`)."""

@@ -1,17 +1,20 @@
-"""Reports of what was run and measured: sweep reports and paired statistics (`sweep`, `stats`), the benchmark's
-files (`benchmark_report`), visualize's pictures (`figures`), register fates; here, what every figure shares (no
-torch: the sweep report imports it). Figures are matplotlib `Figure`s drawn off-screen, outside pyplot (no window,
-nothing to close). The measurements themselves are `engine.measure`."""
+"""Reports of what was run and measured: sweep reports and their paired statistics (`sweep`), register fates;
+here, what every figure and table shares (no torch: the sweep report imports it). Figures are matplotlib `Figure`s
+drawn off-screen, outside pyplot (no window, nothing to close). The measurements are `engine.measure`; the files
+of task=benchmark and the pictures of task=visualize are drawn in their task's module."""
 
 from __future__ import annotations
 
+import csv
 import os
 import textwrap
 from pathlib import Path
-
-from matplotlib.figure import Figure
+from typing import IO, TYPE_CHECKING, Any, Iterable
 
 from ..run.folder_claim import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> None:
@@ -24,3 +27,19 @@ def fit_title(text: str, width_inches: float, fontsize: float = 7) -> str:
     edges). An average character is about 0.55 of the font size wide."""
     per_line = max(20, int(width_inches * 72 / (0.55 * fontsize)) - 2)
     return "\n".join(part for line in text.split("\n") for part in textwrap.wrap(line, per_line) or [""])
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
+    """`rows` under `columns` (other keys left out), written whole or not at all."""
+
+    def write(f: IO[str]) -> None:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write, text=True)
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """A text file of `lines`, written whole or not at all."""
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), text=True)

@@ -1,18 +1,19 @@
 """Sweep reports (scripts/sweep_report.py): one row per run (results.json), the swept settings told apart,
-paired comparisons (statistics in `stats`), and their figures."""
+paired comparisons (a bootstrap interval and an exact McNemar test over the same samples), and their figures."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from . import save_figure
-from .stats import BOOTSTRAP_RESAMPLES, paired_delta
+from . import save_figure, write_csv, write_lines
 
 COLUMNS = (
     "run task dataset model checkpoint registers schedule r protect prop_attn top1 top5 images_per_s gflops "
@@ -25,6 +26,65 @@ ALWAYS_SHOWN = ("run", "r", "top1", "top5", "images_per_s", "gflops")
 # even where the cap of each protection mode made the budget choose another r.
 IDENTITY = ("task", "dataset", "model", "checkpoint", "registers", "schedule", "protect", "prop_attn")
 SWEPT = ("protect", "prop_attn", "model", "dataset", "checkpoint", "registers")  # what tells runs apart besides r
+
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """Top-1 of `run` minus top-1 of `baseline`, in points, on the same samples."""
+
+    delta_top1: float
+    ci_low: float  # 95% paired bootstrap interval
+    ci_high: float
+    p_value: float  # exact two-sided McNemar test on the discordant pairs
+    only_baseline: int  # samples the baseline gets right and the run wrong
+    only_run: int  # and the other way round
+    samples: int
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant counts against 1/2."""
+    n = only_a + only_b  # none discordant: a tail of 1, p = 1
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_interval(
+    differences: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of the mean of per-sample differences, resampling samples with replacement."""
+    rng = np.random.default_rng(seed)
+    n = len(differences)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 250):  # chunks keep memory at 250 x n indices
+        stop = min(resamples, start + 250)
+        means[start:stop] = differences[rng.integers(0, n, (stop - start, n))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def paired_delta(
+    baseline_correct: np.ndarray, run_correct: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES
+) -> PairedDelta:
+    """Compare two 0/1 correctness vectors over the same samples (same order)."""
+    if baseline_correct.shape != run_correct.shape:
+        raise ValueError(f"paired runs must cover the same samples ({len(baseline_correct)} vs {len(run_correct)})")
+    base, run = baseline_correct.astype(np.int64), run_correct.astype(np.int64)
+    differences = (run - base).astype(np.float64)
+    low, high = bootstrap_interval(differences, resamples)
+    only_baseline, only_run = int(((base == 1) & (run == 0)).sum()), int(((base == 0) & (run == 1)).sum())
+    return PairedDelta(
+        delta_top1=100 * differences.mean(),
+        ci_low=100 * low,
+        ci_high=100 * high,
+        p_value=mcnemar_exact(only_baseline, only_run),
+        only_baseline=only_baseline,
+        only_run=only_run,
+        samples=len(base),
+    )
 
 
 class ReportError(ValueError):
@@ -129,13 +189,6 @@ def _markdown(table: list[dict[str, Any]], columns: list[str]) -> list[str]:
     return lines + ["| " + " | ".join(_fmt(row.get(c)) for c in shown) + " |" for row in table]
 
 
-def _write_csv(path: Path, table: list[dict[str, Any]], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(table)
-
-
 def write_report(
     rows: list[dict[str, Any]], out_dir: Path, paired: Optional[str] = None, baseline: Optional[str] = None
 ) -> dict[str, Path]:
@@ -144,8 +197,8 @@ def write_report(
     (each other value of `key` against the baseline)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"sweep.{ext}" for ext in ("csv", "md", "png")}
-    _write_csv(paths["csv"], rows, COLUMNS)
-    paths["md"].write_text("\n".join(_markdown(rows, COLUMNS)) + "\n")
+    write_csv(paths["csv"], rows, COLUMNS)
+    write_lines(paths["md"], _markdown(rows, COLUMNS))
     plot_sweep(rows, paths["png"])
     if not paired:
         return paths
@@ -154,14 +207,14 @@ def write_report(
     stem = out_dir / f"paired_{paired}_vs_{baseline}"
     paths |= {f"paired_{ext}": stem.with_suffix(f".{ext}") for ext in ("csv", "md", "png")}
     paired_rows = [row for row in rows if row.get("delta_top1") is not None] + pooled
-    _write_csv(paths["paired_csv"], paired_rows, COLUMNS + PAIRED_COLUMNS)
+    write_csv(paths["paired_csv"], paired_rows, COLUMNS + PAIRED_COLUMNS)
     lines = _markdown(paired_rows, COLUMNS + PAIRED_COLUMNS) + [
         "",
         f"delta_top1: top-1 minus that of the {paired}={baseline} run with the same settings, in points; "
         f"ci: 95% paired bootstrap over samples ({BOOTSTRAP_RESAMPLES} resamples, seed 0); p_value: exact McNemar "
         "test on the samples the two runs disagree on.",
     ]
-    paths["paired_md"].write_text("\n".join(lines) + "\n")
+    write_lines(paths["paired_md"], lines)
     plot_paired(rows + pooled, paired, paths["paired_png"], baseline)
     return paths
 

@@ -1,5 +1,6 @@
 """task=benchmark: what merging buys on this machine: images/s and latency (inference, training step, dense
-features), eager and compiled, peak memory, GFLOPs, the training loader per worker (`engine.measure.speed`).
+features), eager and compiled, peak memory, GFLOPs, the training loader per worker (`engine.measure.speed`), in
+benchmark.csv, benchmark.md and benchmark.png.
 On a CPU, `benchmark.quick` sizes the defaults to finish in minutes (keys on the command line win). A busy
 machine is said in the report, because its figures say little."""
 
@@ -13,6 +14,7 @@ from typing import Any, Optional
 import timm
 import torch
 import torch.nn as nn
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 import regtome
@@ -20,11 +22,11 @@ from data import count_classes, preprocessing
 
 from ..errors import UserError
 from ..measure.loader_timing import data_bound_notes, time_train_loader
-from ..measure.speed import BASELINE, Timing, benchmark_rows, inference_step, schedule_label, schedule_records
-from ..measure.timing import interleaved_seconds, machine_note
+from ..measure.speed import BASELINE, Timing, benchmark_rows, schedule_records, speed_target
+from ..measure.timing import machine_note
 from ..models.build import model_label
 from ..models.tome_group import compact, r_option
-from ..report.benchmark_report import write_outputs
+from ..report import fit_title, save_figure, write_csv, write_lines
 from ..run.checkpoint import override_keys
 from ..run.results import write_results
 from ..run.runtime import device_name, dtype_name
@@ -32,6 +34,10 @@ from ..run.session import open_session
 
 log = logging.getLogger(__name__)
 QUICK = {"r": [0, 16], "batch_sizes": [1, 8], "repeats": 3, "iters": 2, "warmup": 1, "dense": False}
+TABLE = (
+    "| mode | run | r | batch | images/s | latency ms (p90) | speedup | vs eager unpatched | GFLOPs | "
+    "FLOP-ideal | of ideal | warm-up s | peak MB | data-bound |"
+)
 
 
 def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> DictConfig:
@@ -75,45 +81,6 @@ def benchmark_schedules(bench: DictConfig, merged: nn.Module) -> list[Any]:
     return schedules
 
 
-def speed_target(
-    bench: DictConfig,
-    baseline: nn.Module,
-    merged: nn.Module,
-    timing: Timing,
-    device: torch.device,
-    dtype: Any,
-    size: tuple[int, ...],
-) -> Optional[dict[str, Any]]:
-    """benchmark.target_speedup (None when not asked): the least merging whose measured inference speedup at the
-    largest batch reaches it. Starts at the FLOP budget 1/target (no schedule reaches a speedup with fewer FLOPs
-    saved, short of overheads vanishing) and lowers the budget by 0.05 until it is reached, 6 tries at most."""
-    if bench.target_speedup is None:
-        return None
-    target, batch = float(bench.target_speedup), max(bench.batch_sizes)
-    images = torch.randn(batch, *size, device=device)
-    baseline.eval()
-    merged.eval()
-    tried: list[dict[str, Any]] = []
-    fraction = min(1.0, 1.0 / target)
-    for _ in range(6):
-        try:
-            r = regtome.r_for_flops(merged, fraction, size)
-        except ValueError:
-            break
-        cases = {
-            BASELINE: inference_step(baseline, None, images, None, device, dtype),
-            "merged": inference_step(merged, merged, images, r, device, dtype),
-        }
-        seconds = interleaved_seconds(cases, device, warmup=timing.warmup, repeats=timing.repeats, iters=timing.iters)
-        speedup = seconds[BASELINE] / seconds["merged"]
-        tried.append({"r": schedule_label(r), "flop_fraction": fraction, "speedup": speedup})
-        if speedup >= target:
-            reached = {"r": schedule_label(r), "speedup": speedup}
-            return {"target_speedup": target, "batch_size": batch, **reached, "tried": tried}
-        fraction -= 0.05
-    return {"target_speedup": target, "batch_size": batch, "r": None, "tried": tried}
-
-
 def batch_one_notes(rows: list[dict[str, Any]]) -> list[str]:
     """Merging costs fixed work per block; at batch 1 that can outweigh the savings."""
     return [
@@ -151,7 +118,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     )
     size = tuple(session.inputs["input_size"])  # model.img_size (a hub model's own config may say another)
     rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing, device, dtype, size)
-    target = speed_target(bench, baseline, merged, timing, device, dtype, size)
+    target = None
+    if bench.target_speedup is not None:
+        batch = max(bench.batch_sizes)
+        target = speed_target(float(bench.target_speedup), batch, baseline, merged, timing, device, dtype, size)
     meta = {
         "model": model_label(cfg.model),
         "registers": regtome.prefix_layout(merged).num_register,
@@ -174,3 +144,78 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     write_results(run_dir, results)
     log.info("\n%s", (run_dir / "benchmark.md").read_text())
     return rows
+
+
+# The files: benchmark.csv (every row), benchmark.md (the table and notes) and benchmark.png.
+
+
+def _line(row: dict[str, Any]) -> str:
+    bound = {True: "yes", False: "no", None: ""}[row.get("data_bound")]
+    return (
+        f"| {row['mode']} | {row['execution']} | {row['r']} | {row['batch_size']} | {row['images_per_s']:.1f} | "
+        f"{row['latency_ms']:.1f} ({row['latency_p90_ms']:.1f}) | {row['speedup']:.2f}x | "
+        f"{row['speedup_vs_eager']:.2f}x | {row['gflops']:.3g} | {row['flop_speedup']:.2f}x | "
+        f"{row['of_ideal']:.0%} | {row['warmup_s']:.1f} | {row['peak_memory_mb']:.0f} | {bound} |"
+    )
+
+
+def write_outputs(
+    rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path, warning: Optional[str] = None
+) -> None:
+    """benchmark.csv, benchmark.md (the table, then `notes`) and benchmark.png; `warning` (a busy machine) is
+    among the notes and in the figure too, which is often all that is looked at."""
+    columns = list(dict.fromkeys([*(k for row in rows for k in row), *meta]))
+    # a row's own protection mode wins over the run's
+    write_csv(run_dir / "benchmark.csv", [meta | row for row in rows], columns)
+    header = ", ".join(f"{k} {v}" for k, v in meta.items())
+    lines = [f"# RegToMe benchmark\n\n{header}\n", TABLE, "|" + "---|" * TABLE.count(" | ") + "---|"]
+    lines += [_line(row) for row in rows]
+    lines += [
+        "",
+        "speedup: against the unpatched model run the same way (eager or compiled); vs eager unpatched: "
+        "against the unpatched model run eagerly; warm-up s: the first calls, compilation included.",
+        "",
+    ]
+    lines += [f"- {note}" for note in notes]
+    write_lines(run_dir / "benchmark.md", lines)
+    plot(rows, meta, run_dir / "benchmark.png", warning)
+
+
+def _schedule(row: dict[str, Any]) -> str:
+    """A row's r without its protection mode ('16 apart' -> '16'): the x axis when modes are compared."""
+    return row["r"].removesuffix(f" {row['protect']}") if row.get("protect") else row["r"]
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path, warning: Optional[str] = None) -> None:
+    """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed.
+    `warning` is the title's last line."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    width = 5.5 * len(modes)  # inches: one 5.5-inch panel per mode
+    fig = Figure(figsize=(width, 4.4), dpi=100)
+    for ax, mode in zip(fig.subplots(1, len(modes), squeeze=False)[0], modes):
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        protects = list(dict.fromkeys(r.get("protect") for r in mode_rows if r["r"] != "unpatched")) or [None]
+        for i, protect in enumerate(protects):
+            named = f" ({protect})" if len(protects) > 1 else ""
+            rows_of = [r for r in mode_rows if r.get("protect") == protect or r["r"] == "unpatched"]
+            ideal = {_schedule(r): r["flop_speedup"] for r in rows_of}
+            ax.plot(list(ideal), list(ideal.values()), "k--" if i == 0 else "k-.", label=f"FLOP-ideal{named}")
+            for execution in dict.fromkeys(r["execution"] for r in rows_of):
+                for batch in sorted({r["batch_size"] for r in rows_of if r["execution"] == execution}):
+                    run = [r for r in rows_of if r["execution"] == execution and r["batch_size"] == batch]
+                    line = {_schedule(r): r["speedup"] for r in run}
+                    style = "o-" if execution == "eager" else "s:"
+                    ax.plot(list(line), list(line.values()), style, label=f"{execution}, batch {batch}{named}")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set(title=mode, xlabel="r schedule", ylabel="speedup over the unpatched model")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.legend(fontsize=7)
+    title = (
+        f"{meta['model']} ({meta['registers']} registers, protect={meta['protect']}) on {meta['device']}, "
+        f"{meta['dtype']}, compile {meta['compile']}"
+    )
+    if warning:
+        title += f"\nWARNING: {warning}"
+    fig.suptitle(fit_title(title, width, fontsize=9), fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)

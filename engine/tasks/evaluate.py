@@ -3,7 +3,6 @@ and per-sample predictions in data set order (predictions.csv); the loop is `eng
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ from data import build_datasets, count_classes
 
 from ..errors import UserError
 from ..models.build import WEIGHTS_HINT, has_weights
+from ..report import write_csv
 from ..run.checkpoint import config_from_checkpoint, label_order
-from ..run.folder_claim import atomic_write
 from ..run.results import r_that_ran, run_record, write_results
 from ..run.session import open_session
 from ..training.loop import eval_loader, evaluate
@@ -25,13 +24,8 @@ log = logging.getLogger(__name__)
 
 def write_predictions(path: Path, rows: list[tuple]) -> None:
     """predictions.csv, written whole or not at all."""
-
-    def write(f: Any) -> None:
-        writer = csv.writer(f)
-        writer.writerow(("index", "target", "pred", "correct", "prob"))
-        writer.writerows((i, t, p, c, f"{prob:.6f}") for i, t, p, c, prob in rows)
-
-    atomic_write(path, write, text=True)
+    columns = ["index", "target", "pred", "correct", "prob"]
+    write_csv(path, (dict(zip(columns, (i, t, p, c, f"{prob:.6f}"))) for i, t, p, c, prob in rows), columns)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
