@@ -11,6 +11,8 @@
 - `training/`: the training loop, the evaluation loop, their set-up, and stopping on signals.
 - `schema`: every key's type, default, check and help (Hydra's ConfigStore); `validate` before any work.
 - `task_table`: `TASKS`, each task's name to its module in `tasks/` (one module per task).
-- `measure/`: fair timing, what merging buys, the training loader per worker, an export's parity.
-- `report/`: sweep reports and paired statistics, the benchmark's files, figures, register fates.
+- `tasks/`: one module per task; each writes its own files (benchmark's tables and figure, visualize's
+  pictures, export's parity check against PyTorch).
+- `measure/`: fair timing, what merging buys, the training loader per worker.
+- `report/`: sweep reports and paired statistics, register fates, and what every table and figure shares.
 """
