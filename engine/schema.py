@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .task_table import TASKS
 
@@ -430,9 +431,11 @@ def validate(cfg: DictConfig) -> None:
     from .errors import UserError
     from .models.tome_group import merge_amount
 
-    values = OmegaConf.to_container(  # resolved, Hydra's own node left out
-        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True, enum_to_str=True
-    )
+    try:  # resolved, Hydra's own node left out
+        keys = [k for k in cfg if k != "hydra"]
+        values = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, enum_to_str=True)
+    except OmegaConfBaseException as err:  # an interpolation that names no key, or gives a value of another type
+        raise UserError(f"cannot resolve the config: {_first(err)}") from None
     for dotted in schema_keys():
         group, _, leaf = dotted.rpartition(".")
         value = values[group][leaf] if group else values[leaf]  # type: ignore[index]

@@ -156,6 +156,13 @@ def test_r_beyond_the_cap_is_said_once_and_recorded_as_applied(trained, tmp_path
         (["--cfg", "job", "-m", "task=train", "tome.r=4,8"], "only one of --run, --multirun, --cfg"),
         (["task=train", "hydra/launcher=nope"], "unknown hydra/launcher 'nope'; choose one of basic, slurm,"),
         (["task=train", "model.attn_implementation=flash"], "model.attn_implementation=flash: takes one of eager"),
+        (["task=train", "model.architecture.hidden_size=3"], "model.architecture.hidden_size is not a key: model."),
+        (
+            ["task=train", "model=hf_vit_base", "model.architecture.bogus=3"],
+            "model.architecture.bogus is not a key; did you mean model.architecture.",
+        ),
+        (["task=train", "trainer.eval_every=${trainer.bogus}"], "cannot resolve the config: Interpolation key"),
+        (["-m", "task=train", "trainer.lr=glob(*)"], "trainer.lr=glob(*) sweeps no value"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, args, message):

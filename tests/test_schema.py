@@ -96,3 +96,19 @@ def test_every_job_of_a_sweep_is_validated_before_the_first_starts(tmp_path, swe
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_glob_sweep_of_config_groups_is_read_and_every_group_it_names_is_checked():
+    """glob() lists a group's options (Hydra's loader): each job of `model=glob(...)` is checked before any runs,
+    here the second model, which has no model.architecture to set."""
+    from cli_helpers import ROOT
+
+    from engine.cli.claim import register_resolvers
+    from engine.cli.command_line import check_command_line
+    from engine.errors import UserError
+
+    register_resolvers()
+    configs = ROOT / "configs"
+    assert check_command_line(["-m", "tome=glob(*)", "dataset=glob(cifar*)", "task=eval"], configs).multirun
+    with pytest.raises(UserError, match=r"^model.architecture.hidden_size is not a key: model.architecture is null"):
+        check_command_line(["-m", "model=hf_vit_base,vit_small_reg4", "model.architecture.hidden_size=8"], configs)

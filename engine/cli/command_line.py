@@ -55,15 +55,16 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
     flags = list(argv)
     for override in args.overrides:
         flags.remove(override)
-    overrides = _parse(args.overrides)
-    swept = next((o for o in overrides if o.is_sweep_override()), None)
-    if swept is not None and not args.multirun:
-        raise UserError(f"{swept.input_line} is a sweep: add -m (--multirun) to run one job per value")
     with _hydra(configs) as loader:
+        overrides = _parse(args.overrides, loader)
+        swept = next((o for o in overrides if o.is_sweep_override()), None)
+        if swept is not None and not args.multirun:
+            raise UserError(f"{swept.input_line} is a sweep: add -m (--multirun) to run one job per value")
         hydra_args = [_checked(override, loader) for override in overrides]
         hydra_args += _r_or_flops({o.key_or_group: o for o in overrides if not o.is_delete()})
-        parsed = _parse(hydra_args)
+        parsed = _parse(hydra_args, loader)
         jobs = _jobs(parsed)
+        _check_mappings(parsed, jobs[0])
         cfg = _compose([line for line, _ in jobs[0]])
         validate(cfg)
         if args.multirun and len(jobs) > 1:  # each job of the sweep, before the first starts
@@ -76,12 +77,12 @@ def _refuse_flags(message: str) -> None:
     raise UserError(f"cannot read the command line ({message}); see python main.py --help")
 
 
-def _parse(args: list[str]) -> list[Any]:
+def _parse(args: list[str], loader: Any) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    try:
-        return OverridesParser.create().parse_overrides(args)
+    try:  # with the loader: a glob() sweep lists a group's options
+        return OverridesParser.create(config_loader=loader).parse_overrides(args)
     except HydraException as err:
         raise UserError(f"cannot read the command line ({' '.join(str(err).split())})") from err
 
@@ -154,8 +155,25 @@ def _below_a_mapping(key: str) -> bool:
     return False
 
 
-def _nearest(key: str) -> str:
-    candidates = difflib.get_close_matches(key, schema_keys(), n=3, cutoff=0.6)
+def _check_mappings(overrides: list[Any], first_job: list[tuple[str, Any]]) -> None:
+    """A key inside a preset's mapping (model.architecture.hidden_size) must be one of that mapping's keys: checked
+    against the config groups the first job chooses (composed only when such a key is given)."""
+    inside = [o.key_or_group for o in overrides if _below_a_mapping(o.key_or_group) and not o.is_force_add()]
+    if not inside:
+        return
+    groups = [line for (line, _), o in zip(first_job, overrides) if "." not in o.key_or_group.lstrip("~+")]
+    base = _compose(groups)
+    for key in inside:
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(base, parent)
+        if not isinstance(node, DictConfig):
+            raise UserError(f"{key} is not a key: {parent} is null in this preset (transformers presets set it)")
+        if OmegaConf.select(node, key[len(parent) + 1 :], default="absent") == "absent":
+            raise UserError(f"{key} is not a key{_nearest(key, [f'{parent}.{k}' for k in node])}")
+
+
+def _nearest(key: str, keys: Optional[list[str]] = None) -> str:
+    candidates = difflib.get_close_matches(key, keys or schema_keys(), n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(candidates)}?" if candidates else "; see README.md or python main.py --cfg job"
 
 
@@ -183,6 +201,7 @@ def _validate_sweep(jobs: list[list[tuple[str, Any]]], overrides: list[Any], fir
     composed = {group_lines[0]: first}
     for job, chosen in zip(jobs[1:], group_lines[1:]):
         if chosen not in composed:
+            _check_mappings(overrides, job)
             composed[chosen] = _compose([line for line, _ in job])
         cfg = copy.deepcopy(composed[chosen])
         for (_, value), override, group in zip(job, overrides, groups):
@@ -199,6 +218,8 @@ def _values(override: Any) -> list[tuple[str, Any]]:
     if not override.is_sweep_override():
         return [(override.input_line, override.value())]
     lines = [f"{prefix}{override.key_or_group}={value}" for value in override.sweep_string_iterator()]
+    if not lines:
+        raise UserError(f"{override.input_line} sweeps no value: give at least one")
     return list(zip(lines, override.sweep_iterator()))
 
 
