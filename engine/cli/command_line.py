@@ -64,7 +64,7 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
         hydra_args += _r_or_flops({o.key_or_group: o for o in overrides if not o.is_delete()})
         parsed = _parse(hydra_args, loader)
         jobs = _jobs(parsed)
-        _check_mappings(parsed, jobs[0])
+        _check_mappings(parsed, jobs[0], loader)
         cfg = _compose([line for line, _ in jobs[0]])
         validate(cfg)
         if args.multirun and len(jobs) > 1:  # each job of the sweep, before the first starts
@@ -115,6 +115,11 @@ def _group_options(loader: Any, key: str) -> list[str]:
     return [name for name in loader.get_group_options(key) if not name.startswith("_")]
 
 
+def _is_group(loader: Any, key: str) -> bool:
+    """Whether `key` chooses a config group's option (`model=...`, `hydra/launcher=...`) rather than sets a key."""
+    return bool(_group_options(loader, key)) or key.startswith("hydra")
+
+
 def _checked(override: Any, loader: Any) -> str:
     """The override as Hydra gets it, or a UserError: a renamed or unknown key, a group option that does not exist,
     a value the schema refuses (every value of a sweep)."""
@@ -155,13 +160,13 @@ def _below_a_mapping(key: str) -> bool:
     return False
 
 
-def _check_mappings(overrides: list[Any], first_job: list[tuple[str, Any]]) -> None:
+def _check_mappings(overrides: list[Any], job: list[tuple[str, Any]], loader: Any) -> None:
     """A key inside a preset's mapping (model.architecture.hidden_size) must be one of that mapping's keys: checked
-    against the config groups the first job chooses (composed only when such a key is given)."""
+    against the config groups `job` chooses (composed only when such a key is given)."""
     inside = [o.key_or_group for o in overrides if _below_a_mapping(o.key_or_group) and not o.is_force_add()]
     if not inside:
         return
-    groups = [line for (line, _), o in zip(first_job, overrides) if "." not in o.key_or_group.lstrip("~+")]
+    groups = [line for (line, _), o in zip(job, overrides) if _is_group(loader, o.key_or_group)]
     base = _compose(groups)
     for key in inside:
         parent = key.rpartition(".")[0]
@@ -196,12 +201,12 @@ def _jobs(overrides: list[Any]) -> list[list[tuple[str, Any]]]:
 def _validate_sweep(jobs: list[list[tuple[str, Any]]], overrides: list[Any], first: DictConfig, loader: Any) -> None:
     """Validate each job's config after the first (`first`): composed once per choice of config groups, the other
     swept keys set on a copy (as Hydra sets an override on the composed config)."""
-    groups = [bool(_group_options(loader, o.key_or_group)) or o.key_or_group.startswith("hydra") for o in overrides]
+    groups = [_is_group(loader, o.key_or_group) for o in overrides]
     group_lines = [tuple(line for (line, _), group in zip(job, groups) if group) for job in jobs]
     composed = {group_lines[0]: first}
     for job, chosen in zip(jobs[1:], group_lines[1:]):
         if chosen not in composed:
-            _check_mappings(overrides, job)
+            _check_mappings(overrides, job, loader)
             composed[chosen] = _compose([line for line, _ in job])
         cfg = copy.deepcopy(composed[chosen])
         for (_, value), override, group in zip(job, overrides, groups):
