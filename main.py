@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from engine.cli import claim
-from engine.errors import RunStopped, TrainingInterrupted, UserError, one_line
+from engine.errors import RunStopped, TrainingInterrupted, UserError, one_line, release_frames
 from engine.run.console import (
     exit_on_another_signal,
     log_ending,
@@ -52,6 +52,7 @@ def main(cfg: DictConfig) -> None:
         if owner or TASKS[cfg.task].ranks:  # a task of one process runs on rank 0 alone
             runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))
     except (UserError, DatasetError, MissingMandatoryValue) as err:
+        release_frames(err)  # a loader that raised it shuts its workers down now, not never
         line = claim.report_error(err)
         if owner:
             log_ending(line)
@@ -59,12 +60,14 @@ def main(cfg: DictConfig) -> None:
             discard_new_folder(run_dir, created)
         sys.exit(2)
     except RunStopped as err:  # interrupted (last.pt saved) or a checkpoint that could not be written
+        release_frames(err)
         say_ending(str(err), logging.WARNING if isinstance(err, TrainingInterrupted) else logging.ERROR)
         sys.exit(err.exit_code)
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP outside a training loop (which stops by itself)
         stopped_by = getattr(err, "signum", signal.SIGINT)
     except Exception as err:  # a bug: Hydra prints the traceback; main.log keeps it, and says so last
         log_ending(f"{traceback.format_exc().rstrip()}\ncrashed: {type(err).__name__}: {one_line(err)}")
+        release_frames(err)
         raise
     finally:
         claim.release()

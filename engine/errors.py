@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import traceback
+
 
 class UserError(RuntimeError):
     """Bad input: a path, a name, a value or a file that cannot be used as given."""
@@ -67,3 +70,17 @@ def one_line(err: BaseException) -> str:
         prefix = f"{type(err).__name__}: "
         message = last.split(prefix, 1)[1] if prefix in last else last
     return " ".join(message.split())
+
+
+def release_frames(err: BaseException) -> None:
+    """Free what the frames of `err`'s traceback, and of the errors it came from, hold. A DataLoader iterator
+    there keeps its workers alive; they ignore SIGTERM, so the interpreter's exit would wait on them forever.
+    The traceback still prints: it needs the code and line of each frame, not its variables."""
+    chain, seen = [err], set()
+    while chain:
+        error = chain.pop()
+        if id(error) not in seen:
+            seen.add(id(error))
+            traceback.clear_frames(error.__traceback__)
+            chain += [e for e in (error.__cause__, error.__context__) if e is not None]
+    gc.collect()  # the iterator's cycles: its workers are then shut down in order

@@ -2,10 +2,12 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from cli_helpers import SMOKE, error_line, results, run_main, write_image_folder
+from cli_helpers import ROOT, SMOKE, error_line, results, run_main, write_image_folder
 
 CPU = ["runtime.device=cpu", "runtime.num_workers=0"]
 
@@ -173,24 +175,41 @@ def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, args, message):
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
-def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
+def _train_on_images_with_workers(tmp_path, python: list[str]) -> subprocess.CompletedProcess:
+    """A real `main.py task=train` process (after `python`'s arguments) reading an image folder with one
+    unreadable file, through two loader workers."""
     folder = write_image_folder(tmp_path / "images", {"train": 4, "val": 2})
-    bad = folder / "train" / "class_1" / "2.png"
-    bad.write_bytes(b"not a png")
-    line = one_line_error(
-        run_main(
-            "task=train",
-            *[o for o in SMOKE[1:] if "num_workers" not in o],
-            "runtime.num_workers=2",
-            "dataset=imagefolder",
-            f"dataset.root={folder}",
-            "dataset.native_size=32",
-            "trainer.batch_size=4",
-            cwd=tmp_path,
-            check=False,
-        )
+    (folder / "train" / "class_1" / "2.png").write_bytes(b"not a png")
+    overrides = [o for o in SMOKE[1:] if "num_workers" not in o] + ["runtime.num_workers=2", "dataset=imagefolder"]
+    overrides += [f"dataset.root={folder}", "dataset.native_size=32", "trainer.batch_size=4"]
+    return subprocess.run(  # the timeout only ends a hang: the run itself takes seconds
+        [sys.executable, *python, "task=train", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
+
+
+@pytest.mark.slow
+def test_corrupt_image_in_a_loader_worker_is_one_line_and_the_process_ends(tmp_path):
+    """A worker's error, held by its traceback, kept the workers (which ignore SIGTERM) alive, and the
+    interpreter's exit waited on them forever."""
+    line = one_line_error(_train_on_images_with_workers(tmp_path, [str(ROOT / "main.py")]))
+    bad = tmp_path / "images" / "train" / "class_1" / "2.png"
     assert line.startswith(f"error: cannot read image {bad}") and "delete or replace the file" in line
+
+
+@pytest.mark.slow
+def test_a_bug_in_a_loader_worker_shows_its_traceback_and_the_process_ends(tmp_path):
+    bug = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import data.datasets as d\n"
+        "def load_image(path): raise TypeError('a bug in the loader')\n"
+        "d.load_image = load_image; import main; main.run_cli(sys.argv[1:])"
+    )
+    result = _train_on_images_with_workers(tmp_path, ["-c", bug])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "TypeError: a bug in the loader" in result.stderr
 
 
 @pytest.mark.slow
