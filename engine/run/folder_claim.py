@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
 
@@ -36,24 +37,16 @@ def run_id() -> str:
     slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if slurm_job:
         return f"slurm-{slurm_job}"
+    pid, started = os.getpid(), time.time()
     if "LOCAL_RANK" in os.environ:
         pid = os.getppid()
-        started = _start_time(pid) or time.time()
-    else:
-        pid, started = os.getpid(), time.time()
+        with suppress(OSError, ValueError, IndexError, StopIteration):  # its start time from Linux /proc, else now
+            with open(f"/proc/{pid}/stat") as f:
+                ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            with open("/proc/stat") as f:
+                boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+            started = boot + ticks / os.sysconf("SC_CLK_TCK")
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started)) + f"_{pid}"
-
-
-def _start_time(pid: int) -> float | None:
-    """When process `pid` started (Linux /proc), or None where that cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], Any], text: bool = False) -> Path:
@@ -63,14 +56,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], Any], text:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+        with open(tmp, "w" if text else "wb", newline="" if text else None) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -91,8 +83,7 @@ def _forget_held_locks() -> None:
     _HELD.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_held_locks)
+os.register_at_fork(after_in_child=_forget_held_locks)
 
 
 class RunLock:
@@ -120,18 +111,14 @@ class RunLock:
                     "processes (an NFS mount without a lock daemon, Lustre without -o flock); use a run folder on "
                     "a local or locking file system (hydra.run.dir=DIR)"
                 ) from None
-            try:
+            with suppress(FileNotFoundError):
                 if os.path.samestat(os.fstat(fd), os.stat(self.path)):
                     break
-            except FileNotFoundError:
-                pass
             os.close(fd)  # the holder released and removed the file between our open and our flock: again
-        try:  # the holder's name, for the message a second process gets (a file only readable here: no name)
+        with suppress(OSError):  # the holder's name, for the message a second process gets (read-only file: none)
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(holder).encode())
-        except OSError:
-            pass
         self._fd = fd
         _HELD[fd] = self
         return self
@@ -156,13 +143,11 @@ class RunLock:
             raise UserError(f"cannot open the lock file {self.path} ({err.strerror}); use another folder") from None
 
     def _refusal(self) -> str:
-        try:
+        who = "another process (starting)"  # until the holder has written its name
+        with suppress(OSError, ValueError):
             holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):  # the holder has the lock but has not written its name yet
-            holder = {}
-        who = f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
-        if not holder:
-            who = "another process (starting)"
+            if holder:
+                who = f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
         return f"{self.path.parent} is in use by {who}; wait for it to finish or use another folder"
 
 
@@ -245,26 +230,19 @@ def append_resume(folder: Path, overrides: list[str], epoch: int, step: int) -> 
 def discard_new_folder(folder: Path, created: bool) -> None:
     """After a refused command: remove what it wrote into `folder` (Hydra's files, the lock), and the
     folder itself and its empty parents if this command created it. Anything else stays."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return
-    if not {p.name for p in folder.iterdir()} <= HYDRA_FILES:
-        return  # a run's files are there: keep everything
+    if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= HYDRA_FILES:
+        return  # gone, or a run's files are there: keep everything
     if not created:  # the user's own (empty) folder: remove only what this command wrote
         shutil.rmtree(folder / ".hydra", ignore_errors=True)
         (folder / "main.log").unlink(missing_ok=True)
         return
     shutil.rmtree(folder, ignore_errors=True)
-    parent = folder.parent
-    while parent != parent.parent and parent.name not in ("", ".") and _is_empty(parent):
-        parent.rmdir()
+    for parent in folder.parents:
+        if parent.name in ("", "."):  # the root, or the working folder
+            break
+        try:
+            parent.rmdir()  # an empty one only
+        except OSError:
+            break
         if parent.name in ("outputs", "multirun"):
             break
-        parent = parent.parent
-
-
-def _is_empty(folder: Path) -> bool:
-    try:
-        return not any(folder.iterdir())
-    except OSError:
-        return False
