@@ -1,13 +1,13 @@
-"""Checkpoints that survive crashes: atomic writes, safe loads, clear errors on the wrong file, a training
-the one reader of a checkpoint (`read_checkpoint`) every task and script uses, and a
-run rebuilt from a checkpoint's saved config, keeping what this command line says explicitly."""
+"""Checkpoints that survive crashes (atomic writes), the one reader every task and script uses (`read_checkpoint`:
+safe loads, clear errors on the wrong file), and a run rebuilt from a checkpoint's saved config, keeping what this
+command line says explicitly."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -78,7 +78,11 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch.load raises many types for a damaged file
-        if _unsafe_globals(path):  # pickled callables (classes, functions): exactly what may run code
+        try:  # pickled callables (classes, functions): exactly what may run code
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a torch zip file at all: corrupt, not code
+            unsafe = []
+        if unsafe:
             raise CheckpointHoldsCode(
                 f"checkpoint {path} holds Python objects that weights_only loading refuses (they could run code); "
                 "re-save it with tensors and plain types only"
@@ -99,14 +103,6 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
             "use model.pretrained_file=PATH"
         )
     return checkpoint
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The callables a torch checkpoint pickles that weights_only loading does not allow ([] if unreadable)."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a torch zip file at all: corrupt, not code
-        return []
 
 
 def _reason(err: Exception) -> str:
@@ -137,22 +133,19 @@ def check_same_architecture(saved: Mapping[str, Any], wanted: Mapping[str, Any],
 def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """load_state_dict(strict) with a one-line error naming the mismatching tensors."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and own[k].shape != state_dict[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"missing {missing[:3]}" if missing else "",
-            f"unexpected {unexpected[:3]}" if unexpected else "",
-            f"shape {shapes[:3]}" if shapes else "",
-        ]
+    mismatches = {
+        "missing": sorted(set(own) - set(state_dict)),
+        "unexpected": sorted(set(state_dict) - set(own)),
+        "shape": [
+            f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+            for k in own
+            if k in state_dict and own[k].shape != state_dict[k].shape
+        ],
+    }
+    found = [f"{what} {names[:3]}" for what, names in mismatches.items() if names]
+    if found:
         raise UserError(
-            f"checkpoint {path} does not fit the model ({'; '.join(p for p in parts if p)}); "
-            "check model.name and model.registers"
+            f"checkpoint {path} does not fit the model ({'; '.join(found)}); check model.name and model.registers"
         )
     model.load_state_dict(state_dict)
 
@@ -162,16 +155,15 @@ def override_keys(overrides: Iterable[str]) -> list[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
-def overrides_in(overrides: Iterable[str], groups: Iterable[str]) -> list[str]:
+def overrides_in(overrides: Sequence[str], groups: Sequence[str]) -> list[str]:
     """The overrides that set a key of one of `groups` ('trainer' takes 'trainer.lr=...'), or one named in it
     whole ('dataset.skip_unreadable=true')."""
-    overrides, groups = list(overrides), tuple(groups)
     keys = override_keys(overrides)
     return [o for o, key in zip(overrides, keys) if key.split(".", 1)[0] in groups or key in groups]
 
 
 def apply_overrides(
-    saved: DictConfig, current: DictConfig, overrides: Iterable[str], groups: Iterable[str]
+    saved: DictConfig, current: DictConfig, overrides: Sequence[str], groups: Sequence[str]
 ) -> DictConfig:
     """`saved`, with the keys the command line set taken from `current` where they are `overrides_in` `groups`
     (group names, or single keys such as 'dataset.skip_unreadable'); a group switch (dataset=cifar100)
@@ -185,7 +177,7 @@ def apply_overrides(
 def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Optional[SavedRun]]:
     """With ckpt=PATH: take model, dataset and tome from the checkpoint's saved config (keys set on
     this command line win); return it and the checkpoint as `read_checkpoint` reads it (None without ckpt=)."""
-    if not cfg.get("ckpt"):
+    if not cfg.ckpt:
         return cfg, None
     run = read_checkpoint(cfg.ckpt)
     saved = run.config
