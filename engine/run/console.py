@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from ..errors import Interrupted
@@ -49,12 +49,10 @@ class _SurvivingStream:
             if not closed and not (isinstance(err, OSError) and err.errno in READER_GONE):
                 raise
             self.gone = True
-            try:
+            with suppress(OSError, ValueError):
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, self._stream.fileno())
                 os.close(devnull)
-            except (OSError, ValueError):
-                pass
 
     def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...: the real stream's
         return getattr(self._stream, name)
@@ -139,36 +137,23 @@ def log_ending(message: str, level: int = logging.ERROR) -> None:
     record = logging.getLogger("main").makeRecord("main", level, __file__, 0, message.rstrip("\n"), None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and handler.stream is not None:
-            try:
+            with suppress(OSError, ValueError):  # a full or vanished disk: the console line is all there is
                 handler.stream.write(handler.format(record) + "\n")
                 handler.stream.flush()
-            except (OSError, ValueError):  # a full or vanished disk: the console line is all there is
-                pass
 
 
 def say_ending(message: str, level: int = logging.ERROR) -> None:
     """Print the run's ending line on standard error; where its reader is gone, on standard output; where that is
-    gone too (Ctrl-C through `| tee`: the terminal would show only `^C`), on the terminal. Then to main.log."""
-    if not any(_reached(stream, message) for stream in (sys.stderr, sys.stdout)):
-        _tell_terminal(message)
+    gone too (Ctrl-C through `| tee`: the terminal would show only `^C`), on the terminal if this process is in its
+    foreground there (a background job writing there could be stopped by SIGTTOU). Then to main.log."""
+    for stream in (sys.stderr, sys.stdout):  # None: closed at start; a `_SurvivingStream` finds out by this write
+        if stream is not None and not getattr(stream, "gone", False):
+            print(message, file=stream, flush=True)
+            if not getattr(stream, "gone", False):
+                break
+    else:  # neither reached
+        with suppress(OSError):  # no controlling terminal (ENXIO: a batch job, a daemon), or it hung up too
+            with open("/dev/tty", "w") as tty:
+                if os.tcgetpgrp(tty.fileno()) == os.getpgrp():
+                    tty.write(message.rstrip("\n") + "\n")
     log_ending(message, level)
-
-
-def _reached(stream: TextIO | None, message: str) -> bool:
-    """Print `message` on `stream`; False where the stream is closed (None) or its reader is gone (a
-    `_SurvivingStream` finds out by this very write)."""
-    if stream is None or getattr(stream, "gone", False):
-        return False
-    print(message, file=stream, flush=True)
-    return not getattr(stream, "gone", False)
-
-
-def _tell_terminal(message: str) -> None:
-    """`message` on the controlling terminal, where this process is in its foreground (a background job writing
-    there could be stopped by SIGTTOU); nothing without one (a batch job, a daemon)."""
-    try:
-        with open("/dev/tty", "w") as tty:
-            if os.tcgetpgrp(tty.fileno()) == os.getpgrp():
-                tty.write(message.rstrip("\n") + "\n")
-    except OSError:  # no controlling terminal (ENXIO), or it hung up too
-        pass
