@@ -42,22 +42,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
     """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers, SLURM)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
+    with suppress(OSError, ValueError):
         quota, period = (Path(cgroup_root) / "cpu.max").read_text().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
     return max(1, cores)
-
-
-def configure_threads(threads: Optional[int]) -> int:
-    """Set torch's CPU threads to runtime.threads, or to the cores this process may use (torch's default, the
-    machine's cores, oversubscribes a process pinned to fewer: taskset, SLURM, a container); returns the count."""
-    count = int(threads) if threads is not None else available_cores()
-    if torch.get_num_threads() != count:
-        torch.set_num_threads(count)
-    return count
 
 
 def loader_workers(num_workers: Optional[int]) -> int:

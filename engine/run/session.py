@@ -26,7 +26,7 @@ from .checkpoint import load_weights
 from .runtime import (
     DistInfo,
     amp_dtype,
-    configure_threads,
+    available_cores,
     init_distributed,
     loader_workers,
     resolve_device,
@@ -106,7 +106,11 @@ def open_session(
     if found:
         log.info(found)
     workers = loader_workers(runtime.get("num_workers"))
-    configure_threads(runtime.get("threads"))
+    # torch's CPU threads: runtime.threads, else the cores this process may use (torch's default, the machine's
+    # cores, oversubscribes a process pinned to fewer: taskset, SLURM, a container)
+    threads = runtime.threads if runtime.get("threads") is not None else available_cores()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     use_cuda = runtime.device != "cpu" and torch.cuda.is_available()
     info = init_distributed(use_cuda=use_cuda) if distributed else DistInfo()
     device = resolve_device(runtime.device, info.local_rank)
