@@ -1,6 +1,5 @@
-"""Checkpoints that survive crashes (atomic writes), the one reader every task and script uses (`read_checkpoint`:
-safe loads, clear errors on the wrong file), and a run rebuilt from a checkpoint's saved config, keeping what this
-command line says explicitly."""
+"""Checkpoints written atomically, the one reader every task and script uses (`read_checkpoint`: safe loads, clear
+errors on the wrong file), and a run rebuilt from a checkpoint's saved config, keeping what the command line sets."""
 
 from __future__ import annotations
 

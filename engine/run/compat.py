@@ -29,7 +29,7 @@ def saved_config(checkpoint: Mapping[str, Any], path: Any) -> DictConfig:
     """A checkpoint's config, saved by any release, in today's key names (`RENAMED`; keys already in their new
     place are kept). A tome group without `protect` keeps the mode it ran with, and a line says so."""
     config = OmegaConf.to_container(OmegaConf.create(dict(checkpoint["config"])), resolve=False)
-    if isinstance(config.get("tome"), dict) and "protect" not in config["tome"]:
+    if isinstance(config.get("tome"), dict) and "protect" not in config["tome"]:  # before RENAMED may add a group
         log.info(
             "checkpoint %s records no tome.protect: it keeps protect=%s, the mode it was trained with "
             "(set tome.protect=... to evaluate it under another)",
@@ -48,7 +48,6 @@ def saved_config(checkpoint: Mapping[str, Any], path: Any) -> DictConfig:
     if config.get("task") == "train" and config.get("ckpt"):  # training used to read ckpt as its start weights
         config.setdefault("trainer", {}).setdefault("init_from", config["ckpt"])
         config["ckpt"] = None
-    tome = config.get("tome")
-    if isinstance(tome, dict) and "protect" not in tome:
-        tome["protect"] = UNRECORDED_PROTECT
+    if isinstance(config.get("tome"), dict):
+        config["tome"].setdefault("protect", UNRECORDED_PROTECT)
     return OmegaConf.create(config)

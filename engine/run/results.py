@@ -56,7 +56,7 @@ def run_record(
     """results.json of a training or an evaluation: what ran, on what, how it was measured, and `metrics`."""
     model, inputs = session.model, session.inputs
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    record = {
+    return {
         "task": cfg.task,
         "dataset": cfg.dataset.name,
         "data_root": OmegaConf.select(cfg, "dataset.root", default=None, throw_on_missing=False),
@@ -78,8 +78,8 @@ def run_record(
         "timm": timm.__version__,
         "preprocessing": preprocessing(cfg.dataset, inputs),
         "metrics": dict(metrics),
+        **(extra or {}),
     }
-    return record | dict(extra or {})
 
 
 def write_results(run_dir: str | os.PathLike, record: Mapping[str, Any], name: str = "results.json") -> Path:
