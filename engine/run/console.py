@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 from ..errors import Interrupted
 
 READER_GONE = {errno.EPIPE, errno.EIO, errno.ENXIO}  # a closed pipe, a hung-up or vanished terminal
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # POSIX, as the run folder's lock (fcntl) is
 
 
 class _SurvivingStream:

@@ -77,7 +77,7 @@ _HELD: dict[int, "RunLock"] = {}  # descriptor -> lock, of the locks this proces
 def _forget_held_locks() -> None:
     """In a forked child (a loader worker): close its copies of the lock descriptors, so that a child that
     outlives a killed parent does not keep the folder locked."""
-    for fd, lock in list(_HELD.items()):
+    for fd, lock in _HELD.items():
         os.close(fd)
         lock._fd = None
     _HELD.clear()
@@ -151,7 +151,7 @@ class RunLock:
         return f"{self.path.parent} is in use by {who}; wait for it to finish or use another folder"
 
 
-def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir_given: bool = True) -> str:
+def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir_given: bool) -> str:
     """What a command may do in `folder` before anything is written: 'new', 'resume', 'overwrite' or 'restart'
     (only the log and config of a run that ended before its first checkpoint: moved aside, started anew there).
     Raises UserError, naming the way out, for another run's record that is neither resumed nor overwritten."""
