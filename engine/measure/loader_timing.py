@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from data import DatasetError, EpochSeeded, build_datasets, input_transform
 
-from ..run.runtime import synchronize
 from ..run.session import Session
+from .timing import seconds_of
 
 
 def _images_per_s(dataset: Dataset, batch_size: int, batches: int, seed: int) -> tuple[float, int]:
@@ -60,20 +61,15 @@ def time_train_loader(cfg: DictConfig, session: Session, batches: int = 8) -> di
             cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed, on_device=False
         )["train"]
         cpu_rate, cpu_bytes = _images_per_s(cpu_chain, tc.batch_size, batches, cfg.seed)
-        prepare = prepare.to(device)  # the device's cost of the resize: 5 calls after a warm-up
         images = torch.stack([train[i % len(train)][0] for i in range(tc.batch_size)]).to(device)
-        prepare(images)
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            prepare(images)
-        synchronize(device)
+        resize = partial(prepare.to(device), images)
+        resize()  # a warm-up, then the device's cost of 5 resizes
         out |= {
             "resized_on_device": True,
             "cpu_resize_images_per_s_per_worker": cpu_rate,
             "cpu_resize_bytes_per_sample": cpu_bytes,
             "loader_speedup_from_device_resize": rate / cpu_rate,
-            "device_resize_images_per_s": 5 * tc.batch_size / max(time.perf_counter() - start, 1e-9),
+            "device_resize_images_per_s": 5 * tc.batch_size / max(seconds_of(resize, device, calls=5), 1e-9),
         }
     return out
 
