@@ -56,16 +56,14 @@ def peak_memory_mb(device: torch.device, fn: Step) -> float:
 
 
 def _schedule(patched: Optional[nn.Module], r: Any) -> ContextManager:
-    """The patched model at schedule r, or at the options of a dict such as {"r": 16, "protect": "apart"};
-    nothing for the unpatched baseline (r None)."""
+    """The patched model at schedule r or at the options of a dict ({"r": 16, "protect": "apart"}); none for r None."""
     if r is None or patched is None:
         return nullcontext()
     return regtome.options(patched, **r) if isinstance(r, dict) else regtome.options(patched, r=r)
 
 
 def schedule_records(merged: nn.Module, schedules: list[Any], size: tuple[int, int, int]) -> dict[str, dict[str, Any]]:
-    """The merging each schedule runs (`merge_record` at its options: r applied per block, tokens left), by the
-    label its rows carry."""
+    """The merging each schedule runs (`merge_record` at its options), by the label its rows carry."""
     records = {}
     for r in schedules:
         with _schedule(merged, r):

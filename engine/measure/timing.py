@@ -85,8 +85,7 @@ def busy_processes(window: float = 0.5, threshold: float = 0.2) -> list[str]:
 
 
 def machine_note() -> Optional[str]:
-    """A warning when this machine is busy enough to skew timings (load average against usable cores,
-    other busy processes), else None."""
+    """A warning when the load average (against usable cores) or other busy processes would skew timings, else None."""
     cores = available_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     busy = busy_processes()

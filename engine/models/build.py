@@ -264,8 +264,7 @@ def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
 def build_model(
     model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int, trace_source: bool = False
 ) -> nn.Module:
-    """The model group's model (timm or transformers), patched with the tome group's options; tome.flops
-    chooses r from a FLOP budget."""
+    """The model group's model, patched with the tome group's options (tome.flops chooses r from a FLOP budget)."""
     options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
     _, fraction = merge_amount(tome_cfg)
     if is_transformers(model_cfg):
@@ -289,8 +288,7 @@ def build_model(
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model's output: a tensor (timm), transformers' classifier output, or for a
-    transformers base model its pooler output."""
+    """The logits of a timm model (a tensor), a transformers classifier (.logits) or base model (.pooler_output)."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -313,15 +311,6 @@ def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Map
     return config
 
 
-def cap_rule(mode: regtome.Protection) -> str:
-    """What caps a block's r under `mode`, in words (`regtome.capped_r`)."""
-    if not mode.merges_registers:
-        return "at most half of the patch tokens"
-    if mode.kinds_apart:
-        return "at most half of the patch and register tokens, less the registers (they merge only with each other)"
-    return "at most half of the patch and register tokens"
-
-
 def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     """Say once when the cap (`regtome.capped_r`) lowers the r that tome.r asked for (a FLOP budget,
     tome.flops, chose its r with the cap counted: nothing to say then)."""
@@ -331,8 +320,15 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
     counts = regtome.token_counts(model, (3, size, size))
     capped = [i for i, (a, b) in enumerate(zip(counts.r_requested, counts.r)) if a != b]
     if capped:
+        mode = regtome.protection(model.protect)  # what caps a block's r under it (`regtome.capped_r`), in words
+        if not mode.merges_registers:
+            rule = "at most half of the patch tokens"
+        elif mode.kinds_apart:
+            rule = "at most half of the patch and register tokens, less the registers (they merge only with each other)"
+        else:
+            rule = "at most half of the patch and register tokens"
         log.warning(
             f"tome.r={compact(model.r)} is beyond the cap under protect={model.protect} "
-            f"({cap_rule(regtome.protection(model.protect))}) in {len(capped)} of {len(counts.r)} blocks "
+            f"({rule}) in {len(capped)} of {len(counts.r)} blocks "
             f"(first: block {capped[0] + 1} of {len(counts.r)}); applied r per block: {counts.r}"
         )
