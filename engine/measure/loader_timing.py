@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import itertools
 import time
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn as nn
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from data import DatasetError, EpochSeeded, build_datasets, input_transform
 
-from ..run.runtime import synchronize
 from ..run.session import Session
+from .timing import seconds_of
 
 
 def _images_per_s(dataset: Dataset, batch_size: int, batches: int, seed: int) -> tuple[float, int]:
@@ -41,15 +41,14 @@ def time_train_loader(cfg: DictConfig, session: Session, batches: int = 8) -> di
     """images_per_s_per_worker of the train pipeline; with small images resized on the device, also the
     CPU-resize chain it replaces and the device's cost of the resize."""
     tc, device, workers, inputs = cfg.trainer, session.device, session.workers, session.inputs
-    batch_size = int(tc.batch_size)
     try:
         train = build_datasets(cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed)["train"]
-        rate, sample_bytes = _images_per_s(train, batch_size, batches, cfg.seed)
+        rate, sample_bytes = _images_per_s(train, tc.batch_size, batches, cfg.seed)
     except DatasetError as err:
         return {"error": str(err)}
     out: dict[str, Any] = {
         "dataset": cfg.dataset.name,
-        "batch_size": batch_size,
+        "batch_size": tc.batch_size,
         "num_workers": workers,
         "images_per_s_per_worker": rate,
         "bytes_per_sample": sample_bytes,
@@ -61,26 +60,18 @@ def time_train_loader(cfg: DictConfig, session: Session, batches: int = 8) -> di
         cpu_chain = build_datasets(
             cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed, on_device=False
         )["train"]
-        cpu_rate, cpu_bytes = _images_per_s(cpu_chain, batch_size, batches, cfg.seed)
+        cpu_rate, cpu_bytes = _images_per_s(cpu_chain, tc.batch_size, batches, cfg.seed)
+        images = torch.stack([train[i % len(train)][0] for i in range(tc.batch_size)]).to(device)
+        resize = partial(prepare.to(device), images)
+        resize()  # a warm-up, then the device's cost of 5 resizes
         out |= {
             "resized_on_device": True,
             "cpu_resize_images_per_s_per_worker": cpu_rate,
             "cpu_resize_bytes_per_sample": cpu_bytes,
             "loader_speedup_from_device_resize": rate / cpu_rate,
-            "device_resize_images_per_s": _device_resize_rate(prepare.to(device), train, batch_size, device),
+            "device_resize_images_per_s": 5 * tc.batch_size / max(seconds_of(resize, device, calls=5), 1e-9),
         }
     return out
-
-
-def _device_resize_rate(prepare: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> float:
-    images = torch.stack([dataset[i % len(dataset)][0] for i in range(batch_size)]).to(device)
-    prepare(images)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(5):
-        prepare(images)
-    synchronize(device)
-    return 5 * batch_size / max(time.perf_counter() - start, 1e-9)
 
 
 def data_bound_notes(loader: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:

@@ -9,7 +9,6 @@ import resource
 import statistics
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
@@ -28,6 +27,7 @@ from .timing import interleaved_seconds, timed_calls
 BASELINE = "unpatched"  # the model as timm or transformers built it
 Step = Callable[[], None]
 Case = tuple[str, str]  # (way of running, schedule label)
+Pair = tuple[nn.Module, nn.Module]  # (unpatched, patched) models, run one way
 
 
 def schedule_label(r: Any) -> str:
@@ -56,16 +56,14 @@ def peak_memory_mb(device: torch.device, fn: Step) -> float:
 
 
 def _schedule(patched: Optional[nn.Module], r: Any) -> ContextManager:
-    """The patched model at schedule r, or at the options of a dict such as {"r": 16, "protect": "apart"};
-    nothing for the unpatched baseline (r None)."""
+    """The patched model at schedule r or at the options of a dict ({"r": 16, "protect": "apart"}); none for r None."""
     if r is None or patched is None:
         return nullcontext()
     return regtome.options(patched, **r) if isinstance(r, dict) else regtome.options(patched, r=r)
 
 
 def schedule_records(merged: nn.Module, schedules: list[Any], size: tuple[int, int, int]) -> dict[str, dict[str, Any]]:
-    """The merging each schedule runs (`merge_record` at its options: r applied per block, tokens left), by the
-    label its rows carry."""
+    """The merging each schedule runs (`merge_record` at its options), by the label its rows carry."""
     records = {}
     for r in schedules:
         with _schedule(merged, r):
@@ -73,41 +71,27 @@ def schedule_records(merged: nn.Module, schedules: list[Any], size: tuple[int, i
     return records
 
 
-# Each step calls `model` (eager or compiled) with the options of `patched` (the plain patched module inside it,
-# None for the unpatched baseline) set to schedule r.
+def _step(mode: str, model: nn.Module, patched: Optional[nn.Module], images: torch.Tensor, r: Any, dtype: Any) -> Step:
+    """A call of `model` (eager or compiled) on `images` (on the device timed) with the options of `patched` (the
+    plain patched module inside it, None for the unpatched baseline) set to schedule r. inference: a forward
+    without gradients; dense: patch features of the last block on the full grid (timm's forward_intermediates;
+    eager only); train: forward, backward and an AdamW step (a tiny learning rate: the weights barely move)."""
+    device = images.device
+    if mode != "train":
 
+        def forward() -> None:
+            with torch.inference_mode(), autocast(device, dtype), _schedule(patched, r):
+                if mode == "dense":
+                    model.forward_intermediates(images, indices=1, intermediates_only=True)
+                else:
+                    model(images)
 
-def inference_step(
-    model: nn.Module,
-    patched: Optional[nn.Module],
-    images: torch.Tensor,
-    r: Any,
-    device: torch.device,
-    dtype: Any,
-    dense: bool = False,
-) -> Step:
-    """A forward without gradients; `dense`: patch features of the last block on the full grid (timm's
-    forward_intermediates; eager only)."""
-
-    def step() -> None:
-        with torch.inference_mode(), autocast(device, dtype), _schedule(patched, r):
-            if dense:
-                model.forward_intermediates(images, indices=1, intermediates_only=True)
-            else:
-                model(images)
-
-    return step
-
-
-def train_step(
-    model: nn.Module, patched: Optional[nn.Module], images: torch.Tensor, r: Any, device: torch.device, dtype: Any
-) -> Step:
-    """Forward, backward and an AdamW step (a tiny learning rate: the weights barely move between cases)."""
+        return forward
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
     targets = torch.zeros(images.shape[0], dtype=torch.long, device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def step() -> None:
+    def train() -> None:
         with autocast(device, dtype), _schedule(patched, r):
             loss = nn.functional.cross_entropy(logits_of(model(images)), targets)
         scaler.scale(loss).backward()
@@ -115,10 +99,7 @@ def train_step(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
-
-
-STEPS = {"inference": inference_step, "train": train_step, "dense": partial(inference_step, dense=True)}
+    return train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,38 +114,17 @@ class Timing:
     compile: Optional[str] = None  # also time torch.compile'd models in this mode (None: eager only)
 
 
-def executions(
-    baseline: nn.Module, merged: nn.Module, timing: Timing, device: torch.device
-) -> dict[str, tuple[nn.Module, nn.Module]]:
-    """The (unpatched, patched) pair of each way of running: eager, compiled, and on CUDA also CUDA graphs
-    (reduce-overhead) for batch 1. Compiled wrappers share the modules' weights; each compiles once per
-    schedule and batch shape, at its first call."""
-    out = {"eager": (baseline, merged)}
-    if timing.compile is not None:
-        out["compiled"] = (compile_model(baseline, timing.compile), compile_model(merged, timing.compile))
-        if device.type == "cuda" and timing.compile != "reduce-overhead":
-            out["cuda graphs"] = (compile_model(baseline, "reduce-overhead"), compile_model(merged, "reduce-overhead"))
-    return out
-
-
 def _cases(
-    execs: dict[str, tuple[nn.Module, nn.Module]],
-    patched: nn.Module,
-    mode: str,
-    batch: int,
-    schedules: list[Any],
-    images: torch.Tensor,
-    device: torch.device,
-    dtype: Any,
+    execs: dict[str, Pair], patched: nn.Module, mode: str, schedules: list[Any], images: torch.Tensor, dtype: Any
 ) -> dict[Case, Step]:
     cases: dict[Case, Step] = {}
     for name, (base, merged) in execs.items():
-        if (mode == "dense" and name != "eager") or (name == "cuda graphs" and (batch != 1 or mode != "inference")):
+        if (mode == "dense" and name != "eager") or (name == "cuda graphs" and (len(images), mode) != (1, "inference")):
             continue  # dense features run eagerly; CUDA graphs are what batch-1 inference asks for
         base.train(mode == "train")  # dense and inference: eval mode
         merged.train(mode == "train")
-        cases[(name, BASELINE)] = STEPS[mode](base, None, images, None, device, dtype)
-        cases |= {(name, schedule_label(r)): STEPS[mode](merged, patched, images, r, device, dtype) for r in schedules}
+        cases[(name, BASELINE)] = _step(mode, base, None, images, None, dtype)
+        cases |= {(name, schedule_label(r)): _step(mode, merged, patched, images, r, dtype) for r in schedules}
     return cases
 
 
@@ -209,19 +169,24 @@ def benchmark_rows(
     the protection mode, when schedules name theirs). `size`: the (C, H, W) timed (default: the model's own)."""
     size = size or regtome.input_size(merged)
     gflops = {BASELINE: regtome.schedule_gflops(merged, 0, size)}  # the unpatched model's count
-    for r in schedules:
-        with _schedule(merged, r):
-            gflops[schedule_label(r)] = regtome.vit_flops(merged, size)
+    gflops |= {label: record["gflops"] for label, record in schedule_records(merged, schedules, size).items()}
     protects = {schedule_label(r): r["protect"] for r in schedules if isinstance(r, dict) and "protect" in r}
     modes = ["inference"] + ["train"] * timing.train_step
     modes += ["dense"] * (timing.dense and hasattr(merged, "forward_intermediates"))
-    execs = executions(baseline, merged, timing, device)
+    # The (unpatched, patched) pair of each way of running: eager, compiled, and on CUDA also CUDA graphs
+    # (reduce-overhead) for batch 1. Compiled wrappers share the modules' weights; each compiles once per
+    # schedule and batch shape, at its first call.
+    execs = {"eager": (baseline, merged)}
+    if timing.compile is not None:
+        execs["compiled"] = (compile_model(baseline, timing.compile), compile_model(merged, timing.compile))
+    if timing.compile not in (None, "reduce-overhead") and device.type == "cuda":
+        execs["cuda graphs"] = (compile_model(baseline, "reduce-overhead"), compile_model(merged, "reduce-overhead"))
     rows = []
     with tqdm(total=len(batch_sizes) * len(modes) * timing.repeats, desc="benchmark", dynamic_ncols=True) as bar:
         for batch in batch_sizes:
             images = torch.randn(batch, *size, device=device)
             for mode in modes:
-                cases = _cases(execs, merged, mode, batch, schedules, images, device, dtype)
+                cases = _cases(execs, merged, mode, schedules, images, dtype)
                 calls, warm = timed_calls(
                     cases, device, timing.warmup, timing.repeats, timing.iters, progress=lambda: bar.update(1)
                 )
@@ -254,7 +219,7 @@ def speed_target(
             r = regtome.r_for_flops(merged, fraction, size)
         except ValueError:
             break
-        cases = _cases({"eager": (baseline, merged)}, merged, "inference", batch, [r], images, device, dtype)
+        cases = _cases({"eager": (baseline, merged)}, merged, "inference", [r], images, dtype)
         seconds = interleaved_seconds(cases, device, warmup=timing.warmup, repeats=timing.repeats, iters=timing.iters)
         speedup = seconds[("eager", BASELINE)] / seconds[("eager", schedule_label(r))]
         tried.append({"r": schedule_label(r), "flop_fraction": fraction, "speedup": speedup})

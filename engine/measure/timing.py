@@ -16,6 +16,16 @@ from ..run.runtime import available_cores, synchronize
 Key = TypeVar("Key", bound=Hashable)
 
 
+def seconds_of(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Seconds of `calls` calls of `fn`, between device synchronisations."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def timed_calls(
     cases: dict[Key, Callable[[], object]],
     device: torch.device,
@@ -27,23 +37,11 @@ def timed_calls(
     """Seconds of every timed call of each case, and the seconds of its warm-up calls (compilation included).
     Each repeat runs every case in turn (slow drifts of clock speed or load hit all cases alike); each call is
     timed on its own, between device synchronisations."""
-    warm: dict[Key, float] = {}
-    for key, fn in cases.items():
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-        warm[key] = time.perf_counter() - start
+    warm = {key: seconds_of(fn, device, warmup) for key, fn in cases.items()}
     calls: dict[Key, list[float]] = {key: [] for key in cases}
     for _ in range(repeats):
         for key, fn in cases.items():
-            for _ in range(iters):
-                synchronize(device)
-                start = time.perf_counter()
-                fn()
-                synchronize(device)
-                calls[key].append(time.perf_counter() - start)
+            calls[key] += [seconds_of(fn, device) for _ in range(iters)]
         if progress is not None:
             progress()
     return calls, warm
@@ -87,8 +85,7 @@ def busy_processes(window: float = 0.5, threshold: float = 0.2) -> list[str]:
 
 
 def machine_note() -> Optional[str]:
-    """A warning when this machine is busy enough to skew timings (load average against usable cores,
-    other busy processes), else None."""
+    """A warning when the load average (against usable cores) or other busy processes would skew timings, else None."""
     cores = available_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     busy = busy_processes()

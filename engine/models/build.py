@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import constants
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model_data_config
 
 import regtome
@@ -174,31 +175,24 @@ def check_model_group(model_cfg: Mapping[str, Any]) -> None:
         )
 
 
-def _config(model_cfg: Mapping[str, Any], source: str) -> Any:
-    """The transformers config: the preset's own architecture for random weights, else the hub's or the folder's."""
-    from transformers import AutoConfig
-
-    kwargs = dict(model_cfg.get("kwargs") or {})
-    architecture = model_cfg.get("architecture")
-    if architecture and not _pretrained(model_cfg):
-        spec = dict(OmegaConf.to_container(architecture) if isinstance(architecture, DictConfig) else architecture)
-        return AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
-    try:
-        return AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(not_found(source, err, UNREADABLE)) from err
-
-
 def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """The classifier of model.name / model.pretrained_dir with `num_classes` outputs, in the attention
     implementation model.attn_implementation (sdpa by default); model.pretrained=false builds the preset's
     `model.architecture` with random weights, without the hub."""
-    from transformers import AutoModel, AutoModelForImageClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
     check_model_group(model_cfg)
     source, pretrained = _source(model_cfg), _pretrained(model_cfg)
-    config = _config(model_cfg, source)
+    kwargs, architecture = dict(model_cfg.get("kwargs") or {}), model_cfg.get("architecture")
+    if architecture and not pretrained:  # random weights: the preset's own architecture, not the hub's config
+        spec = dict(OmegaConf.to_container(architecture) if isinstance(architecture, DictConfig) else architecture)
+        config = AutoConfig.for_model(spec.pop("model_type"), **spec, **kwargs)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise UserError(not_found(source, err, UNREADABLE)) from err
     config.num_labels = num_classes
     if not pretrained:  # random weights: built at the configured input size
         getattr(config, "vision_config", config).image_size = int(model_cfg["img_size"])
@@ -217,45 +211,27 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
     return model if classification else HFClassifier(model, num_classes)
 
 
-def transformers_data_config(model_cfg: Mapping[str, Any], img_size: int) -> dict[str, Any]:
-    """mean, std and interpolation of the model's image processor; ImageNet's statistics for random weights or
-    a model saved without a processor (the log says which)."""
-    processor = _image_processor(model_cfg)
-    mean, std, interpolation = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic"
-    if processor is not None:
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-        resample = getattr(processor, "resample", None)
-        if resample is not None:
-            from PIL import Image
+def processor_statistics(model_cfg: Mapping[str, Any]) -> tuple[tuple, tuple, str]:
+    """mean, std and interpolation of the image processor saved with the model's weights; ImageNet's for random
+    weights or a model saved without a processor (the log says so). One that exists but cannot be read here (not
+    cached on an offline node) is one line, not ImageNet's statistics."""
+    if _pretrained(model_cfg):  # random weights: nothing saved to read
+        from transformers import AutoImageProcessor
 
-            interpolation = Image.Resampling(resample).name.lower()
-    return {
-        "input_size": (3, img_size, img_size),
-        "mean": mean,
-        "std": std,
-        "interpolation": interpolation,
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-    }
-
-
-def _image_processor(model_cfg: Mapping[str, Any]) -> Optional[Any]:
-    """The image processor saved with the model's weights; None (said in the log) when the model has none. One
-    that exists but cannot be read here (not cached on an offline node) is one line, not ImageNet's statistics."""
-    if not _pretrained(model_cfg):
-        return None  # random weights: nothing saved to read
-    from transformers import AutoImageProcessor
-
-    source = _source(model_cfg)
-    try:
-        return AutoImageProcessor.from_pretrained(source)
-    except OSError as err:
-        if not _has_no_processor(source):
-            what = f"{source}'s image processor ({PROCESSOR_FILE}: its mean, std and interpolation)"
-            ways_out = "set model.pretrained_dir=DIR (a folder written by save_pretrained, with the processor)"
-            raise UserError(not_found(what, err, ways_out)) from err
-    log.warning("%s has no image processor (%s): using ImageNet's mean/std", source, PROCESSOR_FILE)
-    return None
+        source = _source(model_cfg)
+        try:
+            processor = AutoImageProcessor.from_pretrained(source)
+        except OSError as err:
+            if not _has_no_processor(source):
+                what = f"{source}'s image processor ({PROCESSOR_FILE}: its mean, std and interpolation)"
+                ways_out = "set model.pretrained_dir=DIR (a folder written by save_pretrained, with the processor)"
+                raise UserError(not_found(what, err, ways_out)) from err
+            log.warning("%s has no image processor (%s): using ImageNet's mean/std", source, PROCESSOR_FILE)
+        else:
+            resample = getattr(processor, "resample", None)
+            interpolation = "bicubic" if resample is None else Image.Resampling(resample).name.lower()
+            return tuple(processor.image_mean), tuple(processor.image_std), interpolation
+    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic"
 
 
 def _has_no_processor(source: str) -> bool:
@@ -288,8 +264,7 @@ def is_transformers(model_cfg: Mapping[str, Any]) -> bool:
 def build_model(
     model_cfg: Mapping[str, Any], tome_cfg: Mapping[str, Any], num_classes: int, trace_source: bool = False
 ) -> nn.Module:
-    """The model group's model (timm or transformers), patched with the tome group's options; tome.flops
-    chooses r from a FLOP budget."""
+    """The model group's model, patched with the tome group's options (tome.flops chooses r from a FLOP budget)."""
     options = tome_options(tome_cfg)  # a bad tome.r fails before anything is built
     _, fraction = merge_amount(tome_cfg)
     if is_transformers(model_cfg):
@@ -313,8 +288,7 @@ def build_model(
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model's output: a tensor (timm), transformers' classifier output, or for a
-    transformers base model its pooler output."""
+    """The logits of a timm model (a tensor), a transformers classifier (.logits) or base model (.pooler_output)."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -324,23 +298,17 @@ def logits_of(output: Any) -> torch.Tensor:
 def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """timm's data config (mean/std, interpolation, crop), or a transformers model's image processor's, at
     model.img_size. A model trained from scratch uses the data set's mean/std when it gives them."""
+    size = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
     if is_transformers(model_cfg):
-        config = transformers_data_config(model_cfg, int(model_cfg["img_size"]))
+        mean, std, interpolation = processor_statistics(model_cfg)
+        config = dict(
+            input_size=size, mean=mean, std=std, interpolation=interpolation, crop_pct=1.0, crop_mode="center"
+        )
     else:
-        config = resolve_model_data_config(model)
-    config["input_size"] = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
+        config = resolve_model_data_config(model) | {"input_size": size}
     if not has_weights(model_cfg) and dataset_cfg.get("mean") is not None:
         config["mean"], config["std"] = tuple(dataset_cfg["mean"]), tuple(dataset_cfg["std"])
     return config
-
-
-def cap_rule(mode: regtome.Protection) -> str:
-    """What caps a block's r under `mode`, in words (`regtome.capped_r`)."""
-    if not mode.merges_registers:
-        return "at most half of the patch tokens"
-    if mode.kinds_apart:
-        return "at most half of the patch and register tokens, less the registers (they merge only with each other)"
-    return "at most half of the patch and register tokens"
 
 
 def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
@@ -350,11 +318,17 @@ def report_capped_r(model: nn.Module, cfg: DictConfig) -> None:
         return
     size = int(cfg.model.img_size)
     counts = regtome.token_counts(model, (3, size, size))
-    requested, applied = counts.r_requested, counts.r
-    if applied != requested:
-        capped = [i for i, (a, b) in enumerate(zip(requested, applied)) if a != b]
+    capped = [i for i, (a, b) in enumerate(zip(counts.r_requested, counts.r)) if a != b]
+    if capped:
+        mode = regtome.protection(model.protect)  # what caps a block's r under it (`regtome.capped_r`), in words
+        if not mode.merges_registers:
+            rule = "at most half of the patch tokens"
+        elif mode.kinds_apart:
+            rule = "at most half of the patch and register tokens, less the registers (they merge only with each other)"
+        else:
+            rule = "at most half of the patch and register tokens"
         log.warning(
             f"tome.r={compact(model.r)} is beyond the cap under protect={model.protect} "
-            f"({cap_rule(regtome.protection(model.protect))}) in {len(capped)} of {len(applied)} blocks "
-            f"(first: block {capped[0] + 1} of {len(applied)}); applied r per block: {applied}"
+            f"({rule}) in {len(capped)} of {len(counts.r)} blocks "
+            f"(first: block {capped[0] + 1} of {len(counts.r)}); applied r per block: {counts.r}"
         )

@@ -30,8 +30,7 @@ def register_fates(
     layout = regtome.prefix_layout(model)
     if layout.num_register == 0:
         raise ValueError("the model has no register tokens")
-    nc, p = layout.num_class, layout.num_prefix
-    depth = model.regtome_num_blocks
+    nc, p, depth = layout.num_class, layout.num_prefix, model.regtome_num_blocks
     counts = torch.zeros(depth, layout.num_register, len(FATES), dtype=torch.long)
     images_seen, cosine_sum = 0, 0.0
     model.eval()

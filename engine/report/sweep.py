@@ -26,8 +26,6 @@ ALWAYS_SHOWN = ("run", "r", "top1", "top5", "images_per_s", "gflops")
 # even where the cap of each protection mode made the budget choose another r.
 IDENTITY = ("task", "dataset", "model", "checkpoint", "registers", "schedule", "protect", "prop_attn")
 SWEPT = ("protect", "prop_attn", "model", "dataset", "checkpoint", "registers")  # what tells runs apart besides r
-
-
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 
