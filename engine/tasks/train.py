@@ -26,7 +26,7 @@ from ..run.checkpoint import SavedRun, apply_overrides, atomic_save, load_checkp
 from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import barrier, gather_objects, launch_rank, rng_state
-from ..training.loop import GracefulStop, empty_sums, evaluate, global_sums, train_one_epoch
+from ..training.loop import GracefulStop, empty_sums, evaluate, train_one_epoch
 from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader, training_checkpoint
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,6 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
         )
     except DatasetError as err:
         raise unreadable_data(run, err) from None
-    state.epoch_sums = global_sums(state.epoch_sums, session.device, session.info)
     if stop.signum is not None:
         raise interrupted(run, stop)
     sums = state.epoch_sums

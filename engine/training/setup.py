@@ -67,15 +67,13 @@ def check_trainer_config(cfg: DictConfig) -> None:
         )
 
 
-def build_optimization(
-    model: nn.Module,
-    tc: DictConfig,
-    num_classes: int,
-    updates_per_epoch: int,
-    device: torch.device,
-    dtype: Optional[torch.dtype],
-) -> Optimization:
-    """timm's optimizer and cosine schedule (stepped per update), the loss, Mixup/CutMix, the EMA, the scaler."""
+def build_optimization(session: Session, tc: DictConfig, num_classes: int, samples: int) -> Optimization:
+    """timm's optimizer and cosine schedule (stepped per update: its unit is the updates of an epoch of `samples`
+    samples on this process), the loss, Mixup/CutMix, the EMA, the scaler."""
+    updates_per_epoch = -(-samples // tc.batch_size // tc.accum_steps)
+    if tc.max_steps_per_epoch:
+        updates_per_epoch = min(updates_per_epoch, -(-tc.max_steps_per_epoch // tc.accum_steps))
+    model, device, dtype = session.model, session.device, session.dtype
     mixup = None
     if tc.mixup > 0 or tc.cutmix > 0:
         mixup = Mixup(
@@ -108,7 +106,7 @@ def build_optimization(
 def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
     """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture (its EMA's when it kept
     one, as eval reads it)."""
-    path = cfg.trainer.get("init_from")
+    path = cfg.trainer.init_from
     if not path:
         return None
     init = read_checkpoint(path)
@@ -122,7 +120,7 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
     num_classes = count_classes(cfg.dataset)
     cfg = OmegaConf.merge(cfg, {"dataset": {"num_classes": num_classes}})  # saved with the checkpoints
     if saved is None:  # trainer.init_from, or the model group's own (pretrained or random) weights
-        weights, weights_path = initial_weights(cfg), cfg.trainer.get("init_from")
+        weights, weights_path = initial_weights(cfg), cfg.trainer.init_from
     else:  # a resume: last.pt's model weights, so no pretrained weights are fetched only to be replaced
         weights, weights_path = saved.checkpoint["model"], saved.path
     session = open_session(cfg, num_classes, weights=weights, weights_path=weights_path)
@@ -133,18 +131,16 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
     sampler = DistributedSampler(
         train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=drop_last
     )
-    opt = build_optimization(
-        session.model, tc, num_classes, updates_per_epoch(len(sampler), tc), session.device, session.dtype
-    )
+    opt = build_optimization(session, tc, num_classes, len(sampler))
     model = session.model
     if info.enabled:
-        device = session.device
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        cuda = session.device.type == "cuda"
+        model = DistributedDataParallel(model, device_ids=[session.device.index] if cuda else None)
     state = TrainState() if saved is None else restored_state(opt, saved.checkpoint, tc)
     if saved is not None:
         restore_random_state(saved.checkpoint, cfg.seed + state.num_updates, info)
     eval_model = opt.ema.module if opt.ema is not None else session.runner()  # never through DDP: shards differ
-    model = session.runner(model) if session.compile else model
+    model = session.runner(model)
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
         state.epoch_sums = empty_sums()
     val_set = bounded(splits["val"], tc.get("max_val_steps"), session.eval_batch_size * info.world_size)
@@ -179,9 +175,6 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
     )
 
 
-VAL_SUBSET_SEED = 0  # one subset for every run of a data set, whatever its seed: their val top-1s compare
-
-
 def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Dataset:
     """`max_steps` batches' worth of `dataset` drawn across all of it (trainer.max_val_steps: a smoke run's
     validation). An image folder lists its images by class, so its first batches would be one class alone;
@@ -189,16 +182,9 @@ def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Da
     size = len(dataset)  # type: ignore[arg-type]
     if not max_steps or max_steps * global_batch >= size:
         return dataset
-    draw = torch.randperm(size, generator=torch.Generator().manual_seed(VAL_SUBSET_SEED))
+    # seed 0, not the run's: one subset for every run of a data set, whatever its seed, so their val top-1s compare
+    draw = torch.randperm(size, generator=torch.Generator().manual_seed(0))
     return Subset(dataset, sorted(draw[: max_steps * global_batch].tolist()))
-
-
-def updates_per_epoch(samples: int, tc: DictConfig) -> int:
-    """Optimizer updates in one epoch of `samples` samples on this process (the schedule's unit)."""
-    updates = -(-samples // tc.batch_size // tc.accum_steps)
-    if tc.max_steps_per_epoch:
-        updates = min(updates, -(-tc.max_steps_per_epoch // tc.accum_steps))
-    return updates
 
 
 def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, Any]:
