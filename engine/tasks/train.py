@@ -53,14 +53,6 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
     return resumed, saved
 
 
-def record_resume(saved: SavedRun, run_dir: Path, overrides: list[str]) -> None:
-    """A resume, said in main.log and added to resumes.yaml with the keys this command line changed."""
-    epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
-    if launch_rank() == 0:
-        append_resume(run_dir, overrides_in(overrides, RESUME_OVERRIDES), epochs_done + 1, step)
-        log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
-
-
 def position(epochs_done: int, step_in_epoch: int) -> str:
     """Where a run stands, epochs counted from 1 as the progress bar, main.log and resumes.yaml count them:
     'epoch 2 step 5'."""
@@ -76,32 +68,25 @@ def resume_command(run_dir: Path) -> str:
 def save(run: TrainRun, best: bool) -> None:
     """last.pt, written by rank 0 while the others wait; best.pt too when this state is the best so far, without
     what only a resume (from last.pt) reads: the optimizer state would triple its size."""
-    rng = gather_objects(rng_state(), run.session.info)
+    rng, last = gather_objects(rng_state(), run.session.info), run.ckpt_dir / "last.pt"
     if run.session.info.is_main:
         checkpoint = training_checkpoint(run, rng)
         try:
-            atomic_save(checkpoint, run.ckpt_dir / "last.pt")
+            atomic_save(checkpoint, last)
             if best:
                 resume_only = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank")
                 atomic_save({k: v for k, v in checkpoint.items() if k not in resume_only}, run.ckpt_dir / "best.pt")
-        except OSError as err:
-            raise save_failed(run, err) from None
+        except OSError as err:  # one line: why (the OS's words: 'No space left on device'), what is intact, what next
+            try:  # memory-mapped: only the small state is read
+                saved = load_checkpoint(last, mmap=True)["state"]
+                intact = f"{last} ({position(saved['epoch'], saved['step_in_epoch'])}) is intact"
+            except Exception:  # none yet, or unreadable
+                intact = f"no earlier {last} to keep"
+            raise SaveFailed(
+                f"error: could not save a checkpoint in {run.ckpt_dir}: {err.strerror or err} ([Errno {err.errno}]); "
+                f"{intact}; once it can be written again, continue with: {resume_command(run.run_dir)}"
+            ) from None
     barrier(run.session.info)
-
-
-def save_failed(run: TrainRun, err: OSError) -> SaveFailed:
-    """One line for a checkpoint that could not be written: why (the OS's words: 'No space left on device'),
-    what is intact, and how to go on."""
-    last = run.ckpt_dir / "last.pt"
-    try:  # memory-mapped: only the small state is read
-        saved = load_checkpoint(last, mmap=True)["state"]
-        intact = f"{last} ({position(saved['epoch'], saved['step_in_epoch'])}) is intact"
-    except Exception:  # none yet, or unreadable
-        intact = f"no earlier {last} to keep"
-    return SaveFailed(
-        f"error: could not save a checkpoint in {run.ckpt_dir}: {err.strerror or err} ([Errno {err.errno}]); {intact}; "
-        f"once it can be written again, continue with: {resume_command(run.run_dir)}"
-    )
 
 
 def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
@@ -133,7 +118,7 @@ def unreadable_data(run: TrainRun, err: DatasetError) -> DatasetError:
 
 
 def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[SummaryWriter]) -> dict[str, Any]:
-    """One epoch: train, validate when due, checkpoint; returns the epoch's metrics."""
+    """One epoch: train, validate when due, checkpoint, log; returns the epoch's metrics."""
     started, state, session, tc = time.perf_counter(), run.state, run.session, run.cfg.trainer
     try:
         rate = train_one_epoch(
@@ -174,6 +159,17 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     is_best = metrics.get("val_top1", -1.0) > state.best_top1
     state.best_top1 = max(state.best_top1, metrics.get("val_top1", -1.0))
     save(run, best=is_best)
+    if session.info.is_main:  # one line per epoch (stdout and main.log)
+        val = f"val top-1 {metrics['val_top1']:.2f}" if "val_top1" in metrics else "val top-1 -"
+        log.info(
+            f"epoch {metrics['epoch']}/{tc.epochs}  train loss {metrics['train_loss']:.4f}  {val}  "
+            f"{metrics['train_images_per_s']:.0f} img/s  {metrics['seconds']:.1f} s"
+        )
+    if writer is not None:  # the epoch's scalars in TensorBoard (rank 0)
+        for key, value in metrics.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(f"epoch/{key}", value, metrics["epoch"])
+        writer.flush()
     return metrics
 
 
@@ -186,8 +182,6 @@ def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> tuple[dict[str, Any],
     with GracefulStop() as stop:
         for done, epoch in enumerate(range(state.epoch, tc.epochs), start=1):
             metrics = train_epoch(run, epoch, stop, writer)
-            if run.session.info.is_main:
-                _log_epoch(writer, metrics, tc.epochs)
             if tc.stop_after_epochs and done >= tc.stop_after_epochs and state.epoch < tc.epochs:
                 break
     return metrics, done
@@ -205,8 +199,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             f"resume, nothing changed; to train it longer, add trainer.epochs=N with N > {done}"
         )
         return {}
-    if saved is not None:
-        record_resume(saved, run_dir, overrides)
+    if saved is not None and launch_rank() == 0:  # in main.log, and in resumes.yaml with the keys this line changed
+        epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
+        append_resume(run_dir, overrides_in(overrides, RESUME_OVERRIDES), epochs_done + 1, step)
+        log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
     training = build_run(cfg, run_dir, saved)
     # rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)
     with SummaryWriter(str(run_dir / "tensorboard")) if training.session.info.is_main else nullcontext() as writer:
@@ -230,18 +226,3 @@ def finish(run: TrainRun, metrics: dict[str, Any], trained: int) -> dict[str, An
             continuing = resume_command(run.run_dir)
             log.info("stopping after %d epochs (trainer.stop_after_epochs); continue with: %s", trained, continuing)
     return record
-
-
-def _log_epoch(writer: Optional[SummaryWriter], metrics: dict[str, Any], epochs: int) -> None:
-    """One line per epoch (stdout and main.log) and the epoch's scalars in TensorBoard."""
-    val = f"val top-1 {metrics['val_top1']:.2f}" if "val_top1" in metrics else "val top-1 -"
-    log.info(
-        f"epoch {metrics['epoch']}/{epochs}  train loss {metrics['train_loss']:.4f}  {val}  "
-        f"{metrics['train_images_per_s']:.0f} img/s  {metrics['seconds']:.1f} s"
-    )
-    if writer is None:
-        return
-    for key, value in metrics.items():
-        if key != "epoch" and isinstance(value, (int, float)):
-            writer.add_scalar(f"epoch/{key}", value, metrics["epoch"])
-    writer.flush()
