@@ -1,9 +1,8 @@
-"""task=train: `run` = resumed config -> `build_run` (engine.training.setup) -> `fit` (the epochs, each one
+"""task=train: `run` = resumed config -> `build_run` (engine.training.setup) -> `train_epoch` per epoch (each one
 `engine.training.loop`) -> `finish`. Checkpoints are atomic; SIGTERM/SIGINT stop after the current optimizer step
 with last.pt written; a NaN/inf loss stops before anything is written. A resume restores model, optimizer,
 schedule, scaler, EMA, RNG states and the position inside the epoch, and each sample's augmentation is seeded by
-(seed, epoch, sample): a resumed run ends with the weights of an uninterrupted one, whatever the worker count.
-"""
+(seed, epoch, sample): a resumed run ends with the weights of an uninterrupted one, whatever the worker count."""
 
 from __future__ import annotations
 
@@ -93,11 +92,10 @@ def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
     """The one interrupt path: last.pt written, the signal passed on (SLURM requeue), the resume command said."""
     save(run, best=False)
     stop.pass_on()
-    where = position(run.state.epoch, run.state.step_in_epoch)
     return TrainingInterrupted(
         stop.signum,
-        f"stopped by {signal.Signals(stop.signum).name} at {where}; state saved in {run.ckpt_dir / 'last.pt'}; "
-        f"continue with: {resume_command(run.run_dir)}",
+        f"stopped by {signal.Signals(stop.signum).name} at {position(run.state.epoch, run.state.step_in_epoch)}; "
+        f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: {resume_command(run.run_dir)}",
     )
 
 
@@ -173,20 +171,6 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     return metrics
 
 
-def fit(run: TrainRun, writer: Optional[SummaryWriter]) -> tuple[dict[str, Any], int]:
-    """The epochs still to train (all of them, or the rest after a resume, or trainer.stop_after_epochs of
-    them); returns the last metrics and the epochs this call trained."""
-    state, tc = run.state, run.cfg.trainer
-    metrics: dict[str, Any] = state.history[-1] if state.history else {}
-    done = 0
-    with GracefulStop() as stop:
-        for done, epoch in enumerate(range(state.epoch, tc.epochs), start=1):
-            metrics = train_epoch(run, epoch, stop, writer)
-            if tc.stop_after_epochs and done >= tc.stop_after_epochs and state.epoch < tc.epochs:
-                break
-    return metrics, done
-
-
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
     cfg, saved = resumed_config(cfg, run_dir, overrides)
@@ -204,9 +188,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         append_resume(run_dir, overrides_in(overrides, RESUME_OVERRIDES), epochs_done + 1, step)
         log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
     training = build_run(cfg, run_dir, saved)
+    state, tc = training.state, training.cfg.trainer
+    metrics: dict[str, Any] = state.history[-1] if state.history else {}
+    trained = 0
     # rank 0's TensorBoard writer, closed however the run ends (done, interrupted, NaN)
     with SummaryWriter(str(run_dir / "tensorboard")) if training.session.info.is_main else nullcontext() as writer:
-        metrics, trained = fit(training, writer)
+        with GracefulStop() as stop:  # the epochs still to train: all, the rest after a resume, or stop_after_epochs
+            for trained, epoch in enumerate(range(state.epoch, tc.epochs), start=1):
+                metrics = train_epoch(training, epoch, stop, writer)
+                if tc.stop_after_epochs and trained >= tc.stop_after_epochs and state.epoch < tc.epochs:
+                    break
     return finish(training, metrics, trained)
 
 

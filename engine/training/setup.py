@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class TrainRun:
-    """A training run as `build_run` sets it up: what `fit` needs, and what `finish` reports."""
+    """A training run as `build_run` sets it up: what `train_epoch` needs, and what `finish` reports."""
 
     cfg: DictConfig
     run_dir: Path
@@ -48,7 +48,6 @@ class TrainRun:
     opt: Optimization
     state: TrainState
     classes: Optional[list[str]]
-    drop_last: bool
 
     @property
     def ckpt_dir(self) -> Path:
@@ -73,13 +72,12 @@ def build_optimization(session: Session, tc: DictConfig, num_classes: int, sampl
     updates_per_epoch = -(-samples // tc.batch_size // tc.accum_steps)
     if tc.max_steps_per_epoch:
         updates_per_epoch = min(updates_per_epoch, -(-tc.max_steps_per_epoch // tc.accum_steps))
-    model, device, dtype = session.model, session.device, session.dtype
     mixup = None
     if tc.mixup > 0 or tc.cutmix > 0:
         mixup = Mixup(
             mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=num_classes
         )
-    optimizer = create_optimizer_v2(model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = create_optimizer_v2(session.model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched="cosine",
@@ -93,11 +91,11 @@ def build_optimization(session: Session, tc: DictConfig, num_classes: int, sampl
     return Optimization(
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        scaler=torch.amp.GradScaler(session.device.type, enabled=session.dtype == torch.float16),
         loss_fn=SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
-        amp_autocast=partial(autocast, device, dtype),
+        amp_autocast=partial(autocast, session.device, session.dtype),
         mixup=mixup,
-        ema=ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None,
+        ema=ModelEmaV3(session.model, decay=tc.ema_decay) if tc.ema else None,
         accum_steps=tc.accum_steps,
         clip_grad=tc.clip_grad,
     )
@@ -136,9 +134,18 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
     if info.enabled:
         cuda = session.device.type == "cuda"
         model = DistributedDataParallel(model, device_ids=[session.device.index] if cuda else None)
-    state = TrainState() if saved is None else restored_state(opt, saved.checkpoint, tc)
-    if saved is not None:
-        restore_random_state(saved.checkpoint, cfg.seed + state.num_updates, info)
+    state = TrainState()
+    if saved is not None:  # the rest of a `training_checkpoint` (its weights went to open_session)
+        checkpoint = saved.checkpoint
+        if opt.ema is not None and checkpoint.get("ema") is not None:
+            opt.ema.module.load_state_dict(checkpoint["ema"])
+        opt.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["config"]["trainer"]["epochs"] == tc.epochs:  # given more epochs: the new length's schedule
+            opt.scheduler.load_state_dict(checkpoint["scheduler"])
+        opt.scaler.load_state_dict(checkpoint["scaler"])
+        opt.scheduler.step_update(num_updates=checkpoint["state"]["num_updates"])
+        state = TrainState(**checkpoint["state"])
+        restore_random_state(checkpoint, cfg.seed + state.num_updates, info)
     eval_model = opt.ema.module if opt.ema is not None else session.runner()  # never through DDP: shards differ
     model = session.runner(model)
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
@@ -171,7 +178,6 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
         opt=opt,
         state=state,
         classes=classes,
-        drop_last=drop_last,
     )
 
 
@@ -188,7 +194,7 @@ def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Da
 
 
 def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything a resumed run restores (`restored_state`): weights (and EMA), optimizer, schedule, scaler,
+    """Everything a resumed run restores (`build_run`): weights (and EMA), optimizer, schedule, scaler,
     state, RNGs (`rng`: each rank's, in rank order; rank 0's alone under "rng" as one process saves it), config."""
     opt = run.opt
     return {
@@ -203,20 +209,6 @@ def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, A
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "classes": run.classes,
     }
-
-
-def restored_state(opt: Optimization, checkpoint: dict, tc: DictConfig) -> TrainState:
-    """Load a `training_checkpoint`'s EMA, optimizer, schedule and scaler into `opt` (its weights and random states
-    are restored beside: `open_session`, `restore_random_state`); returns where it stood. A run extended with
-    more epochs keeps the schedule built for its new length."""
-    if opt.ema is not None and checkpoint.get("ema") is not None:
-        opt.ema.module.load_state_dict(checkpoint["ema"])
-    opt.optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["config"]["trainer"]["epochs"] == tc.epochs:
-        opt.scheduler.load_state_dict(checkpoint["scheduler"])
-    opt.scaler.load_state_dict(checkpoint["scaler"])
-    opt.scheduler.step_update(num_updates=checkpoint["state"]["num_updates"])
-    return TrainState(**checkpoint["state"])
 
 
 def restore_random_state(checkpoint: dict, fresh_seed: int, info: DistInfo) -> None:
@@ -237,7 +229,7 @@ def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
     return DataLoader(
         run.train_set,
         batch_size=tc.batch_size,
-        drop_last=run.drop_last,
+        drop_last=run.sampler.drop_last,
         sampler=ResumableSampler(run.sampler, skip=run.state.step_in_epoch * tc.batch_size),
         num_workers=run.session.workers,
         pin_memory=run.session.pin_memory,
