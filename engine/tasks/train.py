@@ -12,10 +12,11 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from data import DatasetError
@@ -26,7 +27,7 @@ from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import barrier, gather_objects, launch_rank, rng_state
 from ..training.loop import GracefulStop, empty_sums, evaluate, train_one_epoch
-from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader, training_checkpoint
+from ..training.setup import TrainRun, build_run, check_trainer_config, epoch_loader
 
 log = logging.getLogger(__name__)
 # What a resume may change: how it trains and where it runs, and whether unreadable images are skipped (an
@@ -53,14 +54,12 @@ def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tupl
 
 
 def position(epochs_done: int, step_in_epoch: int) -> str:
-    """Where a run stands, epochs counted from 1 as the progress bar, main.log and resumes.yaml count them:
-    'epoch 2 step 5'."""
+    """Where a run stands, epochs counted from 1 as the progress bar, main.log and resumes.yaml do: 'epoch 2 step 5'."""
     return f"epoch {epochs_done + 1} step {step_in_epoch}"
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that continues the run in `run_dir`, with the interpreter that runs this one (a venv's
-    python, not whatever `python` is on the PATH)."""
+    """The command that continues the run, with this interpreter (a venv's python, not whatever `python` is on PATH)."""
     return f"{sys.executable} main.py task=train hydra.run.dir={run_dir} trainer.resume=true"
 
 
@@ -69,7 +68,18 @@ def save(run: TrainRun, best: bool) -> None:
     what only a resume (from last.pt) reads: the optimizer state would triple its size."""
     rng, last = gather_objects(rng_state(), run.session.info), run.ckpt_dir / "last.pt"
     if run.session.info.is_main:
-        checkpoint = training_checkpoint(run, rng)
+        checkpoint = {  # what a resume restores (`build_run`), the config included
+            "model": run.session.model.state_dict(),
+            "ema": run.opt.ema.module.state_dict() if run.opt.ema is not None else None,
+            "optimizer": run.opt.optimizer.state_dict(),
+            "scheduler": run.opt.scheduler.state_dict(),
+            "scaler": run.opt.scaler.state_dict(),
+            "state": asdict(run.state),
+            "rng": dict(rng[0]),  # rank 0's, as one process saves it
+            "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,  # each rank's, in rank order
+            "config": OmegaConf.to_container(run.cfg, resolve=True),
+            "classes": run.classes,
+        }
         try:
             atomic_save(checkpoint, last)
             if best:
@@ -175,18 +185,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
     cfg, saved = resumed_config(cfg, run_dir, overrides)
     check_trainer_config(cfg)
-    if saved is not None and saved.state["epoch"] >= cfg.trainer.epochs:
-        # all epochs trained: not an error (exit 0), a script or a requeued job that resumes whatever it finds is done
-        done = saved.state["epoch"]
-        log.info(
-            f"the run in {run_dir} finished its {done} epochs (trainer.epochs={cfg.trainer.epochs}): nothing to "
-            f"resume, nothing changed; to train it longer, add trainer.epochs=N with N > {done}"
-        )
-        return {}
-    if saved is not None and launch_rank() == 0:  # in main.log, and in resumes.yaml with the keys this line changed
-        epochs_done, step = saved.state["epoch"], saved.state["step_in_epoch"]
-        append_resume(run_dir, overrides_in(overrides, RESUME_OVERRIDES), epochs_done + 1, step)
-        log.info("resumed from %s of %s", position(epochs_done, step), saved.path)
+    if saved is not None:
+        done, step = saved.state["epoch"], saved.state["step_in_epoch"]
+        if done >= cfg.trainer.epochs:  # not an error (exit 0): a script or a requeued job resuming what it finds
+            log.info(
+                f"the run in {run_dir} finished its {done} epochs (trainer.epochs={cfg.trainer.epochs}): nothing to "
+                f"resume, nothing changed; to train it longer, add trainer.epochs=N with N > {done}"
+            )
+            return {}
+        if launch_rank() == 0:  # in main.log, and in resumes.yaml with the keys this command line changed
+            append_resume(run_dir, overrides_in(overrides, RESUME_OVERRIDES), done + 1, step)
+            log.info("resumed from %s of %s", position(done, step), saved.path)
     training = build_run(cfg, run_dir, saved)
     state, tc = training.state, training.cfg.trainer
     metrics: dict[str, Any] = state.history[-1] if state.history else {}

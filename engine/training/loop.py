@@ -131,15 +131,14 @@ def train_one_epoch(
         total = min(total, max_steps)
     start, seen, sums = time.perf_counter(), 0, state.epoch_sums
     # as a context: an error (a bad image, a NaN) closes the bar before the one-line message
-    bar = tqdm(
+    with tqdm(
         total=total,
         initial=state.step_in_epoch,
         desc=f"epoch {state.epoch + 1}",
         disable=not info.is_main,
         dynamic_ncols=True,
         leave=False,
-    )
-    with bar:
+    ) as bar:
         for images, targets in loader:
             step = state.step_in_epoch
             if step >= total:
@@ -253,8 +252,8 @@ def evaluate(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
     rows: list[torch.Tensor] = []  # (target, pred, prob) per sample
-    first_of_shape: dict[tuple, tuple[int, float]] = {}
-    samples, model_seconds = 0, 0.0
+    shapes: set[torch.Size] = set()
+    first, later = [0, 0.0], [0, 0.0]  # (samples, seconds) of the first batch of each shape, and of the others
     with tqdm(loader, desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True) as batches:
         for images, targets in batches:
             images, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
@@ -263,28 +262,22 @@ def evaluate(
             with autocast(device, dtype):
                 logits = logits_of(model(images))
             synchronize(device)
-            if tuple(images.shape) in first_of_shape:
-                samples, model_seconds = samples + len(images), model_seconds + time.perf_counter() - start
-            else:
-                first_of_shape[tuple(images.shape)] = (len(images), time.perf_counter() - start)
+            timed = later if images.shape in shapes else first
+            timed[0], timed[1] = timed[0] + len(images), timed[1] + time.perf_counter() - start
+            shapes.add(images.shape)
             logits = logits.float()
             top5 = top_classes(logits)
             hits = top5 == targets[:, None]
-            totals += torch.stack(
-                [
-                    F.cross_entropy(logits, targets, reduction="sum").double(),
-                    hits[:, 0].sum().double(),
-                    hits.any(dim=-1).sum().double(),
-                    torch.tensor(len(targets), device=device).double(),
-                ]
-            )
+            totals[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+            totals[1] += hits[:, 0].sum()
+            totals[2] += hits.any(dim=-1).sum()
+            totals[3] += len(targets)
             if predictions is not None:
                 prob = logits.softmax(dim=-1).max(dim=-1).values
                 rows.append(torch.stack([targets.double(), top5[:, 0].double(), prob.double()], dim=1).cpu())
-    if samples == 0:  # every batch was the first of its shape: time them all
-        samples, model_seconds = (sum(v) for v in zip(*first_of_shape.values())) if first_of_shape else (0, 0.0)
-    timed = torch.tensor([samples, model_seconds], dtype=torch.float64, device=device)
-    loss_sum, top1, top5_sum, count, timed_samples, seconds = all_reduce_sum(torch.cat([totals, timed]), info).tolist()
+    timed = later if later[0] else first  # every batch the first of its shape: time them all
+    totals = torch.cat([totals, torch.tensor(timed, dtype=torch.float64, device=device)])
+    loss_sum, top1, top5_sum, count, timed_samples, seconds = all_reduce_sum(totals, info).tolist()
     if predictions is not None:  # every rank's rows, in data set order (rank r holds samples r, r + W, ...)
         shards = gather_objects(torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64), info)
         predictions.extend(

@@ -1,13 +1,13 @@
-"""Building a training run once: data, model, optimizer and schedule; what its checkpoints hold and the state
-restored from them when resuming."""
+"""Building a training run once: data, model, optimizer and schedule, and the state restored from last.pt when
+resuming."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -135,7 +135,7 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
         cuda = session.device.type == "cuda"
         model = DistributedDataParallel(model, device_ids=[session.device.index] if cuda else None)
     state = TrainState()
-    if saved is not None:  # the rest of a `training_checkpoint` (its weights went to open_session)
+    if saved is not None:  # the rest of last.pt, as `save` wrote it (its weights went to open_session)
         checkpoint = saved.checkpoint
         if opt.ema is not None and checkpoint.get("ema") is not None:
             opt.ema.module.load_state_dict(checkpoint["ema"])
@@ -191,24 +191,6 @@ def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Da
     # seed 0, not the run's: one subset for every run of a data set, whatever its seed, so their val top-1s compare
     draw = torch.randperm(size, generator=torch.Generator().manual_seed(0))
     return Subset(dataset, sorted(draw[: max_steps * global_batch].tolist()))
-
-
-def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything a resumed run restores (`build_run`): weights (and EMA), optimizer, schedule, scaler,
-    state, RNGs (`rng`: each rank's, in rank order; rank 0's alone under "rng" as one process saves it), config."""
-    opt = run.opt
-    return {
-        "model": run.session.model.state_dict(),
-        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
-        "optimizer": opt.optimizer.state_dict(),
-        "scheduler": opt.scheduler.state_dict(),
-        "scaler": opt.scaler.state_dict(),
-        "state": asdict(run.state),
-        "rng": dict(rng[0]),
-        "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,
-        "config": OmegaConf.to_container(run.cfg, resolve=True),
-        "classes": run.classes,
-    }
 
 
 def restore_random_state(checkpoint: dict, fresh_seed: int, info: DistInfo) -> None:
