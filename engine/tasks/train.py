@@ -1,5 +1,5 @@
 """task=train: `run` = resumed config -> `build_run` (engine.training.setup) -> `train_epoch` per epoch (each one
-`engine.training.loop`) -> `finish`. Checkpoints are atomic; SIGTERM/SIGINT stop after the current optimizer step
+`engine.training.loop`) -> results.json. Checkpoints are atomic; SIGTERM/SIGINT stop after the current optimizer step
 with last.pt written; a NaN/inf loss stops before anything is written. A resume restores model, optimizer,
 schedule, scaler, EMA, RNG states and the position inside the epoch, and each sample's augmentation is seeded by
 (seed, epoch, sample): a resumed run ends with the weights of an uninterrupted one, whatever the worker count."""
@@ -207,22 +207,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
                 metrics = train_epoch(training, epoch, stop, writer)
                 if tc.stop_after_epochs and trained >= tc.stop_after_epochs and state.epoch < tc.epochs:
                     break
-    return finish(training, metrics, trained)
-
-
-def finish(run: TrainRun, metrics: dict[str, Any], trained: int) -> dict[str, Any]:
-    """results.json of the run (rank 0) and the closing line: done, or where trainer.stop_after_epochs
-    stopped it and how to go on (the last line of main.log either way)."""
-    state, session = run.state, run.session
+    # results.json (rank 0) and the closing line, the last of main.log: done, or how to go on after stop_after_epochs
     extra = {"epochs": state.epoch, "best_top1": state.best_top1, "history": state.history}
-    extra |= {"checkpoint": str(run.ckpt_dir / "best.pt"), "classes": run.classes}
-    extra["augment"] = run.cfg.trainer.augment  # training images: augmented before `preprocessing`, if true
-    record = run_record(run.cfg, session, metrics, run.cfg.trainer.batch_size, extra)
-    if session.info.is_main:
-        write_results(run.run_dir, record)
+    extra |= {"checkpoint": str(training.ckpt_dir / "best.pt"), "classes": training.classes}
+    extra["augment"] = tc.augment  # training images: augmented before `preprocessing`, if true
+    record = run_record(training.cfg, training.session, metrics, tc.batch_size, extra)
+    if training.session.info.is_main:
+        write_results(run_dir, record)
         best = f"best val top-1 {state.best_top1:.2f}" if state.best_top1 >= 0 else "no validation yet"
-        log.info("done: %s; run folder %s", best, run.run_dir)
-        if state.epoch < run.cfg.trainer.epochs:  # trainer.stop_after_epochs: the run goes on later
-            continuing = resume_command(run.run_dir)
+        log.info("done: %s; run folder %s", best, run_dir)
+        if state.epoch < tc.epochs:  # trainer.stop_after_epochs: the run goes on later
+            continuing = resume_command(run_dir)
             log.info("stopping after %d epochs (trainer.stop_after_epochs); continue with: %s", trained, continuing)
     return record

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class TrainRun:
-    """A training run as `build_run` sets it up: what `train_epoch` needs, and what `finish` reports."""
+    """A training run as `build_run` sets it up: what `train_epoch` needs, and what results.json reports."""
 
     cfg: DictConfig
     run_dir: Path
