@@ -36,9 +36,8 @@ RESUME_OVERRIDES = ("trainer", "runtime", "dataset.skip_unreadable")
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[SavedRun]]:
-    """With trainer.resume=true (or in a SLURM job requeued after a preemption or time-out), continue
-    from run_dir's last.pt under its saved config; `trainer.*` and `runtime.*` keys given on this
-    command line replace the saved ones (`RESUME_OVERRIDES`). Returns the config and last.pt as read."""
+    """With trainer.resume=true (or in a SLURM job requeued after a preemption or time-out): the saved config of
+    run_dir's last.pt with the `RESUME_OVERRIDES` keys given on this command line, and last.pt as read."""
     last = run_dir / "checkpoints" / "last.pt"
     requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()
     if not (cfg.trainer.resume or requeued):
@@ -168,9 +167,9 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     state.best_top1 = max(state.best_top1, metrics.get("val_top1", -1.0))
     save(run, best=is_best)
     if session.info.is_main:  # one line per epoch (stdout and main.log)
-        val = f"val top-1 {metrics['val_top1']:.2f}" if "val_top1" in metrics else "val top-1 -"
+        top1 = f"val top-1 {metrics['val_top1']:.2f}" if "val_top1" in metrics else "val top-1 -"
         log.info(
-            f"epoch {metrics['epoch']}/{tc.epochs}  train loss {metrics['train_loss']:.4f}  {val}  "
+            f"epoch {metrics['epoch']}/{tc.epochs}  train loss {metrics['train_loss']:.4f}  {top1}  "
             f"{metrics['train_images_per_s']:.0f} img/s  {metrics['seconds']:.1f} s"
         )
     if writer is not None:  # the epoch's scalars in TensorBoard (rank 0)

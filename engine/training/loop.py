@@ -143,8 +143,7 @@ def train_one_epoch(
             step = state.step_in_epoch
             if step >= total:
                 break
-            images = prepare(images.to(device, non_blocking=True))
-            targets = targets.to(device, non_blocking=True)
+            images, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
             update = (step + 1) % opt.accum_steps == 0 or step + 1 == total
             loss_value = train_step(model, images, targets, opt, state, update)
             seen += len(targets)
@@ -200,7 +199,6 @@ def train_step(
 
 
 def optimizer_step(model: nn.Module, opt: Optimization, state: TrainState) -> None:
-    """Unscale and clip, step (through the GradScaler), schedule, update the EMA."""
     if opt.clip_grad:
         opt.scaler.unscale_(opt.optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)

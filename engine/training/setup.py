@@ -114,8 +114,7 @@ def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
 
 def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> TrainRun:
     """Data, model and optimizer, built once; the state restored from `saved` (last.pt) when resuming."""
-    classes = class_names(cfg.dataset)
-    num_classes = count_classes(cfg.dataset)
+    classes, num_classes = class_names(cfg.dataset), count_classes(cfg.dataset)
     cfg = OmegaConf.merge(cfg, {"dataset": {"num_classes": num_classes}})  # saved with the checkpoints
     if saved is None:  # trainer.init_from, or the model group's own (pretrained or random) weights
         weights, weights_path = initial_weights(cfg), cfg.trainer.init_from
