@@ -22,12 +22,6 @@ from ..training.loop import eval_loader, evaluate
 log = logging.getLogger(__name__)
 
 
-def write_predictions(path: Path, rows: list[tuple]) -> None:
-    """predictions.csv, written whole or not at all."""
-    columns = ["index", "target", "pred", "correct", "prob"]
-    write_csv(path, (dict(zip(columns, (i, t, p, c, f"{prob:.6f}"))) for i, t, p, c, prob in rows), columns)
-
-
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     cfg, saved = config_from_checkpoint(cfg, overrides)
     if saved is None and not has_weights(cfg.model):
@@ -47,7 +41,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     record = run_record(cfg, session, metrics, session.eval_batch_size, extra)
     if session.info.is_main:
         write_results(run_dir, record)
-        write_predictions(run_dir / "predictions.csv", predictions)
+        columns = ["index", "target", "pred", "correct", "prob"]
+        rows = (dict(zip(columns, (i, t, p, c, f"{prob:.6f}"))) for i, t, p, c, prob in predictions)
+        write_csv(run_dir / "predictions.csv", rows, columns)  # written whole or not at all
         compiled = f"  compiled ({session.compile})" if session.compile else ""
         log.info(
             f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  {metrics['images_per_s']:.1f} img/s  "

@@ -11,7 +11,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -123,28 +123,27 @@ def train_one_epoch(
     writer: Optional[SummaryWriter] = None,
     log_every: int = 20,
 ) -> float:
-    """Train until the loader ends, `max_steps` batches, or a stop request; returns images/s."""
+    """Train until the loader ends, `max_steps` batches, or a stop request; returns images/s, and leaves the
+    epoch's sums summed over all ranks."""
     model.train()
     total = len(loader) + state.step_in_epoch
     if max_steps:
         total = min(total, max_steps)
     start, seen, sums = time.perf_counter(), 0, state.epoch_sums
     # as a context: an error (a bad image, a NaN) closes the bar before the one-line message
-    bar = tqdm(
+    with tqdm(
         total=total,
         initial=state.step_in_epoch,
         desc=f"epoch {state.epoch + 1}",
         disable=not info.is_main,
         dynamic_ncols=True,
         leave=False,
-    )
-    with bar:
+    ) as bar:
         for images, targets in loader:
             step = state.step_in_epoch
             if step >= total:
                 break
-            images = prepare(images.to(device, non_blocking=True))
-            targets = targets.to(device, non_blocking=True)
+            images, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
             update = (step + 1) % opt.accum_steps == 0 or step + 1 == total
             loss_value = train_step(model, images, targets, opt, state, update)
             seen += len(targets)
@@ -162,6 +161,8 @@ def train_one_epoch(
                     writer.add_scalar(f"train/{name}", value, state.num_updates)
             if update and stop.requested(device, info):
                 break
+    values = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device), info)
+    state.epoch_sums = dict(zip(sums, values.tolist()))  # over all ranks
     return seen * info.world_size / max(time.perf_counter() - start, 1e-9)
 
 
@@ -172,7 +173,10 @@ def train_step(
     hard_targets = targets
     if opt.mixup is not None:
         images, targets = opt.mixup(images, targets)
-    with gradients_kept_local(model, not update):
+    # DDP's no_sync before the last batch of an accumulation window: gradients add up on each rank, and the last
+    # backward averages the sum across ranks once per optimizer step (torch.compile wraps the DDP module)
+    ddp = getattr(model, "_orig_mod", model)
+    with ddp.no_sync() if not update and isinstance(ddp, DistributedDataParallel) else nullcontext():
         with opt.amp_autocast():
             logits = logits_of(model(images))
             loss = opt.loss_fn(logits, targets)
@@ -194,15 +198,7 @@ def train_step(
     return loss_value
 
 
-def gradients_kept_local(model: nn.Module, local: bool) -> ContextManager:
-    """DDP's `no_sync` for the batches of a gradient-accumulation window before its last: their gradients add up
-    on each rank, and the last batch's backward averages the sum across ranks once per optimizer step."""
-    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
-    return ddp.no_sync() if local and isinstance(ddp, DistributedDataParallel) else nullcontext()
-
-
 def optimizer_step(model: nn.Module, opt: Optimization, state: TrainState) -> None:
-    """Unscale and clip, step (through the GradScaler), schedule, update the EMA."""
     if opt.clip_grad:
         opt.scaler.unscale_(opt.optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
@@ -213,12 +209,6 @@ def optimizer_step(model: nn.Module, opt: Optimization, state: TrainState) -> No
     opt.scheduler.step_update(num_updates=state.num_updates)
     if opt.ema is not None:
         opt.ema.update(unwrap_model(model), step=state.num_updates)  # torch.compile's and DDP's wrappers off
-
-
-def global_sums(sums: dict[str, float], device: torch.device, info: DistInfo) -> dict[str, float]:
-    """Training loss/accuracy sums over all ranks."""
-    values = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device), info)
-    return dict(zip(sums, values.tolist()))
 
 
 def top_classes(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -254,74 +244,52 @@ def evaluate(
     predictions: Optional[list[tuple]] = None,
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 and model images/s over the loader (all ranks). With `predictions` (a list), rank 0
-    gets one (index, target, pred, correct, prob) row per sample, in data set order."""
+    gets one (index, target, pred, correct, prob) row per sample, in data set order. The first batch of each
+    shape is left out of the timing when a later batch is timed: its call includes warm-up, and under
+    runtime.compile the compilation (minutes on a CPU)."""
     model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
+    rows: list[torch.Tensor] = []  # (target, pred, prob) per sample
+    shapes: set[torch.Size] = set()
+    first, later = [0, 0.0], [0, 0.0]  # (samples, seconds) of the first batch of each shape, and of the others
     with tqdm(loader, desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True) as batches:
-        totals, rows, timed = _run_batches(model, batches, device, dtype, prepare, predictions is not None)
-    loss_sum, top1, top5, count = all_reduce_sum(totals, info).tolist()
-    timed = all_reduce_sum(torch.tensor(timed, device=device, dtype=torch.float64), info).tolist()
-    if predictions is not None:
-        predictions.extend(_gather_in_order(rows, info))
+        for images, targets in batches:
+            images, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
+            synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, dtype):
+                logits = logits_of(model(images))
+            synchronize(device)
+            timed = later if images.shape in shapes else first
+            timed[0], timed[1] = timed[0] + len(images), timed[1] + time.perf_counter() - start
+            shapes.add(images.shape)
+            logits = logits.float()
+            top5 = top_classes(logits)
+            hits = top5 == targets[:, None]
+            totals[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+            totals[1] += hits[:, 0].sum()
+            totals[2] += hits.any(dim=-1).sum()
+            totals[3] += len(targets)
+            if predictions is not None:
+                prob = logits.softmax(dim=-1).max(dim=-1).values
+                rows.append(torch.stack([targets.double(), top5[:, 0].double(), prob.double()], dim=1).cpu())
+    timed = later if later[0] else first  # every batch the first of its shape: time them all
+    totals = torch.cat([totals, torch.tensor(timed, dtype=torch.float64, device=device)])
+    loss_sum, top1, top5_sum, count, timed_samples, seconds = all_reduce_sum(totals, info).tolist()
+    if predictions is not None:  # every rank's rows, in data set order (rank r holds samples r, r + W, ...)
+        shards = gather_objects(torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64), info)
+        predictions.extend(
+            sorted(
+                (rank + i * len(shards), int(target), int(pred), int(target == pred), prob)
+                for rank, part in enumerate(shards)
+                for i, (target, pred, prob) in enumerate(part.tolist())
+            )
+        )
     count = max(count, 1)
     return {
         "loss": loss_sum / count,
         "top1": 100 * top1 / count,
-        "top5": 100 * top5 / count,
+        "top5": 100 * top5_sum / count,
         "samples": int(count),
-        "images_per_s": timed[0] / max(timed[1] / info.world_size, 1e-9),
+        "images_per_s": timed_samples / max(seconds / info.world_size, 1e-9),
     }
-
-
-def _run_batches(
-    model: nn.Module,
-    batches: Any,
-    device: torch.device,
-    dtype: Optional[torch.dtype],
-    prepare: Callable[[torch.Tensor], torch.Tensor],
-    keep_rows: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
-    """Sums (loss, top-1, top-5, samples), per-sample (target, pred, prob) rows, and (samples, seconds) in the
-    model. The first batch of each shape is left out of the timing when a later batch is timed: its call
-    includes warm-up, and under runtime.compile the compilation (minutes on a CPU)."""
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    rows: list[torch.Tensor] = []
-    first_of_shape: dict[tuple, tuple[int, float]] = {}
-    samples, model_seconds = 0, 0.0
-    for images, targets in batches:
-        images, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
-        synchronize(device)
-        start = time.perf_counter()
-        with autocast(device, dtype):
-            logits = logits_of(model(images))
-        synchronize(device)
-        if tuple(images.shape) in first_of_shape:
-            samples, model_seconds = samples + len(images), model_seconds + time.perf_counter() - start
-        else:
-            first_of_shape[tuple(images.shape)] = (len(images), time.perf_counter() - start)
-        logits = logits.float()
-        top5 = top_classes(logits)
-        hits = top5 == targets[:, None]
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, targets, reduction="sum").double(),
-                hits[:, 0].sum().double(),
-                hits.any(dim=-1).sum().double(),
-                torch.tensor(len(targets), device=device).double(),
-            ]
-        )
-        if keep_rows:
-            prob = logits.softmax(dim=-1).max(dim=-1).values
-            rows.append(torch.stack([targets.double(), top5[:, 0].double(), prob.double()], dim=1).cpu())
-    if samples == 0:  # every batch was the first of its shape: time them all
-        samples, model_seconds = (sum(v) for v in zip(*first_of_shape.values())) if first_of_shape else (0, 0.0)
-    return totals, rows, [float(samples), model_seconds]
-
-
-def _gather_in_order(rows: list[torch.Tensor], info: DistInfo) -> list[tuple]:
-    """Per-sample rows of every rank, in data set order (rank r holds samples r, r + W, ...)."""
-    shards = gather_objects(torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64), info)
-    return sorted(
-        (rank + i * len(shards), int(target), int(pred), int(target == pred), prob)
-        for rank, part in enumerate(shards)
-        for i, (target, pred, prob) in enumerate(part.tolist())
-    )

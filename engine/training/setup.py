@@ -1,13 +1,13 @@
-"""Building a training run once: data, model, optimizer and schedule; what its checkpoints hold and the state
-restored from them when resuming."""
+"""Building a training run once: data, model, optimizer and schedule, and the state restored from last.pt when
+resuming."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class TrainRun:
-    """A training run as `build_run` sets it up: what `fit` needs, and what `finish` reports."""
+    """A training run as `build_run` sets it up: what `train_epoch` needs, and what results.json reports."""
 
     cfg: DictConfig
     run_dir: Path
@@ -48,7 +48,6 @@ class TrainRun:
     opt: Optimization
     state: TrainState
     classes: Optional[list[str]]
-    drop_last: bool
 
     @property
     def ckpt_dir(self) -> Path:
@@ -67,21 +66,18 @@ def check_trainer_config(cfg: DictConfig) -> None:
         )
 
 
-def build_optimization(
-    model: nn.Module,
-    tc: DictConfig,
-    num_classes: int,
-    updates_per_epoch: int,
-    device: torch.device,
-    dtype: Optional[torch.dtype],
-) -> Optimization:
-    """timm's optimizer and cosine schedule (stepped per update), the loss, Mixup/CutMix, the EMA, the scaler."""
+def build_optimization(session: Session, tc: DictConfig, num_classes: int, samples: int) -> Optimization:
+    """timm's optimizer and cosine schedule (stepped per update: its unit is the updates of an epoch of `samples`
+    samples on this process), the loss, Mixup/CutMix, the EMA, the scaler."""
+    updates_per_epoch = -(-samples // tc.batch_size // tc.accum_steps)
+    if tc.max_steps_per_epoch:
+        updates_per_epoch = min(updates_per_epoch, -(-tc.max_steps_per_epoch // tc.accum_steps))
     mixup = None
     if tc.mixup > 0 or tc.cutmix > 0:
         mixup = Mixup(
             mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, label_smoothing=tc.label_smoothing, num_classes=num_classes
         )
-    optimizer = create_optimizer_v2(model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = create_optimizer_v2(session.model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched="cosine",
@@ -95,11 +91,11 @@ def build_optimization(
     return Optimization(
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        scaler=torch.amp.GradScaler(session.device.type, enabled=session.dtype == torch.float16),
         loss_fn=SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
-        amp_autocast=partial(autocast, device, dtype),
+        amp_autocast=partial(autocast, session.device, session.dtype),
         mixup=mixup,
-        ema=ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None,
+        ema=ModelEmaV3(session.model, decay=tc.ema_decay) if tc.ema else None,
         accum_steps=tc.accum_steps,
         clip_grad=tc.clip_grad,
     )
@@ -108,7 +104,7 @@ def build_optimization(
 def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
     """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture (its EMA's when it kept
     one, as eval reads it)."""
-    path = cfg.trainer.get("init_from")
+    path = cfg.trainer.init_from
     if not path:
         return None
     init = read_checkpoint(path)
@@ -118,11 +114,10 @@ def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
 
 def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> TrainRun:
     """Data, model and optimizer, built once; the state restored from `saved` (last.pt) when resuming."""
-    classes = class_names(cfg.dataset)
-    num_classes = count_classes(cfg.dataset)
+    classes, num_classes = class_names(cfg.dataset), count_classes(cfg.dataset)
     cfg = OmegaConf.merge(cfg, {"dataset": {"num_classes": num_classes}})  # saved with the checkpoints
     if saved is None:  # trainer.init_from, or the model group's own (pretrained or random) weights
-        weights, weights_path = initial_weights(cfg), cfg.trainer.get("init_from")
+        weights, weights_path = initial_weights(cfg), cfg.trainer.init_from
     else:  # a resume: last.pt's model weights, so no pretrained weights are fetched only to be replaced
         weights, weights_path = saved.checkpoint["model"], saved.path
     session = open_session(cfg, num_classes, weights=weights, weights_path=weights_path)
@@ -133,18 +128,25 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
     sampler = DistributedSampler(
         train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=drop_last
     )
-    opt = build_optimization(
-        session.model, tc, num_classes, updates_per_epoch(len(sampler), tc), session.device, session.dtype
-    )
+    opt = build_optimization(session, tc, num_classes, len(sampler))
     model = session.model
     if info.enabled:
-        device = session.device
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = TrainState() if saved is None else restored_state(opt, saved.checkpoint, tc)
-    if saved is not None:
-        restore_random_state(saved.checkpoint, cfg.seed + state.num_updates, info)
+        cuda = session.device.type == "cuda"
+        model = DistributedDataParallel(model, device_ids=[session.device.index] if cuda else None)
+    state = TrainState()
+    if saved is not None:  # the rest of last.pt, as `save` wrote it (its weights went to open_session)
+        checkpoint = saved.checkpoint
+        if opt.ema is not None and checkpoint.get("ema") is not None:
+            opt.ema.module.load_state_dict(checkpoint["ema"])
+        opt.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["config"]["trainer"]["epochs"] == tc.epochs:  # given more epochs: the new length's schedule
+            opt.scheduler.load_state_dict(checkpoint["scheduler"])
+        opt.scaler.load_state_dict(checkpoint["scaler"])
+        opt.scheduler.step_update(num_updates=checkpoint["state"]["num_updates"])
+        state = TrainState(**checkpoint["state"])
+        restore_random_state(checkpoint, cfg.seed + state.num_updates, info)
     eval_model = opt.ema.module if opt.ema is not None else session.runner()  # never through DDP: shards differ
-    model = session.runner(model) if session.compile else model
+    model = session.runner(model)
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
         state.epoch_sums = empty_sums()
     val_set = bounded(splits["val"], tc.get("max_val_steps"), session.eval_batch_size * info.world_size)
@@ -175,11 +177,7 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
         opt=opt,
         state=state,
         classes=classes,
-        drop_last=drop_last,
     )
-
-
-VAL_SUBSET_SEED = 0  # one subset for every run of a data set, whatever its seed: their val top-1s compare
 
 
 def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Dataset:
@@ -189,48 +187,9 @@ def bounded(dataset: Dataset, max_steps: Optional[int], global_batch: int) -> Da
     size = len(dataset)  # type: ignore[arg-type]
     if not max_steps or max_steps * global_batch >= size:
         return dataset
-    draw = torch.randperm(size, generator=torch.Generator().manual_seed(VAL_SUBSET_SEED))
+    # seed 0, not the run's: one subset for every run of a data set, whatever its seed, so their val top-1s compare
+    draw = torch.randperm(size, generator=torch.Generator().manual_seed(0))
     return Subset(dataset, sorted(draw[: max_steps * global_batch].tolist()))
-
-
-def updates_per_epoch(samples: int, tc: DictConfig) -> int:
-    """Optimizer updates in one epoch of `samples` samples on this process (the schedule's unit)."""
-    updates = -(-samples // tc.batch_size // tc.accum_steps)
-    if tc.max_steps_per_epoch:
-        updates = min(updates, -(-tc.max_steps_per_epoch // tc.accum_steps))
-    return updates
-
-
-def training_checkpoint(run: TrainRun, rng: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything a resumed run restores (`restored_state`): weights (and EMA), optimizer, schedule, scaler,
-    state, RNGs (`rng`: each rank's, in rank order; rank 0's alone under "rng" as one process saves it), config."""
-    opt = run.opt
-    return {
-        "model": run.session.model.state_dict(),
-        "ema": opt.ema.module.state_dict() if opt.ema is not None else None,
-        "optimizer": opt.optimizer.state_dict(),
-        "scheduler": opt.scheduler.state_dict(),
-        "scaler": opt.scaler.state_dict(),
-        "state": asdict(run.state),
-        "rng": dict(rng[0]),
-        "rng_per_rank": [dict(r) for r in rng] if len(rng) > 1 else None,
-        "config": OmegaConf.to_container(run.cfg, resolve=True),
-        "classes": run.classes,
-    }
-
-
-def restored_state(opt: Optimization, checkpoint: dict, tc: DictConfig) -> TrainState:
-    """Load a `training_checkpoint`'s EMA, optimizer, schedule and scaler into `opt` (its weights and random states
-    are restored beside: `open_session`, `restore_random_state`); returns where it stood. A run extended with
-    more epochs keeps the schedule built for its new length."""
-    if opt.ema is not None and checkpoint.get("ema") is not None:
-        opt.ema.module.load_state_dict(checkpoint["ema"])
-    opt.optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["config"]["trainer"]["epochs"] == tc.epochs:
-        opt.scheduler.load_state_dict(checkpoint["scheduler"])
-    opt.scaler.load_state_dict(checkpoint["scaler"])
-    opt.scheduler.step_update(num_updates=checkpoint["state"]["num_updates"])
-    return TrainState(**checkpoint["state"])
 
 
 def restore_random_state(checkpoint: dict, fresh_seed: int, info: DistInfo) -> None:
@@ -251,7 +210,7 @@ def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
     return DataLoader(
         run.train_set,
         batch_size=tc.batch_size,
-        drop_last=run.drop_last,
+        drop_last=run.sampler.drop_last,
         sampler=ResumableSampler(run.sampler, skip=run.state.step_in_epoch * tc.batch_size),
         num_workers=run.session.workers,
         pin_memory=run.session.pin_memory,
