@@ -45,9 +45,7 @@ def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> Dic
     bench = cfg.benchmark.copy()
     if bench.quick is True or (bench.quick == "auto" and device.type == "cpu"):
         given = set(override_keys(overrides))
-        for key, value in QUICK.items():
-            if f"benchmark.{key}" not in given:
-                bench[key] = value
+        bench.merge_with({key: value for key, value in QUICK.items() if f"benchmark.{key}" not in given})
     return bench
 
 

@@ -62,9 +62,8 @@ def merge_maps(
 def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple[np.ndarray, list[str], str]:
     """The attention rows to draw: one per prefix token; under protect=apart one per merged token.
     None of them for a model `regtome.prefix_attention` does not read (transformers models)."""
-    mode = regtome.protection(model.protect)
-    registers_merge_alone = mode.merges_registers and mode.kinds_apart  # their rows merge with each other only
-    merged = registers_merge_alone and any(regtome.last_forward(model).r_requested[:attn_block])
+    mode = regtome.protection(model.protect)  # registers merged with each other only (kinds apart): so are their rows
+    merged = mode.merges_registers and mode.kinds_apart and any(regtome.last_forward(model).r_requested[:attn_block])
     if regtome.prefix_attention_support(model, attn_block) is not None:  # asked, not caught: a TypeError is a bug
         return np.zeros((1, 0, 1)), [], "prefix attention maps are drawn for timm's pre-norm blocks only"
     attention, names = regtome.prefix_attention(model, batch, attn_block, merged=merged)
@@ -241,27 +240,21 @@ def draw_grid(
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[np.ndarray]:
-    """(C, H, W) feature maps -> (H, W, 3) images: the 3 principal components of `reference`,
-    the same basis and colour scale for every map, so colours can be compared."""
-    maps = (reference, *others)
-    flat = [features.reshape(reference.shape[0], -1).T.float() for features in maps]
-    mean = flat[0].mean(dim=0)
-    _, _, basis = torch.linalg.svd(flat[0] - mean, full_matrices=False)
-    values = [(points - mean) @ basis[:3].T for points in flat]  # the 3 principal components
-    low, high = values[0].min(dim=0).values, values[0].max(dim=0).values
-    rgb = [((v - low) / (high - low).clamp(min=1e-6)).clamp(0, 1) for v in values]
-    return [colours.reshape(*features.shape[1:], 3).cpu().numpy() for colours, features in zip(rgb, maps)]
-
-
 @torch.no_grad()
 def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarray, path: Path, title: str) -> None:
-    """Image | last block's patch features at r=0 | merged and put back on the grid, in one PCA colour basis."""
+    """Image | last block's patch features at r=0 | merged and put back on the grid, as the 3 principal components
+    of the r=0 features: one basis and colour scale for both, so colours can be compared."""
     with regtome.options(model, r=0):
         dense = regtome.dense_features(model, batch)[0]
     merged = regtome.dense_features(model, batch)[0]
     tokens = regtome.last_forward(model).tokens[-1]
-    images = pca_rgb(dense, merged)
+    flat = [features.reshape(dense.shape[0], -1).T.float() for features in (dense, merged)]  # (H * W, C)
+    mean = flat[0].mean(dim=0)
+    _, _, basis = torch.linalg.svd(flat[0] - mean, full_matrices=False)
+    values = [(points - mean) @ basis[:3].T for points in flat]
+    low, high = values[0].min(dim=0).values, values[0].max(dim=0).values
+    rgb = [((v - low) / (high - low).clamp(min=1e-6)).clamp(0, 1) for v in values]
+    images = [colours.reshape(*maps.shape[1:], 3).cpu().numpy() for colours, maps in zip(rgb, (dense, merged))]
     fig = Figure(figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.45), dpi=100)
     panels = [(picture, "image"), (images[0], "features, r=0"), (images[1], f"merged ({tokens} tokens), unmerged")]
     for ax, (image, label) in zip(fig.subplots(1, 3), panels):
