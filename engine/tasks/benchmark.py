@@ -77,8 +77,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     merged, device, dtype = session.model, session.device, session.dtype
     bench = settings(cfg, overrides, device)
     schedules = benchmark_schedules(bench, merged)
-    busy = machine_note()
-    if busy:
+    if busy := machine_note():
         log.warning(busy)
     baseline = regtome.remove_patch(copy.deepcopy(merged))
     timing = Timing(
@@ -131,9 +130,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     return rows
 
 
-# The files: benchmark.csv (every row), benchmark.md (the table and notes) and benchmark.png.
-
-
 def write_outputs(
     rows: list[dict[str, Any]], meta: dict[str, Any], notes: list[str], run_dir: Path, warning: Optional[str] = None
 ) -> None:
@@ -169,8 +165,7 @@ def _schedule(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path, warning: Optional[str] = None) -> None:
-    """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed.
-    `warning` is the title's last line."""
+    """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed."""
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     width = 5.5 * len(modes)  # inches: one 5.5-inch panel per mode
     fig = Figure(figsize=(width, 4.4), dpi=100)

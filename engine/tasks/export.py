@@ -3,11 +3,11 @@ optionally timed in onnxruntime against the exported unmerged model. The merge s
 the batch axis is dynamic unless export.batch=N. Its outputs are `logits` and `token_map` (B, N): for each token
 slot, the output token that holds it (every merge decision of the pass). A sample whose logits differ from
 PyTorch's while its token map is the same points at the arithmetic (a defect); one whose token map differs met a
-near-tie in the matching that the other runtime's kernels decided the other way.
-"""
+near-tie in the matching that the other runtime's kernels decided the other way."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -124,11 +124,10 @@ def export_graph(
     with ctrl_c_after_this(f"the {fmt} trace (up to a few minutes)"):
         try:
             if fmt == "onnx":
-                names = ["logits", "token_map"] if regtome.is_patched(module.model) else ["logits"]
-                quiet = {q: q.level for q in map(logging.getLogger, ("onnx_ir", "onnxscript", "torch.onnx"))}
-                for q in quiet:
-                    q.setLevel(logging.WARNING)  # the exporter logs every pass it runs
-                try:
+                with contextlib.ExitStack() as restore:
+                    for quiet in map(logging.getLogger, ("onnx_ir", "onnxscript", "torch.onnx")):
+                        restore.callback(quiet.setLevel, quiet.level)
+                        quiet.setLevel(logging.WARNING)  # the exporter logs every pass it runs
                     torch.onnx.export(
                         module,
                         (example,),
@@ -137,13 +136,10 @@ def export_graph(
                         opset_version=opset,
                         verbose=False,
                         input_names=["images"],
-                        output_names=names,
+                        output_names=["logits", "token_map"] if regtome.is_patched(module.model) else ["logits"],
                         dynamic_shapes=dynamic,
                         external_data=False,
                     )
-                finally:
-                    for q, level in quiet.items():
-                        q.setLevel(level)
             else:
                 torch.export.save(torch.export.export(module, (example,), dynamic_shapes=dynamic), str(path))
         except BaseException as err:

@@ -3,8 +3,7 @@ PNG (also in TensorBoard), titled with its true and predicted class: one row per
 model's own, visualize.compare_protect=false) with the image and its merged-token map after each chosen block
 (each output token's patches in their mean colour, outlined, as in the ToMe paper); then one row per prefix
 token with its attention over the patches per head at `attn_block`, on the unmerged model so every patch has its
-own cell (under protect=apart on the merged model, so registers merged together are one row).
-"""
+own cell (under protect=apart on the merged model, so registers merged together are one row)."""
 
 from __future__ import annotations
 
@@ -36,27 +35,8 @@ log = logging.getLogger(__name__)
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
 
 
-def _label(classes: Optional[list[str]], index: Optional[int]) -> str:
-    if index is None:
-        return "?"
+def _label(classes: Optional[list[str]], index: int) -> str:
     return classes[index] if classes and index < len(classes) else str(index)
-
-
-def merge_maps(
-    model: nn.Module, batch: torch.Tensor, picture: np.ndarray, blocks: list[int], modes: list[str]
-) -> tuple[dict, dict, dict]:
-    """Per protection mode and block: the merged-token map, the tokens left, the groups holding patches."""
-    grid = regtome.patch_grid(model, *batch.shape[-2:])
-    num_prefix = regtome.prefix_layout(model).num_prefix
-    maps, tokens, groups = {}, {}, {}
-    for mode in modes:
-        with regtome.options(model, protect=mode), torch.no_grad():
-            record = regtome.trace(model, batch, blocks)
-        labels = {block: patch_groups(record.blocks[block].source[0], num_prefix) for block in blocks}
-        maps[mode] = {block: merge_map(picture, labels[block], grid) for block in blocks}
-        tokens[mode] = {block: record.blocks[block].source.shape[1] for block in blocks}
-        groups[mode] = {block: int(labels[block].max()) + 1 for block in blocks}
-    return maps, tokens, groups
 
 
 def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple[np.ndarray, list[str], str]:
@@ -67,27 +47,23 @@ def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple
     if regtome.prefix_attention_support(model, attn_block) is not None:  # asked, not caught: a TypeError is a bug
         return np.zeros((1, 0, 1)), [], "prefix attention maps are drawn for timm's pre-norm blocks only"
     attention, names = regtome.prefix_attention(model, batch, attn_block, merged=merged)
-    attention = attention[0].cpu().numpy()
     keep = [i for i, name in enumerate(names) if name not in names[:i]]  # a merged token once
     note = "merged model, registers merged together shown once" if merged else "unmerged model"
-    return attention[:, keep], [names[i] for i in keep], note
+    return attention[0][:, keep].cpu().numpy(), [names[i] for i in keep], note
 
 
-def block_index(index: int, depth: int, key: str) -> int:
-    """A block given as a Python index (-1: the last) as its position in a model of `depth` blocks."""
-    if not -depth <= index < depth:
-        raise UserError(
-            f"{key}: block {index} does not exist in a model of {depth} blocks; "
-            f"give indices from {-depth} to {depth - 1} (-1: the last)"
-        )
-    return index % depth
-
-
-def chosen_blocks(blocks: Optional[list[int]], depth: int) -> list[int]:
-    """visualize.blocks as sorted positions; null: after a third, two thirds and all of the model's blocks."""
+def chosen_blocks(blocks: Optional[list[int]], depth: int, key: str = "visualize.blocks") -> list[int]:
+    """Blocks given as Python indices (-1: the last) as sorted positions in a model of `depth` blocks, one it lacks
+    refused under `key`; null: after a third, two thirds and all of the model's blocks."""
     if blocks is None:
         return sorted({max(depth * third // 3 - 1, 0) for third in (1, 2, 3)})
-    return sorted({block_index(b, depth, "visualize.blocks") for b in blocks})
+    for index in blocks:
+        if not -depth <= index < depth:
+            raise UserError(
+                f"{key}: block {index} does not exist in a model of {depth} blocks; "
+                f"give indices from {-depth} to {depth - 1} (-1: the last)"
+            )
+    return sorted({index % depth for index in blocks})
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -105,8 +81,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     images = load_images(cfg, session.inputs, classes, cfg.visualize.num_samples, "visualize.num_samples")
     depth = model.regtome_num_blocks
     blocks = chosen_blocks(cfg.visualize.blocks, depth)
-    attn_block = block_index(cfg.visualize.attn_block, depth, "visualize.attn_block")
+    attn_block = chosen_blocks([cfg.visualize.attn_block], depth, "visualize.attn_block")[0]
     modes = list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect]
+    num_prefix = regtome.prefix_layout(model).num_prefix
     mean, std = (torch.tensor(session.inputs[key])[:, None, None] for key in ("mean", "std"))  # undone for display
     summary: dict[str, Any] = {
         "model": model_label(cfg.model),
@@ -126,7 +103,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             with torch.no_grad():
                 probabilities = logits_of(model(batch)).float().softmax(dim=-1)[0]
             predicted = int(probabilities.argmax())
-            maps, tokens, groups = merge_maps(model, batch, picture, blocks, modes)
+            grid = regtome.patch_grid(model, *batch.shape[-2:])
+            maps, tokens, groups = {}, {}, {}  # per mode and block: merged-token map, tokens left, groups of patches
+            for mode in modes:
+                with regtome.options(model, protect=mode), torch.no_grad():
+                    record = regtome.trace(model, batch, blocks)
+                labels = {block: patch_groups(record.blocks[block].source[0], num_prefix) for block in blocks}
+                maps[mode] = {block: merge_map(picture, labels[block], grid) for block in blocks}
+                tokens[mode] = {block: record.blocks[block].source.shape[1] for block in blocks}
+                groups[mode] = {block: int(labels[block].max()) + 1 for block in blocks}
             attention, names, note = prefix_rows(model, batch, attn_block)
             summary.setdefault("prefix_tokens", names)
             caption = f"predicted: {_label(classes, predicted)} (p={float(probabilities[predicted]):.2f})"
@@ -151,9 +136,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     write_results(run_dir, summary, name="visualize.json")
     log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, r_ran, model.protect)
     return summary
-
-
-# The pictures: pure drawing, arrays in, PNG files out.
 
 
 def patch_groups(source: torch.Tensor, num_prefix: int) -> np.ndarray:
