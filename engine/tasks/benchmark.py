@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import regtome
 from data import count_classes, preprocessing
@@ -43,30 +43,21 @@ TABLE = (
 def settings(cfg: DictConfig, overrides: list[str], device: torch.device) -> DictConfig:
     """The benchmark group, with the QUICK values where benchmark.quick applies and the command line is silent."""
     bench = cfg.benchmark.copy()
-    quick = bench.get("quick", "auto")
-    if quick is True or (quick == "auto" and device.type == "cpu"):
+    if bench.quick is True or (bench.quick == "auto" and device.type == "cpu"):
         given = set(override_keys(overrides))
-        for key, value in QUICK.items():
-            if f"benchmark.{key}" not in given:
-                bench[key] = value
+        bench.merge_with({key: value for key, value in QUICK.items() if f"benchmark.{key}" not in given})
     return bench
 
 
 def as_list(value: Any) -> list[Any]:
     """A config value that may be one entry or a list of them, as a list."""
-    value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def protect_modes(bench: DictConfig, merged: nn.Module) -> list[str]:
-    """benchmark.protect (a mode or a list of them, checked by the schema) as a list; null: the model's own."""
-    return as_list(bench.get("protect") or merged.protect)
+    return list(OmegaConf.to_container(value, resolve=True)) if isinstance(value, ListConfig) else [value]
 
 
 def benchmark_schedules(bench: DictConfig, merged: nn.Module) -> list[Any]:
     """Each benchmark.r entry, or with benchmark.protect each entry under each mode ({"r": r, "protect": mode}),
     checked against the model before anything is timed."""
-    protects = protect_modes(bench, merged)
+    protects = as_list(bench.protect or merged.protect)  # null: the model's own mode
     schedules = []
     for entry in as_list(bench.r):
         name = f"benchmark.r entry {compact(entry)}"
@@ -81,31 +72,12 @@ def benchmark_schedules(bench: DictConfig, merged: nn.Module) -> list[Any]:
     return schedules
 
 
-def batch_one_notes(rows: list[dict[str, Any]]) -> list[str]:
-    """Merging costs fixed work per block; at batch 1 that can outweigh the savings."""
-    return [
-        f"merging does not pay off at batch 1 for r={row['r']} ({row['mode']}, {row['execution']}: "
-        f"{row['speedup']:.2f}x)"
-        for row in rows
-        if row["batch_size"] == 1 and row["r"] != BASELINE and row["flop_speedup"] > 1.0 and row["speedup"] < 1.0
-    ]
-
-
-def target_notes(target: Optional[dict[str, Any]]) -> list[str]:
-    if target is None:
-        return []
-    tried = ", ".join(f"r={t['r']} {t['speedup']:.2f}x" for t in target["tried"])
-    reached = f"reached by r={target['r']} ({target['speedup']:.2f}x)" if target["r"] else "not reached"
-    return [f"target speedup {target['target_speedup']}x at batch {target['batch_size']}: {reached} (tried {tried})"]
-
-
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
     session = open_session(cfg, count_classes(cfg.dataset), distributed=False)
     merged, device, dtype = session.model, session.device, session.dtype
     bench = settings(cfg, overrides, device)
     schedules = benchmark_schedules(bench, merged)
-    busy = machine_note()
-    if busy:
+    if busy := machine_note():
         log.warning(busy)
     baseline = regtome.remove_patch(copy.deepcopy(merged))
     timing = Timing(
@@ -121,11 +93,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     target = None
     if bench.target_speedup is not None:
         batch = max(bench.batch_sizes)
-        target = speed_target(float(bench.target_speedup), batch, baseline, merged, timing, device, dtype, size)
+        target = speed_target(bench.target_speedup, batch, baseline, merged, timing, device, dtype, size)
     meta = {
         "model": model_label(cfg.model),
         "registers": regtome.prefix_layout(merged).num_register,
-        "protect": ",".join(protect_modes(bench, merged)),  # the modes timed
+        "protect": ",".join(as_list(bench.protect or merged.protect)),  # the modes timed
         "img_size": cfg.model.img_size,
         "device": device_name(device),
         "dtype": dtype_name(dtype),
@@ -134,8 +106,20 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
         "timm": timm.__version__,
     }
     loader = time_train_loader(cfg, session) if bench.loader else {"error": "benchmark.loader=false"}
-    notes = ([busy] if busy else []) + batch_one_notes(rows) + data_bound_notes(loader, rows) + target_notes(target)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    notes = [busy] if busy else []
+    notes += [  # merging costs fixed work per block; at batch 1 that can outweigh the savings
+        f"merging does not pay off at batch 1 for r={row['r']} ({row['mode']}, {row['execution']}: "
+        f"{row['speedup']:.2f}x)"
+        for row in rows
+        if row["batch_size"] == 1 and row["r"] != BASELINE and row["flop_speedup"] > 1.0 and row["speedup"] < 1.0
+    ]
+    notes += data_bound_notes(loader, rows)
+    if target is not None:
+        tried = ", ".join(f"r={t['r']} {t['speedup']:.2f}x" for t in target["tried"])
+        reached = f"reached by r={target['r']} ({target['speedup']:.2f}x)" if target["r"] else "not reached"
+        notes.append(
+            f"target speedup {target['target_speedup']}x at batch {target['batch_size']}: {reached} (tried {tried})"
+        )
     write_outputs(rows, meta, notes, run_dir, warning=busy)
     results = {"task": "benchmark", **meta, "batch_sizes": list(bench.batch_sizes)}
     results["preprocessing"] = preprocessing(cfg.dataset, session.inputs)  # of the loader timed (the rows: random)
@@ -144,19 +128,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     write_results(run_dir, results)
     log.info("\n%s", (run_dir / "benchmark.md").read_text())
     return rows
-
-
-# The files: benchmark.csv (every row), benchmark.md (the table and notes) and benchmark.png.
-
-
-def _line(row: dict[str, Any]) -> str:
-    bound = {True: "yes", False: "no", None: ""}[row.get("data_bound")]
-    return (
-        f"| {row['mode']} | {row['execution']} | {row['r']} | {row['batch_size']} | {row['images_per_s']:.1f} | "
-        f"{row['latency_ms']:.1f} ({row['latency_p90_ms']:.1f}) | {row['speedup']:.2f}x | "
-        f"{row['speedup_vs_eager']:.2f}x | {row['gflops']:.3g} | {row['flop_speedup']:.2f}x | "
-        f"{row['of_ideal']:.0%} | {row['warmup_s']:.1f} | {row['peak_memory_mb']:.0f} | {bound} |"
-    )
 
 
 def write_outputs(
@@ -169,7 +140,14 @@ def write_outputs(
     write_csv(run_dir / "benchmark.csv", [meta | row for row in rows], columns)
     header = ", ".join(f"{k} {v}" for k, v in meta.items())
     lines = [f"# RegToMe benchmark\n\n{header}\n", TABLE, "|" + "---|" * TABLE.count(" | ") + "---|"]
-    lines += [_line(row) for row in rows]
+    for row in rows:
+        bound = {True: "yes", False: "no", None: ""}[row.get("data_bound")]
+        lines.append(
+            f"| {row['mode']} | {row['execution']} | {row['r']} | {row['batch_size']} | {row['images_per_s']:.1f} | "
+            f"{row['latency_ms']:.1f} ({row['latency_p90_ms']:.1f}) | {row['speedup']:.2f}x | "
+            f"{row['speedup_vs_eager']:.2f}x | {row['gflops']:.3g} | {row['flop_speedup']:.2f}x | "
+            f"{row['of_ideal']:.0%} | {row['warmup_s']:.1f} | {row['peak_memory_mb']:.0f} | {bound} |"
+        )
     lines += [
         "",
         "speedup: against the unpatched model run the same way (eager or compiled); vs eager unpatched: "
@@ -187,8 +165,7 @@ def _schedule(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path, warning: Optional[str] = None) -> None:
-    """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed.
-    `warning` is the title's last line."""
+    """Speedup against r, one panel per mode, one line per way of running and batch size; the FLOP-ideal dashed."""
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     width = 5.5 * len(modes)  # inches: one 5.5-inch panel per mode
     fig = Figure(figsize=(width, 4.4), dpi=100)

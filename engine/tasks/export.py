@@ -3,15 +3,15 @@ optionally timed in onnxruntime against the exported unmerged model. The merge s
 the batch axis is dynamic unless export.batch=N. Its outputs are `logits` and `token_map` (B, N): for each token
 slot, the output token that holds it (every merge decision of the pass). A sample whose logits differ from
 PyTorch's while its token map is the same points at the arithmetic (a defect); one whose token map differs met a
-near-tie in the matching that the other runtime's kernels decided the other way.
-"""
+near-tie in the matching that the other runtime's kernels decided the other way."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,12 +124,10 @@ def export_graph(
     with ctrl_c_after_this(f"the {fmt} trace (up to a few minutes)"):
         try:
             if fmt == "onnx":
-                names = ["logits", "token_map"] if regtome.is_patched(module.model) else ["logits"]
-                quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
-                levels = [q.level for q in quiet]
-                for q in quiet:
-                    q.setLevel(logging.WARNING)  # the exporter logs every pass it runs
-                try:
+                with contextlib.ExitStack() as restore:
+                    for quiet in map(logging.getLogger, ("onnx_ir", "onnxscript", "torch.onnx")):
+                        restore.callback(quiet.setLevel, quiet.level)
+                        quiet.setLevel(logging.WARNING)  # the exporter logs every pass it runs
                     torch.onnx.export(
                         module,
                         (example,),
@@ -138,29 +136,25 @@ def export_graph(
                         opset_version=opset,
                         verbose=False,
                         input_names=["images"],
-                        output_names=names,
+                        output_names=["logits", "token_map"] if regtome.is_patched(module.model) else ["logits"],
                         dynamic_shapes=dynamic,
                         external_data=False,
                     )
-                finally:
-                    for q, level in zip(quiet, levels):
-                        q.setLevel(level)
             else:
                 torch.export.save(torch.export.export(module, (example,), dynamic_shapes=dynamic), str(path))
-        except ImportError as err:  # what a user can fix: the exporter's packages (onnx, onnxscript) are missing
+        except BaseException as err:
             path.unlink(missing_ok=True)
-            raise UserError(
-                f"export.format={fmt} needs a package that is not installed ({first_line(err)}); "
-                "pip install onnx onnxscript onnxruntime, or use export.format=torch_export"
-            ) from err
-        except BaseException:  # the exporter's own failure is a bug to report with its traceback
-            path.unlink(missing_ok=True)
-            raise
+            if isinstance(err, ImportError):  # what a user can fix: the exporter's packages are missing
+                raise UserError(
+                    f"export.format={fmt} needs a package that is not installed ({first_line(err)}); "
+                    "pip install onnx onnxscript onnxruntime, or use export.format=torch_export"
+                ) from err
+            raise  # the exporter's own failure is a bug to report with its traceback
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     fmt, dtype = cfg.export.format, DTYPES[cfg.export.dtype]  # words and ranges checked by engine/schema.py
-    fixed_batch = None if cfg.export.batch == "dynamic" else int(cfg.export.batch)
+    fixed_batch = None if cfg.export.batch == "dynamic" else cfg.export.batch
     cfg, saved = config_from_checkpoint(cfg, overrides)
     if saved is None and not has_weights(cfg.model):
         raise UserError(f"task=export needs weights: {WEIGHTS_HINT}")
@@ -168,71 +162,55 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     session = open_session(cfg, count_classes(cfg.dataset), weights, cfg.ckpt, distributed=False)
     model = session.model.cpu().eval().to(dtype)
     classes = label_order(cfg.dataset, saved)
-    images = torch.stack([t for _, t, _ in load_images(cfg, session.inputs, classes, int(cfg.export.samples))])
-    path = run_dir / FORMATS[fmt]
+    images = torch.stack([t for _, t, _ in load_images(cfg, session.inputs, classes, cfg.export.samples)]).to(dtype)
+    path, label = run_dir / FORMATS[fmt], model_label(cfg.model)
+    merged = Exportable(model).eval()
+    threads, batch = max(1, torch.get_num_threads()), fixed_batch or 8
     try:
-        record = export_and_check(cfg, model, images.to(dtype), path, fmt, fixed_batch)
+        merge = merge_record(model, regtome.input_size(model))
+        log.info(f"exporting {label} (r={r_that_ran(merge)}, protect={model.protect}) as {fmt} to {path}")
+        export_graph(merged, images[: fixed_batch or 2], path, fmt, fixed_batch is None, cfg.export.opset)
+        reference = reference_outputs(merged, images, batch)
+        report = parity(reference, run_exported(Runner(path, fmt, threads), images, batch))
+        if report["top1_agreement"] < cfg.export.min_agreement:
+            raise UserError(
+                f"export refused: top-1 agreement with PyTorch is {100 * report['top1_agreement']:.2f}% on "
+                f"{report['samples']} images, below export.min_agreement={cfg.export.min_agreement} "
+                f"({report['near_ties']} near-ties, {report['defects']} arithmetic differences); "
+                f"{path.name} was not kept"
+            )
+        record = {
+            "task": "export",
+            "format": fmt,
+            "file": FORMATS[fmt],
+            "model": label,
+            "checkpoint": cfg.ckpt,
+            **merge,
+            "prop_attn": model.prop_attn,
+            "opset": cfg.export.opset if fmt == "onnx" else None,
+            "dtype": cfg.export.dtype,
+            "batch": fixed_batch or "dynamic",
+            "input_size": list(regtome.input_size(model)),
+            "outputs": ["logits", "token_map"],
+            "parity": report,
+            "torch": torch.__version__,
+        }
+        if cfg.export.benchmark:
+            if fmt != "onnx":
+                raise UserError("export.benchmark=true times onnxruntime: use export.format=onnx")
+            record["benchmark"] = benchmark_exports(model, path, images, cfg, threads)
         record["preprocessing"] = preprocessing(cfg.dataset, session.inputs)
     except BaseException:  # refused, failed or interrupted (Ctrl-C): no export file without its parity report
         for leftover in (path, run_dir / "unmerged.onnx"):
             leftover.unlink(missing_ok=True)
         raise
     write_results(run_dir, record)
-    parity_report = record["parity"]
     log.info(
-        f"exported {record['model']} (r={r_that_ran(record)}, protect={record['protect']}) to {path}; top-1 "
-        f"agreement {100 * parity_report['top1_agreement']:.2f}%, {100 * parity_report['within_tolerance']:.1f}% "
+        f"exported {label} (r={r_that_ran(record)}, protect={record['protect']}) to {path}; top-1 "
+        f"agreement {100 * report['top1_agreement']:.2f}%, {100 * report['within_tolerance']:.1f}% "
         f"of samples within {TOLERANCE:.0e}"
     )
     print(f"wrote {path} and {run_dir / 'results.json'}")
-    return record
-
-
-def export_and_check(
-    cfg: DictConfig, model: nn.Module, images: torch.Tensor, path: Path, fmt: str, fixed_batch: Optional[int]
-) -> dict[str, Any]:
-    """Write the export, compare it with PyTorch on `images` (refused below export.min_agreement), time it
-    when asked; returns the record for results.json."""
-    merged = Exportable(model).eval()
-    merge = merge_record(model, regtome.input_size(model))
-    log.info(
-        "exporting %s (r=%s, protect=%s) as %s to %s",
-        model_label(cfg.model),
-        r_that_ran(merge),
-        model.protect,
-        fmt,
-        path,
-    )
-    export_graph(merged, images[: fixed_batch or 2], path, fmt, fixed_batch is None, int(cfg.export.opset))
-    threads, batch = max(1, torch.get_num_threads()), fixed_batch or 8
-    report = parity(reference_outputs(merged, images, batch), run_exported(Runner(path, fmt, threads), images, batch))
-    if report["top1_agreement"] < float(cfg.export.min_agreement):
-        raise UserError(
-            f"export refused: top-1 agreement with PyTorch is {100 * report['top1_agreement']:.2f}% on "
-            f"{report['samples']} images, below export.min_agreement={cfg.export.min_agreement} "
-            f"({report['near_ties']} near-ties, {report['defects']} arithmetic differences); "
-            f"{path.name} was not kept"
-        )
-    record = {
-        "task": "export",
-        "format": fmt,
-        "file": FORMATS[fmt],
-        "model": model_label(cfg.model),
-        "checkpoint": cfg.get("ckpt"),
-        **merge,
-        "prop_attn": model.prop_attn,
-        "opset": int(cfg.export.opset) if fmt == "onnx" else None,
-        "dtype": cfg.export.dtype,
-        "batch": fixed_batch or "dynamic",
-        "input_size": list(regtome.input_size(model)),
-        "outputs": ["logits", "token_map"],
-        "parity": report,
-        "torch": torch.__version__,
-    }
-    if cfg.export.benchmark:
-        if fmt != "onnx":
-            raise UserError("export.benchmark=true times onnxruntime: use export.format=onnx")
-        record["benchmark"] = benchmark_exports(model, path, images, cfg, threads)
     return record
 
 
@@ -240,14 +218,14 @@ def benchmark_exports(
     model: nn.Module, path: Path, images: torch.Tensor, cfg: DictConfig, threads: int
 ) -> dict[str, Any]:
     """The merged export (`path`) against the exported unmerged model, interleaved medians, with the FLOP-ideal."""
-    batch = int(cfg.export.batch_size)
+    batch = cfg.export.batch_size
     unmerged_path = path.parent / "unmerged.onnx"
     baseline = Exportable(regtome.remove_patch(copy.deepcopy(model))).eval()
-    export_graph(baseline, images[:2], unmerged_path, "onnx", True, int(cfg.export.opset))
+    export_graph(baseline, images[:2], unmerged_path, "onnx", True, cfg.export.opset)
     inputs = images[:batch] if len(images) >= batch else images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch]
     runners = {"unmerged": Runner(unmerged_path, "onnx", threads), "merged": Runner(path, "onnx", threads)}
     calls = {name: (lambda runner=runner: runner(inputs)) for name, runner in runners.items()}  # one batch each
-    seconds = interleaved_seconds(calls, torch.device("cpu"), warmup=2, repeats=int(cfg.export.repeats), iters=1)
+    seconds = interleaved_seconds(calls, torch.device("cpu"), warmup=2, repeats=cfg.export.repeats, iters=1)
     size = regtome.input_size(model)
     ideal = regtome.schedule_gflops(model, 0, size) / regtome.vit_flops(model, size)
     speedup = seconds["unmerged"] / seconds["merged"]
@@ -255,7 +233,7 @@ def benchmark_exports(
         "runtime": "onnxruntime (CPU)",
         "threads": threads,
         "batch_size": batch,
-        "repeats": int(cfg.export.repeats),
+        "repeats": cfg.export.repeats,
         "images_per_s": {k: batch / v for k, v in seconds.items()},
         "speedup": speedup,
         "flop_speedup": ideal,

@@ -3,13 +3,11 @@ PNG (also in TensorBoard), titled with its true and predicted class: one row per
 model's own, visualize.compare_protect=false) with the image and its merged-token map after each chosen block
 (each output token's patches in their mean colour, outlined, as in the ToMe paper); then one row per prefix
 token with its attention over the patches per head at `attn_block`, on the unmerged model so every patch has its
-own cell (under protect=apart on the merged model, so registers merged together are one row).
-"""
+own cell (under protect=apart on the merged model, so registers merged together are one row)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,83 +35,35 @@ log = logging.getLogger(__name__)
 CELL_PX = 160  # every subplot is CELL_PX x CELL_PX pixels, so the grid's size is known in advance
 
 
-def _to_display(tensor: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
-    mean, std = torch.tensor(config["mean"])[:, None, None], torch.tensor(config["std"])[:, None, None]
-    return (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-def _label(classes: Optional[list[str]], index: Optional[int]) -> str:
-    if index is None:
-        return "?"
+def _label(classes: Optional[list[str]], index: int) -> str:
     return classes[index] if classes and index < len(classes) else str(index)
-
-
-def merge_maps(
-    model: nn.Module, batch: torch.Tensor, picture: np.ndarray, blocks: list[int], modes: list[str]
-) -> tuple[dict, dict, dict]:
-    """Per protection mode and block: the merged-token map, the tokens left, the groups holding patches."""
-    grid = regtome.patch_grid(model, *batch.shape[-2:])
-    num_prefix = regtome.prefix_layout(model).num_prefix
-    maps, tokens, groups = {}, {}, {}
-    for mode in modes:
-        with regtome.options(model, protect=mode), torch.no_grad():
-            record = regtome.trace(model, batch, blocks)
-        maps[mode], tokens[mode], groups[mode] = {}, {}, {}
-        for block in blocks:
-            source = record.blocks[block].source
-            labels = patch_groups(source[0], num_prefix)
-            maps[mode][block] = merge_map(picture, labels, grid)
-            tokens[mode][block] = source.shape[1]
-            groups[mode][block] = int(labels.max()) + 1
-    return maps, tokens, groups
 
 
 def prefix_rows(model: nn.Module, batch: torch.Tensor, attn_block: int) -> tuple[np.ndarray, list[str], str]:
     """The attention rows to draw: one per prefix token; under protect=apart one per merged token.
     None of them for a model `regtome.prefix_attention` does not read (transformers models)."""
-    mode = regtome.protection(model.protect)
-    registers_merge_alone = mode.merges_registers and mode.kinds_apart  # their rows merge with each other only
-    merged = registers_merge_alone and any(regtome.last_forward(model).r_requested[:attn_block])
+    mode = regtome.protection(model.protect)  # registers merged with each other only (kinds apart): so are their rows
+    merged = mode.merges_registers and mode.kinds_apart and any(regtome.last_forward(model).r_requested[:attn_block])
     if regtome.prefix_attention_support(model, attn_block) is not None:  # asked, not caught: a TypeError is a bug
         return np.zeros((1, 0, 1)), [], "prefix attention maps are drawn for timm's pre-norm blocks only"
     attention, names = regtome.prefix_attention(model, batch, attn_block, merged=merged)
-    attention = attention[0].cpu().numpy()
     keep = [i for i, name in enumerate(names) if name not in names[:i]]  # a merged token once
     note = "merged model, registers merged together shown once" if merged else "unmerged model"
-    return attention[:, keep], [names[i] for i in keep], note
+    return attention[0][:, keep].cpu().numpy(), [names[i] for i in keep], note
 
 
-def block_index(index: int, depth: int, key: str) -> int:
-    """A block given as a Python index (-1: the last) as its position in a model of `depth` blocks."""
-    if not -depth <= index < depth:
-        raise UserError(
-            f"{key}: block {index} does not exist in a model of {depth} blocks; "
-            f"give indices from {-depth} to {depth - 1} (-1: the last)"
-        )
-    return index % depth
-
-
-def chosen_blocks(blocks: Optional[list[int]], depth: int) -> list[int]:
-    """visualize.blocks as sorted positions; null: after a third, two thirds and all of the model's blocks."""
+def chosen_blocks(blocks: Optional[list[int]], depth: int, key: str = "visualize.blocks") -> list[int]:
+    """Blocks given as Python indices (-1: the last) as sorted positions in a model of `depth` blocks, one it lacks
+    refused under `key`; null: after a third, two thirds and all of the model's blocks."""
     if blocks is None:
         return sorted({max(depth * third // 3 - 1, 0) for third in (1, 2, 3)})
-    return sorted({block_index(b, depth, "visualize.blocks") for b in blocks})
-
-
-@dataclass
-class Plan:
-    """What every image of a task=visualize run is drawn with."""
-
-    model: nn.Module
-    device: torch.device
-    inputs: dict[str, Any]  # the data config (mean/std to undo for display)
-    classes: Optional[list[str]]
-    blocks: list[int]  # merge maps after these blocks
-    attn_block: int  # prefix attention at this block
-    modes: list[str]  # merge maps under these protection modes
-    dense_features: bool
-    summary: dict[str, Any]  # model label, r, ...; visualize.json
-    run_dir: Path
+    for index in blocks:
+        if not -depth <= index < depth:
+            raise UserError(
+                f"{key}: block {index} does not exist in a model of {depth} blocks; "
+                f"give indices from {-depth} to {depth - 1} (-1: the last)"
+            )
+    return sorted({index % depth for index in blocks})
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -131,8 +81,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     images = load_images(cfg, session.inputs, classes, cfg.visualize.num_samples, "visualize.num_samples")
     depth = model.regtome_num_blocks
     blocks = chosen_blocks(cfg.visualize.blocks, depth)
-    attn_block = block_index(cfg.visualize.attn_block, depth, "visualize.attn_block")
-    summary = {
+    attn_block = chosen_blocks([cfg.visualize.attn_block], depth, "visualize.attn_block")[0]
+    modes = list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect]
+    num_prefix = regtome.prefix_layout(model).num_prefix
+    mean, std = (torch.tensor(session.inputs[key])[:, None, None] for key in ("mean", "std"))  # undone for display
+    summary: dict[str, Any] = {
         "model": model_label(cfg.model),
         **merge_record(model, session.inputs["input_size"]),
         "preprocessing": preprocessing(cfg.dataset, session.inputs),
@@ -141,67 +94,48 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         "blocks": blocks,
         "attn_block": attn_block,
     }
-    plan = Plan(
-        model=model,
-        device=session.device,
-        inputs=session.inputs,
-        classes=classes,
-        blocks=blocks,
-        attn_block=attn_block,
-        modes=list(regtome.PROTECT_MODES) if cfg.visualize.compare_protect else [model.protect],
-        dense_features=bool(cfg.visualize.dense_features),
-        summary=summary,
-        run_dir=run_dir,
-    )
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    try:
+    r_ran = r_that_ran(summary)
+    weights_note = " (random weights)" if random_weights else ""
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
         for step, (name, tensor, target) in enumerate(tqdm(images, desc="visualize", dynamic_ncols=True)):
-            info, pixels = draw_image(plan, name, tensor, target)
-            summary["images"][name] = info
+            batch = tensor[None].to(session.device)
+            picture = (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+            with torch.no_grad():
+                probabilities = logits_of(model(batch)).float().softmax(dim=-1)[0]
+            predicted = int(probabilities.argmax())
+            grid = regtome.patch_grid(model, *batch.shape[-2:])
+            maps, tokens, groups = {}, {}, {}  # per mode and block: merged-token map, tokens left, groups of patches
+            for mode in modes:
+                with regtome.options(model, protect=mode), torch.no_grad():
+                    record = regtome.trace(model, batch, blocks)
+                labels = {block: patch_groups(record.blocks[block].source[0], num_prefix) for block in blocks}
+                maps[mode] = {block: merge_map(picture, labels[block], grid) for block in blocks}
+                tokens[mode] = {block: record.blocks[block].source.shape[1] for block in blocks}
+                groups[mode] = {block: int(labels[block].max()) + 1 for block in blocks}
+            attention, names, note = prefix_rows(model, batch, attn_block)
+            summary.setdefault("prefix_tokens", names)
+            caption = f"predicted: {_label(classes, predicted)} (p={float(probabilities[predicted]):.2f})"
+            if target is not None:  # images= files have no label
+                caption = f"true: {_label(classes, target)}, {caption}"
+            title = f"{name}: {caption}\n{summary['model']}, r={r_ran}, protect={model.protect}{weights_note}"
+            png = run_dir / f"{name}.png"
+            pixels = draw_grid(picture, maps, tokens, attention, names, note, attn_block, png, title, depth)
+            if cfg.visualize.dense_features:
+                features = f"{name}: last block's patch features (PCA to RGB), r={r_ran}\n{summary['model']}"
+                draw_dense_features(model, batch, picture, run_dir / f"{name}_features.png", features)
+            summary["images"][name] = {
+                "png": f"{name}.png",
+                "tokens": tokens,
+                "groups": groups,
+                "size": list(pixels.shape[:2]),
+                "true": None if target is None else _label(classes, target),
+                "predicted": _label(classes, predicted),
+                "probability": float(probabilities[predicted]),
+            }
             writer.add_image(f"visualize/{name}", pixels, step, dataformats="HWC")
-    finally:
-        writer.close()
     write_results(run_dir, summary, name="visualize.json")
-    log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, r_that_ran(summary), model.protect)
+    log.info("wrote %d grids to %s (r=%s, protect=%s)", len(images), run_dir, r_ran, model.protect)
     return summary
-
-
-def draw_image(plan: Plan, name: str, tensor: torch.Tensor, target: Optional[int]) -> tuple[dict[str, Any], np.ndarray]:
-    """One image's grid (and dense features); returns its visualize.json entry and the grid's pixels."""
-    model, summary = plan.model, plan.summary
-    batch = tensor[None].to(plan.device)
-    picture = _to_display(tensor, plan.inputs)
-    with torch.no_grad():
-        probabilities = logits_of(model(batch)).float().softmax(dim=-1)[0]
-    predicted = int(probabilities.argmax())
-    maps, tokens, groups = merge_maps(model, batch, picture, plan.blocks, plan.modes)
-    attention, names, note = prefix_rows(model, batch, plan.attn_block)
-    summary.setdefault("prefix_tokens", names)
-    caption = f"predicted: {_label(plan.classes, predicted)} (p={float(probabilities[predicted]):.2f})"
-    if target is not None:  # images= files have no label
-        caption = f"true: {_label(plan.classes, target)}, {caption}"
-    weights = " (random weights)" if summary["random_weights"] else ""
-    title = f"{name}: {caption}\n{summary['model']}, r={r_that_ran(summary)}, protect={model.protect}{weights}"
-    png = plan.run_dir / f"{name}.png"
-    pixels = draw_grid(
-        picture, maps, tokens, attention, names, note, plan.attn_block, png, title, model.regtome_num_blocks
-    )
-    if plan.dense_features:
-        features = f"{name}: last block's patch features (PCA to RGB), r={r_that_ran(summary)}\n{summary['model']}"
-        draw_dense_features(model, batch, picture, plan.run_dir / f"{name}_features.png", features)
-    info = {
-        "png": f"{name}.png",
-        "tokens": tokens,
-        "groups": groups,
-        "size": list(pixels.shape[:2]),
-        "true": None if target is None else _label(plan.classes, target),
-        "predicted": _label(plan.classes, predicted),
-        "probability": float(probabilities[predicted]),
-    }
-    return info, pixels
-
-
-# The pictures: pure drawing, arrays in, PNG files out.
 
 
 def patch_groups(source: torch.Tensor, num_prefix: int) -> np.ndarray:
@@ -288,32 +222,21 @@ def draw_grid(
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def pca_rgb(reference: torch.Tensor, *others: torch.Tensor) -> list[np.ndarray]:
-    """(C, H, W) feature maps -> (H, W, 3) images: the 3 principal components of `reference`,
-    the same basis and colour scale for every map, so colours can be compared."""
-    channels = reference.shape[0]
-    flat = reference.reshape(channels, -1).T.float()
-    mean = flat.mean(dim=0)
-    _, _, basis = torch.linalg.svd(flat - mean, full_matrices=False)
-    basis = basis[:3].T  # (C, 3)
-    projected = (flat - mean) @ basis
-    low, high = projected.min(dim=0).values, projected.max(dim=0).values
-    out = []
-    for features in (reference, *others):
-        values = (features.reshape(channels, -1).T.float() - mean) @ basis
-        rgb = ((values - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
-        out.append(rgb.reshape(*features.shape[1:], 3).cpu().numpy())
-    return out
-
-
 @torch.no_grad()
 def draw_dense_features(model: nn.Module, batch: torch.Tensor, picture: np.ndarray, path: Path, title: str) -> None:
-    """Image | last block's patch features at r=0 | merged and put back on the grid, in one PCA colour basis."""
+    """Image | last block's patch features at r=0 | merged and put back on the grid, as the 3 principal components
+    of the r=0 features: one basis and colour scale for both, so colours can be compared."""
     with regtome.options(model, r=0):
         dense = regtome.dense_features(model, batch)[0]
     merged = regtome.dense_features(model, batch)[0]
     tokens = regtome.last_forward(model).tokens[-1]
-    images = pca_rgb(dense, merged)
+    flat = [features.reshape(dense.shape[0], -1).T.float() for features in (dense, merged)]  # (H * W, C)
+    mean = flat[0].mean(dim=0)
+    _, _, basis = torch.linalg.svd(flat[0] - mean, full_matrices=False)
+    values = [(points - mean) @ basis[:3].T for points in flat]
+    low, high = values[0].min(dim=0).values, values[0].max(dim=0).values
+    rgb = [((v - low) / (high - low).clamp(min=1e-6)).clamp(0, 1) for v in values]
+    images = [colours.reshape(*maps.shape[1:], 3).cpu().numpy() for colours, maps in zip(rgb, (dense, merged))]
     fig = Figure(figsize=(3 * CELL_PX / 100, CELL_PX / 100 + 0.45), dpi=100)
     panels = [(picture, "image"), (images[0], "features, r=0"), (images[1], f"merged ({tokens} tokens), unmerged")]
     for ax, (image, label) in zip(fig.subplots(1, 3), panels):
