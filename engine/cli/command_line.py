@@ -1,28 +1,24 @@
-"""The command line, checked before Hydra starts or any folder is made.
-
-Hydra's own parser reads the flags; each override is then checked against the schema (`engine.schema`) and
-Hydra's config groups, and the config is composed once and validated. Each problem is one line (`UserError`): an
-unknown key names the nearest keys, a renamed key its new name, a bad value what the key takes. Every job of a
-sweep is validated before the first starts. What passes goes to Hydra unchanged, except that a new key under a
-free-form group (`model.kwargs.depth=4`) is spelled `++` for it, and that a `tome.flops` given adds `tome.r=null`
-and a `tome.r` given adds `tome.flops=null` (one of them, never both).
+"""The command line, checked before Hydra starts or any folder is made: each override against the schema
+(`engine.schema`) and Hydra's config groups, then the config of every job composed and validated. Each problem is
+one line (`UserError`): an unknown key names the nearest keys, a renamed key its new name, a bad value what the key
+takes. What passes goes to Hydra unchanged, except that a new key under a free-form group (`model.kwargs.depth=4`)
+is spelled `++`, and a `tome.flops` given adds `tome.r=null`, a `tome.r` given `tome.flops=null`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 from ..run.compat import RENAMED
-from ..schema import check_value, schema_field, schema_keys, validate
+from ..schema import FIELDS, check_value, register, schema_field, schema_keys, validate
 
 FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
 GROUP_HINTS = {
@@ -43,7 +39,9 @@ class Checked:
 
 def check_command_line(argv: list[str], configs: Path) -> Checked:
     """Everything Hydra would find only later (or report in many lines), as one UserError."""
+    from hydra import initialize_config_dir
     from hydra._internal.utils import get_args_parser  # the parser of Hydra's own flags, as @hydra.main reads them
+    from hydra.core.global_hydra import GlobalHydra
 
     parser = get_args_parser()
     parser.error = _refuse_flags  # type: ignore[method-assign]
@@ -55,7 +53,9 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
     flags = list(argv)
     for override in args.overrides:
         flags.remove(override)
-    with _hydra(configs) as loader:
+    register()
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()  # it knows the config groups
         overrides = _parse(args.overrides, loader)
         swept = next((o for o in overrides if o.is_sweep_override()), None)
         if swept is not None and not args.multirun:
@@ -63,7 +63,7 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
         hydra_args = [_checked(override, loader) for override in overrides]
         hydra_args += _r_or_flops({o.key_or_group: o for o in overrides if not o.is_delete()})
         parsed = _parse(hydra_args, loader)
-        jobs = _jobs(parsed)
+        jobs = [list(job) for job in itertools.product(*map(_values, parsed))]  # one without a sweep
         _check_mappings(parsed, jobs[0], loader)
         cfg = _compose([line for line, _ in jobs[0]])
         validate(cfg)
@@ -85,19 +85,6 @@ def _parse(args: list[str], loader: Any) -> list[Any]:
         return OverridesParser.create(config_loader=loader).parse_overrides(args)
     except HydraException as err:
         raise UserError(f"cannot read the command line ({' '.join(str(err).split())})") from err
-
-
-@contextlib.contextmanager
-def _hydra(configs: Path) -> Iterator[Any]:
-    """Hydra set up on configs/ (with the schema registered); yields its config loader, which knows the groups."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ..schema import register
-
-    register()
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        yield GlobalHydra.instance().config_loader()
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -151,13 +138,7 @@ def _checked(override: Any, loader: Any) -> str:
 
 def _below_a_mapping(key: str) -> bool:
     """A key inside a schema mapping (model.architecture.hidden_size): the preset's own keys, judged by Hydra."""
-    parent = key.rpartition(".")[0]
-    while parent:
-        found = schema_field(parent)
-        if found is not None:
-            return "Dict" in str(found.type)
-        parent = parent.rpartition(".")[0]
-    return False
+    return any(key.startswith(f"{name}.") for name, found in FIELDS.items() if "Dict" in str(found.type))
 
 
 def _check_mappings(overrides: list[Any], job: list[tuple[str, Any]], loader: Any) -> None:
@@ -193,11 +174,6 @@ def _r_or_flops(given: dict[str, Any]) -> list[str]:
     return ["tome.flops=null"] if "tome.r" in given and flops is None else []
 
 
-def _jobs(overrides: list[Any]) -> list[list[tuple[str, Any]]]:
-    """Each job of a sweep (one job without one): (the override as that job gets it, its value) per override."""
-    return [list(job) for job in itertools.product(*map(_values, overrides))]
-
-
 def _validate_sweep(jobs: list[list[tuple[str, Any]]], overrides: list[Any], first: DictConfig, loader: Any) -> None:
     """Validate each job's config after the first (`first`): composed once per choice of config groups, the other
     swept keys set on a copy (as Hydra sets an override on the composed config)."""
@@ -226,11 +202,3 @@ def _values(override: Any) -> list[tuple[str, Any]]:
     if not lines:
         raise UserError(f"{override.input_line} sweeps no value: give at least one")
     return list(zip(lines, override.sweep_iterator()))
-
-
-def run_dir_of(cfg: DictConfig) -> Optional[Path]:
-    """The folder a single (non-multirun) command will run in, resolved as Hydra will."""
-    try:
-        return Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
-    except Exception:  # an interpolation that only Hydra's runtime resolves: let Hydra decide
-        return None
