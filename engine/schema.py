@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .models.tome_group import merge_amount, r_option
 from .task_table import TASKS
 
@@ -348,7 +348,7 @@ def check_value(dotted: str, value: Any) -> Optional[str]:
     try:
         OmegaConf.update(typed, leaf, value, merge=True)
     except Exception as err:  # OmegaConf's ValidationError: the type or the words
-        return f"{dotted}={_shown(value)}: {takes(dotted) or _first(err)}"
+        return f"{dotted}={_shown(value)}: {takes(dotted) or first_line(err, None)}"
     converted = OmegaConf.select(typed, leaf)
     converted = OmegaConf.to_container(converted) if isinstance(converted, (DictConfig, ListConfig)) else converted
     return _check(dotted, converted, shown=value)
@@ -401,7 +401,7 @@ def validate(cfg: DictConfig) -> None:
         keys = [k for k in cfg if k != "hydra"]
         values = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, enum_to_str=True)
     except OmegaConfBaseException as err:  # an interpolation that names no key, or gives a value of another type
-        raise UserError(f"cannot resolve the config: {_first(err)}") from None
+        raise UserError(f"cannot resolve the config: {first_line(err, None)}") from None
     for dotted in schema_keys():
         group, _, leaf = dotted.rpartition(".")
         value = values[group][leaf] if group else values[leaf]  # type: ignore[index]
@@ -438,7 +438,3 @@ def _shown(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     return str(value)
-
-
-def _first(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
