@@ -74,9 +74,8 @@ def one_line(err: BaseException) -> str:
 
 
 def release_frames(err: BaseException) -> None:
-    """Free what the frames of `err`'s traceback, and of the errors it came from, hold. A DataLoader iterator
-    there keeps its workers alive; they ignore SIGTERM, so the interpreter's exit would wait on them forever.
-    The traceback still prints: it needs the code and line of each frame, not its variables."""
+    """Free what the frames of `err`'s traceback (and its causes') hold: a DataLoader iterator there keeps its
+    workers, which ignore SIGTERM, alive, so exit would wait forever. The traceback still prints (code and lines)."""
     chain, seen = [err], set()
     while chain:
         error = chain.pop()

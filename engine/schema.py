@@ -1,9 +1,7 @@
-"""The configuration's one typed schema: a dataclass per config group, registered in Hydra's ConfigStore as
-`schema` (first in configs/config.yaml's defaults), so OmegaConf checks every key's type and closed set of words
-at composition; the YAML presets under configs/ fill it. What a type cannot say is a `check` in a field's metadata
-(one key) or in `validate` (several keys), run before any work. Each field's `help` is its line in docs/cli.md
-(scripts/config_reference.py). Importing this module loads no torch.
-"""
+"""The configuration's one typed schema: a dataclass per config group, in Hydra's ConfigStore as `schema` (first in
+configs/config.yaml's defaults; the YAML presets fill it), so OmegaConf checks every key's type and words at
+composition. What a type cannot say is a `check` in a field's metadata (one key) or in `validate` (several keys).
+Each field's `help` is its line in docs/cli.md (scripts/config_reference.py). Importing it loads no torch."""
 
 from __future__ import annotations
 
@@ -13,6 +11,7 @@ import functools
 from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,13 +21,10 @@ from .task_table import TASKS
 
 
 class Words(str, enum.Enum):
-    """A closed set of words, each member equal to and printed as its word (`outputs/${task}/` is outputs/train/)."""
+    """Closed words: a member equals its word and prints as it (str, so format): `outputs/${task}` is outputs/train."""
 
     def __str__(self) -> str:
         return self.name
-
-    def __format__(self, spec: str) -> str:
-        return format(self.name, spec)
 
 
 # Closed sets of words, as OmegaConf enums (the functional form takes names such as `class` and `torch_export`).
@@ -313,23 +309,17 @@ class Config:
 FIELDS: dict[str, Field] = {f.name: f for f in fields(Config)}
 GROUPS: dict[str, Any] = {name: f.default_factory for name, f in FIELDS.items() if is_dataclass(f.default_factory)}
 FIELDS |= {f"{group}.{f.name}": f for group, schema in GROUPS.items() for f in fields(schema)}
+schema_field = FIELDS.get  # the field of a key such as `trainer.lr`; None for a key the schema does not know
 
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore: `schema`, and a `default` option of each group whose keys all have a
     default here (`tome: default`, ...; dataset and model are chosen by their presets)."""
-    from hydra.core.config_store import ConfigStore
-
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
     for name, schema in GROUPS.items():
         if not any(OmegaConf.is_missing(_structured(schema), k) for k in _structured(schema)):
             store.store(group=name, name="default", node=schema)
-
-
-def schema_field(dotted: str) -> Any:
-    """The dataclass field of a key such as `trainer.lr` (None for a key the schema does not know)."""
-    return FIELDS.get(dotted)
 
 
 def schema_keys() -> list[str]:

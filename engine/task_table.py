@@ -1,7 +1,6 @@
-"""`TASKS`: the one table from a task's name (``python main.py task=NAME``) to its module in `engine/tasks/`
-and what it reads; main.py dispatches through it and the command-line checks read it. It sits above no
-layer: importing it loads no torch, and a task's module is imported only when it runs.
-"""
+"""`TASKS`: the one table from a task's name (``python main.py task=NAME``) to its module in `engine/tasks/` and
+what it reads, for main.py and the command-line checks. Importing it loads no torch: a task's module is imported
+only when it runs."""
 
 from __future__ import annotations
 

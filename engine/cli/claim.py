@@ -1,7 +1,6 @@
 """What main.py does around Hydra: check the command line, claim the run folder, name it, report errors. The
 order keeps the record honest: every key and value is checked (`command_line`), then the run folder is claimed
-(`engine.run.folder_claim`: a lock, the rules for resuming or overwriting), and only then does Hydra write into it.
-"""
+(`engine.run.folder_claim`: a lock, the rules for resuming or overwriting), and only then does Hydra write into it."""
 
 from __future__ import annotations
 

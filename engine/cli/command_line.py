@@ -1,9 +1,8 @@
-"""The command line, checked before Hydra starts or any folder is made: each override against the schema
-(`engine.schema`) and Hydra's config groups, then the config of every job composed and validated. Each problem is
-one line (`UserError`): an unknown key names the nearest keys, a renamed key its new name, a bad value what the key
-takes. What passes goes to Hydra unchanged, except that a new key under a free-form group (`model.kwargs.depth=4`)
-is spelled `++`, and a `tome.flops` given adds `tome.r=null`, a `tome.r` given `tome.flops=null`.
-"""
+"""The command line, checked before Hydra starts or any folder is made: each override against the schema and
+Hydra's config groups, then every job's config composed and validated. Each problem is one line (`UserError`): an
+unknown key names the nearest keys, a renamed key its new name, a bad value what the key takes. What passes goes to
+Hydra unchanged, except that a new key under `model.kwargs` is spelled `++`, and a `tome.flops` given adds
+`tome.r=null`, a `tome.r` given `tome.flops=null`."""
 
 from __future__ import annotations
 
@@ -14,11 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser  # the parser of Hydra's own flags, as @hydra.main reads them
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 from ..run.compat import RENAMED
-from ..schema import FIELDS, check_value, register, schema_field, schema_keys, validate
+from ..schema import FIELDS, check_value, register, schema_keys, validate
 
 FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
 GROUP_HINTS = {
@@ -39,10 +43,6 @@ class Checked:
 
 def check_command_line(argv: list[str], configs: Path) -> Checked:
     """Everything Hydra would find only later (or report in many lines), as one UserError."""
-    from hydra import initialize_config_dir
-    from hydra._internal.utils import get_args_parser  # the parser of Hydra's own flags, as @hydra.main reads them
-    from hydra.core.global_hydra import GlobalHydra
-
     parser = get_args_parser()
     parser.error = _refuse_flags  # type: ignore[method-assign]
     args = parser.parse_intermixed_args(argv)  # flags anywhere: `task=eval -m tome.r=0,8`
@@ -78,9 +78,6 @@ def _refuse_flags(message: str) -> None:
 
 
 def _parse(args: list[str], loader: Any) -> list[Any]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     try:  # with the loader: a glob() sweep lists a group's options
         return OverridesParser.create(config_loader=loader).parse_overrides(args)
     except HydraException as err:
@@ -88,9 +85,6 @@ def _parse(args: list[str], loader: Any) -> list[Any]:
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose
-    from hydra.errors import HydraException
-
     try:
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except HydraException as err:
@@ -121,13 +115,12 @@ def _checked(override: Any, loader: Any) -> str:
             raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(options))}{hint}")
     if options or override.is_delete() or key.startswith("hydra"):
         return str(override.input_line)
-    free = any(key.startswith(f"{parent}.") for parent in FREE_FORM)
-    if free:  # add or replace, with or without '+'
+    if any(key.startswith(f"{parent}.") for parent in FREE_FORM):  # add or replace, with or without '+'
         return "++" + override.input_line.lstrip("+")
     if override.is_add() or override.is_force_add():
-        exists = f"; {key} exists: write {key}=..." if schema_field(key) is not None else _nearest(key)
+        exists = f"; {key} exists: write {key}=..." if key in FIELDS else _nearest(key)
         raise UserError(f"+{key}: only model.kwargs takes new keys{exists}")
-    if schema_field(key) is None and not _below_a_mapping(key):
+    if key not in FIELDS and not _below_a_mapping(key):
         raise UserError(f"{key} is not a key{_nearest(key)}")
     for value in values:
         problem = check_value(key, value)
