@@ -63,12 +63,8 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
         hydra_args = [_checked(override, loader) for override in overrides]
         hydra_args += _r_or_flops({o.key_or_group: o for o in overrides if not o.is_delete()})
         parsed = _parse(hydra_args, loader)
-        jobs = [list(job) for job in itertools.product(*map(_values, parsed))]  # one without a sweep
-        _check_mappings(parsed, jobs[0], loader)
-        cfg = _compose([line for line, _ in jobs[0]])
-        validate(cfg)
-        if args.multirun and len(jobs) > 1:  # each job of the sweep, before the first starts
-            _validate_sweep(jobs, parsed, cfg, loader)
+        jobs = [list(job) for job in itertools.product(*map(_values, parsed))]  # one without a sweep (and -m)
+        cfg = _validate_jobs(jobs, parsed, loader)  # each job of a sweep, before the first starts
     runs = not (args.help or args.hydra_help or args.cfg or args.info)
     return Checked(argv=flags + hydra_args, cfg=cfg, multirun=args.multirun, runs=runs)
 
@@ -167,21 +163,23 @@ def _r_or_flops(given: dict[str, Any]) -> list[str]:
     return ["tome.flops=null"] if "tome.r" in given and flops is None else []
 
 
-def _validate_sweep(jobs: list[list[tuple[str, Any]]], overrides: list[Any], first: DictConfig, loader: Any) -> None:
-    """Validate each job's config after the first (`first`): composed once per choice of config groups, the other
-    swept keys set on a copy (as Hydra sets an override on the composed config)."""
+def _validate_jobs(jobs: list[list[tuple[str, Any]]], overrides: list[Any], loader: Any) -> DictConfig:
+    """Validate each job's config; returns the first's. Composed once per choice of config groups: a later job with
+    the same choice sets its other keys on a copy (as Hydra sets an override on the composed config)."""
     groups = [_is_group(loader, o.key_or_group) for o in overrides]
-    group_lines = [tuple(line for (line, _), group in zip(job, groups) if group) for job in jobs]
-    composed = {group_lines[0]: first}
-    for job, chosen in zip(jobs[1:], group_lines[1:]):
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    for job in jobs:
+        chosen = tuple(line for (line, _), group in zip(job, groups) if group)
         if chosen not in composed:
             _check_mappings(overrides, job, loader)
-            composed[chosen] = _compose([line for line, _ in job])
-        cfg = copy.deepcopy(composed[chosen])
-        for (_, value), override, group in zip(job, overrides, groups):
-            if not group and not override.is_delete():
-                OmegaConf.update(cfg, override.key_or_group, value, merge=True, force_add=override.is_force_add())
+            cfg = composed[chosen] = _compose([line for line, _ in job])
+        else:
+            cfg = copy.deepcopy(composed[chosen])
+            for (_, value), override, group in zip(job, overrides, groups):
+                if not group and not override.is_delete():
+                    OmegaConf.update(cfg, override.key_or_group, value, merge=True, force_add=override.is_force_add())
         validate(cfg)
+    return next(iter(composed.values()))  # the first job's
 
 
 def _values(override: Any) -> list[tuple[str, Any]]:
