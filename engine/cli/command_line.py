@@ -24,7 +24,6 @@ from ..errors import UserError
 from ..run.compat import RENAMED
 from ..schema import FIELDS, check_value, register, schema_keys, validate
 
-FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
 GROUP_HINTS = {
     "dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
     "model": "; or keep a preset and set model.name=<any timm ViT>",
@@ -111,7 +110,7 @@ def _checked(override: Any, loader: Any) -> str:
             raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(options))}{hint}")
     if options or override.is_delete() or key.startswith("hydra"):
         return str(override.input_line)
-    if any(key.startswith(f"{parent}.") for parent in FREE_FORM):  # add or replace, with or without '+'
+    if key.startswith("model.kwargs."):  # any create_model / from_pretrained argument: add or replace, '+' or not
         return "++" + override.input_line.lstrip("+")
     if override.is_add() or override.is_force_add():
         exists = f"; {key} exists: write {key}=..." if key in FIELDS else _nearest(key)
