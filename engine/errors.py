@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import traceback
+from typing import Optional
 
 
 class UserError(RuntimeError):
@@ -53,14 +54,14 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an upstream library's error (at most 200 characters), to quote inside ours."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+def first_line(err: BaseException, limit: Optional[int] = 200) -> str:
+    """The first line of an upstream library's error (at most `limit` characters), to quote inside ours."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
 
 
 def one_line(err: BaseException) -> str:
-    """The message of `err` on one line. An error raised in a DataLoader worker arrives with the worker's whole
-    traceback as its message; its last line is the original message (after 'module.Class: ')."""
+    """The message of `err` on one line. A DataLoader worker's error arrives with the worker's whole traceback as
+    its message; its last line is the original message (after 'module.Class: ')."""
     full_key = getattr(err, "full_key", None)
     if type(err).__name__ == "MissingMandatoryValue" and full_key:  # a '???' in the config
         return f"{full_key} is required: add {full_key}=VALUE to the command line"
@@ -73,9 +74,8 @@ def one_line(err: BaseException) -> str:
 
 
 def release_frames(err: BaseException) -> None:
-    """Free what the frames of `err`'s traceback, and of the errors it came from, hold. A DataLoader iterator
-    there keeps its workers alive; they ignore SIGTERM, so the interpreter's exit would wait on them forever.
-    The traceback still prints: it needs the code and line of each frame, not its variables."""
+    """Free what the frames of `err`'s traceback (and its causes') hold: a DataLoader iterator there keeps its
+    workers, which ignore SIGTERM, alive, so exit would wait forever. The traceback still prints (code and lines)."""
     chain, seen = [err], set()
     while chain:
         error = chain.pop()

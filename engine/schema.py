@@ -1,43 +1,36 @@
-"""The configuration's one typed schema: a dataclass per config group, registered in Hydra's ConfigStore as
-`schema` (configs/config.yaml starts its defaults list with it), so OmegaConf checks every key's type and every
-closed set of words when a command line is composed. The YAML files under configs/ stay the presets users know;
-they fill this schema. What a type cannot say (a range, a rule between keys) is a `check` in a field's metadata
-(one key) or in `validate` (several keys), run before any work for every job of a sweep. Each field's `help` is
-its line in docs/cli.md's option reference (written by scripts/config_reference.py).
-
-Importing this module loads no torch.
-"""
+"""The configuration's one typed schema: a dataclass per config group, in Hydra's ConfigStore as `schema` (first in
+configs/config.yaml's defaults; the YAML presets fill it), so OmegaConf checks every key's type and words at
+composition. What a type cannot say is a `check` in a field's metadata (one key) or in `validate` (several keys).
+Each field's `help` is its line in docs/cli.md (scripts/config_reference.py). Importing it loads no torch."""
 
 from __future__ import annotations
 
 import copy
 import enum
 import functools
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import UserError, first_line
+from .models.tome_group import merge_amount, r_option
 from .task_table import TASKS
 
 
 class Words(str, enum.Enum):
-    """A closed set of words: OmegaConf checks a value against the names; a member is the word itself (equal to
-    it, and read as it in paths and messages: `outputs/${task}/...` is outputs/train/...)."""
+    """Closed words: a member equals its word and prints as it (str, so format): `outputs/${task}` is outputs/train."""
 
     def __str__(self) -> str:
         return self.name
 
-    def __format__(self, spec: str) -> str:
-        return format(self.name, spec)
-
 
 # Closed sets of words, as OmegaConf enums (the functional form takes names such as `class` and `torch_export`).
-TASK_NAMES = tuple(TASKS)
 PROTECT_MODES = ("apart", "prefix", "class")  # regtome.PROTECT_MODES (tests/test_schema.py compares them)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-Task = Words("Task", [(name, name) for name in TASK_NAMES])  # type: ignore[misc]
+Task = Words("Task", [(name, name) for name in TASKS])  # type: ignore[misc]
 Protect = Words("Protect", [(name, name) for name in PROTECT_MODES])  # type: ignore[misc]
 Source = Words("Source", [(name, name) for name in ("timm", "transformers")])  # type: ignore[misc]
 Device = Words("Device", [(name, name) for name in ("auto", "cuda", "cpu")])  # type: ignore[misc]
@@ -70,9 +63,6 @@ def fraction(v: Any) -> Optional[str]:
 
 
 def _r(value: Any) -> Optional[str]:
-    from .errors import UserError
-    from .models.tome_group import r_option
-
     if value is None:
         return None
     try:
@@ -83,13 +73,12 @@ def _r(value: Any) -> Optional[str]:
 
 
 def _r_list(value: Any) -> Optional[str]:
-    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    problems = [problem for problem in map(_r, values) if problem]
-    return problems[0] if problems else None
+    values = value if isinstance(value, list) else [value]  # checks get plain values (to_container)
+    return next(filter(None, map(_r, values)), None)  # the first problem
 
 
 def _modes(value: Any) -> Optional[str]:
-    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    values = value if isinstance(value, list) else [value]
     if value is None or all(v in PROTECT_MODES for v in values):
         return None
     return f"a protection mode or a list of them: {', '.join(PROTECT_MODES)}"
@@ -101,22 +90,24 @@ def _compile(value: Any) -> Optional[str]:
     return f"false, true or a torch.compile mode: {', '.join(COMPILE_MODES)}"
 
 
-def _quick(value: Any) -> Optional[str]:
-    return None if value == "auto" or isinstance(value, bool) else "auto, true or false"
-
-
 def _export_batch(value: Any) -> Optional[str]:
     ok = value == "dynamic" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
     return None if ok else "dynamic or an int >= 1"
 
 
 def key(default: Any, help: str, check: Optional[Check] = None, kind: Optional[str] = None) -> Any:
-    """A schema field: its default (MISSING where every preset gives its own), its line of help, its check, and for a
-    key a type cannot say (`Any`) what it takes in words."""
+    """A schema field: its default (MISSING where every preset gives its own), help, check, and for an `Any` key
+    what it takes in words."""
     metadata = {"help": help, "check": check, "kind": kind}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: default.copy(), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+NORMALIZATION = (
+    "normalization for a model trained from scratch; null (and any pretrained model): the model's own (timm's data "
+    "config, or the transformers image processor's)"
+)
 
 
 @dataclass
@@ -137,16 +128,8 @@ class DatasetConfig:
         "size and resized on the device",
         at_least(1),
     )
-    mean: Optional[List[float]] = key(
-        None,
-        "normalization for a model trained from scratch; null (and any pretrained model): the model's own (timm's data "
-        "config, or the transformers image processor's)",
-    )
-    std: Optional[List[float]] = key(
-        None,
-        "normalization for a model trained from scratch; null (and any pretrained model): the model's own (timm's data "
-        "config, or the transformers image processor's)",
-    )
+    mean: Optional[List[float]] = key(None, NORMALIZATION)
+    std: Optional[List[float]] = key(None, NORMALIZATION)
     skip_unreadable: bool = key(
         False,
         "image folders: skip a training image that cannot be read (a log line each, with the count) instead of "
@@ -256,7 +239,7 @@ class BenchmarkConfig:
         "auto",
         "on a CPU (auto) or always (true): keys not given take CPU-sized values (r [0,16], batch sizes [1,8], 3 "
         "repeats of 2 calls after 1 warm-up, no dense rows)",
-        _quick,
+        lambda v: None if v == "auto" or isinstance(v, bool) else "auto, true or false",
         "auto, true or false",
     )
     r: Any = key(
@@ -322,61 +305,40 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def register() -> None:
-    """Put the schema in Hydra's ConfigStore: `schema` (configs/config.yaml names it first in its defaults list),
-    and a `default` option of each group whose keys all have a default here (`tome: default`, `trainer: default`,
-    ...; dataset and model are chosen by their presets)."""
-    from hydra.core.config_store import ConfigStore
+# Every key by its dotted name (the groups too: `trainer`, `trainer.lr`), and each group's dataclass.
+FIELDS: dict[str, Field] = {f.name: f for f in fields(Config)}
+GROUPS: dict[str, Any] = {name: f.default_factory for name, f in FIELDS.items() if is_dataclass(f.default_factory)}
+FIELDS |= {f"{group}.{f.name}": f for group, schema in GROUPS.items() for f in fields(schema)}
+schema_field = FIELDS.get  # the field of a key such as `trainer.lr`; None for a key the schema does not know
 
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore: `schema`, and a `default` option of each group whose keys all have a
+    default here (`tome: default`, ...; dataset and model are chosen by their presets)."""
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
-    for group in fields(Config):
-        schema = _group_schema(group)
-        if schema is not None and not any(OmegaConf.is_missing(_structured(schema), k) for k in _structured(schema)):
-            store.store(group=group.name, name="default", node=schema)
-
-
-def schema_field(dotted: str) -> Any:
-    """The dataclass field of a key such as `trainer.lr` (None for a key the schema does not know)."""
-    node: Any = Config
-    found = None
-    for part in dotted.split("."):
-        if not is_dataclass(node):
-            return None
-        found = next((f for f in fields(node) if f.name == part), None)
-        if found is None:
-            return None
-        node = _group_schema(found)
-    return found
+    for name, schema in GROUPS.items():
+        if not any(OmegaConf.is_missing(_structured(schema), k) for k in _structured(schema)):
+            store.store(group=name, name="default", node=schema)
 
 
 def schema_keys() -> list[str]:
     """Every key of the schema, in its order: the top-level ones, then each group's (`trainer.lr`)."""
-    top = [f.name for f in fields(Config) if _group_schema(f) is None]
-    groups = [f for f in fields(Config) if _group_schema(f) is not None]
-    return top + [f"{group.name}.{inner.name}" for group in groups for inner in fields(_group_schema(group))]
-
-
-def _group_schema(found: Any) -> Any:
-    """The dataclass of a config group's field (each is built by its default_factory); None for a key."""
-    factory = found.default_factory
-    return factory if isinstance(factory, type) and is_dataclass(factory) else None
+    return [dotted for dotted in FIELDS if dotted not in GROUPS]
 
 
 def check_value(dotted: str, value: Any) -> Optional[str]:
     """The one line for a value `dotted` cannot take (its type, its closed set of words, its range), or None."""
     if isinstance(value, str) and "${" in value:
         return None  # an interpolation: `validate` judges what it resolves to, in the whole config
-    group, _, leaf = dotted.rpartition(".")
-    owner = schema_field(group) if group else None
-    owner_type = Config if not group else (_group_schema(owner) if owner is not None else None)
-    if owner_type is None or leaf not in {f.name for f in fields(owner_type)}:
+    if dotted not in FIELDS:
         return None  # not a schema key (model.kwargs.*, hydra.*): Hydra and the code judge it
-    typed = copy.deepcopy(_structured(owner_type))
+    group, _, leaf = dotted.rpartition(".")
+    typed = copy.deepcopy(_structured(GROUPS[group] if group else Config))
     try:
         OmegaConf.update(typed, leaf, value, merge=True)
     except Exception as err:  # OmegaConf's ValidationError: the type or the words
-        return f"{dotted}={_shown(value)}: {takes(dotted) or _first(err)}"
+        return f"{dotted}={_shown(value)}: {takes(dotted) or first_line(err, None)}"
     converted = OmegaConf.select(typed, leaf)
     converted = OmegaConf.to_container(converted) if isinstance(converted, (DictConfig, ListConfig)) else converted
     return _check(dotted, converted, shown=value)
@@ -384,20 +346,17 @@ def check_value(dotted: str, value: Any) -> Optional[str]:
 
 def _check(dotted: str, value: Any, shown: Any) -> Optional[str]:
     """The line for a well-typed value that fails its key's own check (a range, r's rule), or None."""
-    found = schema_field(dotted)
-    check = found.metadata.get("check") if found is not None else None
+    found = FIELDS[dotted]
+    check = found.metadata.get("check")
     problem = check(value) if check is not None else None
-    return f"{dotted}={_shown(shown)}: takes {_worded(found, problem)}" if problem else None
+    if problem and "int" in str(found.type):
+        problem = problem.replace("a number", "an int", 1)  # 'a number >= 1' is 'an int >= 1' for an int key
+    return f"{dotted}={_shown(shown)}: takes {problem}" if problem else None
 
 
 @functools.lru_cache(maxsize=None)
 def _structured(schema: type) -> DictConfig:
     return OmegaConf.structured(schema)
-
-
-def _worded(found: Any, problem: str) -> str:
-    """'a number >= 1' as 'an int >= 1' for an int key."""
-    return problem.replace("a number", "an int", 1) if "int" in str(found.type) else problem
 
 
 def takes(dotted: str) -> Optional[str]:
@@ -407,7 +366,7 @@ def takes(dotted: str) -> Optional[str]:
         return None
     if found.metadata.get("kind"):
         return f"takes {found.metadata['kind']}"
-    kind = found.type if isinstance(found.type, str) else getattr(found.type, "__name__", str(found.type))
+    kind = str(found.type)  # as written: `from __future__ import annotations`
     optional = kind.startswith("Optional[")
     kind = kind.removeprefix("Optional[").removesuffix("]") if optional else kind
     words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string"}
@@ -426,16 +385,13 @@ def takes(dotted: str) -> Optional[str]:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Every rule a type cannot say, on a composed config: each key's own check, then the rules between keys.
-    Raises UserError with one line; run before any work (before a folder is made, for every job of a sweep)."""
-    from .errors import UserError
-    from .models.tome_group import merge_amount
-
+    """Every rule a type cannot say (each key's own check, then the rules between keys), as one UserError line;
+    run before any work: before a folder is made, for every job of a sweep."""
     try:  # resolved, Hydra's own node left out
         keys = [k for k in cfg if k != "hydra"]
         values = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, enum_to_str=True)
     except OmegaConfBaseException as err:  # an interpolation that names no key, or gives a value of another type
-        raise UserError(f"cannot resolve the config: {_first(err)}") from None
+        raise UserError(f"cannot resolve the config: {first_line(err, None)}") from None
     for dotted in schema_keys():
         group, _, leaf = dotted.rpartition(".")
         value = values[group][leaf] if group else values[leaf]  # type: ignore[index]
@@ -443,13 +399,13 @@ def validate(cfg: DictConfig) -> None:
         if problem:
             raise UserError(problem)
     merge_amount(cfg.tome)  # tome.r or tome.flops, never both
-    synthetic_only = [k for k in ("train_size", "val_size", "noise") if cfg.dataset.get(k) is not None]
+    synthetic_only = [k for k in ("train_size", "val_size", "noise") if cfg.dataset[k] is not None]
     if cfg.dataset.name != "synthetic" and synthetic_only:
         raise UserError(
             f"dataset.{synthetic_only[0]} is read by dataset=synthetic only (this is dataset={cfg.dataset.name}): "
             "drop it"
         )
-    if cfg.task == "train" and cfg.get("ckpt"):
+    if cfg.task == "train" and cfg.ckpt:
         *others, last = [name for name, task in TASKS.items() if task.reads_ckpt]
         raise UserError(
             f"ckpt is what {', '.join(others)} and {last} read; to start training from a checkpoint's weights "
@@ -460,8 +416,7 @@ def validate(cfg: DictConfig) -> None:
 def plain(cfg: DictConfig) -> DictConfig:
     """The composed config with its enum values as the words they are (what the tasks, checkpoints and records
     read), struct as Hydra gives it; interpolations stay as written."""
-    values = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    result = OmegaConf.create(values)
+    result = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
     OmegaConf.set_struct(result, True)
     return result
 
@@ -473,7 +428,3 @@ def _shown(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     return str(value)
-
-
-def _first(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

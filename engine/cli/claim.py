@@ -1,10 +1,6 @@
-"""What main.py does around Hydra: check the command line, claim the run folder, name it, report errors.
-
-Nothing here runs at import; main.py calls these functions. The order matters for an honest record:
-every key and value is checked (`engine.cli.command_line`), then the run folder is claimed
-(`engine.run.folder_claim`: a lock, and the rules for resuming or overwriting), and only then does
-Hydra write into it.
-"""
+"""What main.py does around Hydra: check the command line, claim the run folder, name it, report errors. The
+order keeps the record honest: every key and value is checked (`command_line`), then the run folder is claimed
+(`engine.run.folder_claim`: a lock, the rules for resuming or overwriting), and only then does Hydra write into it."""
 
 from __future__ import annotations
 
@@ -18,9 +14,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError, one_line
-from ..run.folder_claim import RunLock, check_folder, discard_new_folder, move_aside
+from ..run.folder_claim import RunLock, check_folder, discard_new_folder, move_aside, run_id
 from ..task_table import TASKS
-from .command_line import check_command_line, run_dir_of
+from .command_line import check_command_line
 
 
 @dataclass
@@ -30,22 +26,17 @@ class Claim:
     folder: Optional[Path] = None
     created: bool = False
     lock: Optional[RunLock] = None
-    mode: str = "new"  # new | resume | overwrite | restart
 
 
 CLAIM = Claim()  # the claim of this process (main.py's single run)
 
 
 def prepare(argv: list[str], configs: Path) -> list[str]:
-    """Check the command line and claim the run folder; returns the arguments for Hydra.
-
-    Raises UserError (nothing written anywhere) for any problem.
-    """
+    """Check the command line and claim the run folder; returns the arguments for Hydra, or raises UserError
+    (nothing written anywhere)."""
     register_resolvers()
     checked = check_command_line(argv, configs)
     if checked.multirun:
-        from ..run.folder_claim import run_id
-
         # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
         os.environ.setdefault("REGTOME_RUN_ID", run_id())
     hydra_argv = list(checked.argv)
@@ -54,25 +45,25 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
         return hydra_argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     if checked.multirun or not checked.runs:
         return hydra_argv  # each job of a sweep claims its own folder when it starts (`claim_job_folder`)
-    folder = run_dir_of(checked.cfg)
-    if folder is None:
+    try:  # the folder of this single run, resolved as Hydra will
+        folder = Path(str(OmegaConf.select(checked.cfg, "hydra.run.dir")))
+    except Exception:  # an interpolation that only Hydra's runtime resolves: let Hydra decide
         return hydra_argv
-    trainer = checked.cfg.trainer
     created = not folder.exists()
     lock = RunLock(folder).acquire()  # first: a second process is told who holds the folder
     try:
         mode = check_folder(
             folder,
             checked.cfg.task,
-            resume=bool(trainer.resume),
-            overwrite=bool(trainer.overwrite),
+            resume=checked.cfg.trainer.resume,
+            overwrite=checked.cfg.trainer.overwrite,
             run_dir_given=any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in argv),
         )
     except UserError:
         lock.release()
         discard_new_folder(folder, created)
         raise
-    CLAIM.folder, CLAIM.created, CLAIM.lock, CLAIM.mode = folder, created, lock, mode
+    CLAIM.folder, CLAIM.created, CLAIM.lock = folder, created, lock
     if mode == "overwrite":
         move_aside(folder)
     if mode == "restart":
@@ -108,8 +99,6 @@ def release() -> None:
 
 def register_resolvers() -> None:
     """${run_id:} and ${run_name:} for hydra.run.dir and hydra.sweep.dir (Hydra carries them into SLURM jobs)."""
-    from ..run.folder_claim import run_id
-
     OmegaConf.register_new_resolver("run_id", run_id, replace=True)
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
@@ -120,11 +109,10 @@ def run_name(_root_: DictConfig) -> str:
     from ..models.build import model_label
 
     dataset, model = _root_.dataset, _root_.model
-    saved = _saved_config(str(_root_.ckpt)) if _root_.get("ckpt") else None
-    if saved is not None:
+    saved = _saved_config(_root_.ckpt) if _root_.ckpt else None
+    if saved is not None:  # a checkpoint's config may predate today's keys
         dataset, model = saved.get("dataset", dataset), saved.get("model", model)
-    task = TASKS.get(str(_root_.get("task")))
-    data_name = "images" if _root_.get("images") and task is not None and task.reads_images else dataset["name"]
+    data_name = "images" if _root_.images and TASKS[_root_.task].reads_images else dataset["name"]
     try:
         return f"{data_name}_{model_label(model)}"
     except Exception:  # an incomplete model group: the task reports it; the folder keeps the plain name

@@ -1,30 +1,29 @@
-"""The command line, checked before Hydra starts or any folder is made.
-
-Hydra's own parser reads the flags; each override is then checked against the schema (`engine.schema`) and
-Hydra's config groups, and the config is composed once and validated. Each problem is one line (`UserError`): an
-unknown key names the nearest keys, a renamed key its new name, a bad value what the key takes. Every job of a
-sweep is validated before the first starts. What passes goes to Hydra unchanged, except that a new key under a
-free-form group (`model.kwargs.depth=4`) is spelled `++` for it, and that a `tome.flops` given adds `tome.r=null`
-and a `tome.r` given adds `tome.flops=null` (one of them, never both).
-"""
+"""The command line, checked before Hydra starts or any folder is made: each override against the schema and
+Hydra's config groups, then every job's config composed and validated. Each problem is one line (`UserError`): an
+unknown key names the nearest keys, a renamed key its new name, a bad value what the key takes. What passes goes to
+Hydra unchanged, except that a new key under `model.kwargs` is spelled `++`, and a `tome.flops` given adds
+`tome.r=null`, a `tome.r` given `tome.flops=null`."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser  # the parser of Hydra's own flags, as @hydra.main reads them
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 from ..run.compat import RENAMED
-from ..schema import check_value, schema_field, schema_keys, validate
+from ..schema import FIELDS, check_value, register, schema_keys, validate
 
-FREE_FORM = ("model.kwargs",)  # groups whose keys are any timm.create_model / from_pretrained argument
 GROUP_HINTS = {
     "dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
     "model": "; or keep a preset and set model.name=<any timm ViT>",
@@ -43,8 +42,6 @@ class Checked:
 
 def check_command_line(argv: list[str], configs: Path) -> Checked:
     """Everything Hydra would find only later (or report in many lines), as one UserError."""
-    from hydra._internal.utils import get_args_parser  # the parser of Hydra's own flags, as @hydra.main reads them
-
     parser = get_args_parser()
     parser.error = _refuse_flags  # type: ignore[method-assign]
     args = parser.parse_intermixed_args(argv)  # flags anywhere: `task=eval -m tome.r=0,8`
@@ -55,7 +52,9 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
     flags = list(argv)
     for override in args.overrides:
         flags.remove(override)
-    with _hydra(configs) as loader:
+    register()
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()  # it knows the config groups
         overrides = _parse(args.overrides, loader)
         swept = next((o for o in overrides if o.is_sweep_override()), None)
         if swept is not None and not args.multirun:
@@ -63,12 +62,8 @@ def check_command_line(argv: list[str], configs: Path) -> Checked:
         hydra_args = [_checked(override, loader) for override in overrides]
         hydra_args += _r_or_flops({o.key_or_group: o for o in overrides if not o.is_delete()})
         parsed = _parse(hydra_args, loader)
-        jobs = _jobs(parsed)
-        _check_mappings(parsed, jobs[0], loader)
-        cfg = _compose([line for line, _ in jobs[0]])
-        validate(cfg)
-        if args.multirun and len(jobs) > 1:  # each job of the sweep, before the first starts
-            _validate_sweep(jobs, parsed, cfg, loader)
+        jobs = [list(job) for job in itertools.product(*map(_values, parsed))]  # one without a sweep (and -m)
+        cfg = _validate_jobs(jobs, parsed, loader)  # each job of a sweep, before the first starts
     runs = not (args.help or args.hydra_help or args.cfg or args.info)
     return Checked(argv=flags + hydra_args, cfg=cfg, multirun=args.multirun, runs=runs)
 
@@ -78,32 +73,13 @@ def _refuse_flags(message: str) -> None:
 
 
 def _parse(args: list[str], loader: Any) -> list[Any]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     try:  # with the loader: a glob() sweep lists a group's options
         return OverridesParser.create(config_loader=loader).parse_overrides(args)
     except HydraException as err:
         raise UserError(f"cannot read the command line ({' '.join(str(err).split())})") from err
 
 
-@contextlib.contextmanager
-def _hydra(configs: Path) -> Iterator[Any]:
-    """Hydra set up on configs/ (with the schema registered); yields its config loader, which knows the groups."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ..schema import register
-
-    register()
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        yield GlobalHydra.instance().config_loader()
-
-
 def _compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose
-    from hydra.errors import HydraException
-
     try:
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except HydraException as err:
@@ -134,13 +110,12 @@ def _checked(override: Any, loader: Any) -> str:
             raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(sorted(options))}{hint}")
     if options or override.is_delete() or key.startswith("hydra"):
         return str(override.input_line)
-    free = any(key.startswith(f"{parent}.") for parent in FREE_FORM)
-    if free:  # add or replace, with or without '+'
+    if key.startswith("model.kwargs."):  # any create_model / from_pretrained argument: add or replace, '+' or not
         return "++" + override.input_line.lstrip("+")
     if override.is_add() or override.is_force_add():
-        exists = f"; {key} exists: write {key}=..." if schema_field(key) is not None else _nearest(key)
+        exists = f"; {key} exists: write {key}=..." if key in FIELDS else _nearest(key)
         raise UserError(f"+{key}: only model.kwargs takes new keys{exists}")
-    if schema_field(key) is None and not _below_a_mapping(key):
+    if key not in FIELDS and not _below_a_mapping(key):
         raise UserError(f"{key} is not a key{_nearest(key)}")
     for value in values:
         problem = check_value(key, value)
@@ -151,13 +126,7 @@ def _checked(override: Any, loader: Any) -> str:
 
 def _below_a_mapping(key: str) -> bool:
     """A key inside a schema mapping (model.architecture.hidden_size): the preset's own keys, judged by Hydra."""
-    parent = key.rpartition(".")[0]
-    while parent:
-        found = schema_field(parent)
-        if found is not None:
-            return "Dict" in str(found.type)
-        parent = parent.rpartition(".")[0]
-    return False
+    return any(key.startswith(f"{name}.") for name, found in FIELDS.items() if "Dict" in str(found.type))
 
 
 def _check_mappings(overrides: list[Any], job: list[tuple[str, Any]], loader: Any) -> None:
@@ -193,26 +162,23 @@ def _r_or_flops(given: dict[str, Any]) -> list[str]:
     return ["tome.flops=null"] if "tome.r" in given and flops is None else []
 
 
-def _jobs(overrides: list[Any]) -> list[list[tuple[str, Any]]]:
-    """Each job of a sweep (one job without one): (the override as that job gets it, its value) per override."""
-    return [list(job) for job in itertools.product(*map(_values, overrides))]
-
-
-def _validate_sweep(jobs: list[list[tuple[str, Any]]], overrides: list[Any], first: DictConfig, loader: Any) -> None:
-    """Validate each job's config after the first (`first`): composed once per choice of config groups, the other
-    swept keys set on a copy (as Hydra sets an override on the composed config)."""
+def _validate_jobs(jobs: list[list[tuple[str, Any]]], overrides: list[Any], loader: Any) -> DictConfig:
+    """Validate each job's config; returns the first's. Composed once per choice of config groups: a later job with
+    the same choice sets its other keys on a copy (as Hydra sets an override on the composed config)."""
     groups = [_is_group(loader, o.key_or_group) for o in overrides]
-    group_lines = [tuple(line for (line, _), group in zip(job, groups) if group) for job in jobs]
-    composed = {group_lines[0]: first}
-    for job, chosen in zip(jobs[1:], group_lines[1:]):
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    for job in jobs:
+        chosen = tuple(line for (line, _), group in zip(job, groups) if group)
         if chosen not in composed:
             _check_mappings(overrides, job, loader)
-            composed[chosen] = _compose([line for line, _ in job])
-        cfg = copy.deepcopy(composed[chosen])
-        for (_, value), override, group in zip(job, overrides, groups):
-            if not group and not override.is_delete():
-                OmegaConf.update(cfg, override.key_or_group, value, merge=True, force_add=override.is_force_add())
+            cfg = composed[chosen] = _compose([line for line, _ in job])
+        else:
+            cfg = copy.deepcopy(composed[chosen])
+            for (_, value), override, group in zip(job, overrides, groups):
+                if not group and not override.is_delete():
+                    OmegaConf.update(cfg, override.key_or_group, value, merge=True, force_add=override.is_force_add())
         validate(cfg)
+    return next(iter(composed.values()))  # the first job's
 
 
 def _values(override: Any) -> list[tuple[str, Any]]:
@@ -226,11 +192,3 @@ def _values(override: Any) -> list[tuple[str, Any]]:
     if not lines:
         raise UserError(f"{override.input_line} sweeps no value: give at least one")
     return list(zip(lines, override.sweep_iterator()))
-
-
-def run_dir_of(cfg: DictConfig) -> Optional[Path]:
-    """The folder a single (non-multirun) command will run in, resolved as Hydra will."""
-    try:
-        return Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
-    except Exception:  # an interpolation that only Hydra's runtime resolves: let Hydra decide
-        return None

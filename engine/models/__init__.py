@@ -1,2 +1,1 @@
-"""Models built from the `model` and `tome` config groups, timm and transformers (`build`); how much to merge
-(`tome_group`)."""
+"""Models from the `model` and `tome` groups, timm and transformers (`build`); how much to merge (`tome_group`)."""

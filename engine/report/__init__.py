@@ -1,15 +1,15 @@
-"""Reports of what was run and measured: sweep reports and their paired statistics (`sweep`), register fates;
-here, what every figure and table shares (no torch: the sweep report imports it). Figures are matplotlib `Figure`s
-drawn off-screen, outside pyplot (no window, nothing to close). The measurements are `engine.measure`; the files
-of task=benchmark and the pictures of task=visualize are drawn in their task's module."""
+"""Reports: sweep reports and their paired statistics (`sweep`), register fates; here, what every figure and table
+shares (no torch: the sweep report imports it). Figures are matplotlib `Figure`s drawn off-screen, outside pyplot
+(no window, nothing to close). Benchmark's files and visualize's pictures are drawn in their task's module."""
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import textwrap
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..run.folder_claim import atomic_write
 
@@ -31,13 +31,11 @@ def fit_title(text: str, width_inches: float, fontsize: float = 7) -> str:
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> None:
     """`rows` under `columns` (other keys left out), written whole or not at all."""
-
-    def write(f: IO[str]) -> None:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-    atomic_write(path, write, text=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue()), text=True)
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
