@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> None:
     stopped_by = None
     try:
         validate(cfg)  # each job of a sweep too: the rules between keys, for the values this job got
-        claim.claim_job_folder(run_dir, cfg)
+        claim.claim_job_folder(run_dir)
         if owner or TASKS[cfg.task].ranks:  # a task of one process runs on rank 0 alone
             runner(cfg.task)(cfg, run_dir, list(HydraConfig.get().overrides.task))
     except (UserError, DatasetError, MissingMandatoryValue) as err:

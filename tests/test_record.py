@@ -96,7 +96,7 @@ def test_each_job_of_a_sweep_in_one_process_locks_its_own_folder(tmp_path):
     try:
         for job in jobs:
             job.mkdir()
-            cli.claim_job_folder(job, cfg=None)
+            cli.claim_job_folder(job)
             assert json.loads((job / LOCK_NAME).read_text())["pid"] == os.getpid()
             cli.release()
             assert not (job / LOCK_NAME).exists()

@@ -1,1 +1,1 @@
-"""The command line, before any work: checked, its run folder claimed, old configs upgraded."""
+"""The command line, before any work: checked against the schema, and its run folder claimed."""

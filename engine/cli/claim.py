@@ -76,7 +76,7 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     return hydra_argv
 
 
-def claim_job_folder(folder: Path, cfg: DictConfig) -> None:
+def claim_job_folder(folder: Path) -> None:
     """A job of a sweep (or a requeued SLURM job) locks its own folder when it starts."""
     if CLAIM.lock is None and owns_the_folder():
         CLAIM.folder, CLAIM.lock = folder, RunLock(folder).acquire()
