@@ -18,7 +18,7 @@ from test_families import build, images_for  # noqa: E402
 
 import regtome  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.tasks.export import Exportable, Runner, export_graph, parity, reference_outputs, run_exported  # noqa: E402
+from engine.tasks.export import Exportable, export_graph, parity, reference_outputs, run_exported, runner  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -33,7 +33,7 @@ def export_and_compare(model, images, tmp_path, fmt="onnx", example_batch=2):
         logging.disable(logging.NOTSET)
     batch = len(images)  # not the export's batch: the batch axis is dynamic
     reference = reference_outputs(module, images, batch)
-    exported = run_exported(Runner(path, fmt, threads=1), images, batch)
+    exported = run_exported(runner(path, fmt, threads=1), images, batch)
     return parity(reference, exported), reference, exported
 
 

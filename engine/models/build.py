@@ -77,11 +77,6 @@ def model_label(model_cfg: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
-def register_argument(name: str) -> str:
-    """The create_model argument for the register count: timm's Eva models (DINOv3, EVA-02) call it num_reg_tokens."""
-    return "num_reg_tokens" if timm.models.model_entrypoint(name).__module__.endswith(".eva") else "reg_tokens"
-
-
 def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """timm.create_model from the model group (weights from the hub or model.pretrained_file)."""
     name = model_cfg["name"]
@@ -96,8 +91,10 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
         )
     kwargs: dict[str, Any] = dict(model_cfg.get("kwargs") or {})
     kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
+    # create_model's argument for the register count: timm's Eva models (DINOv3, EVA-02) call it num_reg_tokens
+    register_key = "num_reg_tokens" if timm.models.model_entrypoint(name).__module__.endswith(".eva") else "reg_tokens"
     if model_cfg.get("registers") is not None:
-        kwargs[register_argument(name)] = int(model_cfg["registers"])
+        kwargs[register_key] = int(model_cfg["registers"])
     pretrained_file = model_cfg.get("pretrained_file")
     if pretrained_file:
         if not os.path.isfile(pretrained_file):
@@ -121,7 +118,7 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
             raise UserError(
                 f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({first_line(err)}); check model.kwargs"
             ) from err
-        registers = kwargs.get(register_argument(name), "its")
+        registers = kwargs.get(register_key, "its")
         raise UserError(
             f"pretrained weights do not fit {name} with {registers} registers "
             f"({first_line(err)}); set model.registers=null"
@@ -156,9 +153,15 @@ def _pretrained(model_cfg: Mapping[str, Any]) -> bool:
     return bool(model_cfg.get("pretrained") or model_cfg.get("pretrained_dir"))
 
 
-def check_model_group(model_cfg: Mapping[str, Any]) -> None:
-    """A timm name is named as such first; then model.registers and model.drop_path, timm's settings that a
-    transformers model would silently ignore (it reads both from its own config), are refused."""
+def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The classifier of model.name / model.pretrained_dir with `num_classes` outputs, in the attention
+    implementation model.attn_implementation (sdpa by default); model.pretrained=false builds the preset's
+    `model.architecture` with random weights, without the hub. A timm name is named as such first; then
+    model.registers and model.drop_path, timm's settings that a transformers model would silently ignore (it reads
+    both from its own config), are refused."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+
     name = str(model_cfg["name"])
     if "/" not in name and timm.is_model(name):
         raise UserError(
@@ -173,16 +176,6 @@ def check_model_group(model_cfg: Mapping[str, Any]) -> None:
             "depth are its config's: model.kwargs, e.g. model.kwargs.drop_path_rate=0.1); set model.registers=null "
             "model.drop_path=0, as the model=hf_* presets do"
         )
-
-
-def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
-    """The classifier of model.name / model.pretrained_dir with `num_classes` outputs, in the attention
-    implementation model.attn_implementation (sdpa by default); model.pretrained=false builds the preset's
-    `model.architecture` with random weights, without the hub."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
-
-    check_model_group(model_cfg)
     source, pretrained = _source(model_cfg), _pretrained(model_cfg)
     kwargs, architecture = dict(model_cfg.get("kwargs") or {}), model_cfg.get("architecture")
     if architecture and not pretrained:  # random weights: the preset's own architecture, not the hub's config
@@ -209,29 +202,6 @@ def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) ->
     except (OSError, ValueError) as err:
         raise UserError(not_found(source, err, UNREADABLE)) from err
     return model if classification else HFClassifier(model, num_classes)
-
-
-def processor_statistics(model_cfg: Mapping[str, Any]) -> tuple[tuple, tuple, str]:
-    """mean, std and interpolation of the image processor saved with the model's weights; ImageNet's for random
-    weights or a model saved without a processor (the log says so). One that exists but cannot be read here (not
-    cached on an offline node) is one line, not ImageNet's statistics."""
-    if _pretrained(model_cfg):  # random weights: nothing saved to read
-        from transformers import AutoImageProcessor
-
-        source = _source(model_cfg)
-        try:
-            processor = AutoImageProcessor.from_pretrained(source)
-        except OSError as err:
-            if not _has_no_processor(source):
-                what = f"{source}'s image processor ({PROCESSOR_FILE}: its mean, std and interpolation)"
-                ways_out = "set model.pretrained_dir=DIR (a folder written by save_pretrained, with the processor)"
-                raise UserError(not_found(what, err, ways_out)) from err
-            log.warning("%s has no image processor (%s): using ImageNet's mean/std", source, PROCESSOR_FILE)
-        else:
-            resample = getattr(processor, "resample", None)
-            interpolation = "bicubic" if resample is None else Image.Resampling(resample).name.lower()
-            return tuple(processor.image_mean), tuple(processor.image_std), interpolation
-    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic"
 
 
 def _has_no_processor(source: str) -> bool:
@@ -296,16 +266,34 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's data config (mean/std, interpolation, crop), or a transformers model's image processor's, at
+    """timm's data config (mean/std, interpolation, crop), or the mean, std and interpolation of the image processor
+    saved with a transformers model's weights (ImageNet's for random weights or a model saved without a processor:
+    the log says so; one that exists but cannot be read here, not cached on an offline node, is one line), at
     model.img_size. A model trained from scratch uses the data set's mean/std when it gives them."""
     size = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
-    if is_transformers(model_cfg):
-        mean, std, interpolation = processor_statistics(model_cfg)
+    if not is_transformers(model_cfg):
+        config = resolve_model_data_config(model) | {"input_size": size}
+    else:
+        mean, std, interpolation = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic"
+        if _pretrained(model_cfg):  # random weights: nothing saved to read
+            from transformers import AutoImageProcessor
+
+            source = _source(model_cfg)
+            try:
+                processor = AutoImageProcessor.from_pretrained(source)
+            except OSError as err:
+                if not _has_no_processor(source):
+                    what = f"{source}'s image processor ({PROCESSOR_FILE}: its mean, std and interpolation)"
+                    ways_out = "set model.pretrained_dir=DIR (a folder written by save_pretrained, with the processor)"
+                    raise UserError(not_found(what, err, ways_out)) from err
+                log.warning("%s has no image processor (%s): using ImageNet's mean/std", source, PROCESSOR_FILE)
+            else:
+                resample = getattr(processor, "resample", None)
+                interpolation = "bicubic" if resample is None else Image.Resampling(resample).name.lower()
+                mean, std = tuple(processor.image_mean), tuple(processor.image_std)
         config = dict(
             input_size=size, mean=mean, std=std, interpolation=interpolation, crop_pct=1.0, crop_mode="center"
         )
-    else:
-        config = resolve_model_data_config(model) | {"input_size": size}
     if not has_weights(model_cfg) and dataset_cfg.get("mean") is not None:
         config["mean"], config["std"] = tuple(dataset_cfg["mean"]), tuple(dataset_cfg["std"])
     return config

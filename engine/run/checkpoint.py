@@ -4,6 +4,7 @@ errors on the wrong file), and a run rebuilt from a checkpoint's saved config, k
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -77,10 +78,9 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch.load raises many types for a damaged file
-        try:  # pickled callables (classes, functions): exactly what may run code
+        unsafe: list[str] = []  # pickled callables (classes, functions): exactly what may run code
+        with suppress(Exception):  # not a torch zip file at all: corrupt, not code
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not a torch zip file at all: corrupt, not code
-            unsafe = []
         if unsafe:
             raise CheckpointHoldsCode(
                 f"checkpoint {path} holds Python objects that weights_only loading refuses (they could run code); "
@@ -183,8 +183,15 @@ def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictC
     effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
     if overrides_in(overrides, ["model"]):
         check_same_architecture(saved.model, effective.model, cfg.ckpt)
-    if overrides_in(overrides, ["dataset"]):
-        check_same_classes(saved, effective, cfg.ckpt)
+    if overrides_in(overrides, ["dataset"]):  # the head has one output per class of the data set it was trained on
+        trained = saved.dataset.get("num_classes")
+        with suppress(DatasetError):  # a folder without train/: its classes are mapped onto the checkpoint's by name
+            wanted = count_classes(effective.dataset)
+            if trained and int(trained) != wanted:
+                raise UserError(
+                    f"checkpoint {cfg.ckpt} has {trained} classes, the data set ({effective.dataset.name}) {wanted}; "
+                    f"evaluate it on a data set with its {trained} classes (drop the dataset override)"
+                )
     rebuilt = cfg.copy()
     with open_dict(rebuilt):  # the saved groups replace the composed ones whole
         rebuilt.model, rebuilt.dataset, rebuilt.tome = effective.model, effective.dataset, effective.tome
@@ -197,17 +204,3 @@ def label_order(dataset_cfg: DictConfig, saved: Optional[SavedRun]) -> Optional[
     if saved is not None and saved.classes:
         return list(saved.classes)
     return class_names(dataset_cfg)
-
-
-def check_same_classes(saved: DictConfig, effective: DictConfig, path: Any) -> None:
-    """A checkpoint's head has one output per class of the data set it was trained on: refuse another count."""
-    trained = saved.dataset.get("num_classes")
-    try:
-        wanted = count_classes(effective.dataset)
-    except DatasetError:
-        return  # a folder without train/: its classes are mapped onto the checkpoint's by name
-    if trained and int(trained) != wanted:
-        raise UserError(
-            f"checkpoint {path} has {trained} classes, the data set ({effective.dataset.name}) {wanted}; "
-            f"evaluate it on a data set with its {trained} classes (drop the dataset override)"
-        )

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,26 +50,23 @@ class Exportable(nn.Module):
         return logits_of(output), token_map
 
 
-class Runner:
+def runner(path: Path, fmt: str, threads: int) -> Callable[[torch.Tensor], list[np.ndarray]]:
     """Runs an exported file: onnxruntime for ONNX, the loaded program for torch.export."""
+    if fmt == "onnx":
+        import onnxruntime as ort
 
-    def __init__(self, path: Path, fmt: str, threads: int) -> None:
-        self.fmt = fmt
-        if fmt == "onnx":
-            import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda images: session.run(None, {"images": images.numpy()})
+    program = torch.export.load(str(path)).module()
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        else:
-            self.program = torch.export.load(str(path)).module()
-
-    def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
-        if self.fmt == "onnx":
-            return self.session.run(None, {"images": images.numpy()})
-        with torch.no_grad():
-            out = self.program(images)
+    @torch.no_grad()
+    def run_program(images: torch.Tensor) -> list[np.ndarray]:
+        out = program(images)
         return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+    return run_program
 
 
 def parity(reference: tuple[np.ndarray, np.ndarray], exported: list[np.ndarray]) -> dict[str, Any]:
@@ -110,8 +107,10 @@ def reference_outputs(module: nn.Module, images: torch.Tensor, batch: int) -> tu
     return (torch.cat([o[0] for o in outs]).float().numpy(), torch.cat([o[1] for o in outs]).numpy())
 
 
-def run_exported(runner: Runner, images: torch.Tensor, batch: int) -> list[np.ndarray]:
-    parts = [runner(images[start : start + batch]) for start in range(0, len(images), batch)]
+def run_exported(
+    call: Callable[[torch.Tensor], list[np.ndarray]], images: torch.Tensor, batch: int
+) -> list[np.ndarray]:
+    parts = [call(images[start : start + batch]) for start in range(0, len(images), batch)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
@@ -171,7 +170,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         log.info(f"exporting {label} (r={r_that_ran(merge)}, protect={model.protect}) as {fmt} to {path}")
         export_graph(merged, images[: fixed_batch or 2], path, fmt, fixed_batch is None, cfg.export.opset)
         reference = reference_outputs(merged, images, batch)
-        report = parity(reference, run_exported(Runner(path, fmt, threads), images, batch))
+        report = parity(reference, run_exported(runner(path, fmt, threads), images, batch))
         if report["top1_agreement"] < cfg.export.min_agreement:
             raise UserError(
                 f"export refused: top-1 agreement with PyTorch is {100 * report['top1_agreement']:.2f}% on "
@@ -223,8 +222,8 @@ def benchmark_exports(
     baseline = Exportable(regtome.remove_patch(copy.deepcopy(model))).eval()
     export_graph(baseline, images[:2], unmerged_path, "onnx", True, cfg.export.opset)
     inputs = images[:batch] if len(images) >= batch else images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch]
-    runners = {"unmerged": Runner(unmerged_path, "onnx", threads), "merged": Runner(path, "onnx", threads)}
-    calls = {name: (lambda runner=runner: runner(inputs)) for name, runner in runners.items()}  # one batch each
+    runners = {"unmerged": runner(unmerged_path, "onnx", threads), "merged": runner(path, "onnx", threads)}
+    calls = {name: (lambda run=run: run(inputs)) for name, run in runners.items()}  # one batch each
     seconds = interleaved_seconds(calls, torch.device("cpu"), warmup=2, repeats=cfg.export.repeats, iters=1)
     size = regtome.input_size(model)
     ideal = regtome.schedule_gflops(model, 0, size) / regtome.vit_flops(model, size)
