@@ -1,7 +1,6 @@
 """Reports of what was run and measured: sweep reports and their paired statistics (`sweep`), register fates;
 here, what every figure and table shares (no torch: the sweep report imports it). Figures are matplotlib `Figure`s
-drawn off-screen, outside pyplot (no window, nothing to close). The measurements are `engine.measure`; the files
-of task=benchmark and the pictures of task=visualize are drawn in their task's module."""
+drawn off-screen, outside pyplot (no window, nothing to close)."""
 
 from __future__ import annotations
 
