@@ -118,8 +118,8 @@ def test_benchmark_rows_time_and_count_at_the_size_asked():
     merged = regtome.patch.timm(
         timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, reg_tokens=2, dynamic_img_size=True)
     )
-    timing = Timing(warmup=0, repeats=1, iters=1, train_step=False)
-    rows = benchmark_rows(baseline, merged, [2], [1], timing, torch.device("cpu"), None, size=(3, 64, 64))
+    timing = Timing(warmup=0, repeats=1, iters=1, train_step=False, device=torch.device("cpu"), size=(3, 64, 64))
+    rows = benchmark_rows(baseline, merged, [2], [1], timing)
     gflops = {row["r"]: row["gflops"] for row in rows}
     with regtome.options(merged, r=2):
         assert gflops["2"] == pytest.approx(regtome.vit_flops(merged, (3, 64, 64)))

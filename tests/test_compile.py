@@ -93,8 +93,8 @@ def test_the_benchmark_times_eager_and_compiled_side_by_side_with_latency():
 
     merged = regtome.patch.timm(make_vit("class_reg4"), r=2)
     baseline = regtome.remove_patch(make_vit("class_reg4"))
-    timing = Timing(warmup=1, repeats=2, iters=2, train_step=True, compile="default")
-    rows = benchmark_rows(baseline, merged, [4], [2], timing, torch.device("cpu"), None)
+    timing = Timing(warmup=1, repeats=2, iters=2, train_step=True, compile="default", device=torch.device("cpu"))
+    rows = benchmark_rows(baseline, merged, [4], [2], timing)
     keys = {(row["mode"], row["execution"], row["r"], row["batch_size"]) for row in rows}
     assert keys == {
         (mode, run, r, batch)

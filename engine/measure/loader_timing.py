@@ -21,14 +21,8 @@ from .timing import seconds_of
 
 def _images_per_s(dataset: Dataset, batch_size: int, batches: int, seed: int) -> tuple[float, int]:
     """Samples/s of an in-process loader over shuffled batches (one warm-up batch), and bytes per sample."""
-    loader = DataLoader(
-        EpochSeeded(dataset, seed),
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=0,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    iterator = iter(loader)
+    generator = torch.Generator().manual_seed(seed)
+    iterator = iter(DataLoader(EpochSeeded(dataset, seed), batch_size, shuffle=True, generator=generator))
     images, _ = next(iterator)
     bytes_per_sample = images[0].numel() * images.element_size()
     start, seen = time.perf_counter(), 0
@@ -41,8 +35,9 @@ def time_train_loader(cfg: DictConfig, session: Session, batches: int = 8) -> di
     """images_per_s_per_worker of the train pipeline; with small images resized on the device, also the
     CPU-resize chain it replaces and the device's cost of the resize."""
     tc, device, workers, inputs = cfg.trainer, session.device, session.workers, session.inputs
+    build = partial(build_datasets, cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed)
     try:
-        train = build_datasets(cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed)["train"]
+        train = build()["train"]
         rate, sample_bytes = _images_per_s(train, tc.batch_size, batches, cfg.seed)
     except DatasetError as err:
         return {"error": str(err)}
@@ -57,10 +52,7 @@ def time_train_loader(cfg: DictConfig, session: Session, batches: int = 8) -> di
     }
     prepare = input_transform(cfg.dataset, inputs)
     if prepare is not None:
-        cpu_chain = build_datasets(
-            cfg.dataset, inputs, augment=tc.augment, splits=("train",), seed=cfg.seed, on_device=False
-        )["train"]
-        cpu_rate, cpu_bytes = _images_per_s(cpu_chain, tc.batch_size, batches, cfg.seed)
+        cpu_rate, cpu_bytes = _images_per_s(build(on_device=False)["train"], tc.batch_size, batches, cfg.seed)
         images = torch.stack([train[i % len(train)][0] for i in range(tc.batch_size)]).to(device)
         resize = partial(prepare.to(device), images)
         resize()  # a warm-up, then the device's cost of 5 resizes

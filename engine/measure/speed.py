@@ -104,11 +104,15 @@ def _step(mode: str, model: nn.Module, patched: Optional[nn.Module], images: tor
 
 @dataclass(frozen=True, kw_only=True)
 class Timing:
-    """How each case is timed: `repeats` rounds of `iters` calls each, after `warmup` calls."""
+    """How and where each case is timed: `repeats` rounds of `iters` calls each, after `warmup` calls, on random
+    images of `size` (C, H, W; None: the model's own) on `device`, under the AMP `dtype` (None: fp32)."""
 
-    warmup: int = 2
-    repeats: int = 5
-    iters: int = 3
+    device: torch.device
+    dtype: Optional[torch.dtype] = None
+    size: Optional[tuple[int, ...]] = None
+    warmup: int
+    repeats: int
+    iters: int
     train_step: bool = True  # also time forward + backward + optimizer step
     dense: bool = False  # also time dense features on the full grid (forward_intermediates)
     compile: Optional[str] = None  # also time torch.compile'd models in this mode (None: eager only)
@@ -155,19 +159,13 @@ def _row(
 
 
 def benchmark_rows(
-    baseline: nn.Module,
-    merged: nn.Module,
-    schedules: list[Any],
-    batch_sizes: list[int],
-    timing: Timing,
-    device: torch.device,
-    dtype: Any,
-    size: Optional[tuple[int, int, int]] = None,
+    baseline: nn.Module, merged: nn.Module, schedules: list[Any], batch_sizes: list[int], timing: Timing
 ) -> list[dict[str, Any]]:
     """A row per mode, execution, schedule and batch size: images/s, latency, speedups against the unpatched
     model run the same way (`speedup`) and run eagerly (`speedup_vs_eager`), GFLOPs and the FLOP-ideal (and
-    the protection mode, when schedules name theirs). `size`: the (C, H, W) timed (default: the model's own)."""
-    size = size or regtome.input_size(merged)
+    the protection mode, when schedules name theirs)."""
+    device = timing.device
+    size = timing.size or regtome.input_size(merged)
     gflops = {BASELINE: regtome.schedule_gflops(merged, 0, size)}  # the unpatched model's count
     gflops |= {label: record["gflops"] for label, record in schedule_records(merged, schedules, size).items()}
     protects = {schedule_label(r): r["protect"] for r in schedules if isinstance(r, dict) and "protect" in r}
@@ -186,7 +184,7 @@ def benchmark_rows(
         for batch in batch_sizes:
             images = torch.randn(batch, *size, device=device)
             for mode in modes:
-                cases = _cases(execs, merged, mode, schedules, images, dtype)
+                cases = _cases(execs, merged, mode, schedules, images, timing.dtype)
                 calls, warm = timed_calls(
                     cases, device, timing.warmup, timing.repeats, timing.iters, progress=lambda: bar.update(1)
                 )
@@ -198,20 +196,12 @@ def benchmark_rows(
     return rows
 
 
-def speed_target(
-    target: float,
-    batch: int,
-    baseline: nn.Module,
-    merged: nn.Module,
-    timing: Timing,
-    device: torch.device,
-    dtype: Any,
-    size: tuple[int, ...],
-) -> dict[str, Any]:
+def speed_target(target: float, batch: int, baseline: nn.Module, merged: nn.Module, timing: Timing) -> dict[str, Any]:
     """The least merging whose measured inference speedup at `batch` reaches `target`
     (benchmark.target_speedup). Starts at the FLOP budget 1/target (no schedule reaches a speedup with fewer
     FLOPs saved, short of overheads vanishing) and lowers the budget by 0.05 until it is reached, 6 tries at most."""
-    images = torch.randn(batch, *size, device=device)
+    size = timing.size or regtome.input_size(merged)
+    images = torch.randn(batch, *size, device=timing.device)
     tried: list[dict[str, Any]] = []
     fraction = min(1.0, 1.0 / target)
     for _ in range(6):
@@ -219,12 +209,12 @@ def speed_target(
             r = regtome.r_for_flops(merged, fraction, size)
         except ValueError:
             break
-        cases = _cases({"eager": (baseline, merged)}, merged, "inference", [r], images, dtype)
-        seconds = interleaved_seconds(cases, device, warmup=timing.warmup, repeats=timing.repeats, iters=timing.iters)
-        speedup = seconds[("eager", BASELINE)] / seconds[("eager", schedule_label(r))]
-        tried.append({"r": schedule_label(r), "flop_fraction": fraction, "speedup": speedup})
+        cases = _cases({"eager": (baseline, merged)}, merged, "inference", [r], images, timing.dtype)
+        seconds = interleaved_seconds(cases, timing.device, timing.warmup, timing.repeats, timing.iters)
+        label = schedule_label(r)
+        speedup = seconds[("eager", BASELINE)] / seconds[("eager", label)]
+        tried.append({"r": label, "flop_fraction": fraction, "speedup": speedup})
         if speedup >= target:
-            reached = {"r": schedule_label(r), "speedup": speedup}
-            return {"target_speedup": target, "batch_size": batch, **reached, "tried": tried}
+            return {"target_speedup": target, "batch_size": batch, "r": label, "speedup": speedup, "tried": tried}
         fraction -= 0.05
     return {"target_speedup": target, "batch_size": batch, "r": None, "tried": tried}

@@ -46,13 +46,10 @@ def register_fates(
         for block in range(depth):
             source = record.blocks[block].source  # (B, T, N)
             owner = regtome.slot_owner(source)  # (B, N): the output token that holds each slot
-            for j in range(layout.num_register):
-                row = owner[:, nc + j]  # the token that holds register j
-                holder = source[torch.arange(len(row)), row]  # (B, N)
-                patches = holder[:, p:].sum(dim=1)
-                registers = holder[:, nc:p].sum(dim=1)
-                fate = torch.where(patches > 0, 2, torch.where(registers > 1, 1, 0))
-                counts[block, j] += torch.bincount(fate.cpu(), minlength=len(FATES))
+            holder = source[torch.arange(len(owner))[:, None], owner[:, nc:p]]  # (B, R, N): each register's token
+            patches, registers = holder[..., p:].sum(dim=-1), holder[..., nc:p].sum(dim=-1)
+            fate = torch.where(patches > 0, 2, torch.where(registers > 1, 1, 0))  # (B, R)
+            counts[block] += nn.functional.one_hot(fate.cpu(), len(FATES)).sum(dim=0)
         images_seen += len(images)
     return {
         "protect": protect,

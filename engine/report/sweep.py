@@ -50,29 +50,25 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def bootstrap_interval(
-    differences: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
-) -> tuple[float, float]:
+def bootstrap_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the mean of per-sample differences, resampling samples with replacement."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
     n = len(differences)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 250):  # chunks keep memory at 250 x n indices
-        stop = min(resamples, start + 250)
+    means = np.empty(BOOTSTRAP_RESAMPLES)
+    for start in range(0, BOOTSTRAP_RESAMPLES, 250):  # chunks keep memory at 250 x n indices
+        stop = min(BOOTSTRAP_RESAMPLES, start + 250)
         means[start:stop] = differences[rng.integers(0, n, (stop - start, n))].mean(axis=1)
     alpha = (1 - level) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-def paired_delta(
-    baseline_correct: np.ndarray, run_correct: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES
-) -> PairedDelta:
+def paired_delta(baseline_correct: np.ndarray, run_correct: np.ndarray) -> PairedDelta:
     """Compare two 0/1 correctness vectors over the same samples (same order)."""
     if baseline_correct.shape != run_correct.shape:
         raise ValueError(f"paired runs must cover the same samples ({len(baseline_correct)} vs {len(run_correct)})")
     base, run = baseline_correct.astype(np.int64), run_correct.astype(np.int64)
     differences = (run - base).astype(np.float64)
-    low, high = bootstrap_interval(differences, resamples)
+    low, high = bootstrap_interval(differences)
     only_baseline, only_run = int(((base == 1) & (run == 0)).sum()), int(((base == 0) & (run == 1)).sum())
     return PairedDelta(
         delta_top1=100 * differences.mean(),
@@ -131,9 +127,7 @@ def _correct(path: Optional[Path], run: str) -> np.ndarray:
     return np.array([c for _, c in rows], dtype=np.int64)
 
 
-def add_paired(
-    rows: list[dict[str, Any]], key: str, baseline: Optional[str], resamples: int = BOOTSTRAP_RESAMPLES
-) -> list[dict[str, Any]]:
+def add_paired(rows: list[dict[str, Any]], key: str, baseline: Optional[str]) -> list[dict[str, Any]]:
     """Fill delta_top1, ci_low, ci_high, p_value of every run against its baseline partner. Returns pooled rows:
     per setting (all but `key` and checkpoint), the samples of every checkpoint together, when there are several."""
     values = list(dict.fromkeys(str(row.get(key)) for row in rows))
@@ -150,14 +144,14 @@ def add_paired(
         if partner is None or str(row.get(key)) == baseline:
             continue
         base, run = _correct(partner["_predictions"], partner["run"]), _correct(row["_predictions"], row["run"])
-        result = paired_delta(base, run, resamples)
+        result = paired_delta(base, run)
         row.update({k: getattr(result, k) for k in PAIRED_COLUMNS})
         pool_key = tuple(json.dumps(row.get(k)) for k in others if k != "checkpoint") + (str(row.get(key)),)
         pooled.setdefault(pool_key, []).append((row, base, run))
     pooled_rows = []
     for members in (m for m in pooled.values() if len(m) > 1):
         first, bases, runs = members[0][0], [m[1] for m in members], [m[2] for m in members]
-        result = paired_delta(np.concatenate(bases), np.concatenate(runs), resamples)
+        result = paired_delta(np.concatenate(bases), np.concatenate(runs))
         row = {k: first.get(k) for k in COLUMNS} | {k: getattr(result, k) for k in PAIRED_COLUMNS}
         row |= {"run": f"pooled ({len(members)} checkpoints)", "checkpoint": "pooled", "_predictions": None}
         pooled_rows.append(row | dict.fromkeys(("top1", "top5", "images_per_s")))  # measured per run only
@@ -237,22 +231,18 @@ def _merging_order(row: dict[str, Any]) -> tuple:
     return (-(row.get("gflops") or 0.0), (0, int(r), "") if r.isdigit() else (1, 0, r))
 
 
-def sweep_lines(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The runs of each line of sweep.png (one per combination of swept settings besides r), in order of r:
-    a line walks from the least merging to the most, whatever order the measured images/s put them in."""
+def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
+    """Top-1 against images/s, one line per combination of swept settings besides r, r written at each point.
+    A line walks from the least merging to the most, whatever order the measured images/s put them in."""
     keys = swept_keys(rows)
     lines: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row["top1"] is not None and row["images_per_s"] is not None:
             lines.setdefault(group_label(row, keys), []).append(row)
-    return {label: sorted(members, key=_merging_order) for label, members in lines.items()}
-
-
-def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
-    """Top-1 against images/s, one line per `sweep_lines` entry, r written at each point."""
     fig = Figure(figsize=(7, 4.5), dpi=120)
     ax = fig.subplots()
-    for g, (label, members) in enumerate(sweep_lines(rows).items()):
+    for g, (label, members) in enumerate(lines.items()):
+        members.sort(key=_merging_order)
         (line,) = ax.plot([m["images_per_s"] for m in members], [m["top1"] for m in members], "o-", label=label)
         for m in members:  # one side per line: labels of different lines do not sit on each other
             xy, offset = (m["images_per_s"], m["top1"]), (5, 6 if g % 2 == 0 else -12)

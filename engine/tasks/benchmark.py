@@ -80,20 +80,18 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[dict[str, 
     if busy := machine_note():
         log.warning(busy)
     baseline = regtome.remove_patch(copy.deepcopy(merged))
-    timing = Timing(
-        warmup=bench.warmup,
-        repeats=bench.repeats,
-        iters=bench.iters,
-        train_step=bench.train_step,
-        dense=bench.dense,
-        compile=session.compile,
-    )
     size = tuple(session.inputs["input_size"])  # model.img_size (a hub model's own config may say another)
-    rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing, device, dtype, size)
+    timing = Timing(
+        **OmegaConf.masked_copy(bench, ["warmup", "repeats", "iters", "train_step", "dense"]),
+        compile=session.compile,
+        device=device,
+        dtype=dtype,
+        size=size,
+    )
+    rows = benchmark_rows(baseline, merged, schedules, list(bench.batch_sizes), timing)
     target = None
     if bench.target_speedup is not None:
-        batch = max(bench.batch_sizes)
-        target = speed_target(bench.target_speedup, batch, baseline, merged, timing, device, dtype, size)
+        target = speed_target(bench.target_speedup, max(bench.batch_sizes), baseline, merged, timing)
     meta = {
         "model": model_label(cfg.model),
         "registers": regtome.prefix_layout(merged).num_register,
