@@ -284,3 +284,26 @@ def test_sweep_png_joins_each_modes_runs_in_order_of_r_not_of_measured_speed(tmp
     for i, mode in enumerate(modes):
         assert drawn[f"protect={mode}"] == [speed[r] + 3 * i for r in (0, 4, 8, 16, 32)]
     assert (tmp_path / "sweep.png").stat().st_size > 5000
+
+
+def test_paired_files_are_named_for_any_baseline_value(sweep):
+    """A baseline with a dot or a slash (a timm tag, a hub id, a checkpoint path) names three files beside sweep.csv
+    (`with_suffix` cut `vit.a1` to `vit.csv`; a path made folders)."""
+    folder, _ = sweep
+    rows = collect(folder)
+    for row in rows:  # two models, told apart by the seed of their old checkpoint
+        row["model"] = "facebook/vit.a1" if "seed0" in row["checkpoint"] else "facebook/vit.b2"
+    cases = [
+        (collect(folder), "checkpoint", "/runs/seed0/checkpoints/best.pt", "paired_checkpoint_vs_seed0"),
+        ([row | {"checkpoint": "one"} for row in rows], "model", "facebook/vit.a1", "paired_model_vs_facebook_vit.a1"),
+    ]
+    for table, key, baseline, stem in cases:
+        out = folder / f"report_{key}"
+        paths = write_report(table, out, paired=key, baseline=baseline)
+        assert [paths[f"paired_{ext}"] for ext in ("csv", "md", "png")] == [
+            out / f"{stem}.{ext}" for ext in ("csv", "md", "png")
+        ]
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [f"{stem}.{e}" for e in ("csv", "md", "png")] + ["sweep.csv", "sweep.md", "sweep.png"]
+        )
+        assert len(list(csv.DictReader(open(paths["paired_csv"])))) > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -196,8 +197,9 @@ def write_report(
         return paths
     pooled = add_paired(rows, paired, baseline)
     baseline = baseline or str(rows[0].get(paired))
-    stem = out_dir / f"paired_{paired}_vs_{baseline}"
-    paths |= {f"paired_{ext}": stem.with_suffix(f".{ext}") for ext in ("csv", "md", "png")}
+    # a file name for any value: a checkpoint by its run's name, brackets and slashes out (`[4,-1.0]`: 4,-1.0)
+    stem = f"paired_{paired}_vs_" + re.sub(r"[^\w.,=+-]+", "_", short_label(paired, baseline)).strip("_")
+    paths |= {f"paired_{ext}": out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "png")}
     paired_rows = [row for row in rows if row.get("delta_top1") is not None] + pooled
     write_csv(paths["paired_csv"], paired_rows, COLUMNS + PAIRED_COLUMNS)
     lines = _markdown(paired_rows, COLUMNS + PAIRED_COLUMNS) + [
