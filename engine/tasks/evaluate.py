@@ -33,9 +33,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     )
     loader, runner = eval_loader(dataset["val"], session), session.runner()  # compiled when runtime.compile asks
     predictions: list[tuple] = []  # one row per sample, in data set order
-    metrics = evaluate(
-        runner, loader, session.device, session.dtype, session.info, session.prepare, predictions=predictions
-    )
+    metrics = evaluate(runner, loader, session, predictions=predictions)
     extra = {"checkpoint": cfg.ckpt, "trained_with": saved.trained_with if saved else None}
     extra |= {"world_size": session.info.world_size, "predictions": "predictions.csv", "compile": session.compile}
     record = run_record(cfg, session, metrics, session.eval_batch_size, extra)

@@ -128,19 +128,7 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     """One epoch: train, validate when due, checkpoint, log; returns the epoch's metrics."""
     started, state, session, tc = time.perf_counter(), run.state, run.session, run.cfg.trainer
     try:
-        rate = train_one_epoch(
-            run.model,
-            epoch_loader(run, epoch),
-            session.prepare,
-            run.opt,
-            state,
-            session.device,
-            session.info,
-            stop,
-            tc.max_steps_per_epoch,
-            writer,
-            tc.log_every,
-        )
+        rate = train_one_epoch(run, epoch_loader(run, epoch), stop, writer, tc.max_steps_per_epoch)
     except DatasetError as err:
         raise unreadable_data(run, err) from None
     if stop.signum is not None:
@@ -155,9 +143,7 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
     if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
         try:
-            val = evaluate(
-                run.eval_model, run.val_loader, session.device, session.dtype, session.info, session.prepare, "val"
-            )
+            val = evaluate(run.eval_model, run.val_loader, session, "val")
         except DatasetError as err:  # the epoch is trained: keep it
             raise unreadable_data(run, err) from None
         metrics |= {f"val_{k}": v for k, v in val.items()}

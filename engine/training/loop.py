@@ -11,7 +11,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,9 @@ from ..models.build import logits_of
 from ..run.console import raise_interrupted, say_ending
 from ..run.runtime import DistInfo, all_reduce_sum, autocast, gather_objects, synchronize
 from ..run.session import Session
+
+if TYPE_CHECKING:
+    from .setup import TrainRun
 
 
 class GracefulStop:
@@ -111,20 +114,12 @@ class Optimization:
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    prepare: Callable[[torch.Tensor], torch.Tensor],
-    opt: Optimization,
-    state: TrainState,
-    device: torch.device,
-    info: DistInfo,
-    stop: GracefulStop,
-    max_steps: Optional[int] = None,
-    writer: Optional[SummaryWriter] = None,
-    log_every: int = 20,
+    run: TrainRun, loader: DataLoader, stop: GracefulStop, writer: Optional[SummaryWriter], max_steps: Optional[int]
 ) -> float:
     """Train until the loader ends, `max_steps` batches, or a stop request; returns images/s, and leaves the
     epoch's sums summed over all ranks."""
+    model, opt, state, prepare = run.model, run.opt, run.state, run.session.prepare
+    device, info = run.session.device, run.session.info
     model.train()
     total = len(loader) + state.step_in_epoch
     if max_steps:
@@ -156,7 +151,7 @@ def train_one_epoch(
                 lr=f"{lr:.2e}",
                 img_s=f"{rate:.0f}",
             )
-            if writer is not None and update and state.num_updates % log_every == 0:
+            if writer is not None and update and state.num_updates % run.cfg.trainer.log_every == 0:
                 for name, value in (("loss", loss_value), ("lr", lr), ("images_per_s", rate)):
                     writer.add_scalar(f"train/{name}", value, state.num_updates)
             if update and stop.requested(device, info):
@@ -234,19 +229,13 @@ def eval_loader(dataset: Dataset, session: Session) -> DataLoader:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    dtype: Optional[torch.dtype],
-    info: DistInfo,
-    prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
-    desc: str = "eval",
-    predictions: Optional[list[tuple]] = None,
+    model: nn.Module, loader: DataLoader, session: Session, desc: str = "eval", predictions: list[tuple] | None = None
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 and model images/s over the loader (all ranks). With `predictions` (a list), rank 0
     gets one (index, target, pred, correct, prob) row per sample, in data set order. The first batch of each
     shape is left out of the timing when a later batch is timed: its call includes warm-up, and under
     runtime.compile the compilation (minutes on a CPU)."""
+    device, dtype, info, prepare = session.device, session.dtype, session.info, session.prepare
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
     rows: list[torch.Tensor] = []  # (target, pred, prob) per sample
