@@ -1,7 +1,5 @@
-"""The training loop: one epoch of forward, loss, backward and optimizer steps (DeiT's engine, with
-gradient accumulation, AMP through a GradScaler, Mixup, EMA), and a stop on a signal that waits for the step.
-The evaluation loop (task=eval, and validation during training): top-1/top-5, loss and model images/s, counting
-every sample once under DDP, and per-sample predictions in data set order."""
+"""The training loop (DeiT's engine, with gradient accumulation, AMP through a GradScaler, Mixup, EMA), its stop on
+a signal after the current optimizer step, and the evaluation loop of validation and task=eval."""
 
 from __future__ import annotations
 
@@ -41,9 +39,7 @@ class GracefulStop:
     closed terminal) stops as SIGTERM does, unless it is ignored (`nohup`): then the run goes on, as asked."""
 
     # SIGUSR2: submitit's warning before a SLURM time limit (it then requeues the job)
-    SIGNALS = tuple(
-        getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR2") if hasattr(signal, name)
-    )
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)  # POSIX, as the fcntl run lock is
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -51,7 +47,7 @@ class GracefulStop:
 
     def __enter__(self) -> "GracefulStop":
         for signum in self.SIGNALS:
-            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
                 continue  # nohup: the user asked the run to outlive its terminal
             self._previous[signum] = signal.signal(signum, self._request)
         return self
@@ -115,9 +111,9 @@ class Optimization:
 
 def train_one_epoch(
     run: TrainRun, loader: DataLoader, stop: GracefulStop, writer: Optional[SummaryWriter], max_steps: Optional[int]
-) -> float:
-    """Train until the loader ends, `max_steps` batches, or a stop request; returns images/s, and leaves the
-    epoch's sums summed over all ranks."""
+) -> dict[str, float]:
+    """Train until the loader ends, `max_steps` batches, or a stop request; returns the epoch's loss, accuracy and
+    images/s, and leaves its sums summed over all ranks (what a mid-epoch checkpoint saves)."""
     model, opt, state, prepare = run.model, run.opt, run.state, run.session.prepare
     device, info = run.session.device, run.session.info
     model.train()
@@ -157,8 +153,12 @@ def train_one_epoch(
             if update and stop.requested(device, info):
                 break
     values = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device), info)
-    state.epoch_sums = dict(zip(sums, values.tolist()))  # over all ranks
-    return seen * info.world_size / max(time.perf_counter() - start, 1e-9)
+    state.epoch_sums = sums = dict(zip(sums, values.tolist()))  # over all ranks
+    return {
+        "train_loss": sums["loss"] / max(sums["samples"], 1),
+        "train_acc": 100 * sums["correct"] / max(sums["samples"], 1),
+        "train_images_per_s": seen * info.world_size / max(time.perf_counter() - start, 1e-9),
+    }
 
 
 def train_step(
