@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine.run.runtime import DistInfo
+from engine.run.session import Session
 from engine.training.loop import Optimization, TrainState, evaluate, top_classes, train_step
 
 
@@ -56,7 +57,17 @@ def test_training_and_evaluation_count_tied_logits_by_one_written_rule():
     state = TrainState()
     train_step(model, torch.zeros(12, 3, 2, 2), targets, opt, state, update=False)
     loader = DataLoader(TensorDataset(torch.zeros(12, 3, 2, 2), targets), batch_size=12)
-    metrics = evaluate(model, loader, torch.device("cpu"), None, DistInfo())
+    session = Session(
+        device=torch.device("cpu"),
+        dtype=None,
+        info=DistInfo(),
+        model=model,
+        inputs={},
+        prepare=nn.Identity(),
+        workers=0,
+        eval_batch_size=12,
+    )
+    metrics = evaluate(model, loader, session)
     assert state.epoch_sums["samples"] == 12 and 100 * state.epoch_sums["correct"] / 12 == expected_top1
     assert metrics["top1"] == expected_top1
     assert metrics["top5"] == 100.0  # 4 classes: every target is in the top 4

@@ -28,14 +28,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         raise UserError(f"task=eval needs weights: {WEIGHTS_HINT}")
     classes = label_order(cfg.dataset, saved)
     session = open_session(cfg, count_classes(cfg.dataset), saved.weights if saved else None, cfg.ckpt)
-    dataset = build_datasets(
-        cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed, classes=classes
-    )
-    loader, runner = eval_loader(dataset["val"], session), session.runner()  # compiled when runtime.compile asks
+    val = build_datasets(cfg.dataset, session.inputs, augment=False, splits=("val",), seed=cfg.seed, classes=classes)
+    loader, runner = eval_loader(val["val"], session), session.runner()  # compiled when runtime.compile asks
     predictions: list[tuple] = []  # one row per sample, in data set order
-    metrics = evaluate(
-        runner, loader, session.device, session.dtype, session.info, session.prepare, predictions=predictions
-    )
+    metrics = evaluate(runner, loader, session, predictions=predictions)
     extra = {"checkpoint": cfg.ckpt, "trained_with": saved.trained_with if saved else None}
     extra |= {"world_size": session.info.world_size, "predictions": "predictions.csv", "compile": session.compile}
     record = run_record(cfg, session, metrics, session.eval_batch_size, extra)

@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data import DatasetError
 
 from ..errors import SaveFailed, TrainingInterrupted, UserError, one_line
-from ..run.checkpoint import SavedRun, apply_overrides, atomic_save, load_checkpoint, overrides_in, read_checkpoint
+from ..run.checkpoint import apply_overrides, atomic_save, load_checkpoint, overrides_in, read_checkpoint
 from ..run.folder_claim import append_resume
 from ..run.results import run_record, write_results
 from ..run.runtime import barrier, gather_objects, launch_rank, rng_state
@@ -33,23 +33,6 @@ log = logging.getLogger(__name__)
 # What a resume may change: how it trains and where it runs, and whether unreadable images are skipped (an
 # unreadable image met mid-run); everything else is the saved run's.
 RESUME_OVERRIDES = ("trainer", "runtime", "dataset.skip_unreadable")
-
-
-def resumed_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> tuple[DictConfig, Optional[SavedRun]]:
-    """With trainer.resume=true (or in a SLURM job requeued after a preemption or time-out): the saved config of
-    run_dir's last.pt with the `RESUME_OVERRIDES` keys given on this command line, and last.pt as read."""
-    last = run_dir / "checkpoints" / "last.pt"
-    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()
-    if not (cfg.trainer.resume or requeued):
-        return cfg, None
-    if not last.exists():
-        raise UserError(
-            f"trainer.resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue"
-        )
-    saved = read_checkpoint(last)
-    resumed = apply_overrides(saved.config, cfg, overrides, groups=RESUME_OVERRIDES)
-    resumed.trainer.resume = True
-    return resumed, saved
 
 
 def position(epochs_done: int, step_in_epoch: int) -> str:
@@ -97,17 +80,6 @@ def save(run: TrainRun, best: bool) -> None:
     barrier(run.session.info)
 
 
-def interrupted(run: TrainRun, stop: GracefulStop) -> TrainingInterrupted:
-    """The one interrupt path: last.pt written, the signal passed on (SLURM requeue), the resume command said."""
-    save(run, best=False)
-    stop.pass_on()
-    return TrainingInterrupted(
-        stop.signum,
-        f"stopped by {signal.Signals(stop.signum).name} at {position(run.state.epoch, run.state.step_in_epoch)}; "
-        f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: {resume_command(run.run_dir)}",
-    )
-
-
 def unreadable_data(run: TrainRun, err: DatasetError) -> DatasetError:
     """An image that cannot be read, met in training or validation (ImageNet has some): what was trained is
     saved first, and the error says how to go on. Not saved: under torchrun (the other ranks cannot join the
@@ -128,36 +100,22 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
     """One epoch: train, validate when due, checkpoint, log; returns the epoch's metrics."""
     started, state, session, tc = time.perf_counter(), run.state, run.session, run.cfg.trainer
     try:
-        rate = train_one_epoch(
-            run.model,
-            epoch_loader(run, epoch),
-            session.prepare,
-            run.opt,
-            state,
-            session.device,
-            session.info,
-            stop,
-            tc.max_steps_per_epoch,
-            writer,
-            tc.log_every,
-        )
+        trained = train_one_epoch(run, epoch_loader(run, epoch), stop, writer, tc.max_steps_per_epoch)
     except DatasetError as err:
         raise unreadable_data(run, err) from None
-    if stop.signum is not None:
-        raise interrupted(run, stop)
-    sums = state.epoch_sums
-    metrics: dict[str, Any] = {
-        "epoch": epoch + 1,
-        "train_loss": sums["loss"] / max(sums["samples"], 1),
-        "train_acc": 100 * sums["correct"] / max(sums["samples"], 1),
-        "train_images_per_s": rate,
-    }
+    if stop.signum is not None:  # last.pt written, the signal passed on (SLURM requeue), the resume command said
+        save(run, best=False)
+        stop.pass_on()
+        raise TrainingInterrupted(
+            stop.signum,
+            f"stopped by {signal.Signals(stop.signum).name} at {position(state.epoch, state.step_in_epoch)}; "
+            f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: {resume_command(run.run_dir)}",
+        )
+    metrics: dict[str, Any] = {"epoch": epoch + 1} | trained
     state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
     if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
         try:
-            val = evaluate(
-                run.eval_model, run.val_loader, session.device, session.dtype, session.info, session.prepare, "val"
-            )
+            val = evaluate(run.eval_model, run.val_loader, session, "val")
         except DatasetError as err:  # the epoch is trained: keep it
             raise unreadable_data(run, err) from None
         metrics |= {f"val_{k}": v for k, v in val.items()}
@@ -182,7 +140,17 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
-    cfg, saved = resumed_config(cfg, run_dir, overrides)
+    last, saved = run_dir / "checkpoints" / "last.pt", None
+    # trainer.resume=true (or a SLURM job requeued after a preemption or time-out): the saved config of last.pt, with
+    # the `RESUME_OVERRIDES` keys given on this command line
+    if cfg.trainer.resume or (int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()):
+        if not last.exists():
+            raise UserError(
+                f"trainer.resume=true but {last} does not exist; pass hydra.run.dir=RUN_DIR of the run to continue"
+            )
+        saved = read_checkpoint(last)
+        cfg = apply_overrides(saved.config, cfg, overrides, groups=RESUME_OVERRIDES)
+        cfg.trainer.resume = True
     check_trainer_config(cfg)
     if saved is not None:
         done, step = saved.state["epoch"], saved.state["step_in_epoch"]

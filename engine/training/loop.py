@@ -1,7 +1,5 @@
-"""The training loop: one epoch of forward, loss, backward and optimizer steps (DeiT's engine, with
-gradient accumulation, AMP through a GradScaler, Mixup, EMA), and a stop on a signal that waits for the step.
-The evaluation loop (task=eval, and validation during training): top-1/top-5, loss and model images/s, counting
-every sample once under DDP, and per-sample predictions in data set order."""
+"""The training loop (DeiT's engine, with gradient accumulation, AMP through a GradScaler, Mixup, EMA), its stop on
+a signal after the current optimizer step, and the evaluation loop of validation and task=eval."""
 
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -31,6 +29,9 @@ from ..run.console import raise_interrupted, say_ending
 from ..run.runtime import DistInfo, all_reduce_sum, autocast, gather_objects, synchronize
 from ..run.session import Session
 
+if TYPE_CHECKING:
+    from .setup import TrainRun
+
 
 class GracefulStop:
     """Turn SIGTERM/SIGINT/SIGHUP into a request that the loop honours after the current optimizer step, on every
@@ -38,9 +39,7 @@ class GracefulStop:
     closed terminal) stops as SIGTERM does, unless it is ignored (`nohup`): then the run goes on, as asked."""
 
     # SIGUSR2: submitit's warning before a SLURM time limit (it then requeues the job)
-    SIGNALS = tuple(
-        getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR2") if hasattr(signal, name)
-    )
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)  # POSIX, as the fcntl run lock is
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -48,7 +47,7 @@ class GracefulStop:
 
     def __enter__(self) -> "GracefulStop":
         for signum in self.SIGNALS:
-            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
                 continue  # nohup: the user asked the run to outlive its terminal
             self._previous[signum] = signal.signal(signum, self._request)
         return self
@@ -111,20 +110,12 @@ class Optimization:
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    prepare: Callable[[torch.Tensor], torch.Tensor],
-    opt: Optimization,
-    state: TrainState,
-    device: torch.device,
-    info: DistInfo,
-    stop: GracefulStop,
-    max_steps: Optional[int] = None,
-    writer: Optional[SummaryWriter] = None,
-    log_every: int = 20,
-) -> float:
-    """Train until the loader ends, `max_steps` batches, or a stop request; returns images/s, and leaves the
-    epoch's sums summed over all ranks."""
+    run: TrainRun, loader: DataLoader, stop: GracefulStop, writer: Optional[SummaryWriter], max_steps: Optional[int]
+) -> dict[str, float]:
+    """Train until the loader ends, `max_steps` batches, or a stop request; returns the epoch's loss, accuracy and
+    images/s, and leaves its sums summed over all ranks (what a mid-epoch checkpoint saves)."""
+    model, opt, state, prepare = run.model, run.opt, run.state, run.session.prepare
+    device, info = run.session.device, run.session.info
     model.train()
     total = len(loader) + state.step_in_epoch
     if max_steps:
@@ -156,14 +147,18 @@ def train_one_epoch(
                 lr=f"{lr:.2e}",
                 img_s=f"{rate:.0f}",
             )
-            if writer is not None and update and state.num_updates % log_every == 0:
+            if writer is not None and update and state.num_updates % run.cfg.trainer.log_every == 0:
                 for name, value in (("loss", loss_value), ("lr", lr), ("images_per_s", rate)):
                     writer.add_scalar(f"train/{name}", value, state.num_updates)
             if update and stop.requested(device, info):
                 break
     values = all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64, device=device), info)
-    state.epoch_sums = dict(zip(sums, values.tolist()))  # over all ranks
-    return seen * info.world_size / max(time.perf_counter() - start, 1e-9)
+    state.epoch_sums = sums = dict(zip(sums, values.tolist()))  # over all ranks
+    return {
+        "train_loss": sums["loss"] / max(sums["samples"], 1),
+        "train_acc": 100 * sums["correct"] / max(sums["samples"], 1),
+        "train_images_per_s": seen * info.world_size / max(time.perf_counter() - start, 1e-9),
+    }
 
 
 def train_step(
@@ -234,19 +229,13 @@ def eval_loader(dataset: Dataset, session: Session) -> DataLoader:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    dtype: Optional[torch.dtype],
-    info: DistInfo,
-    prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
-    desc: str = "eval",
-    predictions: Optional[list[tuple]] = None,
+    model: nn.Module, loader: DataLoader, session: Session, desc: str = "eval", predictions: list[tuple] | None = None
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 and model images/s over the loader (all ranks). With `predictions` (a list), rank 0
     gets one (index, target, pred, correct, prob) row per sample, in data set order. The first batch of each
     shape is left out of the timing when a later batch is timed: its call includes warm-up, and under
     runtime.compile the compilation (minutes on a CPU)."""
+    device, dtype, info, prepare = session.device, session.dtype, session.info, session.prepare
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, samples
     rows: list[torch.Tensor] = []  # (target, pred, prob) per sample

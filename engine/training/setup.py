@@ -59,10 +59,8 @@ def check_trainer_config(cfg: DictConfig) -> None:
     tc = cfg.trainer
     if tc.warmup_epochs >= tc.epochs:
         log.warning(
-            "trainer.warmup_epochs=%s covers the whole run (trainer.epochs=%s): the learning rate never "
-            "reaches trainer.lr; lower trainer.warmup_epochs",
-            tc.warmup_epochs,
-            tc.epochs,
+            f"trainer.warmup_epochs={tc.warmup_epochs} covers the whole run (trainer.epochs={tc.epochs}): the learning "
+            "rate never reaches trainer.lr; lower trainer.warmup_epochs"
         )
 
 
@@ -150,20 +148,12 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
     if info.rank > 0:  # a mid-epoch checkpoint holds the sums of all ranks: count them once, on rank 0
         state.epoch_sums = empty_sums()
     val_set = bounded(splits["val"], tc.get("max_val_steps"), session.eval_batch_size * info.world_size)
-    val_loader = eval_loader(val_set, session)
     if info.is_main:
+        r = r_that_ran(merge_record(session.model, session.inputs["input_size"]))
         log.info(
-            "training %s on %s (%d train / %d val images) on %s, %s, %d epochs, r=%s, protect=%s; run folder %s",
-            model_label(cfg.model),
-            cfg.dataset.name,
-            len(train_set),
-            len(val_set),
-            session.device,
-            str(session.dtype or "fp32").replace("torch.", ""),
-            tc.epochs,
-            r_that_ran(merge_record(session.model, session.inputs["input_size"])),
-            session.model.protect,
-            run_dir,
+            f"training {model_label(cfg.model)} on {cfg.dataset.name} ({len(train_set)} train / {len(val_set)} val "
+            f"images) on {session.device}, {str(session.dtype or 'fp32').replace('torch.', '')}, {tc.epochs} epochs, "
+            f"r={r}, protect={session.model.protect}; run folder {run_dir}"
         )
     return TrainRun(
         cfg=cfg,
@@ -173,7 +163,7 @@ def build_run(cfg: DictConfig, run_dir: Path, saved: Optional[SavedRun]) -> Trai
         eval_model=eval_model,
         train_set=train_set,
         sampler=sampler,
-        val_loader=val_loader,
+        val_loader=eval_loader(val_set, session),
         opt=opt,
         state=state,
         classes=classes,
