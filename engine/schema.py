@@ -5,9 +5,7 @@ Each field's `help` is its line in docs/cli.md (scripts/config_reference.py). Im
 
 from __future__ import annotations
 
-import copy
 import enum
-import functools
 from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -310,6 +308,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in fields(Config)}
 GROUPS: dict[str, Any] = {name: f.default_factory for name, f in FIELDS.items() if is_dataclass(f.default_factory)}
 FIELDS |= {f"{group}.{f.name}": f for group, schema in GROUPS.items() for f in fields(schema)}
 schema_field = FIELDS.get  # the field of a key such as `trainer.lr`; None for a key the schema does not know
+KEYS = [dotted for dotted in FIELDS if dotted not in GROUPS]  # every key in the schema's order, without the groups
 
 
 def register() -> None:
@@ -318,13 +317,8 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
     for name, schema in GROUPS.items():
-        if not any(OmegaConf.is_missing(_structured(schema), k) for k in _structured(schema)):
+        if MISSING not in (f.default for f in fields(schema)):
             store.store(group=name, name="default", node=schema)
-
-
-def schema_keys() -> list[str]:
-    """Every key of the schema, in its order: the top-level ones, then each group's (`trainer.lr`)."""
-    return [dotted for dotted in FIELDS if dotted not in GROUPS]
 
 
 def check_value(dotted: str, value: Any) -> Optional[str]:
@@ -334,14 +328,12 @@ def check_value(dotted: str, value: Any) -> Optional[str]:
     if dotted not in FIELDS:
         return None  # not a schema key (model.kwargs.*, hydra.*): Hydra and the code judge it
     group, _, leaf = dotted.rpartition(".")
-    typed = copy.deepcopy(_structured(GROUPS[group] if group else Config))
+    typed = OmegaConf.structured(GROUPS[group] if group else Config)
     try:
         OmegaConf.update(typed, leaf, value, merge=True)
     except Exception as err:  # OmegaConf's ValidationError: the type or the words
         return f"{dotted}={_shown(value)}: {takes(dotted) or first_line(err, None)}"
-    converted = OmegaConf.select(typed, leaf)
-    converted = OmegaConf.to_container(converted) if isinstance(converted, (DictConfig, ListConfig)) else converted
-    return _check(dotted, converted, shown=value)
+    return _check(dotted, OmegaConf.to_container(typed)[leaf], shown=value)  # type: ignore[index]
 
 
 def _check(dotted: str, value: Any, shown: Any) -> Optional[str]:
@@ -354,16 +346,9 @@ def _check(dotted: str, value: Any, shown: Any) -> Optional[str]:
     return f"{dotted}={_shown(shown)}: takes {problem}" if problem else None
 
 
-@functools.lru_cache(maxsize=None)
-def _structured(schema: type) -> DictConfig:
-    return OmegaConf.structured(schema)
-
-
 def takes(dotted: str) -> Optional[str]:
     """What a key takes, in words, from its type: 'takes a float', 'takes one of apart, prefix, class'."""
-    found = schema_field(dotted)
-    if found is None:
-        return None
+    found = FIELDS[dotted]
     if found.metadata.get("kind"):
         return f"takes {found.metadata['kind']}"
     kind = str(found.type)  # as written: `from __future__ import annotations`
@@ -392,11 +377,10 @@ def validate(cfg: DictConfig) -> None:
         values = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, enum_to_str=True)
     except OmegaConfBaseException as err:  # an interpolation that names no key, or gives a value of another type
         raise UserError(f"cannot resolve the config: {first_line(err, None)}") from None
-    for dotted in schema_keys():
+    for dotted in KEYS:
         group, _, leaf = dotted.rpartition(".")
         value = values[group][leaf] if group else values[leaf]  # type: ignore[index]
-        problem = _check(dotted, value, shown=value) if value != "???" else None  # '???': the task says so
-        if problem:
+        if value != "???" and (problem := _check(dotted, value, shown=value)):  # '???': the task says so
             raise UserError(problem)
     merge_amount(cfg.tome)  # tome.r or tome.flops, never both
     synthetic_only = [k for k in ("train_size", "val_size", "noise") if cfg.dataset[k] is not None]
@@ -416,9 +400,7 @@ def validate(cfg: DictConfig) -> None:
 def plain(cfg: DictConfig) -> DictConfig:
     """The composed config with its enum values as the words they are (what the tasks, checkpoints and records
     read), struct as Hydra gives it; interpolations stay as written."""
-    result = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
-    OmegaConf.set_struct(result, True)
-    return result
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True), flags={"struct": True})
 
 
 def _shown(value: Any) -> str:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 from ..run.compat import RENAMED
-from ..schema import FIELDS, check_value, register, schema_keys, validate
+from ..schema import FIELDS, KEYS, check_value, register, validate
 
 GROUP_HINTS = {
     "dataset": "; for your own images use dataset=imagefolder dataset.root=DIR",
@@ -147,7 +147,7 @@ def _check_mappings(overrides: list[Any], job: list[tuple[str, Any]], loader: An
 
 
 def _nearest(key: str, keys: Optional[list[str]] = None) -> str:
-    candidates = difflib.get_close_matches(key, keys or schema_keys(), n=3, cutoff=0.6)
+    candidates = difflib.get_close_matches(key, keys or KEYS, n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(candidates)}?" if candidates else "; see README.md or python main.py --cfg job"
 
 
