@@ -91,11 +91,6 @@ def _group_options(loader: Any, key: str) -> list[str]:
     return [name for name in loader.get_group_options(key) if not name.startswith("_")]
 
 
-def _is_group(loader: Any, key: str) -> bool:
-    """Whether `key` chooses a config group's option (`model=...`, `hydra/launcher=...`) rather than sets a key."""
-    return bool(_group_options(loader, key)) or key.startswith("hydra")
-
-
 def _checked(override: Any, loader: Any) -> str:
     """The override as Hydra gets it, or a UserError: a renamed or unknown key, a group option that does not exist,
     a value the schema refuses (every value of a sweep)."""
@@ -118,8 +113,7 @@ def _checked(override: Any, loader: Any) -> str:
     if key not in FIELDS and not _below_a_mapping(key):
         raise UserError(f"{key} is not a key{_nearest(key)}")
     for value in values:
-        problem = check_value(key, value)
-        if problem:
+        if problem := check_value(key, value):
             raise UserError(problem)
     return str(override.input_line)
 
@@ -129,14 +123,13 @@ def _below_a_mapping(key: str) -> bool:
     return any(key.startswith(f"{name}.") for name, found in FIELDS.items() if "Dict" in str(found.type))
 
 
-def _check_mappings(overrides: list[Any], job: list[tuple[str, Any]], loader: Any) -> None:
+def _check_mappings(overrides: list[Any], chosen: tuple[str, ...]) -> None:
     """A key inside a preset's mapping (model.architecture.hidden_size) must be one of that mapping's keys: checked
-    against the config groups `job` chooses (composed only when such a key is given)."""
+    against the config groups `chosen` (composed only when such a key is given)."""
     inside = [o.key_or_group for o in overrides if _below_a_mapping(o.key_or_group) and not o.is_force_add()]
     if not inside:
         return
-    groups = [line for (line, _), o in zip(job, overrides) if _is_group(loader, o.key_or_group)]
-    base = _compose(groups)
+    base = _compose(list(chosen))
     for key in inside:
         parent = key.rpartition(".")[0]
         node = OmegaConf.select(base, parent)
@@ -165,12 +158,13 @@ def _r_or_flops(given: dict[str, Any]) -> list[str]:
 def _validate_jobs(jobs: list[list[tuple[str, Any]]], overrides: list[Any], loader: Any) -> DictConfig:
     """Validate each job's config; returns the first's. Composed once per choice of config groups: a later job with
     the same choice sets its other keys on a copy (as Hydra sets an override on the composed config)."""
-    groups = [_is_group(loader, o.key_or_group) for o in overrides]
+    # Whether each override chooses a config group's option (`model=...`, `hydra/launcher=...`) or sets a key.
+    groups = [bool(_group_options(loader, o.key_or_group)) or o.key_or_group.startswith("hydra") for o in overrides]
     composed: dict[tuple[str, ...], DictConfig] = {}
     for job in jobs:
         chosen = tuple(line for (line, _), group in zip(job, groups) if group)
         if chosen not in composed:
-            _check_mappings(overrides, job, loader)
+            _check_mappings(overrides, chosen)
             cfg = composed[chosen] = _compose([line for line, _ in job])
         else:
             cfg = copy.deepcopy(composed[chosen])
