@@ -51,13 +51,10 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
         return hydra_argv
     created = not folder.exists()
     lock = RunLock(folder).acquire()  # first: a second process is told who holds the folder
+    run_dir_given = any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in argv)
     try:
         mode = check_folder(
-            folder,
-            checked.cfg.task,
-            resume=checked.cfg.trainer.resume,
-            overwrite=checked.cfg.trainer.overwrite,
-            run_dir_given=any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in argv),
+            folder, checked.cfg.task, checked.cfg.trainer.resume, checked.cfg.trainer.overwrite, run_dir_given
         )
     except UserError:
         lock.release()
@@ -108,10 +105,8 @@ def run_name(_root_: DictConfig) -> str:
     visualize and export with images=PATH: 'images_<model label>'."""
     from ..models.build import model_label
 
-    dataset, model = _root_.dataset, _root_.model
-    saved = _saved_config(_root_.ckpt) if _root_.ckpt else None
-    if saved is not None:  # a checkpoint's config may predate today's keys
-        dataset, model = saved.get("dataset", dataset), saved.get("model", model)
+    saved = _saved_config(_root_.ckpt) if _root_.ckpt else {}
+    dataset, model = saved.get("dataset", _root_.dataset), saved.get("model", _root_.model)  # saved may predate them
     data_name = "images" if _root_.images and TASKS[_root_.task].reads_images else dataset["name"]
     try:
         return f"{data_name}_{model_label(model)}"
@@ -120,14 +115,14 @@ def run_name(_root_: DictConfig) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _saved_config(path: str) -> Optional[dict[str, Any]]:
-    """The config inside a checkpoint (memory-mapped: its tensors are not read), or None."""
+def _saved_config(path: str) -> dict[str, Any]:
+    """The config inside a checkpoint (memory-mapped: its tensors are not read), or {}."""
     from ..run.checkpoint import read_checkpoint  # torch: only with ckpt=
 
     try:
         return OmegaConf.to_container(read_checkpoint(path, mmap=True).config)
     except Exception:  # a bad checkpoint is reported by the task itself
-        return None
+        return {}
 
 
 def report_error(err: BaseException) -> str:
