@@ -26,7 +26,7 @@ class NonFiniteLoss(UserError):
 class RunStopped(Exception):
     """A training run ended early with its message ready (printed as it is) and its exit code."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -40,9 +40,6 @@ class TrainingInterrupted(RunStopped):
 
 class SaveFailed(RunStopped):
     """A checkpoint could not be written (full disk, read-only or vanished folder); the previous one is intact."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 1)
 
 
 class Interrupted(KeyboardInterrupt):
