@@ -123,13 +123,9 @@ def _below_a_mapping(key: str) -> bool:
     return any(key.startswith(f"{name}.") for name, found in FIELDS.items() if "Dict" in str(found.type))
 
 
-def _check_mappings(overrides: list[Any], chosen: tuple[str, ...]) -> None:
+def _check_mappings(inside: list[str], base: DictConfig) -> None:
     """A key inside a preset's mapping (model.architecture.hidden_size) must be one of that mapping's keys: checked
-    against the config groups `chosen` (composed only when such a key is given)."""
-    inside = [o.key_or_group for o in overrides if _below_a_mapping(o.key_or_group) and not o.is_force_add()]
-    if not inside:
-        return
-    base = _compose(list(chosen))
+    against `base`, the config groups a job chooses."""
     for key in inside:
         parent = key.rpartition(".")[0]
         node = OmegaConf.select(base, parent)
@@ -160,11 +156,13 @@ def _validate_jobs(jobs: list[list[tuple[str, Any]]], overrides: list[Any], load
     the same choice sets its other keys on a copy (as Hydra sets an override on the composed config)."""
     # Whether each override chooses a config group's option (`model=...`, `hydra/launcher=...`) or sets a key.
     groups = [bool(_group_options(loader, o.key_or_group)) or o.key_or_group.startswith("hydra") for o in overrides]
+    inside = [o.key_or_group for o in overrides if _below_a_mapping(o.key_or_group) and not o.is_force_add()]
     composed: dict[tuple[str, ...], DictConfig] = {}
     for job in jobs:
         chosen = tuple(line for (line, _), group in zip(job, groups) if group)
         if chosen not in composed:
-            _check_mappings(overrides, chosen)
+            if inside:  # the groups composed alone only when such a key is given
+                _check_mappings(inside, _compose(list(chosen)))
             cfg = composed[chosen] = _compose([line for line, _ in job])
         else:
             cfg = copy.deepcopy(composed[chosen])
@@ -178,9 +176,7 @@ def _validate_jobs(jobs: list[list[tuple[str, Any]]], overrides: list[Any], load
 def _values(override: Any) -> list[tuple[str, Any]]:
     """(the override as one job gets it, its value) for each value of a sweep."""
     prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(override.type.name, "")
-    if override.is_delete():
-        return [(override.input_line, None)]
-    if not override.is_sweep_override():
+    if override.is_delete() or not override.is_sweep_override():  # a delete (one job, swept or not): value unread
         return [(override.input_line, override.value())]
     lines = [f"{prefix}{override.key_or_group}={value}" for value in override.sweep_string_iterator()]
     if not lines:
