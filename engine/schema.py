@@ -323,10 +323,8 @@ def register() -> None:
 
 def check_value(dotted: str, value: Any) -> Optional[str]:
     """The one line for a value `dotted` cannot take (its type, its closed set of words, its range), or None."""
-    if isinstance(value, str) and "${" in value:
-        return None  # an interpolation: `validate` judges what it resolves to, in the whole config
-    if dotted not in FIELDS:
-        return None  # not a schema key (model.kwargs.*, hydra.*): Hydra and the code judge it
+    if dotted not in FIELDS or (isinstance(value, str) and "${" in value):
+        return None  # model.kwargs.*, hydra.*: Hydra and the code judge it; an interpolation: `validate`, resolved
     group, _, leaf = dotted.rpartition(".")
     typed = OmegaConf.structured(GROUPS[group] if group else Config)
     try:
