@@ -64,9 +64,7 @@ def one_line(err: BaseException) -> str:
         return f"{full_key} is required: add {full_key}=VALUE to the command line"
     message = str(err).strip()
     if "Original Traceback" in message:
-        last = message.splitlines()[-1]
-        prefix = f"{type(err).__name__}: "
-        message = last.split(prefix, 1)[1] if prefix in last else last
+        message = message.splitlines()[-1].split(f"{type(err).__name__}: ", 1)[-1]
     return " ".join(message.split())
 
 
