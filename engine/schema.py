@@ -244,7 +244,9 @@ class BenchmarkConfig:
         [0, 8, 13, 16, [16, -1.0]], "schedules to compare with the unpatched model", _r_list, "a list of r values"
     )
     batch_sizes: List[int] = key(
-        [1, 8, 64], "batch sizes to time", lambda v: None if v and min(v) >= 1 else "ints >= 1"
+        [1, 8, 64],
+        "batch sizes to time",
+        lambda v: None if v and all(isinstance(b, int) and b >= 1 for b in v) else "ints >= 1",
     )
     repeats: int = key(5, "rounds", at_least(1))
     iters: int = key(3, "calls per case and round", at_least(1))
@@ -328,7 +330,7 @@ def check_value(dotted: str, value: Any) -> Optional[str]:
     group, _, leaf = dotted.rpartition(".")
     typed = OmegaConf.structured(GROUPS[group] if group else Config)
     try:
-        OmegaConf.update(typed, leaf, value, merge=True)
+        OmegaConf.update(typed, leaf, value, merge=False)  # merge=True fails on a null mapping
     except Exception as err:  # OmegaConf's ValidationError: the type or the words
         return f"{dotted}={_shown(value)}: {takes(dotted) or first_line(err, None)}"
     return _check(dotted, OmegaConf.to_container(typed)[leaf], shown=value)  # type: ignore[index]
