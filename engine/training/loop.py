@@ -21,8 +21,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data.workers import ignore_interrupts
-
 from ..errors import NonFiniteLoss
 from ..models.build import logits_of
 from ..run.console import raise_interrupted, say_ending
@@ -217,14 +215,8 @@ def eval_loader(dataset: Dataset, session: Session) -> DataLoader:
     """The loader of an evaluation, in order: rank r gets samples r, r + W, r + 2W, ... (no padding, so nothing
     is counted twice)."""
     info = session.info
-    return DataLoader(
-        Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset,
-        batch_size=session.eval_batch_size,
-        shuffle=False,
-        num_workers=session.workers,
-        pin_memory=session.pin_memory,
-        worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
-    )
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset
+    return session.loader(shard, batch_size=session.eval_batch_size, shuffle=False)
 
 
 @torch.no_grad()
