@@ -99,8 +99,7 @@ def build_optimization(session: Session, tc: DictConfig, num_classes: int, sampl
 
 
 def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
-    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture (its EMA's when it kept
-    one, as eval reads it)."""
+    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture (its EMA's when kept)."""
     path = cfg.trainer.init_from
     if not path:
         return None
