@@ -154,11 +154,9 @@ def _pretrained(model_cfg: Mapping[str, Any]) -> bool:
 
 
 def create_transformers_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
-    """The classifier of model.name / model.pretrained_dir with `num_classes` outputs, in the attention
-    implementation model.attn_implementation (sdpa by default); model.pretrained=false builds the preset's
-    `model.architecture` with random weights, without the hub. A timm name is named as such first; then
-    model.registers and model.drop_path, timm's settings that a transformers model would silently ignore (it reads
-    both from its own config), are refused."""
+    """The classifier of model.name / model.pretrained_dir with `num_classes` outputs; model.pretrained=false builds
+    the preset's `model.architecture` with random weights, without the hub. model.registers and model.drop_path are
+    refused: a transformers model would silently ignore them (it reads both from its own config)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
@@ -266,10 +264,9 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def data_config(model: nn.Module, model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's data config (mean/std, interpolation, crop), or the mean, std and interpolation of the image processor
-    saved with a transformers model's weights (ImageNet's for random weights or a model saved without a processor:
-    the log says so; one that exists but cannot be read here, not cached on an offline node, is one line), at
-    model.img_size. A model trained from scratch uses the data set's mean/std when it gives them."""
+    """timm's data config, or the mean, std and interpolation of the image processor saved with a transformers
+    model's weights (ImageNet's where none was saved), at model.img_size. A model trained from scratch uses the
+    data set's mean/std when it gives them."""
     size = (3, int(model_cfg["img_size"]), int(model_cfg["img_size"]))
     if not is_transformers(model_cfg):
         config = resolve_model_data_config(model) | {"input_size": size}

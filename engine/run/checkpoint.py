@@ -87,12 +87,11 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
                 "re-save it with tensors and plain types only"
             ) from err
         with open(path, "rb") as f:  # torch.save writes a zip archive: a file that does not start as one never was
-            is_zip = f.read(4) == b"PK\x03\x04"
-        if not is_zip:  # a text file, an image, random bytes: torch's reason says nothing
-            raise CorruptCheckpoint(
-                f"{path} is not a checkpoint (torch.save writes a zip archive, this file is not one); "
-                "pass ckpt=PATH to a run's checkpoints/last.pt or best.pt"
-            ) from err
+            if f.read(4) != b"PK\x03\x04":  # a text file, an image, random bytes: torch's reason says nothing
+                raise CorruptCheckpoint(
+                    f"{path} is not a checkpoint (torch.save writes a zip archive, this file is not one); "
+                    "pass ckpt=PATH to a run's checkpoints/last.pt or best.pt"
+                ) from err
         raise CorruptCheckpoint(
             f"checkpoint {path} is truncated or corrupt ({_reason(err)}); use another checkpoint"
         ) from err
@@ -164,9 +163,8 @@ def overrides_in(overrides: Sequence[str], groups: Sequence[str]) -> list[str]:
 def apply_overrides(
     saved: DictConfig, current: DictConfig, overrides: Sequence[str], groups: Sequence[str]
 ) -> DictConfig:
-    """`saved`, with the keys the command line set taken from `current` where they are `overrides_in` `groups`
-    (group names, or single keys such as 'dataset.skip_unreadable'); a group switch (dataset=cifar100)
-    replaces the whole group."""
+    """`saved`, with the keys the command line set taken from `current` where they are `overrides_in` `groups`;
+    a group switch (dataset=cifar100) replaces the whole group."""
     result = saved.copy()
     for key in override_keys(overrides_in(overrides, groups)):
         OmegaConf.update(result, key, OmegaConf.select(current, key), merge=False, force_add=True)

@@ -59,8 +59,7 @@ class _SurvivingStream:
 
 
 def survive_closed_console() -> None:
-    """Wrap sys.stdout and sys.stderr (once, before logging and progress bars take them); a stream that is
-    None (started with `>&-`) stays None, as Python has it."""
+    """Wrap sys.stdout and sys.stderr once, before logging and progress bars take them (None, from `>&-`, stays)."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, _SurvivingStream):

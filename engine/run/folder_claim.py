@@ -202,8 +202,7 @@ def check_folder(folder: Path, task: str, resume: bool, overwrite: bool, run_dir
 def move_aside(
     folder: Path, said: str = "trainer.overwrite=true: the run that was in {folder} is now in {target}"
 ) -> Path:
-    """Move every file of the run in `folder` into folder/previous/<time>/ (trainer.overwrite=true, or a
-    folder whose run ended before its first checkpoint) and log `said` with the two folders filled in."""
+    """Move the run in `folder` into folder/previous/<time>/ (overwritten, or ended before its first checkpoint)."""
     target = folder / "previous" / time.strftime("%Y-%m-%d_%H-%M-%S")
     target.mkdir(parents=True)
     for entry in folder.iterdir():

@@ -68,8 +68,7 @@ def loader_workers(num_workers: Optional[int]) -> int:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for runtime.amp, or None for fp32. auto: bf16 on a CUDA GPU that supports it (fp16 on
-    older ones, e.g. V100), fp32 on the CPU; bf16/fp16 as asked, on any device (fp16 on the CPU warns: slow)."""
+    """The autocast dtype for runtime.amp (None: fp32); auto takes fp16 on a GPU without bf16 (e.g. V100)."""
     if amp == "auto":
         if device.type != "cuda":
             return None

@@ -17,8 +17,10 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
 
 from data import input_transform, resolve_native_size
+from data.workers import ignore_interrupts
 
 from ..errors import UserError
 from ..models.build import build_model, data_config, is_transformers, report_capped_r
@@ -52,10 +54,16 @@ class Session:
     eval_batch_size: int
     compile: Optional[str] = None
 
-    @property
-    def pin_memory(self) -> bool:
-        """Whether every loader pins its batches: only for a CUDA device (a CPU run on a GPU machine gains nothing)."""
-        return self.device.type == "cuda"
+    def loader(self, dataset: Dataset, **options: Any) -> DataLoader:
+        """Every loader of the run: the session's workers, which leave Ctrl-C to the main process; batches pinned
+        only for a CUDA device (a CPU run on a GPU machine gains nothing)."""
+        return DataLoader(
+            dataset,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=ignore_interrupts,
+            **options,
+        )
 
     def runner(self, model: Optional[nn.Module] = None) -> nn.Module:
         """The module a loop calls: `model` (default: the session's), compiled when runtime.compile asks.

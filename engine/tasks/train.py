@@ -99,26 +99,23 @@ def unreadable_data(run: TrainRun, err: DatasetError) -> DatasetError:
 def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[SummaryWriter]) -> dict[str, Any]:
     """One epoch: train, validate when due, checkpoint, log; returns the epoch's metrics."""
     started, state, session, tc = time.perf_counter(), run.state, run.session, run.cfg.trainer
-    try:
+    try:  # an unreadable image in training or validation (then the epoch is trained: kept)
         trained = train_one_epoch(run, epoch_loader(run, epoch), stop, writer, tc.max_steps_per_epoch)
+        if stop.signum is not None:  # last.pt written, the signal passed on (SLURM requeue), the resume command said
+            save(run, best=False)
+            stop.pass_on()
+            raise TrainingInterrupted(
+                stop.signum,
+                f"stopped by {signal.Signals(stop.signum).name} at {position(state.epoch, state.step_in_epoch)}; "
+                f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: {resume_command(run.run_dir)}",
+            )
+        metrics: dict[str, Any] = {"epoch": epoch + 1} | trained
+        state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+            val = evaluate(run.eval_model, run.val_loader, session, "val")
+            metrics |= {f"val_{k}": v for k, v in val.items()}
     except DatasetError as err:
         raise unreadable_data(run, err) from None
-    if stop.signum is not None:  # last.pt written, the signal passed on (SLURM requeue), the resume command said
-        save(run, best=False)
-        stop.pass_on()
-        raise TrainingInterrupted(
-            stop.signum,
-            f"stopped by {signal.Signals(stop.signum).name} at {position(state.epoch, state.step_in_epoch)}; "
-            f"state saved in {run.ckpt_dir / 'last.pt'}; continue with: {resume_command(run.run_dir)}",
-        )
-    metrics: dict[str, Any] = {"epoch": epoch + 1} | trained
-    state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, empty_sums()
-    if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-        try:
-            val = evaluate(run.eval_model, run.val_loader, session, "val")
-        except DatasetError as err:  # the epoch is trained: keep it
-            raise unreadable_data(run, err) from None
-        metrics |= {f"val_{k}": v for k, v in val.items()}
     metrics["seconds"] = time.perf_counter() - started
     state.history.append(metrics)
     is_best = metrics.get("val_top1", -1.0) > state.best_top1
@@ -141,8 +138,7 @@ def train_epoch(run: TrainRun, epoch: int, stop: GracefulStop, writer: Optional[
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """A training run: build data, model and optimizer once; train, validate and checkpoint per epoch."""
     last, saved = run_dir / "checkpoints" / "last.pt", None
-    # trainer.resume=true (or a SLURM job requeued after a preemption or time-out): the saved config of last.pt, with
-    # the `RESUME_OVERRIDES` keys given on this command line
+    # trainer.resume=true, or a SLURM job requeued after a preemption or time-out
     if cfg.trainer.resume or (int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last.exists()):
         if not last.exists():
             raise UserError(
@@ -174,7 +170,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
                 metrics = train_epoch(training, epoch, stop, writer)
                 if tc.stop_after_epochs and trained >= tc.stop_after_epochs and state.epoch < tc.epochs:
                     break
-    # results.json (rank 0) and the closing line, the last of main.log: done, or how to go on after stop_after_epochs
     extra = {"epochs": state.epoch, "best_top1": state.best_top1, "history": state.history}
     extra |= {"checkpoint": str(training.ckpt_dir / "best.pt"), "classes": training.classes}
     extra["augment"] = tc.augment  # training images: augmented before `preprocessing`, if true

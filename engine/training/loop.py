@@ -21,8 +21,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data.workers import ignore_interrupts
-
 from ..errors import NonFiniteLoss
 from ..models.build import logits_of
 from ..run.console import raise_interrupted, say_ending
@@ -34,9 +32,8 @@ if TYPE_CHECKING:
 
 
 class GracefulStop:
-    """Turn SIGTERM/SIGINT/SIGHUP into a request that the loop honours after the current optimizer step, on every
-    rank at once. A second Ctrl-C stops at once (last.pt, written atomically, holds the last save). SIGHUP (a
-    closed terminal) stops as SIGTERM does, unless it is ignored (`nohup`): then the run goes on, as asked."""
+    """SIGTERM/SIGINT/SIGHUP (unless `nohup` ignores it) as a request the loop honours after the current optimizer
+    step, on every rank at once. A second Ctrl-C stops at once (last.pt, written atomically, holds the last save)."""
 
     # SIGUSR2: submitit's warning before a SLURM time limit (it then requeues the job)
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)  # POSIX, as the fcntl run lock is
@@ -78,7 +75,6 @@ class GracefulStop:
 
 
 def empty_sums() -> dict[str, float]:
-    """Running training loss/accuracy sums of the current epoch."""
     return {"loss": 0.0, "correct": 0.0, "samples": 0.0}
 
 
@@ -90,7 +86,7 @@ class TrainState:
     step_in_epoch: int = 0  # batches of the current epoch already trained
     num_updates: int = 0  # optimizer steps taken
     best_top1: float = -1.0  # the validation top-1 of best.pt
-    epoch_sums: dict[str, float] = field(default_factory=empty_sums)
+    epoch_sums: dict[str, float] = field(default_factory=empty_sums)  # the epoch's loss/accuracy so far
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -214,17 +210,10 @@ def top_classes(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
 
 
 def eval_loader(dataset: Dataset, session: Session) -> DataLoader:
-    """The loader of an evaluation, in order: rank r gets samples r, r + W, r + 2W, ... (no padding, so nothing
-    is counted twice)."""
+    """The loader of an evaluation, in order: rank r gets samples r, r + W, r + 2W, ... (no padding: none twice)."""
     info = session.info
-    return DataLoader(
-        Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset,
-        batch_size=session.eval_batch_size,
-        shuffle=False,
-        num_workers=session.workers,
-        pin_memory=session.pin_memory,
-        worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
-    )
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size)) if info.enabled else dataset
+    return session.loader(shard, batch_size=session.eval_batch_size, shuffle=False)
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from data import EpochSeeded, ResumableSampler, build_datasets, class_names, count_classes
-from data.workers import ignore_interrupts
 
 from ..models.build import model_label
 from ..run.checkpoint import SavedRun, check_same_architecture, read_checkpoint
@@ -100,8 +99,7 @@ def build_optimization(session: Session, tc: DictConfig, num_classes: int, sampl
 
 
 def initial_weights(cfg: DictConfig) -> Optional[dict[str, torch.Tensor]]:
-    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture (its EMA's when it kept
-    one, as eval reads it)."""
+    """trainer.init_from: the weights of a RegToMe checkpoint of the same architecture (its EMA's when kept)."""
     path = cfg.trainer.init_from
     if not path:
         return None
@@ -197,13 +195,10 @@ def epoch_loader(run: TrainRun, epoch: int) -> DataLoader:
     tc, seed = run.cfg.trainer, run.cfg.seed
     run.sampler.set_epoch(epoch)
     run.train_set.set_epoch(epoch)  # before the workers copy the data set
-    return DataLoader(
+    return run.session.loader(
         run.train_set,
         batch_size=tc.batch_size,
         drop_last=run.sampler.drop_last,
         sampler=ResumableSampler(run.sampler, skip=run.state.step_in_epoch * tc.batch_size),
-        num_workers=run.session.workers,
-        pin_memory=run.session.pin_memory,
         generator=torch.Generator().manual_seed(seed * 1000 + epoch),
-        worker_init_fn=ignore_interrupts,  # Ctrl-C is the main process's to handle
     )
