@@ -18,7 +18,7 @@ from test_families import build, images_for  # noqa: E402
 
 import regtome  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.tasks.export import Exportable, export_graph, parity, reference_outputs, run_exported, runner  # noqa: E402
+from engine.tasks.export import Exportable, export_graph, outputs_of, parity, runner  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -32,8 +32,8 @@ def export_and_compare(model, images, tmp_path, fmt="onnx", example_batch=2):
     finally:
         logging.disable(logging.NOTSET)
     batch = len(images)  # not the export's batch: the batch axis is dynamic
-    reference = reference_outputs(module, images, batch)
-    exported = run_exported(runner(path, fmt, threads=1), images, batch)
+    reference = outputs_of(module, images, batch)
+    exported = outputs_of(runner(path, fmt, threads=1), images, batch)
     return parity(reference, exported), reference, exported
 
 

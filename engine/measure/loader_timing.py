@@ -25,9 +25,8 @@ def _images_per_s(dataset: Dataset, batch_size: int, batches: int, seed: int) ->
     iterator = iter(DataLoader(EpochSeeded(dataset, seed), batch_size, shuffle=True, generator=generator))
     images, _ = next(iterator)
     bytes_per_sample = images[0].numel() * images.element_size()
-    start, seen = time.perf_counter(), 0
-    for images, _ in itertools.islice(iterator, batches):
-        seen += len(images)
+    start = time.perf_counter()
+    seen = sum(len(images) for images, _ in itertools.islice(iterator, batches))
     return seen / max(time.perf_counter() - start, 1e-9), bytes_per_sample
 
 

@@ -1,7 +1,6 @@
 """What merging buys, measured fairly: images/s and latency of the patched model against the unpatched one,
-eager and compiled, for inference, the training step and dense features. Every case runs on random input (only
-the model is timed) through `timing.timed_calls`, under the configured AMP dtype: a row has the median call
-(images/s = batch / median), the 90th percentile (latency), and the warm-up's seconds (compilation included)."""
+eager and compiled, for inference, the training step and dense features; every case on random input (only the
+model is timed) through `timing.timed_calls`, under the configured AMP dtype."""
 
 from __future__ import annotations
 
@@ -161,9 +160,8 @@ def _row(
 def benchmark_rows(
     baseline: nn.Module, merged: nn.Module, schedules: list[Any], batch_sizes: list[int], timing: Timing
 ) -> list[dict[str, Any]]:
-    """A row per mode, execution, schedule and batch size: images/s, latency, speedups against the unpatched
-    model run the same way (`speedup`) and run eagerly (`speedup_vs_eager`), GFLOPs and the FLOP-ideal (and
-    the protection mode, when schedules name theirs)."""
+    """A row (`_row`) per mode, execution, schedule and batch size, with its peak memory and, when schedules name
+    theirs, its protection mode."""
     device = timing.device
     size = timing.size or regtome.input_size(merged)
     gflops = {BASELINE: regtome.schedule_gflops(merged, 0, size)}  # the unpatched model's count

@@ -32,7 +32,7 @@ def timed_calls(
     warmup: int,
     repeats: int,
     iters: int,
-    progress: Optional[Callable[[], None]] = None,
+    progress: Callable[[], None] = lambda: None,
 ) -> tuple[dict[Key, list[float]], dict[Key, float]]:
     """Seconds of every timed call of each case, and the seconds of its warm-up calls (compilation included).
     Each repeat runs every case in turn (slow drifts of clock speed or load hit all cases alike); each call is
@@ -42,8 +42,7 @@ def timed_calls(
     for _ in range(repeats):
         for key, fn in cases.items():
             calls[key] += [seconds_of(fn, device) for _ in range(iters)]
-        if progress is not None:
-            progress()
+        progress()
     return calls, warm
 
 

@@ -15,7 +15,7 @@ import regtome
 
 from . import save_figure
 
-FATES = ("alone", "with_registers", "with_patches")
+FATES = {"alone": "#4c72b0", "with_registers": "#dd8452", "with_patches": "#c44e52"}  # each with its colour
 
 
 @torch.no_grad()
@@ -70,10 +70,9 @@ def plot_fates(summary: dict[str, Any], path: str, title: str) -> None:
     fig = Figure(figsize=(6, 3.5), dpi=120)
     ax = fig.subplots()
     bottom = [0.0] * len(blocks)
-    colours = {"alone": "#4c72b0", "with_registers": "#dd8452", "with_patches": "#c44e52"}
-    for fate in FATES:
+    for fate, colour in FATES.items():
         values = [100 * v for v in fractions[fate]]
-        ax.bar(blocks, values, bottom=bottom, color=colours[fate], label=fate.replace("_", " "))
+        ax.bar(blocks, values, bottom=bottom, color=colour, label=fate.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set(xlabel="after block", ylabel="% of register tokens", xticks=blocks)
     ax.set_title(title, fontsize=8)

@@ -1,8 +1,6 @@
-"""task=benchmark: what merging buys on this machine: images/s and latency (inference, training step, dense
-features), eager and compiled, peak memory, GFLOPs, the training loader per worker (`engine.measure.speed`), in
-benchmark.csv, benchmark.md and benchmark.png.
-On a CPU, `benchmark.quick` sizes the defaults to finish in minutes (keys on the command line win). A busy
-machine is said in the report, because its figures say little."""
+"""task=benchmark: what merging buys on this machine (`engine.measure.speed`), peak memory, GFLOPs and the training
+loader per worker, in benchmark.csv, benchmark.md and benchmark.png. A busy machine is said in the report, because
+its figures say little."""
 
 from __future__ import annotations
 

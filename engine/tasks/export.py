@@ -11,7 +11,7 @@ import contextlib
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class Exportable(nn.Module):
         return logits_of(output), token_map
 
 
-def runner(path: Path, fmt: str, threads: int) -> Callable[[torch.Tensor], list[np.ndarray]]:
+def runner(path: Path, fmt: str, threads: int) -> Callable[[torch.Tensor], Any]:
     """Runs an exported file: onnxruntime for ONNX, the loaded program for torch.export."""
     if fmt == "onnx":
         import onnxruntime as ort
@@ -59,25 +59,25 @@ def runner(path: Path, fmt: str, threads: int) -> Callable[[torch.Tensor], list[
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda images: session.run(None, {"images": images.numpy()})
-    program = torch.export.load(str(path)).module()
-
-    @torch.no_grad()
-    def run_program(images: torch.Tensor) -> list[np.ndarray]:
-        out = program(images)
-        return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
-
-    return run_program
+    return torch.export.load(str(path)).module()
 
 
-def parity(reference: tuple[np.ndarray, np.ndarray], exported: list[np.ndarray]) -> dict[str, Any]:
+def outputs_of(call: Callable[[torch.Tensor], Any], images: torch.Tensor, batch: int) -> list[np.ndarray]:
+    """Each output of `call` (the PyTorch module or an exported file's runner) over `images`, `batch` at a time."""
+    with torch.no_grad():
+        parts = [call(images[start : start + batch]) for start in range(0, len(images), batch)]
+    parts = [part if isinstance(part, (tuple, list)) else [part] for part in parts]
+    return [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(len(parts[0]))]
+
+
+def parity(reference: Sequence[np.ndarray], exported: Sequence[np.ndarray]) -> dict[str, Any]:
     """Per-sample max |logit difference|, the fraction within TOLERANCE, top-1 agreement, and for every
     sample that differs whether its merge decisions differ (near-tie) or only the arithmetic (defect)."""
-    ref_logits, ref_map = reference
-    logits, token_map = exported[0], exported[1] if len(exported) > 1 else None
+    ref_logits, logits = reference[0], exported[0]
     diff = np.abs(logits.astype(np.float64) - ref_logits.astype(np.float64)).max(axis=1)
     agree = logits.argmax(1) == ref_logits.argmax(1)
     differing = np.flatnonzero((diff > TOLERANCE) | ~agree)
-    same_decisions = (token_map == ref_map).all(axis=1) if token_map is not None else np.ones(len(diff), bool)
+    same_decisions = (exported[1] == reference[1]).all(axis=1) if len(exported) > 1 else np.ones(len(diff), bool)
     samples = [
         {
             "index": int(i),
@@ -98,20 +98,6 @@ def parity(reference: tuple[np.ndarray, np.ndarray], exported: list[np.ndarray])
         "defects": sum(s["cause"].startswith("arith") for s in samples),
         "differing": samples,
     }
-
-
-def reference_outputs(module: nn.Module, images: torch.Tensor, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    with torch.no_grad():
-        outs = [module(images[start : start + batch]) for start in range(0, len(images), batch)]
-    outs = [out if isinstance(out, tuple) else (out, torch.zeros(len(out), 1, dtype=torch.long)) for out in outs]
-    return (torch.cat([o[0] for o in outs]).float().numpy(), torch.cat([o[1] for o in outs]).numpy())
-
-
-def run_exported(
-    call: Callable[[torch.Tensor], list[np.ndarray]], images: torch.Tensor, batch: int
-) -> list[np.ndarray]:
-    parts = [call(images[start : start + batch]) for start in range(0, len(images), batch)]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
 def export_graph(
@@ -169,8 +155,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         merge = merge_record(model, regtome.input_size(model))
         log.info(f"exporting {label} (r={r_that_ran(merge)}, protect={model.protect}) as {fmt} to {path}")
         export_graph(merged, images[: fixed_batch or 2], path, fmt, fixed_batch is None, cfg.export.opset)
-        reference = reference_outputs(merged, images, batch)
-        report = parity(reference, run_exported(runner(path, fmt, threads), images, batch))
+        report = parity(outputs_of(merged, images, batch), outputs_of(runner(path, fmt, threads), images, batch))
         if report["top1_agreement"] < cfg.export.min_agreement:
             raise UserError(
                 f"export refused: top-1 agreement with PyTorch is {100 * report['top1_agreement']:.2f}% on "

@@ -156,9 +156,8 @@ def merge_map(image: np.ndarray, labels: np.ndarray, grid: tuple[int, int]) -> n
     for group in np.unique(labels):
         mask = pixel_labels == group
         out[mask] = image[mask].mean(axis=0)
-    edge = np.zeros(pixel_labels.shape, dtype=bool)
-    edge[:-1, :] |= pixel_labels[:-1, :] != pixel_labels[1:, :]
-    edge[:, :-1] |= pixel_labels[:, :-1] != pixel_labels[:, 1:]
+    edge = np.diff(pixel_labels, axis=0, append=pixel_labels[-1:]) != 0  # the pixel below is another group's
+    edge |= np.diff(pixel_labels, axis=1, append=pixel_labels[:, -1:]) != 0  # or the pixel to the right
     out[edge] = 0.0
     return out
 
