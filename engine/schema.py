@@ -330,7 +330,7 @@ def check_value(dotted: str, value: Any) -> Optional[str]:
     group, _, leaf = dotted.rpartition(".")
     typed = OmegaConf.structured(GROUPS[group] if group else Config)
     try:
-        OmegaConf.update(typed, leaf, value, merge=False)  # merge=True fails on a null mapping
+        OmegaConf.update(typed, leaf, value, merge=True)
     except Exception as err:  # OmegaConf's ValidationError: the type or the words
         return f"{dotted}={_shown(value)}: {takes(dotted) or first_line(err, None)}"
     return _check(dotted, OmegaConf.to_container(typed)[leaf], shown=value)  # type: ignore[index]

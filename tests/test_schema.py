@@ -40,7 +40,7 @@ def test_the_schemas_words_are_the_codes_own():
         ("dataset.mean", [0.5, "a"], "dataset.mean=[0.5,a]: takes a list of numbers or null"),
         ("export.batch", 0, "export.batch=0: takes dynamic or an int >= 1"),
         ("runtime.num_workers", -1, "runtime.num_workers=-1: takes an int >= 0"),
-        ("benchmark.batch_sizes", [1, [2]], "benchmark.batch_sizes=[1,[2]]: takes a list of ints"),  # was a TypeError
+        ("benchmark.batch_sizes", [1, [2]], "benchmark.batch_sizes=[1,[2]]: takes ints >= 1"),  # was a TypeError
     ],
 )
 def test_a_value_a_key_cannot_take_is_one_line(key, value, line):
@@ -54,7 +54,6 @@ def test_a_value_a_key_cannot_take_is_one_line(key, value, line):
         ("tome.r", [16, -1.0]),
         ("runtime.compile", "max-autotune"),
         ("model.kwargs.depth", 3),
-        ("model.architecture", {"hidden_size": 64}),  # a whole mapping (was refused: 'takes a mapping or null')
     ],
 )
 def test_values_a_key_takes_pass(key, value):
