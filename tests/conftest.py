@@ -33,6 +33,19 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+WORKER_THREADS = [torch.get_num_threads()]  # this process's own, set in pytest_configure
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_put_back():
+    """A test that runs a task in this process (train.run, open_session) sets torch's threads to the cores the
+    process may use (runtime.threads=null, as a user's run does): put back the worker's one thread after it, or
+    every later test of the worker runs two threads per core and waits on the other worker's."""
+    yield
+    if torch.get_num_threads() != WORKER_THREADS[0]:
+        torch.set_num_threads(WORKER_THREADS[0])
+
+
 def pytest_configure(config) -> None:
     """One torch thread per test worker: pytest-xdist runs one worker per core, and tiny models run slower
     when two workers each spread their small kernels over both cores."""
@@ -40,6 +53,7 @@ def pytest_configure(config) -> None:
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+    WORKER_THREADS[0] = torch.get_num_threads()
 
 
 TIE = 1e-5  # similarities closer than this may be ordered either way by another CPU's rounding
