@@ -69,8 +69,7 @@ def data_bound_notes(loader: dict[str, Any], rows: list[dict[str, Any]]) -> list
     """Say whether the training steps measured would wait for data with runtime.num_workers workers."""
     if "error" in loader:
         return [f"loader not timed: {loader['error']}"]
-    workers = max(loader["num_workers"], 1)
-    supply = loader["images_per_s_per_worker"] * workers
+    supply = loader["images_per_s"]  # per worker, times max(runtime.num_workers, 1)
     notes = [
         f"train loader: {loader['images_per_s_per_worker']:.0f} images/s per worker "
         f"({loader['bytes_per_sample'] / 1024:.1f} KB a sample), {supply:.0f} images/s with "
