@@ -34,9 +34,8 @@ def timed_calls(
     iters: int,
     progress: Callable[[], None] = lambda: None,
 ) -> tuple[dict[Key, list[float]], dict[Key, float]]:
-    """Seconds of every timed call of each case, and the seconds of its warm-up calls (compilation included).
-    Each repeat runs every case in turn (slow drifts of clock speed or load hit all cases alike); each call is
-    timed on its own, between device synchronisations."""
+    """Seconds of every timed call of each case (`seconds_of`), and the seconds of its warm-up calls (compilation
+    included). Each repeat runs every case in turn (slow drifts of clock speed or load hit all cases alike)."""
     warm = {key: seconds_of(fn, device, warmup) for key, fn in cases.items()}
     calls: dict[Key, list[float]] = {key: [] for key in cases}
     for _ in range(repeats):
