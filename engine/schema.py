@@ -61,10 +61,9 @@ def fraction(v: Any) -> Optional[str]:
 
 
 def _r(value: Any) -> Optional[str]:
-    if value is None:
-        return None
     try:
-        r_option(value)
+        if value is not None:
+            r_option(value)
     except UserError as err:
         return f"an r as regtome reads it ({str(err).split(': ', 1)[-1]})"
     return None

@@ -32,5 +32,4 @@ TASKS: dict[str, Task] = {
 
 
 def runner(name: str) -> Callable[..., Any]:
-    """The `run` function of task `name` (its module is imported now)."""
     return importlib.import_module(TASKS[name].module).run

@@ -29,13 +29,14 @@ class Claim:
 
 
 CLAIM = Claim()  # the claim of this process (main.py's single run)
+RESTARTED = "{folder} held a run that stopped before its first checkpoint; its files are now in {target}"
 
 
 def prepare(argv: list[str], configs: Path) -> list[str]:
-    """Check the command line and claim the run folder; returns the arguments for Hydra, or raises UserError
-    (nothing written anywhere)."""
+    """Returns the arguments for Hydra, or raises UserError (nothing written anywhere)."""
     register_resolvers()
     checked = check_command_line(argv, configs)
+    cfg = checked.cfg
     if checked.multirun:
         # Jobs a launcher submits (SLURM) resolve hydra.sweep.dir again: they inherit this id to share it.
         os.environ.setdefault("REGTOME_RUN_ID", run_id())
@@ -46,16 +47,14 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     if checked.multirun or not checked.runs:
         return hydra_argv  # each job of a sweep claims its own folder when it starts (`claim_job_folder`)
     try:  # the folder of this single run, resolved as Hydra will
-        folder = Path(str(OmegaConf.select(checked.cfg, "hydra.run.dir")))
+        folder = Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
     except Exception:  # an interpolation that only Hydra's runtime resolves: let Hydra decide
         return hydra_argv
     created = not folder.exists()
     lock = RunLock(folder).acquire()  # first: a second process is told who holds the folder
     run_dir_given = any(arg.lstrip("+").startswith("hydra.run.dir=") for arg in argv)
     try:
-        mode = check_folder(
-            folder, checked.cfg.task, checked.cfg.trainer.resume, checked.cfg.trainer.overwrite, run_dir_given
-        )
+        mode = check_folder(folder, cfg.task, cfg.trainer.resume, cfg.trainer.overwrite, run_dir_given)
     except UserError:
         lock.release()
         discard_new_folder(folder, created)
@@ -64,9 +63,7 @@ def prepare(argv: list[str], configs: Path) -> list[str]:
     if mode == "overwrite":
         move_aside(folder)
     if mode == "restart":
-        move_aside(
-            folder, "{folder} held a run that stopped before its first checkpoint; its files are now in {target}"
-        )
+        move_aside(folder, RESTARTED)
     hydra_argv.append(f"hydra.run.dir={folder}")  # exactly the folder that was checked and locked
     if mode == "resume":
         hydra_argv.append("hydra.output_subdir=null")  # the run's .hydra/ keeps the config it started with

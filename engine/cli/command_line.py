@@ -92,8 +92,7 @@ def _group_options(loader: Any, key: str) -> list[str]:
 
 
 def _checked(override: Any, loader: Any) -> str:
-    """The override as Hydra gets it, or a UserError: a renamed or unknown key, a group option that does not exist,
-    a value the schema refuses (every value of a sweep)."""
+    """The override as Hydra gets it, or a UserError (every value of a sweep is checked)."""
     key = override.key_or_group
     values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
     if key in RENAMED:
@@ -123,18 +122,6 @@ def _below_a_mapping(key: str) -> bool:
     return any(key.startswith(f"{name}.") for name, found in FIELDS.items() if "Dict" in str(found.type))
 
 
-def _check_mappings(inside: list[str], base: DictConfig) -> None:
-    """A key inside a preset's mapping (model.architecture.hidden_size) must be one of that mapping's keys: checked
-    against `base`, the config groups a job chooses."""
-    for key in inside:
-        parent = key.rpartition(".")[0]
-        node = OmegaConf.select(base, parent)
-        if not isinstance(node, DictConfig):
-            raise UserError(f"{key} is not a key: {parent} is null in this preset (transformers presets set it)")
-        if OmegaConf.select(node, key[len(parent) + 1 :], default="absent") == "absent":
-            raise UserError(f"{key} is not a key{_nearest(key, [f'{parent}.{k}' for k in node])}")
-
-
 def _nearest(key: str, keys: Optional[list[str]] = None) -> str:
     candidates = difflib.get_close_matches(key, keys or KEYS, n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(candidates)}?" if candidates else "; see README.md or python main.py --cfg job"
@@ -161,8 +148,17 @@ def _validate_jobs(jobs: list[list[tuple[str, Any]]], overrides: list[Any], load
     for job in jobs:
         chosen = tuple(line for (line, _), group in zip(job, groups) if group)
         if chosen not in composed:
-            if inside:  # the groups composed alone only when such a key is given
-                _check_mappings(inside, _compose(list(chosen)))
+            if inside:  # each must be one of its mapping's keys in the groups this job chooses, composed alone
+                base = _compose(list(chosen))
+                for key in inside:
+                    parent = key.rpartition(".")[0]
+                    node = OmegaConf.select(base, parent)
+                    if not isinstance(node, DictConfig):
+                        raise UserError(
+                            f"{key} is not a key: {parent} is null in this preset (transformers presets set it)"
+                        )
+                    if OmegaConf.select(node, key[len(parent) + 1 :], default="absent") == "absent":
+                        raise UserError(f"{key} is not a key{_nearest(key, [f'{parent}.{k}' for k in node])}")
             cfg = composed[chosen] = _compose([line for line, _ in job])
         else:
             cfg = copy.deepcopy(composed[chosen])
