@@ -95,8 +95,7 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
     register_key = "num_reg_tokens" if timm.models.model_entrypoint(name).__module__.endswith(".eva") else "reg_tokens"
     if model_cfg.get("registers") is not None:
         kwargs[register_key] = int(model_cfg["registers"])
-    pretrained_file = model_cfg.get("pretrained_file")
-    if pretrained_file:
+    if pretrained_file := model_cfg.get("pretrained_file"):
         if not os.path.isfile(pretrained_file):
             raise UserError(f"model.pretrained_file {pretrained_file} does not exist; give a .pth/.safetensors file")
         # a state dict (.pth/.safetensors), not the .npz some pretrained configs name: no custom loader
@@ -118,9 +117,8 @@ def create_timm_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Modu
             raise UserError(
                 f"cannot build {name} with {model_cfg.get('kwargs') or {}} ({first_line(err)}); check model.kwargs"
             ) from err
-        registers = kwargs.get(register_key, "its")
         raise UserError(
-            f"pretrained weights do not fit {name} with {registers} registers "
+            f"pretrained weights do not fit {name} with {kwargs.get(register_key, 'its')} registers "
             f"({first_line(err)}); set model.registers=null"
         ) from err
     except TypeError as err:  # e.g. a CNN has no img_size / reg_tokens

@@ -156,8 +156,7 @@ def override_keys(overrides: Iterable[str]) -> list[str]:
 def overrides_in(overrides: Sequence[str], groups: Sequence[str]) -> list[str]:
     """The overrides that set a key of one of `groups` ('trainer' takes 'trainer.lr=...'), or one named in it
     whole ('dataset.skip_unreadable=true')."""
-    keys = override_keys(overrides)
-    return [o for o, key in zip(overrides, keys) if key.split(".", 1)[0] in groups or key in groups]
+    return [o for o, key in zip(overrides, override_keys(overrides)) if key.split(".", 1)[0] in groups or key in groups]
 
 
 def apply_overrides(
@@ -177,12 +176,11 @@ def config_from_checkpoint(cfg: DictConfig, overrides: list[str]) -> tuple[DictC
     if not cfg.ckpt:
         return cfg, None
     run = read_checkpoint(cfg.ckpt)
-    saved = run.config
-    effective = apply_overrides(saved, cfg, overrides, groups=("model", "dataset", "tome"))
+    effective = apply_overrides(run.config, cfg, overrides, groups=("model", "dataset", "tome"))
     if overrides_in(overrides, ["model"]):
-        check_same_architecture(saved.model, effective.model, cfg.ckpt)
+        check_same_architecture(run.config.model, effective.model, cfg.ckpt)
     if overrides_in(overrides, ["dataset"]):  # the head has one output per class of the data set it was trained on
-        trained = saved.dataset.get("num_classes")
+        trained = run.config.dataset.get("num_classes")
         with suppress(DatasetError):  # a folder without train/: its classes are mapped onto the checkpoint's by name
             wanted = count_classes(effective.dataset)
             if trained and int(trained) != wanted:

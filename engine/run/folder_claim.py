@@ -34,8 +34,7 @@ def run_id() -> str:
     finds its own last.pt; under torchrun the agent's pid and start time, the parent of every rank."""
     if os.environ.get("REGTOME_RUN_ID"):
         return os.environ["REGTOME_RUN_ID"]
-    slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if slurm_job:
+    if slurm_job := os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"):
         return f"slurm-{slurm_job}"
     pid, started = os.getpid(), time.time()
     if "LOCAL_RANK" in os.environ:
@@ -101,12 +100,11 @@ class RunLock:
             fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as err:
                 os.close(fd)
-                raise UserError(self._refusal()) from None
-            except OSError as err:  # ENOLCK: a network file system without locking
-                os.close(fd)
-                raise UserError(
+                if isinstance(err, BlockingIOError):
+                    raise UserError(self._refusal()) from None
+                raise UserError(  # ENOLCK: a network file system without locking
                     f"cannot lock {self.path} ({err.strerror}): its file system does not lock files across "
                     "processes (an NFS mount without a lock daemon, Lustre without -o flock); use a run folder on "
                     "a local or locking file system (hydra.run.dir=DIR)"
@@ -145,8 +143,7 @@ class RunLock:
     def _refusal(self) -> str:
         who = "another process (starting)"  # until the holder has written its name
         with suppress(OSError, ValueError):
-            holder = json.loads(self.path.read_text())
-            if holder:
+            if holder := json.loads(self.path.read_text()):
                 who = f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
         return f"{self.path.parent} is in use by {who}; wait for it to finish or use another folder"
 

@@ -109,9 +109,7 @@ def open_session(
 ) -> Session:
     """Device, threads and workers from `runtime`, the model from `model` + `tome` with `weights`."""
     runtime = cfg.runtime
-    eval_batch_size = int(runtime.eval_batch_size)
-    found = resolve_native_size(cfg.dataset)  # image folders: their images' size, before any work
-    if found:
+    if found := resolve_native_size(cfg.dataset):  # image folders: their images' size, before any work
         log.info(found)
     workers = loader_workers(runtime.get("num_workers"))
     # torch's CPU threads: runtime.threads, else the cores this process may use (torch's default, the machine's
@@ -146,6 +144,6 @@ def open_session(
         inputs=inputs,
         prepare=prepare,
         workers=workers,
-        eval_batch_size=eval_batch_size,
+        eval_batch_size=int(runtime.eval_batch_size),
         compile=compile_as,
     )

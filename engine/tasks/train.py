@@ -85,8 +85,7 @@ def unreadable_data(run: TrainRun, err: DatasetError) -> DatasetError:
     saved first, and the error says how to go on. Not saved: under torchrun (the other ranks cannot join the
     save), before the first update, or inside a gradient-accumulation window (its gradients would be lost)."""
     state = run.state
-    aligned = state.step_in_epoch % run.cfg.trainer.accum_steps == 0
-    if run.session.info.enabled or state.num_updates == 0 or not aligned:
+    if run.session.info.enabled or state.num_updates == 0 or state.step_in_epoch % run.cfg.trainer.accum_steps != 0:
         return err
     save(run, best=False)
     return DatasetError(
