@@ -31,10 +31,8 @@ def saved_config(checkpoint: Mapping[str, Any], path: Any) -> DictConfig:
     config = OmegaConf.to_container(OmegaConf.create(dict(checkpoint["config"])), resolve=False)
     if isinstance(config.get("tome"), dict) and "protect" not in config["tome"]:  # before RENAMED may add a group
         log.info(
-            "checkpoint %s records no tome.protect: it keeps protect=%s, the mode it was trained with "
-            "(set tome.protect=... to evaluate it under another)",
-            path,
-            UNRECORDED_PROTECT,
+            f"checkpoint {path} records no tome.protect: it keeps protect={UNRECORDED_PROTECT}, the mode it was "
+            "trained with (set tome.protect=... to evaluate it under another)"
         )
     for old, new in RENAMED.items():
         old_parent, _, old_key = old.rpartition(".")

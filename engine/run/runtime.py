@@ -57,12 +57,8 @@ def loader_workers(num_workers: Optional[int]) -> int:
     if num_workers > cores and "workers" not in _said:
         _said.add("workers")
         log.warning(
-            "runtime.num_workers=%d but this process may use %d core%s: the workers will wait on each other "
-            "(runtime.num_workers=null starts %d)",
-            num_workers,
-            cores,
-            "s" * (cores != 1),
-            min(MAX_DEFAULT_WORKERS, cores),
+            f"runtime.num_workers={num_workers} but this process may use {cores} core{'s' * (cores != 1)}: the "
+            f"workers will wait on each other (runtime.num_workers=null starts {min(MAX_DEFAULT_WORKERS, cores)})"
         )
     return num_workers
 
