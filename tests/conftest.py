@@ -33,7 +33,7 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-WORKER_THREADS = [torch.get_num_threads()]  # this process's own, set in pytest_configure
+WORKER_THREADS = torch.get_num_threads()  # this process's own: one in a pytest-xdist worker (pytest_configure)
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +42,8 @@ def torch_threads_put_back():
     process may use (runtime.threads=null, as a user's run does): put back the worker's one thread after it, or
     every later test of the worker runs two threads per core and waits on the other worker's."""
     yield
-    if torch.get_num_threads() != WORKER_THREADS[0]:
-        torch.set_num_threads(WORKER_THREADS[0])
+    if torch.get_num_threads() != WORKER_THREADS:
+        torch.set_num_threads(WORKER_THREADS)
 
 
 def pytest_configure(config) -> None:
@@ -51,9 +51,10 @@ def pytest_configure(config) -> None:
     when two workers each spread their small kernels over both cores."""
     import os
 
+    global WORKER_THREADS
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
-    WORKER_THREADS[0] = torch.get_num_threads()
+    WORKER_THREADS = torch.get_num_threads()
 
 
 TIE = 1e-5  # similarities closer than this may be ordered either way by another CPU's rounding
